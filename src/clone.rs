@@ -1,0 +1,737 @@
+//! `hikkoshi clone`: one consistent, parallel copy of the source (schema, rows, indexes, sequences).
+//!
+//! Order of work, and why:
+//! 1. Read the source catalog and resolve the selection; refuse bad patterns and a non-empty target before
+//!    anything is created anywhere.
+//! 2. Create a temporary logical slot with an exported snapshot: pg_dump and every copy worker read in it.
+//!    A temporary slot dies with its session, so a killed run leaves no slot behind.
+//! 3. Record the migration, its tables and chunks in `hikkoshi` on the target; restore pre-data in one
+//!    transaction.
+//! 4. Copy chunks in parallel (see `copy`), then build post-data `--jobs` at a time, refresh materialized
+//!    views, set sequences and analyze.
+//!
+//! Running the same command again resumes: done phases are skipped, copied chunks stay, and chunks of a
+//! table split by `ctid` restart as a whole (page ranges do not partition the rows of two different
+//! snapshots).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, Table};
+use crate::conninfo::ConnInfo;
+use crate::copy::{self, CopyContext, TableCopy};
+use crate::error::{Error, Side};
+use crate::ident::QualifiedName;
+use crate::plan::chunk::{self, ChunkMethod, ChunkSpec};
+use crate::plan::Selection;
+use crate::progress::{Progress, Reporter};
+use crate::replication::{self, ReplicationConn};
+use crate::schema::{self, DumpFilter, DumpTools};
+use crate::sequence;
+use crate::session;
+use crate::state::{self, Phase};
+
+/// What `clone` was asked to do.
+#[derive(Clone, Debug)]
+pub struct CloneOptions {
+    pub source: String,
+    pub target: String,
+    pub jobs: usize,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Tables larger than this many bytes on disk are split into chunks of about this size.
+    pub chunk_bytes: i64,
+    /// Where pg_dump and pg_restore live, when not found on their own.
+    pub pg_bin: Option<PathBuf>,
+}
+
+/// What `clone` did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CloneReport {
+    pub migration_id: String,
+    pub resumed: bool,
+    pub already_done: bool,
+    pub tables: Vec<String>,
+    pub chunks_copied: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sequences: usize,
+    pub snapshot_lsn: String,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// The tables and relations a run works on.
+struct Resolved {
+    tables: Vec<Table>,
+    /// Relations the source has that the selection leaves out (for pg_dump's --exclude-table).
+    excluded: Vec<QualifiedName>,
+    sequences: Vec<QualifiedName>,
+    matviews: Vec<QualifiedName>,
+}
+
+fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
+    let mut names: Vec<&QualifiedName> = cat.tables.iter().map(|t| t.selection_name()).collect();
+    names.extend(cat.partitioned.iter());
+    let unmatched = selection.unmatched(&names);
+    if !unmatched.is_empty() {
+        let mut known: Vec<String> = cat
+            .tables
+            .iter()
+            .filter(|t| t.root.is_none())
+            .map(|t| t.name.to_string())
+            .chain(cat.partitioned.iter().map(|n| n.to_string()))
+            .collect();
+        known.sort();
+        known.truncate(20);
+        return Err(Error::Usage(format!(
+            "the selection pattern{} {} match{} no table on the source. Patterns are schema.table with * \
+             and ? wildcards (public.*, *.audit_*); tables on the source include: {}",
+            if unmatched.len() > 1 { "s" } else { "" },
+            unmatched.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", "),
+            if unmatched.len() > 1 { "" } else { "es" },
+            if known.is_empty() { "(none)".into() } else { known.join(", ") }
+        )));
+    }
+    let mut tables = Vec::new();
+    let mut excluded = Vec::new();
+    let mut selected_names = HashSet::new();
+    for t in &cat.tables {
+        if selection.selects(t.selection_name()) {
+            selected_names.insert(t.name.clone());
+            tables.push(t.clone());
+        } else {
+            excluded.push(t.name.clone());
+        }
+    }
+    for p in &cat.partitioned {
+        // an intermediate partitioned table follows its root, which is a plain partitioned name here
+        if selection.selects(p) {
+            selected_names.insert(p.clone());
+        } else {
+            excluded.push(p.clone());
+        }
+    }
+    let mut sequences = Vec::new();
+    for s in &cat.sequences {
+        let selected = match &s.owner {
+            Some(owner) => selected_names.contains(owner),
+            None => selection.selects(&s.name),
+        };
+        if selected {
+            sequences.push(s.name.clone());
+        } else if s.owner.is_none() {
+            excluded.push(s.name.clone());
+        }
+    }
+    Ok(Resolved {
+        tables,
+        excluded,
+        sequences,
+        matviews: cat.matviews.clone(),
+    })
+}
+
+/// Runs (or resumes) a clone.
+pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
+    let started = Instant::now();
+    let selection = Selection::parse(&opts.include, &opts.exclude)
+        .map_err(|e| Error::Usage(format!("{e}")))?;
+    let src_info = session::resolve(Side::Source, &opts.source)?;
+    let tgt_info = session::resolve(Side::Target, &opts.target)?;
+    let source = session::connect(&src_info, Side::Source).await?;
+    let target = session::connect(&tgt_info, Side::Target).await?;
+
+    let cat = Catalog::load(&source)
+        .await
+        .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
+    let resolved = resolve(&cat, &selection)?;
+    let target_version: i32 = target
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(Error::sql(Side::Target, "reading the server version"))?
+        .get(0);
+    preflight_source(&source).await?;
+
+    if !state::try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(Error::Blocked(format!(
+            "another hikkoshi process is already working on the migration into {tgt_info}: wait for it to \
+             finish, or stop it (its sessions show application_name 'hikkoshi' in pg_stat_activity)"
+        )));
+    }
+    let existing = state::load(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?;
+    let mut report = CloneReport {
+        tables: resolved.tables.iter().map(|t| t.name.to_string()).collect(),
+        ..Default::default()
+    };
+    let options_json = serde_json::json!({
+        "include": opts.include,
+        "exclude": opts.exclude,
+    });
+    let (migration_id, mut phase) = match &existing {
+        Some(m) if m.phase == Phase::Done => {
+            report.migration_id = m.id.clone();
+            report.already_done = true;
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        Some(m) => {
+            if m.options.get("include") != options_json.get("include")
+                || m.options.get("exclude") != options_json.get("exclude")
+            {
+                return Err(Error::Blocked(format!(
+                    "the clone recorded on the target was started with another selection ({}); run it again \
+                     with the same --include/--exclude to resume, or `hikkoshi clean` and start over",
+                    m.options
+                )));
+            }
+            report.resumed = true;
+            (m.id.clone(), m.phase)
+        }
+        None => {
+            refuse_non_empty_target(&target, &resolved.tables).await?;
+            (new_migration_id(), Phase::Schema)
+        }
+    };
+    report.migration_id = migration_id.clone();
+    let tools = DumpTools::find(
+        opts.pg_bin.as_deref(),
+        cat.major_version() as u32,
+        (target_version / 10000) as u32,
+    )?;
+    tracing::info!(
+        pg_dump = %tools.bin.display(),
+        version = %tools.version,
+        "selected {} table(s), {} sequence(s)",
+        resolved.tables.len(),
+        resolved.sequences.len()
+    );
+
+    // The snapshot every reader shares. Nothing exists on either server yet if this fails.
+    let repl = ReplicationConn::connect(&src_info)
+        .await
+        .map_err(Error::replication("opening a replication connection"))?;
+    let slot_name = format!("hikkoshi_{}_{}", migration_id, std::process::id());
+    let snap = replication::create_with_snapshot(repl, &slot_name, true)
+        .await
+        .map_err(Error::replication("creating a logical replication slot with an exported snapshot"))?;
+    report.snapshot_lsn = snap.lsn.to_string();
+    tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
+
+    if existing.is_none() {
+        state::create(&target)
+            .await
+            .map_err(Error::sql(Side::Target, "creating the hikkoshi state schema"))?;
+        state::insert_migration(&target, &migration_id, &src_info.to_string(), &options_json)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the migration"))?;
+    }
+
+    let archive = schema::dump(
+        &tools,
+        &src_info,
+        Some(&snap.snapshot),
+        &DumpFilter {
+            excluded: &resolved.excluded,
+        },
+    )
+    .await?;
+    let owners = schema::archive_owners(&tools, &archive, &tgt_info).await?;
+    let keep_owners = missing_roles(&target, &owners).await?.is_empty();
+    if !keep_owners {
+        let missing = missing_roles(&target, &owners).await?;
+        let w = format!(
+            "roles {} do not exist on the target: objects will belong to the target user and grants are \
+             not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
+            missing.join(", ")
+        );
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
+
+    if phase == Phase::Schema {
+        if !all_tables_exist(&target, &resolved.tables).await? {
+            if let Err(e) = schema::restore_pre_data(&tools, &archive, &tgt_info, keep_owners).await {
+                if existing.is_none() {
+                    // pre-data ran in one transaction: dropping our state leaves the target as it was
+                    let _ = target.batch_execute("DROP SCHEMA hikkoshi CASCADE").await;
+                }
+                return Err(e.into());
+            }
+        }
+        plan_chunks(&source, &target, &resolved.tables, opts.chunk_bytes).await?;
+        phase = Phase::Copy;
+    }
+
+    if phase == Phase::Copy {
+        let (chunks, rows, bytes) =
+            copy_phase(opts, &src_info, &tgt_info, &target, &resolved, &snap).await?;
+        report.chunks_copied = chunks;
+        report.rows = rows;
+        report.bytes = bytes;
+        state::set_phase(&target, Phase::PostData)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the phase"))?;
+        phase = Phase::PostData;
+    }
+    let snapshot_lsn = snap.lsn;
+    snap.conn.close().await;
+
+    if phase == Phase::PostData {
+        let t = Instant::now();
+        let skipped =
+            schema::restore_post_data(&tools, &archive, &tgt_info, &target, opts.jobs, keep_owners)
+                .await?;
+        tracing::info!(
+            skipped_existing = skipped,
+            "indexes, constraints and triggers built in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        refresh_matviews(&source, &target, &resolved.matviews).await?;
+        let positions = sequence::read(&source, Side::Source, &resolved.sequences).await?;
+        sequence::apply(&target, &positions).await?;
+        report.sequences = positions.len();
+        analyze(&tgt_info, &resolved.tables, opts.jobs).await?;
+        target
+            .batch_execute("UPDATE hikkoshi.tables SET state = 'indexed'")
+            .await
+            .map_err(Error::sql(Side::Target, "recording table states"))?;
+        state::set_phase(&target, Phase::Done)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the phase"))?;
+        state::event(
+            &target,
+            "done",
+            &format!("clone complete at source LSN {snapshot_lsn}"),
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "recording an event"))?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The settings logical decoding needs, checked before anything is created.
+async fn preflight_source(source: &Client) -> Result<(), Error> {
+    let row = source
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
+                    OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication'
+                               AND pg_has_role(current_user, 'rds_replication', 'member')),
+                    current_user",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading wal_level and role attributes"))?;
+    let wal_level: String = row.get(0);
+    let can_replicate: bool = row.get(1);
+    let user: String = row.get(2);
+    if wal_level != "logical" {
+        return Err(Error::Blocked(format!(
+            "the source has wal_level = {wal_level}; a consistent copy and the change stream need \
+             wal_level = logical. Run `ALTER SYSTEM SET wal_level = logical;` on the source and restart it \
+             (Amazon RDS: set rds.logical_replication = 1 in the parameter group and reboot)"
+        )));
+    }
+    if !can_replicate {
+        return Err(Error::Blocked(format!(
+            "the source role {user} may not create replication slots: run `ALTER ROLE {user} REPLICATION;` \
+             as a superuser (Amazon RDS: `GRANT rds_replication TO {user};`)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to clone into tables that already exist on a target without hikkoshi state.
+async fn refuse_non_empty_target(target: &Client, tables: &[Table]) -> Result<(), Error> {
+    let mut found = Vec::new();
+    for t in tables {
+        let exists: bool = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.name.quoted()])
+            .await
+            .map_err(Error::sql(Side::Target, "checking for existing tables"))?
+            .get(0);
+        if exists {
+            let has_rows: bool = target
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {})", t.name.quoted()),
+                    &[],
+                )
+                .await
+                .map_err(Error::sql(Side::Target, "checking for existing rows"))?
+                .get(0);
+            found.push(format!(
+                "{} ({})",
+                t.name,
+                if has_rows { "has rows" } else { "empty" }
+            ));
+        }
+        if found.len() >= 10 {
+            break;
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Blocked(format!(
+        "the target database already has table(s) that the clone would create: {}. hikkoshi clones into an \
+         empty database: use a new database (CREATE DATABASE ...), drop these tables, or leave them out with \
+         --exclude. Nothing was changed on either server",
+        found.join(", ")
+    )))
+}
+
+async fn all_tables_exist(target: &Client, tables: &[Table]) -> Result<bool, Error> {
+    let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    Ok(target
+        .query_one(
+            "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest($1::text[]) n",
+            &[&names],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "checking for tables"))?
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(true))
+}
+
+async fn missing_roles(target: &Client, owners: &HashSet<String>) -> Result<Vec<String>, Error> {
+    let owners: Vec<&String> = owners.iter().collect();
+    let rows = target
+        .query(
+            "SELECT o FROM unnest($1::text[]) o WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = o)
+             ORDER BY o",
+            &[&owners],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "checking roles"))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Records every table and its chunks, and moves the migration to the copy phase, in one transaction.
+async fn plan_chunks(
+    source: &Client,
+    target: &Client,
+    tables: &[Table],
+    chunk_bytes: i64,
+) -> Result<(), Error> {
+    let mut planned: Vec<(&Table, ChunkMethod, Vec<ChunkSpec>)> = Vec::new();
+    for t in tables {
+        let n = chunk::chunk_count(t.bytes, chunk_bytes);
+        let (method, specs) = if n <= 1 {
+            (ChunkMethod::Whole, vec![whole(t)])
+        } else if !t.key.is_empty() {
+            let sample = sample_keys(source, t, n).await?;
+            let specs = chunk::key_chunks(t, n, &sample);
+            if specs.len() > 1 {
+                (ChunkMethod::Key, specs)
+            } else {
+                (ChunkMethod::Ctid, chunk::ctid_chunks(t, n))
+            }
+        } else {
+            (ChunkMethod::Ctid, chunk::ctid_chunks(t, n))
+        };
+        planned.push((t, method, specs));
+    }
+    let sql = |e| Error::sql(Side::Target, "recording the copy plan")(e);
+    target.batch_execute("BEGIN").await.map_err(sql)?;
+    for (t, method, specs) in &planned {
+        target
+            .execute(
+                "INSERT INTO hikkoshi.tables (schema_name, table_name, root_schema, root_name, copy_format,
+                                              chunk_method, est_bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (schema_name, table_name) DO NOTHING",
+                &[
+                    &t.name.schema,
+                    &t.name.name,
+                    &t.root.as_ref().map(|r| r.schema.clone()),
+                    &t.root.as_ref().map(|r| r.name.clone()),
+                    &if t.binary_portable() { "binary" } else { "text" },
+                    &method.as_str(),
+                    &t.bytes,
+                ],
+            )
+            .await
+            .map_err(sql)?;
+        for s in specs {
+            target
+                .execute(
+                    "INSERT INTO hikkoshi.chunks (schema_name, table_name, chunk_no, predicate, est_bytes)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&t.name.schema, &t.name.name, &s.no, &s.predicate, &s.est_bytes],
+                )
+                .await
+                .map_err(sql)?;
+        }
+    }
+    target
+        .execute(
+            "UPDATE hikkoshi.migration SET phase = 'copy', updated_at = now()",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    target.batch_execute("COMMIT").await.map_err(sql)?;
+    let chunks: usize = planned.iter().map(|p| p.2.len()).sum();
+    tracing::info!(
+        "planned {} table(s) in {chunks} chunk(s): {}",
+        planned.len(),
+        planned
+            .iter()
+            .filter(|p| p.2.len() > 1)
+            .map(|p| format!("{} by {} in {}", p.0.name, p.1.as_str(), p.2.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn whole(t: &Table) -> ChunkSpec {
+    ChunkSpec {
+        no: 0,
+        predicate: None,
+        est_bytes: t.bytes,
+    }
+}
+
+/// A sorted sample of about 200 keys per chunk, read from a random sample of the table's pages.
+async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<String>>, Error> {
+    let want = (n * 200) as f64;
+    let rows_est = if t.rows_estimate > 0.0 {
+        t.rows_estimate
+    } else {
+        (t.pages.max(1) * 50) as f64
+    };
+    let pct = (100.0 * want / rows_est).clamp(0.001, 100.0);
+    let keys: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| crate::ident::quote_ident(k))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
+        keys.iter()
+            .map(|k| format!("{k}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.name.quoted(),
+        keys.join(", ")
+    );
+    let rows = source
+        .query(&sql, &[])
+        .await
+        .map_err(Error::sql(Side::Source, format!("sampling keys of {}", t.name)))?;
+    Ok(rows
+        .iter()
+        .map(|r| (0..keys.len()).map(|i| r.get::<_, String>(i)).collect())
+        .collect())
+}
+
+/// Copies every chunk not yet copied; returns chunks, rows and bytes copied by this run.
+async fn copy_phase(
+    opts: &CloneOptions,
+    src_info: &ConnInfo,
+    tgt_info: &ConnInfo,
+    target: &Client,
+    resolved: &Resolved,
+    snap: &replication::ExportedSnapshot,
+) -> Result<(u64, u64, u64), Error> {
+    let sql = |what: &'static str| Error::sql(Side::Target, what);
+    // Claims of a dead run hold no rows: their transactions rolled back.
+    target
+        .batch_execute("UPDATE hikkoshi.chunks SET state = 'pending', started_at = NULL WHERE state = 'copying'")
+        .await
+        .map_err(sql("resetting interrupted chunks"))?;
+    // Page ranges of two different snapshots do not partition the rows: a ctid-split table that was left
+    // half copied starts over.
+    let partial = target
+        .query(
+            "SELECT t.schema_name, t.table_name FROM hikkoshi.tables t
+             WHERE t.chunk_method = 'ctid'
+               AND EXISTS (SELECT 1 FROM hikkoshi.chunks c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state = 'copied')
+               AND EXISTS (SELECT 1 FROM hikkoshi.chunks c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state <> 'copied')",
+            &[],
+        )
+        .await
+        .map_err(sql("finding half-copied tables"))?;
+    for r in partial {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        tracing::info!(table = %name, "restarting a half-copied table split by ctid");
+        target
+            .batch_execute(&format!(
+                "BEGIN; TRUNCATE ONLY {q};
+                 UPDATE hikkoshi.chunks SET state = 'pending', rows_copied = NULL, bytes_copied = NULL,
+                        snapshot_lsn = NULL, finished_at = NULL
+                 WHERE schema_name = {s} AND table_name = {t};
+                 COMMIT;",
+                q = name.quoted(),
+                s = crate::ident::quote_literal(&name.schema),
+                t = crate::ident::quote_literal(&name.name),
+            ))
+            .await
+            .map_err(sql("restarting a half-copied table"))?;
+    }
+
+    let chunk_states = state::chunks(target)
+        .await
+        .map_err(sql("reading the copy plan"))?;
+    let mut per_table: HashMap<QualifiedName, (u64, u64, u64)> = HashMap::new();
+    for c in &chunk_states {
+        let e = per_table.entry(c.table.clone()).or_default();
+        e.1 += 1;
+        if c.state == "copied" {
+            e.2 += 1;
+        } else {
+            e.0 += c.est_bytes.max(0) as u64;
+        }
+    }
+    let formats: HashMap<QualifiedName, String> = state::tables(target)
+        .await
+        .map_err(sql("reading the copy plan"))?
+        .into_iter()
+        .map(|t| (t.name, t.copy_format))
+        .collect();
+    let mut names: Vec<&QualifiedName> = per_table.keys().collect();
+    names.sort();
+    let progress = Progress::new(
+        names
+            .iter()
+            .map(|n| {
+                let (est, total, done) = per_table[*n];
+                ((*n).clone(), est, total, done)
+            })
+            .collect(),
+    );
+    let tables = resolved
+        .tables
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                TableCopy {
+                    name: t.name.clone(),
+                    columns: copy::column_list(&t.columns),
+                    binary: formats.get(&t.name).map(String::as_str) == Some("binary"),
+                },
+            )
+        })
+        .collect();
+    let ctx = Arc::new(CopyContext {
+        source: src_info.clone(),
+        target: tgt_info.clone(),
+        snapshot: snap.snapshot.clone(),
+        snapshot_lsn: snap.lsn,
+        tables,
+        progress: progress.clone(),
+        cancel: CancellationToken::new(),
+    });
+    let pending = chunk_states.iter().filter(|c| c.state != "copied").count();
+    tracing::info!(
+        "copying {pending} chunk(s) with {} worker(s)",
+        opts.jobs.max(1).min(pending.max(1))
+    );
+    let reporter = Reporter::start(progress.clone(), Duration::from_secs(5));
+    let result = copy::run(ctx, opts.jobs.max(1).min(pending.max(1))).await;
+    reporter.finish().await;
+    result?;
+    target
+        .batch_execute(
+            "UPDATE hikkoshi.tables t SET state = 'copied'
+             WHERE NOT EXISTS (SELECT 1 FROM hikkoshi.chunks c
+                               WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name)
+                                 AND c.state <> 'copied')",
+        )
+        .await
+        .map_err(sql("recording table states"))?;
+    let (mut chunks, mut rows, mut bytes) = (0, 0, 0);
+    for t in &progress.tables {
+        use std::sync::atomic::Ordering::Relaxed;
+        rows += t.rows.load(Relaxed);
+        bytes += t.bytes.load(Relaxed);
+        chunks += t.chunks_done.load(Relaxed);
+    }
+    let done_before: u64 = per_table.values().map(|v| v.2).sum();
+    tracing::info!("{}", progress.summary());
+    Ok((chunks - done_before, rows, bytes))
+}
+
+/// Fills the materialized views that are populated on the source (the schema creates them empty).
+async fn refresh_matviews(
+    source: &Client,
+    target: &Client,
+    matviews: &[QualifiedName],
+) -> Result<(), Error> {
+    for m in matviews {
+        let populated: Option<bool> = source
+            .query_opt(
+                "SELECT relispopulated FROM pg_class WHERE oid = to_regclass($1)",
+                &[&m.quoted()],
+            )
+            .await
+            .map_err(Error::sql(Side::Source, "reading materialized views"))?
+            .map(|r| r.get(0));
+        let exists: bool = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&m.quoted()])
+            .await
+            .map_err(Error::sql(Side::Target, "reading materialized views"))?
+            .get(0);
+        if populated == Some(true) && exists {
+            target
+                .batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", m.quoted()))
+                .await
+                .map_err(Error::sql(
+                    Side::Target,
+                    format!("refreshing materialized view {m}"),
+                ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gathers planner statistics on the copied tables, `jobs` at a time, so the new server plans well at once.
+async fn analyze(tgt_info: &ConnInfo, tables: &[Table], jobs: usize) -> Result<(), Error> {
+    let queue = Arc::new(std::sync::Mutex::new(
+        tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+    ));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..jobs.max(1).min(tables.len().max(1)) {
+        let queue = queue.clone();
+        let info = tgt_info.clone();
+        set.spawn(async move {
+            let client = session::connect(&info, Side::Target).await?;
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(t) = next else { break };
+                client
+                    .batch_execute(&format!("ANALYZE {}", t.quoted()))
+                    .await
+                    .map_err(Error::sql(Side::Target, format!("analyzing {t}")))?;
+            }
+            Ok::<(), Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| Error::Blocked(format!("an analyze task failed: {e}")))??;
+    }
+    Ok(())
+}
+
+fn new_migration_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mixed = (nanos as u64) ^ ((std::process::id() as u64) << 40);
+    format!("{:08x}", (mixed ^ (mixed >> 29)) as u32)
+}

@@ -1,0 +1,243 @@
+//! The copy: workers that each hold one source transaction in the exported snapshot and move chunks with
+//! `COPY ... TO STDOUT` streamed into `COPY ... FROM STDIN`, one row message at a time (the driver's
+//! channels apply back-pressure, so memory stays at a few rows whatever the table's size).
+//!
+//! Exactly once: a chunk's rows and its `copied` mark in `hikkoshi.chunks` commit in the same target
+//! transaction. A worker that dies takes its uncommitted rows with it; the chunk is copied again later.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::failpoint;
+use crate::ident::{QualifiedName, quote_ident};
+use crate::lsn::Lsn;
+use crate::progress::Progress;
+use crate::session;
+
+/// How a table's rows travel.
+#[derive(Clone, Debug)]
+pub struct TableCopy {
+    pub name: QualifiedName,
+    /// Quoted column list, the same on both sides.
+    pub columns: String,
+    pub binary: bool,
+}
+
+/// What every worker needs.
+pub struct CopyContext {
+    pub source: ConnInfo,
+    pub target: ConnInfo,
+    pub snapshot: String,
+    pub snapshot_lsn: Lsn,
+    pub tables: HashMap<QualifiedName, TableCopy>,
+    pub progress: Arc<Progress>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs `jobs` workers until no chunk is pending; the first error stops the others.
+pub async fn run(ctx: Arc<CopyContext>, jobs: usize) -> Result<(), Error> {
+    let mut set = tokio::task::JoinSet::new();
+    for n in 0..jobs.max(1) {
+        let ctx = ctx.clone();
+        set.spawn(async move {
+            let r = worker(&ctx, n).await;
+            if r.is_err() {
+                ctx.cancel.cancel();
+            }
+            r
+        });
+    }
+    let mut first = None;
+    while let Some(r) = set.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(Error::Blocked(format!("a copy worker panicked: {e}"))));
+        if let Err(e) = r
+            && first.is_none()
+        {
+            first = Some(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+async fn worker(ctx: &CopyContext, n: usize) -> Result<(), Error> {
+    let source = session::connect(&ctx.source, Side::Source).await?;
+    source
+        .batch_execute(&format!(
+            "SET application_name = 'hikkoshi copy {n}';
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET TRANSACTION SNAPSHOT '{}';",
+            ctx.snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(Error::sql(Side::Source, "importing the exported snapshot"))?;
+    let mut target = session::connect(&ctx.target, Side::Target).await?;
+    // A chunk and its record are lost together on a target crash, so the commit need not wait for the disk.
+    target
+        .batch_execute(&format!(
+            "SET application_name = 'hikkoshi copy {n}'; SET synchronous_commit = off;"
+        ))
+        .await
+        .map_err(Error::sql(Side::Target, "preparing a copy session"))?;
+    while !ctx.cancel.is_cancelled() {
+        let Some(chunk) = claim(&target).await? else {
+            break;
+        };
+        copy_chunk(ctx, &source, &mut target, &chunk).await?;
+    }
+    let _ = source.batch_execute("COMMIT").await;
+    Ok(())
+}
+
+struct Claimed {
+    table: QualifiedName,
+    no: i32,
+    predicate: Option<String>,
+}
+
+/// Takes the largest pending chunk (largest first keeps the workers' finish times close).
+async fn claim(target: &Client) -> Result<Option<Claimed>, Error> {
+    let row = target
+        .query_opt(
+            "UPDATE hikkoshi.chunks c SET state = 'copying', started_at = now()
+             FROM (SELECT schema_name, table_name, chunk_no FROM hikkoshi.chunks
+                   WHERE state = 'pending'
+                   ORDER BY est_bytes DESC, schema_name, table_name, chunk_no
+                   LIMIT 1 FOR UPDATE SKIP LOCKED) p
+             WHERE (c.schema_name, c.table_name, c.chunk_no) = (p.schema_name, p.table_name, p.chunk_no)
+             RETURNING c.schema_name, c.table_name, c.chunk_no, c.predicate",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "claiming a chunk in hikkoshi.chunks"))?;
+    Ok(row.map(|r| Claimed {
+        table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+        no: r.get(2),
+        predicate: r.get(3),
+    }))
+}
+
+async fn copy_chunk(
+    ctx: &CopyContext,
+    source: &Client,
+    target: &mut Client,
+    chunk: &Claimed,
+) -> Result<(), Error> {
+    let table = ctx.tables.get(&chunk.table).ok_or_else(|| {
+        Error::Blocked(format!(
+            "hikkoshi.chunks lists {} but the source has no such table any more: \
+             run `hikkoshi clean` and start the clone again",
+            chunk.table
+        ))
+    })?;
+    let progress = ctx.progress.table(&chunk.table);
+    if let Some(p) = &progress {
+        p.active.fetch_add(1, Ordering::Relaxed);
+    }
+    let copy_err = |side: Side| {
+        let table = chunk.table.clone();
+        let no = chunk.no;
+        move |source| Error::Copy {
+            table,
+            chunk: no,
+            side,
+            source,
+        }
+    };
+    let format = if table.binary { " (FORMAT binary)" } else { "" };
+    let out_sql = match &chunk.predicate {
+        None => format!("COPY {} ({}) TO STDOUT{format}", table.name.quoted(), table.columns),
+        Some(p) => format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE {p}) TO STDOUT{format}",
+            table.columns,
+            table.name.quoted()
+        ),
+    };
+    let in_sql = format!(
+        "COPY {} ({}) FROM STDIN{format}",
+        table.name.quoted(),
+        table.columns
+    );
+
+    let tx = target
+        .transaction()
+        .await
+        .map_err(copy_err(Side::Target))?;
+    let sink = tx.copy_in(&in_sql).await.map_err(copy_err(Side::Target))?;
+    let mut sink = pin!(sink);
+    let stream = source
+        .copy_out(&out_sql)
+        .await
+        .map_err(copy_err(Side::Source))?;
+    let mut stream = pin!(stream);
+    let mut bytes: u64 = 0;
+    let mut rows_seen: u64 = 0;
+    while let Some(data) = stream.next().await {
+        let data = data.map_err(copy_err(Side::Source))?;
+        let len = data.len() as u64;
+        bytes += len;
+        rows_seen += 1;
+        sink.feed(data).await.map_err(copy_err(Side::Target))?;
+        if let Some(p) = &progress {
+            p.bytes.fetch_add(len, Ordering::Relaxed);
+            if rows_seen % 1024 == 0 {
+                p.rows.fetch_add(1024, Ordering::Relaxed);
+            }
+        }
+        if ctx.cancel.is_cancelled() {
+            // Dropping the transaction rolls the chunk back; it stays claimed and is reset on the next run.
+            return Err(Error::Blocked("copy cancelled".into()));
+        }
+    }
+    let rows = sink.as_mut().finish().await.map_err(copy_err(Side::Target))?;
+    if let Some(p) = &progress {
+        p.rows.fetch_add(rows.saturating_sub(rows_seen / 1024 * 1024), Ordering::Relaxed);
+    }
+    failpoint::hit("copy.before-chunk-commit");
+    tx.execute(
+        "UPDATE hikkoshi.chunks SET state = 'copied', rows_copied = $4, bytes_copied = $5,
+                snapshot_lsn = $6::text::pg_lsn, finished_at = now()
+         WHERE schema_name = $1 AND table_name = $2 AND chunk_no = $3",
+        &[
+            &chunk.table.schema,
+            &chunk.table.name,
+            &chunk.no,
+            &(rows as i64),
+            &(bytes as i64),
+            &ctx.snapshot_lsn.to_string(),
+        ],
+    )
+    .await
+    .map_err(copy_err(Side::Target))?;
+    tx.execute(
+        "UPDATE hikkoshi.tables SET state = 'copying'
+         WHERE schema_name = $1 AND table_name = $2 AND state = 'pending'",
+        &[&chunk.table.schema, &chunk.table.name],
+    )
+    .await
+    .map_err(copy_err(Side::Target))?;
+    tx.commit().await.map_err(copy_err(Side::Target))?;
+    failpoint::hit("copy.after-chunk-commit");
+    if let Some(p) = &progress {
+        p.chunks_done.fetch_add(1, Ordering::Relaxed);
+        p.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    tracing::debug!(table = %chunk.table, chunk = chunk.no, rows, bytes, "chunk copied");
+    Ok(())
+}
+
+/// The quoted column list COPY uses for a table.
+pub fn column_list(columns: &[crate::catalog::Column]) -> String {
+    columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,22 @@
+//! hikkoshi moves a live PostgreSQL database to another server. The modules follow the pipeline in
+//! DESIGN.md: `check` → `plan` → `schema` → `copy` → (stream) → (cutover), with `state` kept in the target.
+
+pub mod catalog;
+pub mod clean;
+pub mod clone;
+pub mod conninfo;
+pub mod copy;
+pub mod error;
+pub mod failpoint;
+pub mod ident;
+pub mod lsn;
+pub mod plan;
+pub mod progress;
+pub mod replication;
+pub mod schema;
+pub mod sequence;
+pub mod session;
+pub mod state;
+pub mod status;
+
+pub use error::{Error, Side};

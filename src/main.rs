@@ -1,0 +1,245 @@
+//! The `hikkoshi` command: argument parsing and printing; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hikkoshi::error::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "hikkoshi",
+    version,
+    about = "Move a live PostgreSQL database to another server, with proof that nothing was lost"
+)]
+struct Cli {
+    /// Log lines as text (default) or JSON objects.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy the source into an empty target database: schema, rows (one consistent snapshot, in parallel),
+    /// indexes, constraints and sequences. Running it again resumes an interrupted clone.
+    Clone {
+        /// Source connection string (URI or key=value); also HIKKOSHI_SOURCE.
+        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+        source: String,
+        /// Target connection string (URI or key=value); also HIKKOSHI_TARGET.
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+        /// Parallel copy workers and index builds.
+        #[arg(long, short = 'j', default_value_t = 4)]
+        jobs: usize,
+        /// Copy only tables matching schema.table (wildcards * and ?); repeatable.
+        #[arg(long)]
+        include: Vec<String>,
+        /// Leave out tables matching schema.table (wildcards * and ?); repeatable; wins over --include.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Split tables larger than this into chunks of about this size (e.g. 256MB, 1GB).
+        #[arg(long, default_value = "256MB", value_parser = parse_size)]
+        chunk_size: i64,
+        /// Directory holding pg_dump and pg_restore (default: found on PATH or in the usual places).
+        #[arg(long, env = "HIKKOSHI_PG_BIN")]
+        pg_bin: Option<PathBuf>,
+        /// Print the final report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the migration recorded in the target: phase, tables and chunks, recent events.
+    Status {
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove hikkoshi's slots and publications on the source and its state schema on the target.
+    Clean {
+        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+        source: String,
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+    },
+}
+
+fn parse_size(s: &str) -> Result<i64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a size (e.g. 64MB, 1GB)"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024f64.powi(4),
+        _ => return Err(format!("\"{s}\": unknown unit (use B, kB, MB, GB or TB)")),
+    };
+    Ok((n * mult) as i64)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HIKKOSHI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hikkoshi: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", render(&e));
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// The error, its causes, and what to do.
+fn render(e: &Error) -> String {
+    let mut out = format!("hikkoshi: error: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(&format!("\n  caused by: {c}"));
+        if let Some(db) = c.downcast_ref::<tokio_postgres::error::DbError>() {
+            if let Some(d) = db.detail() {
+                out.push_str(&format!("\n  detail: {d}"));
+            }
+            if let Some(w) = db.where_() {
+                out.push_str(&format!("\n  where: {w}"));
+            }
+        }
+        cause = c.source();
+    }
+    if let Some(h) = e.hint() {
+        out.push_str(&format!("\n  what to do: {h}"));
+    }
+    out
+}
+
+async fn run(command: Command) -> Result<ExitCode, Error> {
+    match command {
+        Command::Clone {
+            source,
+            target,
+            jobs,
+            include,
+            exclude,
+            chunk_size,
+            pg_bin,
+            json,
+        } => {
+            let opts = hikkoshi::clone::CloneOptions {
+                source,
+                target,
+                jobs: jobs.max(1),
+                include,
+                exclude,
+                chunk_bytes: chunk_size,
+                pg_bin,
+            };
+            let report = hikkoshi::clone::run(&opts).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else if report.already_done {
+                println!(
+                    "clone {} is already complete on this target; nothing to do (`hikkoshi clean` removes \
+                     its state)",
+                    report.migration_id
+                );
+            } else {
+                println!(
+                    "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
+                     snapshot at source LSN {}; {:.1}s",
+                    report.migration_id,
+                    if report.resumed { "resumed and complete" } else { "complete" },
+                    report.tables.len(),
+                    report.chunks_copied,
+                    report.rows,
+                    hikkoshi::progress::human_bytes(report.bytes),
+                    report.sequences,
+                    report.snapshot_lsn,
+                    report.seconds
+                );
+                for w in &report.warnings {
+                    println!("warning: {w}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { target, json } => {
+            let status = hikkoshi::status::read(&target).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clean { source, target } => {
+            let c = hikkoshi::clean::run(&source, &target).await?;
+            println!(
+                "removed {} slot(s), {} publication(s){}",
+                c.slots.len(),
+                c.publications.len(),
+                if c.state_schema {
+                    " and the hikkoshi schema on the target"
+                } else {
+                    "; no hikkoshi state on the target"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_size("1gb"), Ok(1 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12 parsecs").is_err());
+    }
+}

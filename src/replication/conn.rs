@@ -1,0 +1,312 @@
+//! A connection in replication mode (`replication=database` in the startup packet), which is what the
+//! walsender commands `CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT` and `START_REPLICATION` need
+//! (PostgreSQL docs, "Streaming Replication Protocol"). tokio-postgres cannot open one, so this module speaks
+//! the startup, authentication and simple-query parts of the protocol itself, with the message codecs of
+//! `postgres-protocol`.
+//!
+//! While a connection is idle after `CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT`, its snapshot stays
+//! importable by other sessions (`SET TRANSACTION SNAPSHOT`); the next command on it ends the snapshot.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::conninfo::ConnInfo;
+
+/// A failure on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{endpoint} did not answer within {secs} s")]
+    Timeout { endpoint: String, secs: u64 },
+    #[error("lost the replication connection")]
+    Io(#[from] std::io::Error),
+    #[error("{message} (SQLSTATE {code})")]
+    Server {
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("the server asked for a password, and none was given")]
+    PasswordMissing,
+    #[error("the server asked for an authentication method hikkoshi does not support ({0})")]
+    UnsupportedAuth(&'static str),
+    #[error(
+        "sslmode={0} needs TLS on the replication connection, which this build does not support yet: \
+         use sslmode=disable or prefer on a trusted network"
+    )]
+    TlsUnsupported(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE, when the server refused something.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One replication-mode session.
+pub struct ReplicationConn {
+    stream: Box<dyn Stream>,
+    buf: BytesMut,
+    out: BytesMut,
+    /// Server parameters reported at startup (`server_version`, ...).
+    pub server_version: String,
+}
+
+/// Rows of a simple query, as text.
+pub type TextRows = Vec<Vec<Option<String>>>;
+
+impl ReplicationConn {
+    /// Opens a replication connection to the first host of `info` that answers.
+    pub async fn connect(info: &ConnInfo) -> Result<Self, ReplicationError> {
+        let mode = info.sslmode();
+        if matches!(mode, "require" | "verify-ca" | "verify-full") {
+            return Err(ReplicationError::TlsUnsupported(mode.to_string()));
+        }
+        let timeout = info.connect_timeout();
+        let hosts: Vec<&str> = info.host().split(',').collect();
+        let ports: Vec<&str> = info.port().split(',').collect();
+        let mut last = None;
+        for (i, host) in hosts.iter().enumerate() {
+            let port: u16 = ports
+                .get(i)
+                .or(ports.first())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(5432);
+            let endpoint = format!("{host}:{port}");
+            match tokio::time::timeout(timeout, open(host, port)).await {
+                Ok(Ok(stream)) => {
+                    let mut conn = ReplicationConn {
+                        stream,
+                        buf: BytesMut::with_capacity(8192),
+                        out: BytesMut::with_capacity(1024),
+                        server_version: String::new(),
+                    };
+                    match tokio::time::timeout(timeout, conn.startup(info)).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(ReplicationError::Timeout {
+                                endpoint,
+                                secs: timeout.as_secs(),
+                            });
+                        }
+                    }
+                    return Ok(conn);
+                }
+                Ok(Err(source)) => last = Some(ReplicationError::Connect { endpoint, source }),
+                Err(_) => {
+                    last = Some(ReplicationError::Timeout {
+                        endpoint,
+                        secs: timeout.as_secs(),
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ReplicationError::Protocol("no host to connect to".into())))
+    }
+
+    async fn startup(&mut self, info: &ConnInfo) -> Result<(), ReplicationError> {
+        let mut params = vec![
+            ("user", info.user()),
+            ("database", info.dbname()),
+            ("replication", "database"),
+            ("application_name", "hikkoshi"),
+            ("client_encoding", "UTF8"),
+        ];
+        if let Some(o) = info.get("options") {
+            params.push(("options", o));
+        }
+        frontend::startup_message(params.into_iter(), &mut self.out)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = info.password().ok_or(ReplicationError::PasswordMissing)?;
+                    frontend::password_message(pw.expose().as_bytes(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = info.password().ok_or(ReplicationError::PasswordMissing)?;
+                    let hash = md5_hash(info.user().as_bytes(), pw.expose().as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let pw = info.password().ok_or(ReplicationError::PasswordMissing)?;
+                    self.scram(body, pw.expose()).await?;
+                }
+                backend::Message::AuthenticationKerberosV5 => {
+                    return Err(ReplicationError::UnsupportedAuth("Kerberos V5"));
+                }
+                backend::Message::AuthenticationScmCredential => {
+                    return Err(ReplicationError::UnsupportedAuth("SCM credential"));
+                }
+                backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
+                    return Err(ReplicationError::UnsupportedAuth("GSSAPI/SSPI"));
+                }
+                backend::Message::ParameterStatus(p) => {
+                    if p.name()? == "server_version" {
+                        self.server_version = p.value()?.to_string();
+                    }
+                }
+                backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(e) => return Err(server_error(e)),
+                _ => return Err(ReplicationError::Protocol("unexpected message at startup".into())),
+            }
+        }
+    }
+
+    async fn scram(
+        &mut self,
+        body: backend::AuthenticationSaslBody,
+        password: &str,
+    ) -> Result<(), ReplicationError> {
+        let mut has_scram = false;
+        let mut mechs = body.mechanisms();
+        while let Some(m) = fallible_next(&mut mechs)? {
+            if m == sasl::SCRAM_SHA_256 {
+                has_scram = true;
+            }
+        }
+        if !has_scram {
+            return Err(ReplicationError::UnsupportedAuth(
+                "a SASL mechanism other than SCRAM-SHA-256",
+            ));
+        }
+        let mut scram =
+            sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
+        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.out)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            backend::Message::AuthenticationSaslContinue(b) => scram.update(b.data())?,
+            backend::Message::ErrorResponse(e) => return Err(server_error(e)),
+            _ => return Err(ReplicationError::Protocol("unexpected SASL message".into())),
+        }
+        frontend::sasl_response(scram.message(), &mut self.out)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            backend::Message::AuthenticationSaslFinal(b) => scram.finish(b.data())?,
+            backend::Message::ErrorResponse(e) => return Err(server_error(e)),
+            _ => return Err(ReplicationError::Protocol("unexpected SASL message".into())),
+        }
+        Ok(())
+    }
+
+    /// Runs one command with the simple-query protocol and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<TextRows, ReplicationError> {
+        frontend::query(sql, &mut self.out)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                backend::Message::DataRow(row) => {
+                    let buf = row.buffer();
+                    let mut ranges = row.ranges();
+                    let mut out = Vec::new();
+                    while let Some(r) = fallible_next(&mut ranges)? {
+                        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(out);
+                }
+                backend::Message::ErrorResponse(e) => error = Some(server_error(e)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Ends the session politely; the server drops temporary slots made on it.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
+    }
+
+    async fn flush(&mut self) -> Result<(), std::io::Error> {
+        self.stream.write_all(&self.out).await?;
+        self.out.clear();
+        self.stream.flush().await
+    }
+
+    async fn read_message(&mut self) -> Result<backend::Message, ReplicationError> {
+        loop {
+            if let Some(m) = backend::Message::parse(&mut self.buf)? {
+                return Ok(m);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+}
+
+async fn open(host: &str, port: u16) -> Result<Box<dyn Stream>, std::io::Error> {
+    if host.starts_with('/') {
+        let path = format!("{host}/.s.PGSQL.{port}");
+        Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+    } else {
+        let s = tokio::net::TcpStream::connect((host, port)).await?;
+        s.set_nodelay(true)?;
+        Ok(Box::new(s))
+    }
+}
+
+fn fallible_next<I: fallible_iterator::FallibleIterator<Error = std::io::Error>>(
+    it: &mut I,
+) -> Result<Option<I::Item>, std::io::Error> {
+    it.next()
+}
+
+/// An ErrorResponse as an error value, fields by their protocol codes (docs, "Error and Notice Message
+/// Fields").
+fn server_error(body: backend::ErrorResponseBody) -> ReplicationError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = None;
+    let mut hint = None;
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            b'H' => hint = Some(v),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
+}

@@ -1,0 +1,374 @@
+//! The schema: the source's DDL through `pg_dump --schema-only --snapshot`, restored in two halves with
+//! `pg_restore`: pre-data (extensions, schemas, types, tables, functions) before the rows, in one
+//! transaction; post-data (primary keys, indexes, constraints, triggers) after them, `--jobs` at a time.
+//!
+//! pg_dump must be at least as new as the source server; hikkoshi looks for one (an explicit `--pg-bin`,
+//! then `PATH`, then the usual install directories) and prefers one no newer than the target, whose output
+//! the target is sure to read. The password reaches pg_dump through `PGPASSWORD`, never its command line.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+use tokio_postgres::Client;
+
+use crate::conninfo::ConnInfo;
+use crate::ident::QualifiedName;
+
+/// A failure of the schema step.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(
+        "no pg_dump of version {need} or newer found (looked in {looked}); the source runs PostgreSQL {need}. \
+         Install the PostgreSQL {need} client programs (e.g. `apt-get install postgresql-client-{need}`) or \
+         point hikkoshi at them with --pg-bin DIR"
+    )]
+    NoPgDump { need: u32, looked: String },
+    #[error(
+        "{program} in {dir} is version {found}, older than the source's PostgreSQL {need}: use --pg-bin with \
+         the bin directory of PostgreSQL {need} or newer"
+    )]
+    TooOld {
+        program: String,
+        dir: String,
+        found: u32,
+        need: u32,
+    },
+    #[error("could not run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{step} failed: {stderr}")]
+    Failed { step: String, stderr: String },
+    #[error("could not write a temporary file")]
+    Io(#[from] std::io::Error),
+    #[error("reading the target's catalog failed")]
+    Target(#[from] tokio_postgres::Error),
+}
+
+/// A matching pair of pg_dump and pg_restore.
+#[derive(Clone, Debug)]
+pub struct DumpTools {
+    pub bin: PathBuf,
+    pub major: u32,
+    pub version: String,
+}
+
+impl DumpTools {
+    /// Finds pg_dump/pg_restore able to dump a server of major version `source_major`.
+    pub fn find(
+        explicit: Option<&Path>,
+        source_major: u32,
+        target_major: u32,
+    ) -> Result<DumpTools, SchemaError> {
+        if let Some(dir) = explicit {
+            let t = probe(dir).ok_or_else(|| SchemaError::NoPgDump {
+                need: source_major,
+                looked: dir.display().to_string(),
+            })?;
+            if t.major < source_major {
+                return Err(SchemaError::TooOld {
+                    program: "pg_dump".into(),
+                    dir: dir.display().to_string(),
+                    found: t.major,
+                    need: source_major,
+                });
+            }
+            return Ok(t);
+        }
+        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        for pattern in [
+            "/usr/lib/postgresql",
+            "/usr/local/lib/postgresql",
+            "/opt/homebrew/opt",
+            "/usr/local/opt",
+        ] {
+            if let Ok(rd) = std::fs::read_dir(pattern) {
+                for e in rd.flatten() {
+                    dirs.push(e.path().join("bin"));
+                }
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir("/usr") {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("pgsql-") {
+                    dirs.push(e.path().join("bin"));
+                }
+            }
+        }
+        dirs.push("/usr/local/pgsql/bin".into());
+        let found: Vec<DumpTools> = dirs.iter().filter_map(|d| probe(d)).collect();
+        let usable = found.iter().filter(|t| t.major >= source_major);
+        // Prefer the newest version the target can surely read, else the oldest newer one.
+        let best = usable
+            .clone()
+            .filter(|t| t.major <= target_major.max(source_major))
+            .max_by_key(|t| t.major)
+            .or_else(|| usable.min_by_key(|t| t.major));
+        best.cloned().ok_or_else(|| SchemaError::NoPgDump {
+            need: source_major,
+            looked: if found.is_empty() {
+                "PATH and /usr/lib/postgresql/*/bin: none there".into()
+            } else {
+                found
+                    .iter()
+                    .map(|t| format!("{} ({})", t.bin.display(), t.major))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+}
+
+fn probe(dir: &Path) -> Option<DumpTools> {
+    let dump = dir.join("pg_dump");
+    if !dump.is_file() || !dir.join("pg_restore").is_file() {
+        return None;
+    }
+    let out = std::process::Command::new(&dump)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    let version = text.split_whitespace().nth(2)?.to_string();
+    let major = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(DumpTools {
+        bin: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+        major,
+        version,
+    })
+}
+
+/// The schema-only archive of the source, in pg_dump's custom format.
+pub struct Archive {
+    file: tempfile::NamedTempFile,
+}
+
+/// What to leave out of the dump: the relations not selected.
+pub struct DumpFilter<'a> {
+    pub excluded: &'a [QualifiedName],
+}
+
+/// Dumps the source's schema, as of `snapshot` when one is given.
+pub async fn dump(
+    tools: &DumpTools,
+    source: &ConnInfo,
+    snapshot: Option<&str>,
+    filter: &DumpFilter<'_>,
+) -> Result<Archive, SchemaError> {
+    let file = tempfile::Builder::new()
+        .prefix("hikkoshi-schema-")
+        .suffix(".dump")
+        .tempfile()?;
+    let mut cmd = Command::new(tools.program("pg_dump"));
+    cmd.arg("--schema-only")
+        .arg("--format=custom")
+        .arg("--no-subscriptions")
+        .arg("--exclude-schema=hikkoshi")
+        .arg(format!("--file={}", file.path().display()));
+    if let Some(s) = snapshot {
+        cmd.arg(format!("--snapshot={s}"));
+    }
+    for t in filter.excluded {
+        cmd.arg(format!("--exclude-table={}", pattern_for(t)));
+    }
+    cmd.arg(format!("--dbname={}", source.to_libpq_string()));
+    run(cmd, source, "pg_dump --schema-only of the source").await?;
+    Ok(Archive { file })
+}
+
+/// A pg_dump pattern that matches exactly this relation (quoted, so no wildcard or case folding applies).
+fn pattern_for(t: &QualifiedName) -> String {
+    t.quoted()
+}
+
+/// Restores the pre-data section in one transaction: all of it is on the target, or none.
+pub async fn restore_pre_data(
+    tools: &DumpTools,
+    archive: &Archive,
+    target: &ConnInfo,
+    keep_owners: bool,
+) -> Result<(), SchemaError> {
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--section=pre-data")
+        .arg("--single-transaction")
+        .arg("--exit-on-error");
+    if !keep_owners {
+        cmd.arg("--no-owner").arg("--no-privileges");
+    }
+    cmd.arg(format!("--dbname={}", target.to_libpq_string()))
+        .arg(archive.file.path());
+    run(
+        cmd,
+        target,
+        "restoring the schema (pre-data: extensions, types, tables) on the target",
+    )
+    .await
+}
+
+/// Restores the post-data section (`jobs` at a time), skipping what an interrupted earlier run already built.
+pub async fn restore_post_data(
+    tools: &DumpTools,
+    archive: &Archive,
+    target: &ConnInfo,
+    target_client: &Client,
+    jobs: usize,
+    keep_owners: bool,
+) -> Result<usize, SchemaError> {
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--list")
+        .arg("--section=post-data")
+        .arg(archive.file.path());
+    let list = output(cmd, target, "listing the post-data schema").await?;
+    let existing = existing_post_data(target_client).await?;
+    let mut kept = Vec::new();
+    let mut skipped = 0;
+    for line in list.lines() {
+        if line.starts_with(';') || line.trim().is_empty() {
+            continue;
+        }
+        if toc_key(line).is_some_and(|k| existing.iter().any(|e| k.starts_with(e.as_str()))) {
+            skipped += 1;
+            continue;
+        }
+        kept.push(line);
+    }
+    if kept.is_empty() {
+        return Ok(skipped);
+    }
+    let mut listfile = tempfile::NamedTempFile::new()?;
+    std::io::Write::write_all(&mut listfile, kept.join("\n").as_bytes())?;
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--section=post-data")
+        .arg("--exit-on-error")
+        .arg(format!("--jobs={}", jobs.max(1)))
+        .arg(format!("--use-list={}", listfile.path().display()));
+    if !keep_owners {
+        cmd.arg("--no-owner").arg("--no-privileges");
+    }
+    cmd.arg(format!("--dbname={}", target.to_libpq_string()))
+        .arg(archive.file.path());
+    run(
+        cmd,
+        target,
+        "building indexes, constraints and triggers (post-data) on the target",
+    )
+    .await?;
+    Ok(skipped)
+}
+
+/// The roles that own objects in the archive.
+pub async fn archive_owners(
+    tools: &DumpTools,
+    archive: &Archive,
+    target: &ConnInfo,
+) -> Result<HashSet<String>, SchemaError> {
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--list").arg(archive.file.path());
+    let list = output(cmd, target, "listing the schema archive").await?;
+    Ok(list
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|o| *o != "-")
+        .map(str::to_string)
+        .collect())
+}
+
+/// `TYPE SCHEMA NAME OWNER` of a TOC line (`ID; CATALOG-OID OBJECT-OID TYPE SCHEMA NAME OWNER`).
+fn toc_key(line: &str) -> Option<&str> {
+    let mut rest = line.split_once("; ")?.1;
+    for _ in 0..2 {
+        rest = rest.trim_start().split_once(' ')?.1;
+    }
+    Some(rest)
+}
+
+/// The post-data objects present on the target, as the `TYPE SCHEMA NAME ` prefix of a TOC line.
+async fn existing_post_data(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT 'INDEX ' || n.nspname || ' ' || i.relname || ' '
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+             JOIN pg_namespace n ON n.oid = i.relnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+               AND n.nspname NOT LIKE 'pg\\_toast%'
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid AND c.contype IN ('p','u','x'))
+             UNION ALL
+             SELECT CASE WHEN c.contype = 'f' THEN 'FK CONSTRAINT ' ELSE 'CONSTRAINT ' END
+                    || n.nspname || ' ' || t.relname || ' ' || c.conname || ' '
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             UNION ALL
+             SELECT 'TRIGGER ' || n.nspname || ' ' || t.relname || ' ' || g.tgname || ' '
+             FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE NOT g.tgisinternal AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             UNION ALL
+             SELECT 'POLICY ' || n.nspname || ' ' || t.relname || ' ' || p.polname || ' '
+             FROM pg_policy p JOIN pg_class t ON t.oid = p.polrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace",
+            &[],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+async fn run(cmd: Command, conn: &ConnInfo, step: &str) -> Result<(), SchemaError> {
+    output(cmd, conn, step).await.map(|_| ())
+}
+
+async fn output(mut cmd: Command, conn: &ConnInfo, step: &str) -> Result<String, SchemaError> {
+    for (k, v) in conn.child_env() {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("PGSERVICE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let out = cmd.output().await.map_err(|source| SchemaError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(SchemaError::Failed {
+            step: step.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toc_lines_give_type_schema_name_owner() {
+        assert_eq!(
+            toc_key("3456; 2606 16410 CONSTRAINT app orders orders_pkey alice"),
+            Some("CONSTRAINT app orders orders_pkey alice")
+        );
+        assert_eq!(
+            toc_key("12; 1259 16390 INDEX public Mixed Case_idx bob"),
+            Some("INDEX public Mixed Case_idx bob")
+        );
+        assert_eq!(toc_key("; comment"), None);
+    }
+}
