@@ -327,8 +327,9 @@ async fn preflight_source(source: &Client) -> Result<(), Error> {
         .query_one(
             "SELECT current_setting('wal_level'),
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
-                    OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication'
-                               AND pg_has_role(current_user, 'rds_replication', 'member')),
+                    OR EXISTS (SELECT 1 FROM pg_auth_members m
+                               JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
+                               WHERE r.rolname = 'rds_replication' AND u.rolname = current_user),
                     current_user",
             &[],
         )

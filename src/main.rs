@@ -132,7 +132,11 @@ fn render(e: &Error) -> String {
     let mut out = format!("hikkoshi: error: {e}");
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        out.push_str(&format!("\n  caused by: {c}"));
+        let line = c.to_string();
+        // tokio-postgres says only "db error" and puts the server's message in its source
+        if line != "db error" {
+            out.push_str(&format!("\n  caused by: {line}"));
+        }
         if let Some(db) = c.downcast_ref::<tokio_postgres::error::DbError>() {
             if let Some(d) = db.detail() {
                 out.push_str(&format!("\n  detail: {d}"));
