@@ -232,7 +232,8 @@ impl TypeInfo {
             let has_binary: bool = r.get(5);
             if !has_binary {
                 typtype = '?';
-            } else if is_array {
+            } else if is_array && typtype == 'b' {
+                // (a domain over an array has category A too, but no element type of its own)
                 typtype = 'A';
             }
             types.insert(oid, (typtype, r.get(2), r.get(3)));

@@ -437,10 +437,10 @@ async fn plan_chunks(
             if specs.len() > 1 {
                 (ChunkMethod::Key, specs)
             } else {
-                (ChunkMethod::Ctid, chunk::ctid_chunks(t, n))
+                ctid_or_whole(t, n)
             }
         } else {
-            (ChunkMethod::Ctid, chunk::ctid_chunks(t, n))
+            ctid_or_whole(t, n)
         };
         planned.push((t, method, specs));
     }
@@ -496,6 +496,15 @@ async fn plan_chunks(
             .join(", ")
     );
     Ok(())
+}
+
+fn ctid_or_whole(t: &Table, n: usize) -> (ChunkMethod, Vec<ChunkSpec>) {
+    let specs = chunk::ctid_chunks(t, n);
+    if specs.len() > 1 {
+        (ChunkMethod::Ctid, specs)
+    } else {
+        (ChunkMethod::Whole, specs)
+    }
 }
 
 fn whole(t: &Table) -> ChunkSpec {

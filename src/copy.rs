@@ -26,7 +26,7 @@ use crate::session;
 #[derive(Clone, Debug)]
 pub struct TableCopy {
     pub name: QualifiedName,
-    /// Quoted column list, the same on both sides.
+    /// Quoted column list, the same on both sides (empty for a table without columns).
     pub columns: String,
     pub binary: bool,
 }
@@ -152,19 +152,20 @@ async fn copy_chunk(
         }
     };
     let format = if table.binary { " (FORMAT binary)" } else { "" };
+    let list = if table.columns.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", table.columns)
+    };
     let out_sql = match &chunk.predicate {
-        None => format!("COPY {} ({}) TO STDOUT{format}", table.name.quoted(), table.columns),
+        None => format!("COPY {}{list} TO STDOUT{format}", table.name.quoted()),
         Some(p) => format!(
             "COPY (SELECT {} FROM ONLY {} WHERE {p}) TO STDOUT{format}",
             table.columns,
             table.name.quoted()
         ),
     };
-    let in_sql = format!(
-        "COPY {} ({}) FROM STDIN{format}",
-        table.name.quoted(),
-        table.columns
-    );
+    let in_sql = format!("COPY {}{list} FROM STDIN{format}", table.name.quoted());
 
     let tx = target
         .transaction()

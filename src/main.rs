@@ -49,7 +49,8 @@ enum Command {
         /// Split tables larger than this into chunks of about this size (e.g. 256MB, 1GB).
         #[arg(long, default_value = "256MB", value_parser = parse_size)]
         chunk_size: i64,
-        /// Directory holding pg_dump and pg_restore (default: found on PATH or in the usual places).
+        /// Directories holding pg_dump and pg_restore, separated by ':' like PATH; hikkoshi picks the
+        /// version that suits source and target (default: PATH and the usual install places).
         #[arg(long, env = "HIKKOSHI_PG_BIN")]
         pg_bin: Option<PathBuf>,
         /// Print the final report as JSON on stdout.

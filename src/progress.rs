@@ -178,7 +178,7 @@ async fn draw_bars(progress: Arc<Progress>, stop: tokio_util::sync::Cancellation
             let active = t.active.load(Ordering::Relaxed) > 0;
             let b = t.bytes.load(Ordering::Relaxed);
             if active && !bars.contains_key(&i) {
-                let bar = multi.add(ProgressBar::new(t.est_bytes.max(1)));
+                let bar = multi.add(ProgressBar::new(t.est_bytes.max(b).max(1)).with_position(b));
                 bar.set_style(style.clone());
                 bar.set_prefix(truncate(&t.name.to_string(), 28));
                 bars.insert(i, bar);

@@ -58,75 +58,86 @@ pub struct DumpTools {
 }
 
 impl DumpTools {
-    /// Finds pg_dump/pg_restore able to dump a server of major version `source_major`.
+    /// Finds pg_dump/pg_restore able to dump a server of major version `source_major`. `explicit` is a
+    /// PATH-like list of bin directories (`--pg-bin`); without it, PATH and the usual install places.
     pub fn find(
         explicit: Option<&Path>,
         source_major: u32,
         target_major: u32,
     ) -> Result<DumpTools, SchemaError> {
-        if let Some(dir) = explicit {
-            let t = probe(dir).ok_or_else(|| SchemaError::NoPgDump {
-                need: source_major,
-                looked: dir.display().to_string(),
-            })?;
-            if t.major < source_major {
-                return Err(SchemaError::TooOld {
-                    program: "pg_dump".into(),
-                    dir: dir.display().to_string(),
-                    found: t.major,
-                    need: source_major,
-                });
-            }
-            return Ok(t);
-        }
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        for pattern in [
-            "/usr/lib/postgresql",
-            "/usr/local/lib/postgresql",
-            "/opt/homebrew/opt",
-            "/usr/local/opt",
-        ] {
-            if let Ok(rd) = std::fs::read_dir(pattern) {
-                for e in rd.flatten() {
-                    dirs.push(e.path().join("bin"));
-                }
-            }
-        }
-        if let Ok(rd) = std::fs::read_dir("/usr") {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("pgsql-") {
-                    dirs.push(e.path().join("bin"));
-                }
-            }
-        }
-        dirs.push("/usr/local/pgsql/bin".into());
+        let dirs: Vec<PathBuf> = match explicit {
+            Some(list) => std::env::split_paths(list).collect(),
+            None => default_dirs(),
+        };
         let found: Vec<DumpTools> = dirs.iter().filter_map(|d| probe(d)).collect();
         let usable = found.iter().filter(|t| t.major >= source_major);
-        // Prefer the newest version the target can surely read, else the oldest newer one.
+        // pg_restore writes settings of its own version (17 added `SET transaction_timeout`), so the best
+        // is the newest version the target knows; else the oldest that can still read the source.
         let best = usable
             .clone()
             .filter(|t| t.major <= target_major.max(source_major))
             .max_by_key(|t| t.major)
             .or_else(|| usable.min_by_key(|t| t.major));
-        best.cloned().ok_or_else(|| SchemaError::NoPgDump {
-            need: source_major,
-            looked: if found.is_empty() {
-                "PATH and /usr/lib/postgresql/*/bin: none there".into()
-            } else {
-                found
-                    .iter()
-                    .map(|t| format!("{} ({})", t.bin.display(), t.major))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        })
+        if let Some(b) = best {
+            return Ok(b.clone());
+        }
+        match (explicit, found.iter().max_by_key(|t| t.major)) {
+            (Some(_), Some(newest)) => Err(SchemaError::TooOld {
+                program: "pg_dump".into(),
+                dir: newest.bin.display().to_string(),
+                found: newest.major,
+                need: source_major,
+            }),
+            _ => Err(SchemaError::NoPgDump {
+                need: source_major,
+                looked: if found.is_empty() {
+                    dirs.iter()
+                        .map(|d| d.display().to_string())
+                        .take(8)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    found
+                        .iter()
+                        .map(|t| format!("{} ({})", t.bin.display(), t.major))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            }),
+        }
     }
 
     pub fn program(&self, name: &str) -> PathBuf {
         self.bin.join(name)
     }
+}
+
+/// PATH, then where packages put PostgreSQL's programs.
+fn default_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for parent in [
+        "/usr/lib/postgresql",
+        "/usr/local/lib/postgresql",
+        "/opt/homebrew/opt",
+        "/usr/local/opt",
+    ] {
+        if let Ok(rd) = std::fs::read_dir(parent) {
+            let mut found: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("bin")).collect();
+            found.sort();
+            dirs.extend(found);
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/usr") {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("pgsql-") {
+                dirs.push(e.path().join("bin"));
+            }
+        }
+    }
+    dirs.push("/usr/local/pgsql/bin".into());
+    dirs
 }
 
 fn probe(dir: &Path) -> Option<DumpTools> {

@@ -218,3 +218,143 @@ async fn copy_is_one_instant_while_the_source_is_written() {
         .get(0);
     assert_eq!(src_prefix, n);
 }
+
+/// Peak resident memory of a child process, read from /proc while it runs (VmHWM only grows).
+fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
+        .args(args)
+        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file)
+            && let Some(kb) = s
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, peak_kb * 1024);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_stays_bounded_with_400_mb_of_2_mb_values() {
+    let s = server(15);
+    let t = server(18);
+    let src = create_db(&s, "docs").await;
+    src.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb NOT NULL, raw text NOT NULL);
+         INSERT INTO docs SELECT i, jsonb_build_object('i', i, 'blob', repeat(md5(i::text), 31250)),
+                                repeat(md5((i + 1)::text), 31250)
+         FROM generate_series(1, 200) i;",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "docs").await;
+    let (su, tu) = (s.url("docs"), t.url("docs"));
+    let (status, peak) = run_measuring_peak_rss(&[
+        "clone", "--source", &su, "--target", &tu, "--jobs", "2", "--chunk-size", "1MB",
+    ]);
+    assert!(status.success());
+    assert_identical(&src, &tgt).await;
+    let moved: i64 = src
+        .query_one("SELECT sum(octet_length(body::text) + octet_length(raw))::bigint FROM docs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(moved > 390_000_000, "the test moves ~400 MB ({moved})");
+    assert!(peak > 0, "memory was measured");
+    assert!(
+        peak < 100 * 1024 * 1024,
+        "peak RSS {} MB while moving {} MB: memory is not bounded",
+        peak >> 20,
+        moved >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusual_tables_clone_identically() {
+    let s = server(15);
+    let t = server(15);
+    let src = create_db(&s, "odd").await;
+    src.batch_execute(
+        "CREATE TABLE no_columns ();
+         INSERT INTO no_columns DEFAULT VALUES; INSERT INTO no_columns DEFAULT VALUES;
+         CREATE TABLE dropped (a int, b text, c int PRIMARY KEY);
+         INSERT INTO dropped SELECT i, 'x' || i, i FROM generate_series(1, 1000) i;
+         ALTER TABLE dropped DROP COLUMN b;
+         CREATE UNLOGGED TABLE scratch (k text PRIMARY KEY, v bytea);
+         INSERT INTO scratch SELECT 'k' || i, decode(md5(i::text), 'hex') FROM generate_series(1, 500) i;
+         CREATE TABLE parent (id int, kind text);
+         CREATE TABLE child (extra int) INHERITS (parent);
+         INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 'c', 9);
+         CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE DOMAIN moods AS mood[];
+         CREATE TABLE feelings (id serial PRIMARY KEY, m moods, r int4range, h numeric);
+         INSERT INTO feelings (m, r, h) VALUES ('{sad,happy}', '[1,5)', 1e100), (NULL, 'empty', 'NaN');
+         CREATE SEQUENCE lonely INCREMENT 7; SELECT nextval('lonely'); SELECT nextval('lonely');",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "odd").await;
+    // shift the target's OIDs so that a value carrying a type OID would not read back
+    tgt.batch_execute(
+        "CREATE SCHEMA shift; CREATE TYPE shift.a AS ENUM ('x'); CREATE TYPE shift.b AS (x int);
+         CREATE DOMAIN shift.c AS int;",
+    )
+    .await
+    .unwrap();
+    let out = hikkoshi(&[
+        "clone", "--source", &s.url("odd"), "--target", &t.url("odd"), "--chunk-size", "8kB",
+    ]);
+    assert_success(&out);
+    assert_identical(&src, &tgt).await;
+    let fmt: String = tgt
+        .query_one("SELECT copy_format FROM hikkoshi.tables WHERE table_name = 'feelings'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fmt, "text", "arrays of user types travel as text");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_the_migration_and_clean_removes_every_trace() {
+    let s = server(15);
+    let t = server(15);
+    let src = create_db(&s, "app").await;
+    src.batch_execute("CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 100);")
+        .await
+        .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let (su, tu) = (s.url("app"), t.url("app"));
+    let out = hikkoshi(&["status", "--target", &tu]);
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no hikkoshi migration"));
+    assert_success(&hikkoshi(&["clone", "--source", &su, "--target", &tu]));
+    let out = hikkoshi(&["status", "--target", &tu, "--json"]);
+    assert_success(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["phase"], "done");
+    assert_eq!(v["tables"][0]["table"], "public.a");
+    assert_eq!(v["tables"][0]["state"], "indexed");
+    assert_eq!(v["tables"][0]["rows_copied"], 100);
+    assert!(!v.to_string().contains(hikkoshi::localserver::PASSWORD), "no secret in status");
+    let out = hikkoshi(&["status", "--target", &tu]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("public.a"), "{}", text(&out));
+    assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
+    assert!(!has_state(&tgt).await);
+    assert!(hikkoshi_slots(&src).await.is_empty());
+    assert_eq!(rows_of(&tgt, "a").await.len(), 100, "clean keeps the copied data");
+    // idempotent
+    assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
+}

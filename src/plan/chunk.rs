@@ -65,7 +65,9 @@ pub fn ctid_chunks(table: &Table, n: usize) -> Vec<ChunkSpec> {
 /// column). Duplicate boundaries collapse, so a skewed sample gives fewer, never empty-by-construction,
 /// ranges.
 pub fn key_chunks(table: &Table, n: usize, sample: &[Vec<String>]) -> Vec<ChunkSpec> {
-    if n <= 1 || sample.len() < n {
+    // A table whose bulk is in TOAST can hold few rows: fewer chunks, but still more than one.
+    let n = n.min(sample.len());
+    if n <= 1 {
         return vec![whole(table)];
     }
     let mut bounds: Vec<&Vec<String>> = (1..n).map(|i| &sample[i * sample.len() / n]).collect();
@@ -204,6 +206,7 @@ mod tests {
         );
         let same: Vec<Vec<String>> = (0..100).map(|_| vec!["1".into(), "a".into()]).collect();
         assert_eq!(key_chunks(&table(&["id", "k"], 10), 4, &same).len(), 2);
-        assert_eq!(key_chunks(&table(&["id"], 10), 4, &sample[..2]).len(), 1);
+        assert_eq!(key_chunks(&table(&["id"], 10), 4, &sample[..2]).len(), 2);
+        assert_eq!(key_chunks(&table(&["id"], 10), 4, &sample[..1]).len(), 1);
     }
 }

@@ -75,12 +75,14 @@ pub fn hikkoshi_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("running hikkoshi")
 }
 
-/// pg_dump for the tests: the newest install (it reads every older source).
+/// Where hikkoshi may find pg_dump in the tests: every install, for it to choose from.
 pub fn pg_bin_for_dump() -> String {
-    Install::discover()
-        .last()
+    let dirs: Vec<String> = Install::discover()
+        .iter()
         .map(|i| i.bin.to_string_lossy().into_owned())
-        .expect("no PostgreSQL install found")
+        .collect();
+    assert!(!dirs.is_empty(), "no PostgreSQL install found");
+    dirs.join(":")
 }
 
 pub fn text(o: &Output) -> String {
