@@ -161,7 +161,12 @@ impl Catalog {
             .await?;
         let owners: HashMap<u32, QualifiedName> = owners
             .into_iter()
-            .map(|r| (r.get(0), QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2))))
+            .map(|r| {
+                (
+                    r.get(0),
+                    QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+                )
+            })
             .collect();
 
         let mut cat = Catalog {
@@ -174,7 +179,10 @@ impl Catalog {
             let kind: String = r.get(3);
             match kind.as_str() {
                 "r" => {
-                    let root = match (r.get::<_, Option<String>>(9), r.get::<_, Option<String>>(10)) {
+                    let root = match (
+                        r.get::<_, Option<String>>(9),
+                        r.get::<_, Option<String>>(10),
+                    ) {
                         (Some(s), Some(n)) => Some(QualifiedName::new(s, n)),
                         _ => None,
                     };

@@ -27,8 +27,8 @@ use crate::conninfo::ConnInfo;
 use crate::copy::{self, CopyContext, TableCopy};
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
-use crate::plan::chunk::{self, ChunkMethod, ChunkSpec};
 use crate::plan::Selection;
+use crate::plan::chunk::{self, ChunkMethod, ChunkSpec};
 use crate::progress::{Progress, Reporter};
 use crate::replication::{self, ReplicationConn};
 use crate::schema::{self, DumpFilter, DumpTools};
@@ -93,9 +93,17 @@ fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
             "the selection pattern{} {} match{} no table on the source. Patterns are schema.table with * \
              and ? wildcards (public.*, *.audit_*); tables on the source include: {}",
             if unmatched.len() > 1 { "s" } else { "" },
-            unmatched.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", "),
+            unmatched
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             if unmatched.len() > 1 { "" } else { "es" },
-            if known.is_empty() { "(none)".into() } else { known.join(", ") }
+            if known.is_empty() {
+                "(none)".into()
+            } else {
+                known.join(", ")
+            }
         )));
     }
     let mut tables = Vec::new();
@@ -140,8 +148,8 @@ fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
 /// Runs (or resumes) a clone.
 pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let started = Instant::now();
-    let selection = Selection::parse(&opts.include, &opts.exclude)
-        .map_err(|e| Error::Usage(format!("{e}")))?;
+    let selection =
+        Selection::parse(&opts.include, &opts.exclude).map_err(|e| Error::Usage(format!("{e}")))?;
     let src_info = session::resolve(Side::Source, &opts.source)?;
     let tgt_info = session::resolve(Side::Target, &opts.target)?;
     let source = session::connect(&src_info, Side::Source).await?;
@@ -224,14 +232,17 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let slot_name = format!("hikkoshi_{}_{}", migration_id, std::process::id());
     let snap = replication::create_with_snapshot(repl, &slot_name, true)
         .await
-        .map_err(Error::replication("creating a logical replication slot with an exported snapshot"))?;
+        .map_err(Error::replication(
+            "creating a logical replication slot with an exported snapshot",
+        ))?;
     report.snapshot_lsn = snap.lsn.to_string();
     tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
 
     if existing.is_none() {
-        state::create(&target)
-            .await
-            .map_err(Error::sql(Side::Target, "creating the hikkoshi state schema"))?;
+        state::create(&target).await.map_err(Error::sql(
+            Side::Target,
+            "creating the hikkoshi state schema",
+        ))?;
         state::insert_migration(&target, &migration_id, &src_info.to_string(), &options_json)
             .await
             .map_err(Error::sql(Side::Target, "recording the migration"))?;
@@ -260,14 +271,15 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     }
 
     if phase == Phase::Schema {
-        if !all_tables_exist(&target, &resolved.tables).await? {
-            if let Err(e) = schema::restore_pre_data(&tools, &archive, &tgt_info, keep_owners).await {
-                if existing.is_none() {
-                    // pre-data ran in one transaction: dropping our state leaves the target as it was
-                    let _ = target.batch_execute("DROP SCHEMA hikkoshi CASCADE").await;
-                }
-                return Err(e.into());
+        // pre-data runs in one transaction: the tables are all there (an earlier run restored them) or none
+        if !all_tables_exist(&target, &resolved.tables).await?
+            && let Err(e) = schema::restore_pre_data(&tools, &archive, &tgt_info, keep_owners).await
+        {
+            if existing.is_none() {
+                // nothing of the schema stayed: dropping our state leaves the target as it was
+                let _ = target.batch_execute("DROP SCHEMA hikkoshi CASCADE").await;
             }
+            return Err(e.into());
         }
         plan_chunks(&source, &target, &resolved.tables, opts.chunk_bytes).await?;
         phase = Phase::Copy;
@@ -524,11 +536,7 @@ async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<Str
         (t.pages.max(1) * 50) as f64
     };
     let pct = (100.0 * want / rows_est).clamp(0.001, 100.0);
-    let keys: Vec<String> = t
-        .key
-        .iter()
-        .map(|k| crate::ident::quote_ident(k))
-        .collect();
+    let keys: Vec<String> = t.key.iter().map(|k| crate::ident::quote_ident(k)).collect();
     // ORDER BY the typed columns (qualified, so it does not pick the text output columns of the same name)
     let sql = format!(
         "SELECT {} FROM ONLY {} AS s TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
@@ -542,10 +550,10 @@ async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<Str
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let rows = source
-        .query(&sql, &[])
-        .await
-        .map_err(Error::sql(Side::Source, format!("sampling keys of {}", t.name)))?;
+    let rows = source.query(&sql, &[]).await.map_err(Error::sql(
+        Side::Source,
+        format!("sampling keys of {}", t.name),
+    ))?;
     Ok(rows
         .iter()
         .map(|r| (0..keys.len()).map(|i| r.get::<_, String>(i)).collect())

@@ -197,14 +197,9 @@ impl ConnInfo {
             if let Some(file) = file
                 && let Ok(text) = std::fs::read_to_string(&file)
             {
-                self.password = pgpass_lookup(
-                    &text,
-                    self.host(),
-                    self.port(),
-                    self.dbname(),
-                    self.user(),
-                )
-                .map(Secret::new);
+                self.password =
+                    pgpass_lookup(&text, self.host(), self.port(), self.dbname(), self.user())
+                        .map(Secret::new);
             }
         }
     }
@@ -588,7 +583,8 @@ mod tests {
 
     #[test]
     fn keyword_value_string_with_quotes_parses() {
-        let c = ConnInfo::parse("host=/tmp port = 5433 dbname='a b\\'c' user=bob password=x").unwrap();
+        let c =
+            ConnInfo::parse("host=/tmp port = 5433 dbname='a b\\'c' user=bob password=x").unwrap();
         assert_eq!(c.host(), "/tmp");
         assert_eq!(c.port(), "5433");
         assert_eq!(c.dbname(), "a b'c");

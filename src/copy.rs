@@ -167,10 +167,7 @@ async fn copy_chunk(
     };
     let in_sql = format!("COPY {}{list} FROM STDIN{format}", table.name.quoted());
 
-    let tx = target
-        .transaction()
-        .await
-        .map_err(copy_err(Side::Target))?;
+    let tx = target.transaction().await.map_err(copy_err(Side::Target))?;
     let sink = tx.copy_in(&in_sql).await.map_err(copy_err(Side::Target))?;
     let mut sink = pin!(sink);
     let stream = source
@@ -188,7 +185,7 @@ async fn copy_chunk(
         sink.feed(data).await.map_err(copy_err(Side::Target))?;
         if let Some(p) = &progress {
             p.bytes.fetch_add(len, Ordering::Relaxed);
-            if rows_seen % 1024 == 0 {
+            if rows_seen.is_multiple_of(1024) {
                 p.rows.fetch_add(1024, Ordering::Relaxed);
             }
         }
@@ -197,9 +194,16 @@ async fn copy_chunk(
             return Err(Error::Blocked("copy cancelled".into()));
         }
     }
-    let rows = sink.as_mut().finish().await.map_err(copy_err(Side::Target))?;
+    let rows = sink
+        .as_mut()
+        .finish()
+        .await
+        .map_err(copy_err(Side::Target))?;
     if let Some(p) = &progress {
-        p.rows.fetch_add(rows.saturating_sub(rows_seen / 1024 * 1024), Ordering::Relaxed);
+        p.rows.fetch_add(
+            rows.saturating_sub(rows_seen / 1024 * 1024),
+            Ordering::Relaxed,
+        );
     }
     failpoint::hit("copy.before-chunk-commit");
     tx.execute(

@@ -111,9 +111,7 @@ impl Error {
                 | ReplicationError::PasswordMissing
                 | ReplicationError::UnsupportedAuth(_)
                 | ReplicationError::TlsUnsupported(_) => Kind::Connection,
-                ReplicationError::Server { code, .. } if code.starts_with("28") => {
-                    Kind::Connection
-                }
+                ReplicationError::Server { code, .. } if code.starts_with("28") => Kind::Connection,
                 ReplicationError::Io(_) => Kind::Transient,
                 _ => Kind::Definite,
             },
@@ -221,7 +219,9 @@ fn connect_hint(side: Side, endpoint: &str, e: &tokio_postgres::Error) -> String
             "3D000" => format!(
                 "the database does not exist on the {side}: create it first (createdb, or CREATE DATABASE)"
             ),
-            "53300" => format!("the {side} has no free connection slots: raise max_connections or retry"),
+            "53300" => {
+                format!("the {side} has no free connection slots: raise max_connections or retry")
+            }
             "57P03" => format!("the {side} is starting up or shutting down: retry in a moment"),
             _ => format!("the {side} refused the connection: {}", db.message()),
         };

@@ -25,7 +25,12 @@ impl QualifiedName {
 /// `schema.name` as people write it (quoted only where needed), for messages.
 impl fmt::Display for QualifiedName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", display_ident(&self.schema), display_ident(&self.name))
+        write!(
+            f,
+            "{}.{}",
+            display_ident(&self.schema),
+            display_ident(&self.name)
+        )
     }
 }
 
@@ -37,12 +42,10 @@ pub fn quote_ident(s: &str) -> String {
 /// Quotes an identifier only when it would not read back the same without quotes.
 pub fn display_ident(s: &str) -> String {
     let plain = !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain { s.to_string() } else { quote_ident(s) }
 }

@@ -192,7 +192,11 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                     "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
                      snapshot at source LSN {}; {:.1}s",
                     report.migration_id,
-                    if report.resumed { "resumed and complete" } else { "complete" },
+                    if report.resumed {
+                        "resumed and complete"
+                    } else {
+                        "complete"
+                    },
                     report.tables.len(),
                     report.chunks_copied,
                     report.rows,

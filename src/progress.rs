@@ -173,7 +173,10 @@ async fn draw_bars(progress: Arc<Progress>, stop: tokio_util::sync::Cancellation
         let (rows, bytes, est, cdone, ctotal) = progress.totals();
         overall.set_length(est.max(bytes).max(1));
         overall.set_position(bytes);
-        overall.set_message(format!("{} rows, {cdone}/{ctotal} chunks", human_count(rows)));
+        overall.set_message(format!(
+            "{} rows, {cdone}/{ctotal} chunks",
+            human_count(rows)
+        ));
         for (i, t) in progress.tables.iter().enumerate() {
             let active = t.active.load(Ordering::Relaxed) > 0;
             let b = t.bytes.load(Ordering::Relaxed);
@@ -216,7 +219,14 @@ fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
-        let tail: String = s.chars().rev().take(n - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(n - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("…{tail}")
     }
 }

@@ -16,7 +16,11 @@ pub struct Position {
 }
 
 /// Reads the positions of `names` on one server.
-pub async fn read(client: &Client, side: Side, names: &[QualifiedName]) -> Result<Vec<Position>, Error> {
+pub async fn read(
+    client: &Client,
+    side: Side,
+    names: &[QualifiedName],
+) -> Result<Vec<Position>, Error> {
     let mut out = Vec::with_capacity(names.len());
     for batch in names.chunks(200) {
         let sql = batch
@@ -29,7 +33,10 @@ pub async fn read(client: &Client, side: Side, names: &[QualifiedName]) -> Resul
             .query(&sql, &[])
             .await
             .map_err(Error::sql(side, "reading sequence positions"))?;
-        let mut got: Vec<(i32, i64, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let mut got: Vec<(i32, i64, bool)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         got.sort();
         for (i, last_value, is_called) in got {
             out.push(Position {

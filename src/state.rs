@@ -178,7 +178,11 @@ pub async fn set_phase(client: &Client, phase: Phase) -> Result<(), tokio_postgr
 }
 
 /// Appends to the migration's event log (never row values or secrets).
-pub async fn event(client: &Client, kind: &str, message: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn event(
+    client: &Client,
+    kind: &str,
+    message: &str,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "INSERT INTO hikkoshi.events (kind, message) VALUES ($1, $2)",

@@ -33,7 +33,10 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
     let info = session::resolve(Side::Target, target_url)?;
     let client = session::connect(&info, Side::Target).await?;
     let sql = |w: &'static str| Error::sql(Side::Target, w);
-    let Some(m) = state::load(&client).await.map_err(sql("reading hikkoshi.migration"))? else {
+    let Some(m) = state::load(&client)
+        .await
+        .map_err(sql("reading hikkoshi.migration"))?
+    else {
         return Ok(Status {
             migration_id: None,
             source: None,

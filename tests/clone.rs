@@ -9,7 +9,9 @@ async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {
     let s = server(15);
     let t = server(18);
     let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.expect("loading the fixture");
+    src.batch_execute(FIXTURE_APP)
+        .await
+        .expect("loading the fixture");
     let tgt = create_db(&t, "app_copy").await;
     let out = hikkoshi(&[
         "clone",
@@ -24,7 +26,10 @@ async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {
     ]);
     assert_success(&out);
     assert_identical(&src, &tgt).await;
-    assert!(hikkoshi_slots(&src).await.is_empty(), "a plain clone leaves no slot");
+    assert!(
+        hikkoshi_slots(&src).await.is_empty(),
+        "a plain clone leaves no slot"
+    );
     // big tables were really split: by key where there is one, by ctid where there is none
     let methods: Vec<(String, String, i64)> = tgt
         .query(
@@ -55,8 +60,12 @@ async fn clone_18_to_18_carries_pgvector_embeddings_and_large_json() {
     let s = server(18);
     let t = server(18);
     let src = create_db(&s, "api").await;
-    src.batch_execute(FIXTURE_APP).await.expect("loading app.sql");
-    src.batch_execute(FIXTURE_VECTOR).await.expect("loading vector.sql");
+    src.batch_execute(FIXTURE_APP)
+        .await
+        .expect("loading app.sql");
+    src.batch_execute(FIXTURE_VECTOR)
+        .await
+        .expect("loading vector.sql");
     if cpu_runs_pgvector_indexes() {
         src.batch_execute(FIXTURE_VECTOR_HNSW).await.expect("hnsw");
     } else {
@@ -112,11 +121,20 @@ async fn include_and_exclude_patterns_select_what_is_created_and_copied() {
     ]);
     assert_success(&out);
     let tables = user_tables(&tgt).await;
-    assert!(!tables.iter().any(|t| t.contains("audit_log")), "{tables:?}");
+    assert!(
+        !tables.iter().any(|t| t.contains("audit_log")),
+        "{tables:?}"
+    );
     assert!(!tables.iter().any(|t| t.contains("clicks")), "{tables:?}");
-    assert!(!tables.iter().any(|t| t.starts_with("public.")), "{tables:?}");
+    assert!(
+        !tables.iter().any(|t| t.starts_with("public.")),
+        "{tables:?}"
+    );
     // partitions follow their root
-    assert!(tables.iter().any(|t| t.starts_with("app.measurements_")), "{tables:?}");
+    assert!(
+        tables.iter().any(|t| t.starts_with("app.measurements_")),
+        "{tables:?}"
+    );
     let expected: Vec<String> = user_tables(&src)
         .await
         .into_iter()
@@ -124,10 +142,17 @@ async fn include_and_exclude_patterns_select_what_is_created_and_copied() {
         .collect();
     assert_eq!(tables, expected);
     for table in &tables {
-        assert_eq!(rows_of(&src, table).await, rows_of(&tgt, table).await, "{table}");
+        assert_eq!(
+            rows_of(&src, table).await,
+            rows_of(&tgt, table).await,
+            "{table}"
+        );
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("selected"), "the user sees the selection: {stderr}");
+    assert!(
+        stderr.contains("selected"),
+        "the user sees the selection: {stderr}"
+    );
 }
 
 /// Money moves between accounts while the clone runs; every transfer also writes a ledger row. If all
@@ -190,7 +215,10 @@ async fn copy_is_one_instant_while_the_source_is_written() {
     assert_success(&out);
     assert!(transfers > 10, "the writer ran ({transfers} transfers)");
     let chunks: i64 = tgt
-        .query_one("SELECT count(*) FROM hikkoshi.chunks WHERE table_name = 'accounts'", &[])
+        .query_one(
+            "SELECT count(*) FROM hikkoshi.chunks WHERE table_name = 'accounts'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -207,8 +235,16 @@ async fn copy_is_one_instant_while_the_source_is_written() {
         .await
         .unwrap();
     assert_eq!(r.get::<_, i64>(0), 100000 * 1000, "total balance changed");
-    assert_eq!(r.get::<_, i64>(1), 0, "balances disagree with the ledger: not one instant");
-    assert_eq!(r.get::<_, i64>(2), r.get::<_, i64>(3), "ledger and movements from different instants");
+    assert_eq!(
+        r.get::<_, i64>(1),
+        0,
+        "balances disagree with the ledger: not one instant"
+    );
+    assert_eq!(
+        r.get::<_, i64>(2),
+        r.get::<_, i64>(3),
+        "ledger and movements from different instants"
+    );
     // the target's ledger is a prefix of the source's: what committed before the snapshot
     let n = r.get::<_, i64>(2);
     let src_prefix: i64 = src
@@ -263,12 +299,23 @@ async fn memory_stays_bounded_with_400_mb_of_2_mb_values() {
     let tgt = create_db(&t, "docs").await;
     let (su, tu) = (s.url("docs"), t.url("docs"));
     let (status, peak) = run_measuring_peak_rss(&[
-        "clone", "--source", &su, "--target", &tu, "--jobs", "2", "--chunk-size", "1MB",
+        "clone",
+        "--source",
+        &su,
+        "--target",
+        &tu,
+        "--jobs",
+        "2",
+        "--chunk-size",
+        "1MB",
     ]);
     assert!(status.success());
     assert_identical(&src, &tgt).await;
     let moved: i64 = src
-        .query_one("SELECT sum(octet_length(body::text) + octet_length(raw))::bigint FROM docs", &[])
+        .query_one(
+            "SELECT sum(octet_length(body::text) + octet_length(raw))::bigint FROM docs",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -315,12 +362,21 @@ async fn unusual_tables_clone_identically() {
     .await
     .unwrap();
     let out = hikkoshi(&[
-        "clone", "--source", &s.url("odd"), "--target", &t.url("odd"), "--chunk-size", "8kB",
+        "clone",
+        "--source",
+        &s.url("odd"),
+        "--target",
+        &t.url("odd"),
+        "--chunk-size",
+        "8kB",
     ]);
     assert_success(&out);
     assert_identical(&src, &tgt).await;
     let fmt: String = tgt
-        .query_one("SELECT copy_format FROM hikkoshi.tables WHERE table_name = 'feelings'", &[])
+        .query_one(
+            "SELECT copy_format FROM hikkoshi.tables WHERE table_name = 'feelings'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -332,9 +388,11 @@ async fn status_reports_the_migration_and_clean_removes_every_trace() {
     let s = server(15);
     let t = server(15);
     let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 100);")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 100);",
+    )
+    .await
+    .unwrap();
     let tgt = create_db(&t, "app").await;
     let (su, tu) = (s.url("app"), t.url("app"));
     let out = hikkoshi(&["status", "--target", &tu]);
@@ -348,13 +406,24 @@ async fn status_reports_the_migration_and_clean_removes_every_trace() {
     assert_eq!(v["tables"][0]["table"], "public.a");
     assert_eq!(v["tables"][0]["state"], "indexed");
     assert_eq!(v["tables"][0]["rows_copied"], 100);
-    assert!(!v.to_string().contains(hikkoshi::localserver::PASSWORD), "no secret in status");
+    assert!(
+        !v.to_string().contains(hikkoshi::localserver::PASSWORD),
+        "no secret in status"
+    );
     let out = hikkoshi(&["status", "--target", &tu]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("public.a"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("public.a"),
+        "{}",
+        text(&out)
+    );
     assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
     assert!(!has_state(&tgt).await);
     assert!(hikkoshi_slots(&src).await.is_empty());
-    assert_eq!(rows_of(&tgt, "a").await.len(), 100, "clean keeps the copied data");
+    assert_eq!(
+        rows_of(&tgt, "a").await.len(),
+        100,
+        "clean keeps the copied data"
+    );
     // idempotent
     assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
 }

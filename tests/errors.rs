@@ -11,7 +11,10 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 async fn assert_nothing_left(src: &tokio_postgres::Client, tgt: &tokio_postgres::Client) {
-    assert!(hikkoshi_slots(src).await.is_empty(), "slot left on the source");
+    assert!(
+        hikkoshi_slots(src).await.is_empty(),
+        "slot left on the source"
+    );
     assert!(!has_state(tgt).await, "hikkoshi state left on the target");
 }
 
@@ -19,27 +22,44 @@ async fn assert_nothing_left(src: &tokio_postgres::Client, tgt: &tokio_postgres:
 async fn unreachable_wrong_password_missing_database_and_malformed_urls_exit_2() {
     let s = server(15);
     let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE t (id int primary key)").await.unwrap();
+    src.batch_execute("CREATE TABLE t (id int primary key)")
+        .await
+        .unwrap();
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
     let cases: Vec<(String, &str)> = vec![
-        (format!("host=127.0.0.1 port={port} user=postgres dbname=x"), "nothing listens"),
+        (
+            format!("host=127.0.0.1 port={port} user=postgres dbname=x"),
+            "nothing listens",
+        ),
         (
             format!("postgresql://postgres:wrong@127.0.0.1:{}/app", s.port),
             "password was refused",
         ),
         (s.url("no_such_db"), "does not exist"),
-        ("postgresql://h:notaport/db".to_string(), "not a port number"),
-        ("host=x bogus_option=1".to_string(), "unknown connection option"),
+        (
+            "postgresql://h:notaport/db".to_string(),
+            "not a port number",
+        ),
+        (
+            "host=x bogus_option=1".to_string(),
+            "unknown connection option",
+        ),
     ];
     for (target, expect) in cases {
         let out = hikkoshi(&["clone", "--source", &s.url("app"), "--target", &target]);
         assert_eq!(out.status.code(), Some(2), "{target}: {}", text(&out));
         let e = stderr(&out);
-        assert!(e.contains(expect), "{target}: expected \"{expect}\" in:\n{e}");
+        assert!(
+            e.contains(expect),
+            "{target}: expected \"{expect}\" in:\n{e}"
+        );
         assert!(e.contains("target"), "the error says which side: {e}");
-        assert!(!e.contains("wrong"), "the password must not be printed: {e}");
+        assert!(
+            !e.contains("wrong"),
+            "the password must not be printed: {e}"
+        );
     }
     assert!(hikkoshi_slots(&src).await.is_empty());
 }
@@ -60,7 +80,11 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
         &format!("host=127.0.0.1 port={port} user=u dbname=d connect_timeout=2"),
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(stderr(&out).contains("no answer within 2 s"), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("no answer within 2 s"),
+        "{}",
+        text(&out)
+    );
     assert!(start.elapsed() < std::time::Duration::from_secs(30));
     drop(silent);
 }
@@ -72,10 +96,18 @@ async fn a_target_table_that_already_exists_is_refused_before_anything_is_create
     let src = create_db(&s, "app").await;
     src.batch_execute(FIXTURE_APP).await.unwrap();
     let tgt = create_db(&t, "app").await;
-    tgt.batch_execute("CREATE SCHEMA app; CREATE TABLE app.orders (id int); INSERT INTO app.orders VALUES (1)")
-        .await
-        .unwrap();
-    let out = hikkoshi(&["clone", "--source", &s.url("app"), "--target", &t.url("app")]);
+    tgt.batch_execute(
+        "CREATE SCHEMA app; CREATE TABLE app.orders (id int); INSERT INTO app.orders VALUES (1)",
+    )
+    .await
+    .unwrap();
+    let out = hikkoshi(&[
+        "clone",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(e.contains("app.orders (has rows)"), "{e}");
@@ -88,14 +120,25 @@ async fn a_selection_pattern_that_matches_nothing_is_a_usage_error() {
     let s = server(15);
     let t = server(15);
     let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)").await.unwrap();
+    src.batch_execute("CREATE TABLE orders (id int primary key)")
+        .await
+        .unwrap();
     let tgt = create_db(&t, "app").await;
     let out = hikkoshi(&[
-        "clone", "--source", &s.url("app"), "--target", &t.url("app"), "--include", "public.order",
+        "clone",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--include",
+        "public.order",
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let e = stderr(&out);
-    assert!(e.contains("\"public.order\" matches no table") && e.contains("public.orders"), "{e}");
+    assert!(
+        e.contains("\"public.order\" matches no table") && e.contains("public.orders"),
+        "{e}"
+    );
     assert_nothing_left(&src, &tgt).await;
 }
 
@@ -104,15 +147,26 @@ async fn a_pg_dump_older_than_the_source_is_refused_with_the_fix() {
     let s = server(18);
     let t = server(18);
     let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)").await.unwrap();
+    src.batch_execute("CREATE TABLE orders (id int primary key)")
+        .await
+        .unwrap();
     let tgt = create_db(&t, "app").await;
     let out = hikkoshi_env(
-        &["clone", "--source", &s.url("app"), "--target", &t.url("app")],
+        &[
+            "clone",
+            "--source",
+            &s.url("app"),
+            "--target",
+            &t.url("app"),
+        ],
         &[("HIKKOSHI_PG_BIN", install(15).bin.to_str().unwrap())],
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
-    assert!(e.contains("version 15, older than the source's PostgreSQL 18"), "{e}");
+    assert!(
+        e.contains("version 15, older than the source's PostgreSQL 18"),
+        "{e}"
+    );
     assert!(e.contains("--pg-bin"), "{e}");
     assert_nothing_left(&src, &tgt).await;
 }
@@ -128,12 +182,23 @@ async fn a_source_without_logical_wal_level_is_refused_with_the_setting_to_chang
     );
     let t = server(15);
     let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)").await.unwrap();
+    src.batch_execute("CREATE TABLE orders (id int primary key)")
+        .await
+        .unwrap();
     let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&["clone", "--source", &s.url("app"), "--target", &t.url("app")]);
+    let out = hikkoshi(&[
+        "clone",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
-    assert!(e.contains("wal_level = replica") && e.contains("ALTER SYSTEM SET wal_level = logical"), "{e}");
+    assert!(
+        e.contains("wal_level = replica") && e.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{e}"
+    );
     assert_nothing_left(&src, &tgt).await;
 }
 
@@ -163,16 +228,26 @@ async fn a_role_without_replication_is_refused_with_the_grant_to_run() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_extension_missing_on_the_target_fails_the_schema_step_and_leaves_the_target_as_it_was() {
+async fn an_extension_missing_on_the_target_fails_the_schema_step_and_leaves_the_target_as_it_was()
+{
     let s = server(18);
     let t = server(15); // no pgvector for PostgreSQL 15 here
     let src = create_db(&s, "api").await;
     src.batch_execute(FIXTURE_VECTOR).await.unwrap();
     let tgt = create_db(&t, "api").await;
-    let out = hikkoshi(&["clone", "--source", &s.url("api"), "--target", &t.url("api")]);
+    let out = hikkoshi(&[
+        "clone",
+        "--source",
+        &s.url("api"),
+        "--target",
+        &t.url("api"),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(e.contains("vector"), "{e}");
     assert_nothing_left(&src, &tgt).await;
-    assert!(user_tables(&tgt).await.is_empty(), "pre-data is all or nothing");
+    assert!(
+        user_tables(&tgt).await.is_empty(),
+        "pre-data is all or nothing"
+    );
 }

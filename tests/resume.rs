@@ -20,22 +20,37 @@ async fn loaded_pair() -> (
 
 fn clone_args<'a>(s: &'a str, t: &'a str) -> Vec<&'a str> {
     vec![
-        "clone", "--source", s, "--target", t, "--jobs", "2", "--chunk-size", "1MB",
+        "clone",
+        "--source",
+        s,
+        "--target",
+        t,
+        "--jobs",
+        "2",
+        "--chunk-size",
+        "1MB",
     ]
 }
 
 async fn copied_chunks(tgt: &tokio_postgres::Client) -> i64 {
-    tgt.query_one("SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'", &[])
-        .await
-        .unwrap()
-        .get(0)
+    tgt.query_one(
+        "SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 async fn crash_at_then_resume(failpoint: &str) {
     let (s, t, src, tgt) = loaded_pair().await;
     let (su, tu) = (s.url("app"), t.url("app"));
     let out = hikkoshi_env(&clone_args(&su, &tu), &[("HIKKOSHI_FAILPOINT", failpoint)]);
-    assert!(!out.status.success(), "the failpoint must kill the run:\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "the failpoint must kill the run:\n{}",
+        text(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("failpoint"),
         "{}",
@@ -50,12 +65,20 @@ async fn crash_at_then_resume(failpoint: &str) {
     );
     let out = hikkoshi(&clone_args(&su, &tu));
     assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resumed"),
+        "{}",
+        text(&out)
+    );
     assert_identical(&src, &tgt).await;
     // a third run has nothing left to do
     let out = hikkoshi(&clone_args(&su, &tu));
     assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("already complete"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already complete"),
+        "{}",
+        text(&out)
+    );
 }
 
 async fn localserver_wait<F, Fut>(mut f: F) -> bool
@@ -88,7 +111,17 @@ async fn resume_after_kill_9_during_copy_is_identical() {
     let (su, tu) = (s.url("app"), t.url("app"));
     // jobs 1 and small chunks make the copy long enough to be killed in the middle
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
-        .args(["clone", "--source", &su, "--target", &tu, "--jobs", "1", "--chunk-size", "256kB"])
+        .args([
+            "clone",
+            "--source",
+            &su,
+            "--target",
+            &tu,
+            "--jobs",
+            "1",
+            "--chunk-size",
+            "256kB",
+        ])
         .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -97,28 +130,36 @@ async fn resume_after_kill_9_during_copy_is_identical() {
     let mut seen = 0;
     for _ in 0..600 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        if has_state(&tgt).await {
-            if let Ok(r) = tgt
-                .query_one("SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'", &[])
+        if has_state(&tgt).await
+            && let Ok(r) = tgt
+                .query_one(
+                    "SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'",
+                    &[],
+                )
                 .await
-            {
-                seen = r.get::<_, i64>(0);
-                if seen >= 3 {
-                    break;
-                }
+        {
+            seen = r.get::<_, i64>(0);
+            if seen >= 3 {
+                break;
             }
         }
     }
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert!(!status.success(), "killed before it finished");
-    assert!(seen >= 3, "the copy was under way when killed ({seen} chunks)");
+    assert!(
+        seen >= 3,
+        "the copy was under way when killed ({seen} chunks)"
+    );
     let total: i64 = tgt
         .query_one("SELECT count(*) FROM hikkoshi.chunks", &[])
         .await
         .unwrap()
         .get(0);
-    assert!(copied_chunks(&tgt).await < total, "killed before the copy ended");
+    assert!(
+        copied_chunks(&tgt).await < total,
+        "killed before the copy ended"
+    );
     let out = hikkoshi(&clone_args(&su, &tu));
     assert_success(&out);
     assert_identical(&src, &tgt).await;

@@ -89,7 +89,12 @@ pub fn key_chunks(table: &Table, n: usize, sample: &[Vec<String>]) -> Vec<ChunkS
         .collect();
     let cols = format!(
         "({})",
-        table.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+        table
+            .key
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let tuple = |vals: &Vec<String>| {
         format!(

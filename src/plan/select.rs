@@ -54,7 +54,9 @@ impl Pattern {
             return Err(err("has an unterminated double quote"));
         }
         if parts.iter().any(Vec::is_empty) {
-            return Err(err("has an empty part: write schema.table, e.g. public.orders or app.*"));
+            return Err(err(
+                "has an empty part: write schema.table, e.g. public.orders or app.*",
+            ));
         }
         let (schema, table) = match parts.len() {
             1 => (vec![Tok::Any], parts.pop().unwrap()),
@@ -62,7 +64,11 @@ impl Pattern {
                 let t = parts.pop().unwrap();
                 (parts.pop().unwrap(), t)
             }
-            _ => return Err(err("has more than one dot: write schema.table (quote names that contain dots)")),
+            _ => {
+                return Err(err(
+                    "has more than one dot: write schema.table (quote names that contain dots)",
+                ));
+            }
         };
         Ok(Pattern {
             text: text.to_string(),
@@ -96,8 +102,14 @@ pub struct Selection {
 impl Selection {
     pub fn parse(include: &[String], exclude: &[String]) -> Result<Selection, PatternError> {
         Ok(Selection {
-            include: include.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?,
-            exclude: exclude.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?,
+            include: include
+                .iter()
+                .map(|p| Pattern::parse(p))
+                .collect::<Result<_, _>>()?,
+            exclude: exclude
+                .iter()
+                .map(|p| Pattern::parse(p))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -152,7 +164,8 @@ mod tests {
 
     #[test]
     fn exclusion_wins_and_unmatched_patterns_are_reported() {
-        let s = Selection::parse(&["app.*".into()], &["*.audit_*".into(), "nope.*".into()]).unwrap();
+        let s =
+            Selection::parse(&["app.*".into()], &["*.audit_*".into(), "nope.*".into()]).unwrap();
         assert!(s.selects(&q("app", "orders")));
         assert!(!s.selects(&q("app", "audit_log")));
         assert!(!s.selects(&q("public", "orders")));

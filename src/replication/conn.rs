@@ -135,7 +135,7 @@ impl ReplicationConn {
         if let Some(o) = info.get("options") {
             params.push(("options", o));
         }
-        frontend::startup_message(params.into_iter(), &mut self.out)?;
+        frontend::startup_message(params, &mut self.out)?;
         self.flush().await?;
         loop {
             match self.read_message().await? {
@@ -147,7 +147,8 @@ impl ReplicationConn {
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
                     let pw = info.password().ok_or(ReplicationError::PasswordMissing)?;
-                    let hash = md5_hash(info.user().as_bytes(), pw.expose().as_bytes(), body.salt());
+                    let hash =
+                        md5_hash(info.user().as_bytes(), pw.expose().as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.out)?;
                     self.flush().await?;
                 }
@@ -172,7 +173,11 @@ impl ReplicationConn {
                 backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(e) => return Err(server_error(e)),
-                _ => return Err(ReplicationError::Protocol("unexpected message at startup".into())),
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message at startup".into(),
+                    ));
+                }
             }
         }
     }

@@ -32,9 +32,9 @@ pub async fn create_with_snapshot(
         if temporary { "TEMPORARY " } else { "" }
     );
     let rows = conn.simple_query(&sql).await?;
-    let row = rows
-        .first()
-        .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let row = rows.first().ok_or_else(|| {
+        ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+    })?;
     let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     let lsn = field(1)
         .parse()

@@ -186,7 +186,11 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
             let k: String = r.get(0);
             let v: String = r.get::<_, Option<String>>(1).unwrap_or_default();
             // extensions may differ in version between servers; presence is what matters
-            let v = if kind == "extension" { String::new() } else { v };
+            let v = if kind == "extension" {
+                String::new()
+            } else {
+                v
+            };
             facts.insert(format!("{kind} {k}"), v);
         }
     }
@@ -223,7 +227,10 @@ pub async fn sequences(c: &Client) -> BTreeMap<String, (i64, bool)> {
 pub async fn assert_identical(src: &Client, tgt: &Client) {
     let src_tables = user_tables(src).await;
     let tgt_tables = user_tables(tgt).await;
-    assert_eq!(src_tables, tgt_tables, "the two sides have different tables");
+    assert_eq!(
+        src_tables, tgt_tables,
+        "the two sides have different tables"
+    );
     let mut total = 0;
     for t in &src_tables {
         let a = rows_of(src, t).await;
@@ -243,10 +250,17 @@ pub async fn assert_identical(src: &Client, tgt: &Client) {
     assert!(total > 0, "nothing was compared");
     let (fs, ft) = (schema_facts(src).await, schema_facts(tgt).await);
     for (k, v) in &fs {
-        assert_eq!(ft.get(k), Some(v), "schema object {k} differs or is missing on the target");
+        assert_eq!(
+            ft.get(k),
+            Some(v),
+            "schema object {k} differs or is missing on the target"
+        );
     }
     for k in ft.keys() {
-        assert!(fs.contains_key(k), "the target has {k}, the source does not");
+        assert!(
+            fs.contains_key(k),
+            "the target has {k}, the source does not"
+        );
     }
     assert_eq!(
         sequences(src).await,

@@ -1,0 +1,660 @@
+#!/usr/bin/env bash
+# bench/clone.sh: `hikkoshi clone` against its peers (pgcopydb clone, pg_dump -Fd + pg_restore) on the same data.
+#
+# Starts its own PostgreSQL 15 source and PostgreSQL 18 target on free loopback ports, loads one or two
+# datasets on the source, then clones each dataset --runs times with every tool into a fresh, empty target
+# database, alternating the order of the tools from one run to the next. Reports wall time and peak memory
+# per run, the median per tool and hikkoshi's ratios to its peers; writes the same as JSON under
+# bench/results/. See bench/README.md.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: bench/clone.sh [OPTIONS]
+
+Compares `hikkoshi clone` with `pgcopydb clone` and `pg_dump -Fd -j | pg_restore -j`, PostgreSQL 15 -> 18.
+
+Options:
+  --dataset pgbench|json|both  Which dataset(s) to clone (default: both)
+  --scale N                    pgbench scale factor (default: 100, about 1.5 GB)
+  --json-scale F               Multiplies the row counts of the JSON dataset (default: 1, about 1.3 GB;
+                               0.02 for a quick run)
+  --runs N                     Clones per tool and dataset (default: 3)
+  --jobs N                     Parallelism given to every tool (default: 2)
+  --chunk-size SIZE            hikkoshi --chunk-size, also pgcopydb --split-tables-larger-than (default: 256MB)
+  --keep                       Leave both servers running (and the datasets loaded) at the end
+  -h, --help                   This help
+
+Environment:
+  BENCH_DIR           Scratch directory, created fresh and removed at exit (default: /tmp/hikkoshi-bench)
+  HIKKOSHI_BIN        hikkoshi binary (default: target/release/hikkoshi in the repository)
+  HIKKOSHI_PG15_BIN   PostgreSQL 15 binaries, source server (default: /usr/lib/postgresql/15/bin)
+  HIKKOSHI_PG18_BIN   PostgreSQL 18 binaries, target server, pg_dump/pg_restore
+                      (default: /opt/hikkoshi/pg18/pgserver/pginstall/bin)
+  PGCOPYDB_BIN        pgcopydb binary (default: pgcopydb on PATH)
+
+Quick check that everything works (a few minutes):
+  bench/clone.sh --scale 2 --json-scale 0.02 --runs 2
+EOF
+}
+
+die() { echo "clone.sh: error: $*" >&2; exit 1; }
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------------------
+# options
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+
+DATASET=both
+SCALE=100
+JSON_SCALE=1
+RUNS=3
+JOBS=2
+CHUNK_SIZE=256MB
+KEEP=0
+
+need_arg() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --dataset) need_arg "$@"; DATASET=$2; shift 2 ;;
+        --dataset=*) DATASET=${1#*=}; shift ;;
+        --scale) need_arg "$@"; SCALE=$2; shift 2 ;;
+        --scale=*) SCALE=${1#*=}; shift ;;
+        --json-scale) need_arg "$@"; JSON_SCALE=$2; shift 2 ;;
+        --json-scale=*) JSON_SCALE=${1#*=}; shift ;;
+        --runs) need_arg "$@"; RUNS=$2; shift 2 ;;
+        --runs=*) RUNS=${1#*=}; shift ;;
+        --jobs) need_arg "$@"; JOBS=$2; shift 2 ;;
+        --jobs=*) JOBS=${1#*=}; shift ;;
+        --chunk-size) need_arg "$@"; CHUNK_SIZE=$2; shift 2 ;;
+        --chunk-size=*) CHUNK_SIZE=${1#*=}; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+done
+
+case $DATASET in
+    pgbench) DATASETS=(pgbench) ;;
+    json) DATASETS=(json) ;;
+    both) DATASETS=(pgbench json) ;;
+    *) die "--dataset must be pgbench, json or both (got '$DATASET')" ;;
+esac
+[[ $SCALE =~ ^[1-9][0-9]*$ ]] || die "--scale must be a positive integer (got '$SCALE')"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$RUNS')"
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer (got '$JOBS')"
+[[ $JSON_SCALE =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] && awk -v f="$JSON_SCALE" 'BEGIN { exit !(f > 0) }' \
+    || die "--json-scale must be a positive number (got '$JSON_SCALE')"
+# hikkoshi accepts 256MB, 1GB, ...; pgcopydb wants the same kind of size, with a space-free unit.
+[[ $CHUNK_SIZE =~ ^[1-9][0-9]*(kB|KB|MB|GB|TB)$ ]] || die "--chunk-size must look like 256MB or 1GB (got '$CHUNK_SIZE')"
+
+PG15_BIN=${HIKKOSHI_PG15_BIN:-/usr/lib/postgresql/15/bin}
+PG18_BIN=${HIKKOSHI_PG18_BIN:-/opt/hikkoshi/pg18/pgserver/pginstall/bin}
+BENCH_DIR=${BENCH_DIR:-/tmp/hikkoshi-bench}
+if [[ -n ${HIKKOSHI_BIN:-} ]]; then
+    [[ $HIKKOSHI_BIN == /* ]] || HIKKOSHI_BIN=$PWD/$HIKKOSHI_BIN
+else
+    HIKKOSHI_BIN=$REPO_DIR/target/release/hikkoshi
+fi
+PGCOPYDB_BIN=${PGCOPYDB_BIN:-$(command -v pgcopydb || true)}
+RESULTS_DIR=$REPO_DIR/bench/results
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+
+for b in initdb pg_ctl postgres psql pgbench; do
+    [[ -x $PG15_BIN/$b ]] || die "$PG15_BIN/$b not found (set HIKKOSHI_PG15_BIN)"
+done
+for b in initdb pg_ctl postgres psql pg_dump pg_restore; do
+    [[ -x $PG18_BIN/$b ]] || die "$PG18_BIN/$b not found (set HIKKOSHI_PG18_BIN)"
+done
+[[ -x $HIKKOSHI_BIN ]] || die "$HIKKOSHI_BIN not found: run 'cargo build --release' first (or set HIKKOSHI_BIN)"
+[[ -n $PGCOPYDB_BIN && -x $PGCOPYDB_BIN ]] || die "pgcopydb not found (apt-get install pgcopydb, or set PGCOPYDB_BIN)"
+[[ $BENCH_DIR == /* ]] || BENCH_DIR=$PWD/$BENCH_DIR
+
+# GNU time gives the exact peak RSS of the largest single process of the tree; without it the poller's
+# samples of VmHWM are used instead.
+TIME_BIN=
+if [[ -x /usr/bin/time ]] && /usr/bin/time -f '%M' -o /dev/null true 2>/dev/null; then
+    TIME_BIN=/usr/bin/time
+fi
+PAGE_KB=$(($(getconf PAGESIZE) / 1024))
+
+# PostgreSQL refuses to run as root: server-side programs then run as `postgres`.
+if [[ $(id -u) == 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root needs a 'postgres' user to run the servers (useradd -r postgres)"
+    as_pg() { (cd / && runuser -u postgres -- "$@"); }
+else
+    as_pg() { "$@"; }
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# scratch directory, servers, cleanup
+MARKER=.hikkoshi-bench
+SRC_DATA=$BENCH_DIR/pg15
+DST_DATA=$BENCH_DIR/pg18
+SOCK_DIR=$BENCH_DIR/sock
+WORK=$BENCH_DIR/work
+LOGS=$BENCH_DIR/logs
+SRC_PORT=
+DST_PORT=
+CURRENT_PID=
+STARTED=0
+
+stop_servers() {
+    [[ -f $SRC_DATA/postmaster.pid ]] && as_pg "$PG15_BIN/pg_ctl" -D "$SRC_DATA" -m immediate stop >/dev/null 2>&1 || true
+    [[ -f $DST_DATA/postmaster.pid ]] && as_pg "$PG18_BIN/pg_ctl" -D "$DST_DATA" -m immediate stop >/dev/null 2>&1 || true
+}
+
+# All descendants of a pid, one per line (every thread's children: tokio spawns from worker threads).
+descendants() {
+    local -a stack=("$1") kids
+    local p c f
+    while ((${#stack[@]})); do
+        p=${stack[-1]}
+        unset 'stack[-1]'
+        for f in /proc/"$p"/task/*/children; do
+            kids=()
+            read -r -a kids 2>/dev/null <"$f" || true
+            for c in "${kids[@]}"; do
+                echo "$c"
+                stack+=("$c")
+            done
+        done
+    done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n $CURRENT_PID ]]; then
+        local p
+        for p in $(descendants "$CURRENT_PID" | tac) "$CURRENT_PID"; do kill -TERM "$p" 2>/dev/null || true; done
+        wait "$CURRENT_PID" 2>/dev/null || true
+    fi
+    if [[ -d $LOGS && -n $(ls -A "$LOGS" 2>/dev/null) ]]; then
+        mkdir -p "$RESULTS_DIR/clone-$STAMP-logs"
+        cp -r "$LOGS"/. "$RESULTS_DIR/clone-$STAMP-logs/" 2>/dev/null || true
+        log "tool logs kept in $RESULTS_DIR/clone-$STAMP-logs/"
+    fi
+    if [[ $KEEP == 1 && $STARTED == 1 ]]; then
+        log "--keep: servers left running: source host=127.0.0.1 port=$SRC_PORT, target host=127.0.0.1 port=$DST_PORT"
+        log "stop them with: BENCH_DIR=$BENCH_DIR bench/clone.sh --help >/dev/null; $PG15_BIN/pg_ctl -D $SRC_DATA stop; $PG18_BIN/pg_ctl -D $DST_DATA stop (as postgres), then rm -rf $BENCH_DIR"
+    else
+        stop_servers
+        [[ -f $BENCH_DIR/$MARKER ]] && rm -rf "$BENCH_DIR"
+    fi
+    exit "$rc"
+}
+
+# A previous run's directory (--keep, or killed with -9) is ours to clear; anything else is not.
+if [[ -e $BENCH_DIR ]]; then
+    if [[ -f $BENCH_DIR/$MARKER ]]; then
+        log "clearing the previous benchmark directory $BENCH_DIR"
+        stop_servers
+        rm -rf "$BENCH_DIR"
+    elif [[ -n $(ls -A "$BENCH_DIR") ]]; then
+        die "$BENCH_DIR exists and was not made by this script: remove it or set BENCH_DIR"
+    fi
+fi
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$BENCH_DIR" "$SOCK_DIR" "$WORK" "$LOGS"
+touch "$BENCH_DIR/$MARKER"
+if [[ $(id -u) == 0 ]]; then
+    chown postgres: "$BENCH_DIR" "$SOCK_DIR"
+    chmod 755 "$BENCH_DIR"
+fi
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+    local p tries=0
+    while ((tries++ < 500)); do
+        p=$((20000 + RANDOM % 30000))
+        [[ $p != "${SRC_PORT:-}" ]] && port_free "$p" && { echo "$p"; return; }
+    done
+    die "no free port found on 127.0.0.1"
+}
+
+# start_server BIN DATA PORT LOG
+start_server() {
+    local bin=$1 data=$2 port=$3 logf=$4
+    mkdir -p "$data"
+    [[ $(id -u) == 0 ]] && chown postgres: "$data"
+    as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C >"$logf.initdb" 2>&1 \
+        || { cat "$logf.initdb" >&2; die "initdb $data failed"; }
+    # initdb -A trust: trust on the local socket and on 127.0.0.1/::1 (replication connections included).
+    cat >>"$data/postgresql.conf" <<EOF
+
+# hikkoshi bench
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$SOCK_DIR'
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
+shared_buffers = 256MB
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+fsync = on
+synchronous_commit = on
+EOF
+    touch "$logf"
+    [[ $(id -u) == 0 ]] && chown postgres: "$logf"
+    as_pg "$bin/pg_ctl" -D "$data" -l "$logf" -w -t 120 start >/dev/null \
+        || { tail -20 "$logf" >&2; die "could not start the server in $data"; }
+}
+
+SRC_PORT=$(pick_port)
+log "starting PostgreSQL 15 (source) on 127.0.0.1:$SRC_PORT"
+STARTED=1
+start_server "$PG15_BIN" "$SRC_DATA" "$SRC_PORT" "$LOGS/pg15.log"
+DST_PORT=$(pick_port)
+log "starting PostgreSQL 18 (target) on 127.0.0.1:$DST_PORT"
+start_server "$PG18_BIN" "$DST_DATA" "$DST_PORT" "$LOGS/pg18.log"
+
+src_conn() { echo "host=127.0.0.1 port=$SRC_PORT user=postgres dbname=$1"; }
+dst_conn() { echo "host=127.0.0.1 port=$DST_PORT user=postgres dbname=$1"; }
+# pgcopydb documents its --source/--target as Postgres URIs.
+src_uri() { echo "postgres://postgres@127.0.0.1:$SRC_PORT/$1"; }
+dst_uri() { echo "postgres://postgres@127.0.0.1:$DST_PORT/$1"; }
+src_psql() { local db=$1; shift; as_pg "$PG15_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(src_conn "$db")" "$@"; }
+dst_psql() { local db=$1; shift; as_pg "$PG18_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(dst_conn "$db")" "$@"; }
+
+SRC_VERSION=$(src_psql postgres -At -c 'SHOW server_version')
+DST_VERSION=$(dst_psql postgres -At -c 'SHOW server_version')
+HIKKOSHI_VERSION=$("$HIKKOSHI_BIN" --version 2>&1 | head -1)
+PGCOPYDB_VERSION=$("$PGCOPYDB_BIN" --version 2>&1 | grep -o 'pgcopydb version [^ ]*' | head -1 || true)
+PG_DUMP_VERSION=$("$PG18_BIN/pg_dump" --version)
+log "source $SRC_VERSION, target $DST_VERSION; $HIKKOSHI_VERSION; $PGCOPYDB_VERSION; $PG_DUMP_VERSION"
+
+# ---------------------------------------------------------------------------------------------------------
+# datasets
+
+load_pgbench() {
+    src_psql postgres -c 'CREATE DATABASE bench_pgbench'
+    log "loading pgbench -i -s $SCALE into bench_pgbench"
+    as_pg "$PG15_BIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench_pgbench \
+        >"$LOGS/pgbench-init.log" 2>&1 || { tail -20 "$LOGS/pgbench-init.log" >&2; die "pgbench -i failed"; }
+}
+
+# Large JSON documents (the kind that broke DMS in the second migration), a narrow table with a bigint key and
+# two secondary indexes, and a table without primary key. md5() of the row number makes every value
+# deterministic and incompressible, so the documents stay 100 kB-1 MB on disk too (TOAST, no compression gain).
+load_json() {
+    local docs events logs
+    docs=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(2000 * f + 0.5); print (n < 1 ? 1 : n) }')
+    events=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(1000000 * f + 0.5); print (n < 1 ? 1 : n) }')
+    logs=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(500000 * f + 0.5); print (n < 1 ? 1 : n) }')
+    log "loading bench_json: $docs documents, $events events, $logs access_log rows"
+    src_psql postgres -c 'CREATE DATABASE bench_json'
+    src_psql bench_json -v docs="$docs" -v events="$events" -v logs="$logs" >"$LOGS/json-load.log" 2>&1 <<'SQL' \
+        || { tail -20 "$LOGS/json-load.log" >&2; die "loading bench_json failed"; }
+CREATE TABLE documents (
+    id         bigint PRIMARY KEY,
+    created_at timestamptz NOT NULL,
+    title      text NOT NULL,
+    doc        jsonb NOT NULL
+);
+-- n strings of 32 hex characters: about 36 bytes each in jsonb, so 2900..27899 strings = 104 kB..1 MB.
+INSERT INTO documents (id, created_at, title, doc)
+SELECT i,
+       timestamptz '2024-01-01 00:00:00+00' + i * interval '17 minutes',
+       'report ' || i,
+       jsonb_build_object(
+           'id', i,
+           'kind', CASE i % 3 WHEN 0 THEN 'query' WHEN 1 THEN 'dashboard' ELSE 'card' END,
+           'owner', jsonb_build_object('id', i % 97, 'name', 'user' || (i % 97)),
+           'items', (SELECT jsonb_agg(md5(i::text || ':' || j::text)) FROM generate_series(1, n) AS j))
+FROM (SELECT i, 2900 + (i * 7919) % 25000 AS n FROM generate_series(1, :docs) AS i) AS s;
+
+CREATE TABLE events (
+    id         bigserial PRIMARY KEY,
+    account_id integer NOT NULL,
+    created_at timestamptz NOT NULL,
+    amount     numeric(12,2) NOT NULL,
+    note       text
+);
+INSERT INTO events (id, account_id, created_at, amount, note)
+SELECT i,
+       (i * 37) % 10007,
+       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
+       ((i * 7919) % 1000000) / 100.0,
+       CASE WHEN i % 5 = 0 THEN NULL ELSE left(md5(i::text), 16) END
+FROM generate_series(1, :events) AS i;
+SELECT setval('events_id_seq', :events);
+CREATE INDEX events_account_created_idx ON events (account_id, created_at);
+CREATE INDEX events_created_idx ON events (created_at);
+
+-- no primary key, no unique index
+CREATE TABLE access_log (
+    at      timestamptz NOT NULL,
+    path    text NOT NULL,
+    status  integer NOT NULL,
+    bytes   bigint,
+    agent   text
+);
+INSERT INTO access_log (at, path, status, bytes, agent)
+SELECT timestamptz '2024-01-01 00:00:00+00' + i * interval '250 milliseconds',
+       '/api/v1/items/' || (i % 5003) || '/' || left(md5(i::text), 8),
+       (ARRAY[200, 200, 200, 201, 204, 301, 404, 500])[1 + i % 8],
+       (i * 7919) % 65536,
+       'agent/' || (i % 13)
+FROM generate_series(1, :logs) AS i;
+VACUUM ANALYZE;
+SQL
+}
+
+# "schema.table|rows" for every table of a database, sorted; leaves out hikkoshi's own state schema.
+COUNT_SQL="SELECT format('SELECT %L, count(*) FROM %I.%I', n.nspname || '.' || c.relname, n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+  AND n.nspname NOT LIKE 'pg\_%'
+ORDER BY 1"
+row_counts() { # side db
+    local side=$1 db=$2
+    printf '%s\n\\gexec\n' "$COUNT_SQL" | "${side}_psql" "$db" -At -F '|' | sort
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring
+
+# measure LOGFILE CMD...: runs CMD, polling its process tree every 100 ms.
+# Sets M_RC, M_WALL (s), M_TREE_MB (peak of the summed RSS of the tree: shared pages count once per
+# process) and M_PROC_MB (peak RSS of the largest single process, from GNU time, else sampled VmHWM).
+measure() {
+    local logf=$1
+    shift
+    local endf=$WORK/.measure-end timef=$WORK/.measure-time
+    rm -f "$endf" "$timef"
+    local t0 t1 pid p sum res hwm peak_sum=0 peak_hwm=0 v skip_depth1=0
+    t0=$(date +%s.%N)
+    if [[ -n $TIME_BIN ]]; then
+        skip_depth1=1
+        ( set +e; "$TIME_BIN" -f '%M' -o "$timef" "$@" >"$logf" 2>&1; rc=$?; date +%s.%N >"$endf"; exit $rc ) &
+    else
+        ( set +e; "$@" >"$logf" 2>&1; rc=$?; date +%s.%N >"$endf"; exit $rc ) &
+    fi
+    pid=$!
+    CURRENT_PID=$pid
+    local -a tops
+    while [[ ! -e $endf ]]; do
+        sum=0
+        # the first level is GNU time itself (about 2 MB): not the tool, not counted
+        tops=()
+        read -r -a tops 2>/dev/null <"/proc/$pid/task/$pid/children" || true
+        for p in "${tops[@]}"; do
+            if ((skip_depth1)); then
+                :
+            elif read -r _ res _ 2>/dev/null <"/proc/$p/statm"; then
+                sum=$((sum + res * PAGE_KB))
+            fi
+            for v in $(descendants "$p"); do
+                if read -r _ res _ 2>/dev/null <"/proc/$v/statm"; then
+                    sum=$((sum + res * PAGE_KB))
+                fi
+                if [[ -z $TIME_BIN ]]; then
+                    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$v/status" 2>/dev/null || true)
+                    [[ -n $hwm ]] && ((hwm > peak_hwm)) && peak_hwm=$hwm
+                fi
+            done
+        done
+        ((sum > peak_sum)) && peak_sum=$sum
+        sleep 0.1
+    done
+    M_RC=0
+    wait "$pid" || M_RC=$?
+    CURRENT_PID=
+    t1=$(<"$endf")
+    if [[ -n $TIME_BIN && -s $timef ]]; then
+        # GNU time writes "Command exited with non-zero status N" before the figure when the command fails
+        peak_hwm=$(tail -1 "$timef")
+        [[ $peak_hwm =~ ^[0-9]+$ ]] || peak_hwm=0
+    fi
+    M_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    M_TREE_MB=$(awk -v k="$peak_sum" 'BEGIN { printf "%.1f", k / 1024 }')
+    M_PROC_MB=$(awk -v k="$peak_hwm" 'BEGIN { printf "%.1f", k / 1024 }')
+}
+
+fresh_target_db() {
+    dst_psql postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"
+}
+drop_target_db() {
+    dst_psql postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)"
+}
+checkpoint_both() {
+    src_psql postgres -c CHECKPOINT
+    dst_psql postgres -c CHECKPOINT
+}
+
+# run_tool TOOL DATASET_DB TARGET_DB LOGPREFIX: sets R_STATUS (ok|failed), R_WALL, R_TREE_MB, R_PROC_MB,
+# R_DUMP, R_RESTORE (pg_dump+pg_restore only).
+run_tool() {
+    local tool=$1 srcdb=$2 dstdb=$3 lp=$4
+    R_DUMP=null R_RESTORE=null R_STATUS=ok
+    case $tool in
+        hikkoshi)
+            measure "$lp.log" "$HIKKOSHI_BIN" clone \
+                --source "$(src_conn "$srcdb")" --target "$(dst_conn "$dstdb")" \
+                --jobs "$JOBS" --chunk-size "$CHUNK_SIZE" --pg-bin "$PG18_BIN"
+            [[ $M_RC == 0 ]] || R_STATUS=failed
+            R_WALL=$M_WALL R_TREE_MB=$M_TREE_MB R_PROC_MB=$M_PROC_MB
+            ;;
+        pgcopydb)
+            local dir=$WORK/pgcopydb
+            rm -rf "$dir"
+            # --dir: its work directory (schema dump, per-table done markers), removed after each run.
+            # --split-tables-larger-than: pgcopydb's counterpart of hikkoshi's --chunk-size (same-table
+            #   concurrency), so that both tools may share a large table between jobs.
+            # pgcopydb takes pg_dump/pg_restore from PATH: Debian's pg_wrapper, i.e. PostgreSQL 15 here. It is
+            # built against PostgreSQL 15 and only claims support up to 15; the 15 client tools can dump the
+            # 15 source and restore into 18, which is what this run exercises.
+            measure "$lp.log" "$PGCOPYDB_BIN" clone \
+                --source "$(src_uri "$srcdb")" --target "$(dst_uri "$dstdb")" \
+                --dir "$dir" --table-jobs "$JOBS" --index-jobs "$JOBS" \
+                --split-tables-larger-than "$CHUNK_SIZE"
+            [[ $M_RC == 0 ]] || R_STATUS=failed
+            R_WALL=$M_WALL R_TREE_MB=$M_TREE_MB R_PROC_MB=$M_PROC_MB
+            rm -rf "$dir"
+            ;;
+        pg_dump_restore)
+            local dir=$WORK/dump
+            rm -rf "$dir"
+            measure "$lp.pg_dump.log" "$PG18_BIN/pg_dump" -Fd -j "$JOBS" -f "$dir" "$(src_conn "$srcdb")"
+            if [[ $M_RC != 0 ]]; then
+                R_STATUS=failed R_WALL=$M_WALL R_TREE_MB=$M_TREE_MB R_PROC_MB=$M_PROC_MB R_DUMP=$M_WALL
+            else
+                local dw=$M_WALL dt=$M_TREE_MB dp=$M_PROC_MB
+                measure "$lp.pg_restore.log" "$PG18_BIN/pg_restore" -j "$JOBS" -d "$(dst_conn "$dstdb")" "$dir"
+                [[ $M_RC == 0 ]] || R_STATUS=failed
+                R_DUMP=$dw R_RESTORE=$M_WALL
+                R_WALL=$(awk -v a="$dw" -v b="$M_WALL" 'BEGIN { printf "%.2f", a + b }')
+                R_TREE_MB=$(awk -v a="$dt" -v b="$M_TREE_MB" 'BEGIN { print (a > b ? a : b) }')
+                R_PROC_MB=$(awk -v a="$dp" -v b="$M_PROC_MB" 'BEGIN { print (a > b ? a : b) }')
+            fi
+            rm -rf "$dir"
+            ;;
+    esac
+}
+
+show_log_tail() {
+    local f
+    for f in "$1"*.log; do
+        [[ -f $f ]] || continue
+        echo "---- last lines of $f" >&2
+        tail -25 "$f" >&2
+    done
+}
+
+median() { sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "null"; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+TOOLS=(hikkoshi pgcopydb pg_dump_restore)
+declare -A LABEL=([hikkoshi]=hikkoshi [pgcopydb]=pgcopydb [pg_dump_restore]="pg_dump+pg_restore")
+mkdir -p "$RESULTS_DIR"
+HIKKOSHI_FAILED=0
+SUMMARY=()
+
+bench_dataset() {
+    local ds=$1 srcdb=bench_$1
+    case $ds in
+        pgbench) load_pgbench ;;
+        json) load_json ;;
+    esac
+    local src_bytes src_pretty
+    src_bytes=$(src_psql "$srcdb" -At -c 'SELECT pg_database_size(current_database())')
+    src_pretty=$(src_psql "$srcdb" -At -c 'SELECT pg_size_pretty(pg_database_size(current_database()))')
+    local expected
+    expected=$(row_counts src "$srcdb")
+    log "dataset $ds: $src_pretty on the source, tables: $(echo "$expected" | tr '\n' ' ')"
+
+    local results=$WORK/results-$ds.tsv
+    : >"$results"
+    local r i k tool dstdb lp rows_ok got
+    for ((r = 1; r <= RUNS; r++)); do
+        local order=()
+        for ((i = 0; i < ${#TOOLS[@]}; i++)); do
+            k=$(((i + r - 1) % ${#TOOLS[@]}))
+            order+=("${TOOLS[$k]}")
+        done
+        log "dataset $ds, run $r/$RUNS: ${order[*]}"
+        local pos=0
+        for tool in "${order[@]}"; do
+            pos=$((pos + 1))
+            dstdb=clone_${tool}_$r
+            lp=$LOGS/$ds-run$r-$tool
+            fresh_target_db "$dstdb"
+            checkpoint_both
+            run_tool "$tool" "$srcdb" "$dstdb" "$lp"
+            rows_ok=false
+            if [[ $R_STATUS == ok ]]; then
+                got=$(row_counts dst "$dstdb")
+                if [[ $got == "$expected" ]]; then
+                    rows_ok=true
+                else
+                    echo "!!! $ds run $r: ${LABEL[$tool]}: row counts differ between source and target" >&2
+                    diff <(echo "$expected") <(echo "$got") >&2 || true
+                    R_STATUS=wrong_rows
+                fi
+            else
+                echo "!!! $ds run $r: ${LABEL[$tool]} failed (exit $M_RC)" >&2
+                show_log_tail "$lp"
+            fi
+            if [[ $tool == hikkoshi && $R_STATUS != ok ]]; then
+                HIKKOSHI_FAILED=1
+                die "hikkoshi clone did not produce a correct copy ($R_STATUS): see $lp.log"
+            fi
+            log "  ${LABEL[$tool]}: ${R_WALL}s, peak tree RSS ${R_TREE_MB} MB, largest process ${R_PROC_MB} MB, $R_STATUS"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$pos" "$tool" "$R_WALL" "$R_TREE_MB" "$R_PROC_MB" \
+                "$R_DUMP" "$R_RESTORE" "$R_STATUS" >>"$results"
+            drop_target_db "$dstdb"
+        done
+    done
+
+    # ---- table
+    local out
+    out=$(
+        echo
+        echo "== dataset $ds ($src_pretty on PostgreSQL $SRC_VERSION -> $DST_VERSION, jobs $JOBS, $RUNS runs)"
+        printf '%-4s %-3s %-20s %10s %14s %14s %s\n' run pos tool "wall s" "peak tree MB" "max proc MB" "note"
+        while IFS=$'\t' read -r r pos tool wall tree proc dump restore status; do
+            local note=
+            [[ $tool == pg_dump_restore && $dump != null ]] && note="dump ${dump}s + restore ${restore}s"
+            [[ $status != ok ]] && note="$note ${status^^}"
+            printf '%-4s %-3s %-20s %10s %14s %14s %s\n' "$r" "$pos" "${LABEL[$tool]}" "$wall" "$tree" "$proc" "$note"
+        done <"$results"
+        echo
+        printf '%-20s %10s %14s %14s %s\n' median "wall s" "peak tree MB" "max proc MB" ""
+        for tool in "${TOOLS[@]}"; do
+            local mw mt mp extra=
+            mw=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $4 }' "$results" | median)
+            mt=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $5 }' "$results" | median)
+            mp=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $6 }' "$results" | median)
+            if [[ $tool == pg_dump_restore ]]; then
+                extra="dump $(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $7 }' "$results" | median)s + restore $(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $8 }' "$results" | median)s"
+            fi
+            printf '%-20s %10s %14s %14s %s\n' "${LABEL[$tool]}" "$mw" "$mt" "$mp" "$extra"
+        done
+    )
+    echo "$out"
+    SUMMARY+=("$out")
+
+    # ---- ratios and JSON
+    local json=$RESULTS_DIR/clone-$ds-$STAMP.json
+    awk -F'\t' -v ds="$ds" -v stamp="$STAMP" -v scale="$SCALE" -v jscale="$JSON_SCALE" -v runs="$RUNS" \
+        -v jobs="$JOBS" -v chunk="$CHUNK_SIZE" -v srcv="$SRC_VERSION" -v dstv="$DST_VERSION" \
+        -v hv="$HIKKOSHI_VERSION" -v cv="$PGCOPYDB_VERSION" -v dv="$PG_DUMP_VERSION" -v bytes="$src_bytes" \
+        -v host="$(hostname)" -v cpus="$(nproc)" -v mem_mb="$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)" \
+        -v rssmethod="${TIME_BIN:+GNU time %M}" '
+    function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
+    function med(arr, n,    i, j, t) {
+        if (n == 0) return "null"
+        for (i = 2; i <= n; i++) { t = arr[i]; for (j = i - 1; j >= 1 && arr[j] + 0 > t + 0; j--) arr[j + 1] = arr[j]; arr[j + 1] = t }
+        return (n % 2) ? arr[(n + 1) / 2] + 0 : (arr[n / 2] + arr[n / 2 + 1]) / 2
+    }
+    function ratio(a, b) { return (a == "null" || b == "null" || b + 0 == 0) ? "null" : sprintf("%.3f", a / b) }
+    {
+        rows[NR] = sprintf("{\"run\": %d, \"position\": %d, \"tool\": %s, \"wall_s\": %s, \"peak_tree_rss_mb\": %s, \"max_process_rss_mb\": %s, \"pg_dump_s\": %s, \"pg_restore_s\": %s, \"status\": %s}", $1, $2, q($3), $4, $5, $6, $7, $8, q($9))
+        if ($9 == "ok") {
+            n[$3]++; w[$3, n[$3]] = $4; t[$3, n[$3]] = $5; p[$3, n[$3]] = $6
+        }
+    }
+    END {
+        split("hikkoshi pgcopydb pg_dump_restore", tools, " ")
+        for (i = 1; i <= 3; i++) {
+            tl = tools[i]
+            delete a; for (j = 1; j <= n[tl]; j++) a[j] = w[tl, j]; mw[tl] = med(a, n[tl] + 0)
+            delete a; for (j = 1; j <= n[tl]; j++) a[j] = t[tl, j]; mt[tl] = med(a, n[tl] + 0)
+            delete a; for (j = 1; j <= n[tl]; j++) a[j] = p[tl, j]; mp[tl] = med(a, n[tl] + 0)
+        }
+        printf "{\n  \"benchmark\": \"clone\",\n  \"dataset\": %s,\n  \"timestamp\": %s,\n", q(ds), q(stamp)
+        printf "  \"machine\": {\"host\": %s, \"cpus\": %d, \"memory_mb\": %d},\n", q(host), cpus, mem_mb
+        printf "  \"params\": {\"scale\": %s, \"json_scale\": %s, \"runs\": %d, \"jobs\": %d, \"chunk_size\": %s},\n", scale, jscale, runs, jobs, q(chunk)
+        printf "  \"versions\": {\"source\": %s, \"target\": %s, \"hikkoshi\": %s, \"pgcopydb\": %s, \"pg_dump\": %s},\n", q(srcv), q(dstv), q(hv), q(cv), q(dv)
+        printf "  \"source_database_bytes\": %s,\n", bytes
+        printf "  \"rss_note\": %s,\n", q("peak_tree_rss_mb: peak of the summed RSS of the tool and its child processes, sampled every 100 ms; max_process_rss_mb: peak RSS of its largest single process (" (rssmethod == "" ? "sampled VmHWM" : rssmethod) ")")
+        printf "  \"runs\": [\n"
+        for (i = 1; i <= NR; i++) printf "    %s%s\n", rows[i], (i < NR ? "," : "")
+        printf "  ],\n  \"median\": {\n"
+        for (i = 1; i <= 3; i++) {
+            tl = tools[i]
+            printf "    %s: {\"wall_s\": %s, \"peak_tree_rss_mb\": %s, \"max_process_rss_mb\": %s}%s\n", q(tl), mw[tl], mt[tl], mp[tl], (i < 3 ? "," : "")
+        }
+        printf "  },\n  \"ratios\": {\n"
+        printf "    \"hikkoshi/pgcopydb\": {\"wall\": %s, \"peak_tree_rss\": %s},\n", ratio(mw["hikkoshi"], mw["pgcopydb"]), ratio(mt["hikkoshi"], mt["pgcopydb"])
+        printf "    \"hikkoshi/pg_dump_restore\": {\"wall\": %s, \"peak_tree_rss\": %s}\n", ratio(mw["hikkoshi"], mw["pg_dump_restore"]), ratio(mt["hikkoshi"], mt["pg_dump_restore"])
+        rw = ratio(mw["hikkoshi"], mw["pgcopydb"])
+        printf "  },\n  \"targets\": {\"wall_vs_pgcopydb_max\": 0.9, \"peak_rss_mb_max\": 150, \"wall_met\": %s, \"memory_met\": %s}\n}\n", \
+            (rw == "null" ? "null" : (rw + 0 <= 0.9 ? "true" : "false")), \
+            (mt["hikkoshi"] == "null" ? "null" : (mt["hikkoshi"] + 0 < 150 ? "true" : "false"))
+    }' "$results" >"$json"
+
+    local rw rd rm
+    rw=$(jq_get "$json" '"hikkoshi/pgcopydb": {"wall": ')
+    rd=$(jq_get "$json" '"hikkoshi/pg_dump_restore": {"wall": ')
+    rm=$(jq_get "$json" '"hikkoshi/pgcopydb": {"wall": [^,]*, "peak_tree_rss": ')
+    local ratios
+    ratios=$(
+        echo
+        echo "hikkoshi/pgcopydb wall:            $rw   (target <= 0.9)"
+        echo "hikkoshi/pgcopydb peak tree RSS:   $rm"
+        echo "hikkoshi/(pg_dump+pg_restore) wall: $rd"
+        echo "hikkoshi peak memory (median of peak tree RSS): $(awk -F'\t' '$3 == "hikkoshi" && $9 == "ok" { print $5 }' "$results" | median) MB   (target < 150 MB)"
+        echo "results: $json"
+    )
+    echo "$ratios"
+    SUMMARY+=("$ratios")
+    # the source dataset is not needed any more (unless the servers are kept)
+    [[ $KEEP == 1 ]] || src_psql postgres -c "DROP DATABASE $srcdb WITH (FORCE)"
+}
+
+# the number following PREFIX (an extended regex) in FILE
+jq_get() { grep -oE "$2[^,}]*" "$1" | head -1 | sed -E "s/^$2//"; }
+
+for ds in "${DATASETS[@]}"; do
+    bench_dataset "$ds"
+done
+
+echo
+echo "================ summary"
+printf '%s\n' "${SUMMARY[@]}"
