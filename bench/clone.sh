@@ -117,6 +117,8 @@ TIME_BIN=
 if [[ -x /usr/bin/time ]] && /usr/bin/time -f '%M' -o /dev/null true 2>/dev/null; then
     TIME_BIN=/usr/bin/time
 fi
+RSS_METHOD="sampled VmHWM"
+[[ -n $TIME_BIN ]] && RSS_METHOD="GNU time %M"
 PAGE_KB=$(($(getconf PAGESIZE) / 1024))
 
 # PostgreSQL refuses to run as root: server-side programs then run as `postgres`.
@@ -178,7 +180,8 @@ cleanup() {
     fi
     if [[ $KEEP == 1 && $STARTED == 1 ]]; then
         log "--keep: servers left running: source host=127.0.0.1 port=$SRC_PORT, target host=127.0.0.1 port=$DST_PORT"
-        log "stop them with: BENCH_DIR=$BENCH_DIR bench/clone.sh --help >/dev/null; $PG15_BIN/pg_ctl -D $SRC_DATA stop; $PG18_BIN/pg_ctl -D $DST_DATA stop (as postgres), then rm -rf $BENCH_DIR"
+        log "the next run of this script stops them and clears $BENCH_DIR; or by hand (as postgres):"
+        log "  $PG15_BIN/pg_ctl -D $SRC_DATA stop; $PG18_BIN/pg_ctl -D $DST_DATA stop; rm -rf $BENCH_DIR"
     else
         stop_servers
         [[ -f $BENCH_DIR/$MARKER ]] && rm -rf "$BENCH_DIR"
@@ -259,8 +262,9 @@ dst_conn() { echo "host=127.0.0.1 port=$DST_PORT user=postgres dbname=$1"; }
 # pgcopydb documents its --source/--target as Postgres URIs.
 src_uri() { echo "postgres://postgres@127.0.0.1:$SRC_PORT/$1"; }
 dst_uri() { echo "postgres://postgres@127.0.0.1:$DST_PORT/$1"; }
-src_psql() { local db=$1; shift; as_pg "$PG15_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(src_conn "$db")" "$@"; }
-dst_psql() { local db=$1; shift; as_pg "$PG18_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(dst_conn "$db")" "$@"; }
+# (client_min_messages: no NOTICE for DROP DATABASE IF EXISTS of a database that is not there)
+src_psql() { local db=$1; shift; as_pg env PGOPTIONS='-c client_min_messages=warning' "$PG15_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(src_conn "$db")" "$@"; }
+dst_psql() { local db=$1; shift; as_pg env PGOPTIONS='-c client_min_messages=warning' "$PG18_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(dst_conn "$db")" "$@"; }
 
 SRC_VERSION=$(src_psql postgres -At -c 'SHOW server_version')
 DST_VERSION=$(dst_psql postgres -At -c 'SHOW server_version')
@@ -289,8 +293,7 @@ load_json() {
     logs=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(500000 * f + 0.5); print (n < 1 ? 1 : n) }')
     log "loading bench_json: $docs documents, $events events, $logs access_log rows"
     src_psql postgres -c 'CREATE DATABASE bench_json'
-    src_psql bench_json -v docs="$docs" -v events="$events" -v logs="$logs" >"$LOGS/json-load.log" 2>&1 <<'SQL' \
-        || { tail -20 "$LOGS/json-load.log" >&2; die "loading bench_json failed"; }
+    if ! src_psql bench_json -v docs="$docs" -v events="$events" -v logs="$logs" >"$LOGS/json-load.log" 2>&1 <<'SQL'; then
 CREATE TABLE documents (
     id         bigint PRIMARY KEY,
     created_at timestamptz NOT NULL,
@@ -344,6 +347,9 @@ SELECT timestamptz '2024-01-01 00:00:00+00' + i * interval '250 milliseconds',
 FROM generate_series(1, :logs) AS i;
 VACUUM ANALYZE;
 SQL
+        tail -20 "$LOGS/json-load.log" >&2
+        die "loading bench_json failed"
+    fi
 }
 
 # "schema.table|rows" for every table of a database, sorted; leaves out hikkoshi's own state schema.
@@ -362,7 +368,8 @@ row_counts() { # side db
 
 # measure LOGFILE CMD...: runs CMD, polling its process tree every 100 ms.
 # Sets M_RC, M_WALL (s), M_TREE_MB (peak of the summed RSS of the tree: shared pages count once per
-# process) and M_PROC_MB (peak RSS of the largest single process, from GNU time, else sampled VmHWM).
+# process; at least M_PROC_MB) and M_PROC_MB (peak RSS of the largest single process, from GNU time, else
+# sampled VmHWM).
 measure() {
     local logf=$1
     shift
@@ -412,6 +419,8 @@ measure() {
         peak_hwm=$(tail -1 "$timef")
         [[ $peak_hwm =~ ^[0-9]+$ ]] || peak_hwm=0
     fi
+    # a sample can miss a short spike that the largest process's high-water mark saw: never report less
+    ((peak_hwm > peak_sum)) && peak_sum=$peak_hwm
     M_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
     M_TREE_MB=$(awk -v k="$peak_sum" 'BEGIN { printf "%.1f", k / 1024 }')
     M_PROC_MB=$(awk -v k="$peak_hwm" 'BEGIN { printf "%.1f", k / 1024 }')
@@ -489,6 +498,11 @@ show_log_tail() {
 
 median() { sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "null"; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+# ratio A B: A/B with three decimals, or null when either is missing
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "null" || b == "null" || b + 0 == 0) print "null"; else printf "%.3f\n", a / b }'; }
+# a JSON string
+jstr() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }
+
 TOOLS=(hikkoshi pgcopydb pg_dump_restore)
 declare -A LABEL=([hikkoshi]=hikkoshi [pgcopydb]=pgcopydb [pg_dump_restore]="pg_dump+pg_restore")
 mkdir -p "$RESULTS_DIR"
@@ -508,6 +522,7 @@ bench_dataset() {
     expected=$(row_counts src "$srcdb")
     log "dataset $ds: $src_pretty on the source, tables: $(echo "$expected" | tr '\n' ' ')"
 
+    local json=$RESULTS_DIR/clone-$ds-$STAMP.json
     local results=$WORK/results-$ds.tsv
     : >"$results"
     local r i k tool dstdb lp rows_ok got
@@ -551,110 +566,99 @@ bench_dataset() {
         done
     done
 
+    # ---- medians (successful runs only) and ratios
+    local -A MW MT MP
+    for tool in "${TOOLS[@]}"; do
+        MW[$tool]=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $4 }' "$results" | median)
+        MT[$tool]=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $5 }' "$results" | median)
+        MP[$tool]=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $6 }' "$results" | median)
+    done
+    local md mr
+    md=$(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $7 }' "$results" | median)
+    mr=$(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $8 }' "$results" | median)
+    local rw_c rm_c rw_d rm_d wall_met mem_met
+    rw_c=$(ratio "${MW[hikkoshi]}" "${MW[pgcopydb]}")
+    rm_c=$(ratio "${MT[hikkoshi]}" "${MT[pgcopydb]}")
+    rw_d=$(ratio "${MW[hikkoshi]}" "${MW[pg_dump_restore]}")
+    rm_d=$(ratio "${MT[hikkoshi]}" "${MT[pg_dump_restore]}")
+    wall_met=$(awk -v r="$rw_c" 'BEGIN { print (r == "null" ? "null" : (r + 0 <= 0.9 ? "true" : "false")) }')
+    mem_met=$(awk -v m="${MT[hikkoshi]}" 'BEGIN { print (m == "null" ? "null" : (m + 0 < 150 ? "true" : "false")) }')
+
     # ---- table
     local out
     out=$(
         echo
-        echo "== dataset $ds ($src_pretty on PostgreSQL $SRC_VERSION -> $DST_VERSION, jobs $JOBS, $RUNS runs)"
-        printf '%-4s %-3s %-20s %10s %14s %14s %s\n' run pos tool "wall s" "peak tree MB" "max proc MB" "note"
+        echo "== dataset $ds ($src_pretty on PostgreSQL $SRC_VERSION -> $DST_VERSION, --jobs $JOBS, $RUNS runs)"
+        printf '%-4s %-3s %-20s %10s %14s %14s  %s\n' run pos tool "wall s" "peak tree MB" "max proc MB" "note"
         while IFS=$'\t' read -r r pos tool wall tree proc dump restore status; do
             local note=
             [[ $tool == pg_dump_restore && $dump != null ]] && note="dump ${dump}s + restore ${restore}s"
             [[ $status != ok ]] && note="$note ${status^^}"
-            printf '%-4s %-3s %-20s %10s %14s %14s %s\n' "$r" "$pos" "${LABEL[$tool]}" "$wall" "$tree" "$proc" "$note"
+            printf '%-4s %-3s %-20s %10s %14s %14s  %s\n' "$r" "$pos" "${LABEL[$tool]}" "$wall" "$tree" "$proc" "$note"
         done <"$results"
         echo
-        printf '%-20s %10s %14s %14s %s\n' median "wall s" "peak tree MB" "max proc MB" ""
+        printf '%-24s %10s %14s %14s\n' median "wall s" "peak tree MB" "max proc MB"
         for tool in "${TOOLS[@]}"; do
-            local mw mt mp extra=
-            mw=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $4 }' "$results" | median)
-            mt=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $5 }' "$results" | median)
-            mp=$(awk -F'\t' -v t="$tool" '$3 == t && $9 == "ok" { print $6 }' "$results" | median)
-            if [[ $tool == pg_dump_restore ]]; then
-                extra="dump $(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $7 }' "$results" | median)s + restore $(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $8 }' "$results" | median)s"
-            fi
-            printf '%-20s %10s %14s %14s %s\n' "${LABEL[$tool]}" "$mw" "$mt" "$mp" "$extra"
+            local extra=
+            [[ $tool == pg_dump_restore ]] && extra="  dump ${md}s + restore ${mr}s"
+            printf '%-24s %10s %14s %14s%s\n' "${LABEL[$tool]}" "${MW[$tool]}" "${MT[$tool]}" "${MP[$tool]}" "$extra"
         done
+        echo
+        printf '%-34s %8s %16s\n' ratio wall "peak tree RSS"
+        printf '%-34s %8s %16s   %s\n' "hikkoshi / pgcopydb" "$rw_c" "$rm_c" "(target: wall <= 0.9)"
+        printf '%-34s %8s %16s\n' "hikkoshi / (pg_dump+pg_restore)" "$rw_d" "$rm_d"
+        echo "hikkoshi peak memory: ${MT[hikkoshi]} MB for the process tree, ${MP[hikkoshi]} MB for its largest process (target: < 150 MB)"
+        echo "results: $json"
     )
     echo "$out"
     SUMMARY+=("$out")
 
-    # ---- ratios and JSON
-    local json=$RESULTS_DIR/clone-$ds-$STAMP.json
-    awk -F'\t' -v ds="$ds" -v stamp="$STAMP" -v scale="$SCALE" -v jscale="$JSON_SCALE" -v runs="$RUNS" \
-        -v jobs="$JOBS" -v chunk="$CHUNK_SIZE" -v srcv="$SRC_VERSION" -v dstv="$DST_VERSION" \
-        -v hv="$HIKKOSHI_VERSION" -v cv="$PGCOPYDB_VERSION" -v dv="$PG_DUMP_VERSION" -v bytes="$src_bytes" \
-        -v host="$(hostname)" -v cpus="$(nproc)" -v mem_mb="$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)" \
-        -v rssmethod="${TIME_BIN:+GNU time %M}" '
-    function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
-    function med(arr, n,    i, j, t) {
-        if (n == 0) return "null"
-        for (i = 2; i <= n; i++) { t = arr[i]; for (j = i - 1; j >= 1 && arr[j] + 0 > t + 0; j--) arr[j + 1] = arr[j]; arr[j + 1] = t }
-        return (n % 2) ? arr[(n + 1) / 2] + 0 : (arr[n / 2] + arr[n / 2 + 1]) / 2
-    }
-    function ratio(a, b) { return (a == "null" || b == "null" || b + 0 == 0) ? "null" : sprintf("%.3f", a / b) }
+    # ---- JSON
     {
-        rows[NR] = sprintf("{\"run\": %d, \"position\": %d, \"tool\": %s, \"wall_s\": %s, \"peak_tree_rss_mb\": %s, \"max_process_rss_mb\": %s, \"pg_dump_s\": %s, \"pg_restore_s\": %s, \"status\": %s}", $1, $2, q($3), $4, $5, $6, $7, $8, q($9))
-        if ($9 == "ok") {
-            n[$3]++; w[$3, n[$3]] = $4; t[$3, n[$3]] = $5; p[$3, n[$3]] = $6
-        }
-    }
-    END {
-        split("hikkoshi pgcopydb pg_dump_restore", tools, " ")
-        for (i = 1; i <= 3; i++) {
-            tl = tools[i]
-            delete a; for (j = 1; j <= n[tl]; j++) a[j] = w[tl, j]; mw[tl] = med(a, n[tl] + 0)
-            delete a; for (j = 1; j <= n[tl]; j++) a[j] = t[tl, j]; mt[tl] = med(a, n[tl] + 0)
-            delete a; for (j = 1; j <= n[tl]; j++) a[j] = p[tl, j]; mp[tl] = med(a, n[tl] + 0)
-        }
-        printf "{\n  \"benchmark\": \"clone\",\n  \"dataset\": %s,\n  \"timestamp\": %s,\n", q(ds), q(stamp)
-        printf "  \"machine\": {\"host\": %s, \"cpus\": %d, \"memory_mb\": %d},\n", q(host), cpus, mem_mb
-        printf "  \"params\": {\"scale\": %s, \"json_scale\": %s, \"runs\": %d, \"jobs\": %d, \"chunk_size\": %s},\n", scale, jscale, runs, jobs, q(chunk)
-        printf "  \"versions\": {\"source\": %s, \"target\": %s, \"hikkoshi\": %s, \"pgcopydb\": %s, \"pg_dump\": %s},\n", q(srcv), q(dstv), q(hv), q(cv), q(dv)
-        printf "  \"source_database_bytes\": %s,\n", bytes
-        printf "  \"rss_note\": %s,\n", q("peak_tree_rss_mb: peak of the summed RSS of the tool and its child processes, sampled every 100 ms; max_process_rss_mb: peak RSS of its largest single process (" (rssmethod == "" ? "sampled VmHWM" : rssmethod) ")")
-        printf "  \"runs\": [\n"
-        for (i = 1; i <= NR; i++) printf "    %s%s\n", rows[i], (i < NR ? "," : "")
-        printf "  ],\n  \"median\": {\n"
-        for (i = 1; i <= 3; i++) {
-            tl = tools[i]
-            printf "    %s: {\"wall_s\": %s, \"peak_tree_rss_mb\": %s, \"max_process_rss_mb\": %s}%s\n", q(tl), mw[tl], mt[tl], mp[tl], (i < 3 ? "," : "")
-        }
-        printf "  },\n  \"ratios\": {\n"
-        printf "    \"hikkoshi/pgcopydb\": {\"wall\": %s, \"peak_tree_rss\": %s},\n", ratio(mw["hikkoshi"], mw["pgcopydb"]), ratio(mt["hikkoshi"], mt["pgcopydb"])
-        printf "    \"hikkoshi/pg_dump_restore\": {\"wall\": %s, \"peak_tree_rss\": %s}\n", ratio(mw["hikkoshi"], mw["pg_dump_restore"]), ratio(mt["hikkoshi"], mt["pg_dump_restore"])
-        rw = ratio(mw["hikkoshi"], mw["pgcopydb"])
-        printf "  },\n  \"targets\": {\"wall_vs_pgcopydb_max\": 0.9, \"peak_rss_mb_max\": 150, \"wall_met\": %s, \"memory_met\": %s}\n}\n", \
-            (rw == "null" ? "null" : (rw + 0 <= 0.9 ? "true" : "false")), \
-            (mt["hikkoshi"] == "null" ? "null" : (mt["hikkoshi"] + 0 < 150 ? "true" : "false"))
-    }' "$results" >"$json"
+        printf '{\n  "benchmark": "clone",\n  "dataset": %s,\n  "timestamp": %s,\n' "$(jstr "$ds")" "$(jstr "$STAMP")"
+        printf '  "machine": {"host": %s, "cpus": %s, "memory_mb": %s},\n' "$(jstr "$(hostname)")" "$(nproc)" \
+            "$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)"
+        printf '  "params": {"scale": %s, "json_scale": %s, "runs": %s, "jobs": %s, "chunk_size": %s},\n' \
+            "$SCALE" "$(awk -v f="$JSON_SCALE" 'BEGIN { print f + 0 }')" "$RUNS" "$JOBS" "$(jstr "$CHUNK_SIZE")"
+        printf '  "versions": {"source": %s, "target": %s, "hikkoshi": %s, "pgcopydb": %s, "pg_dump": %s},\n' \
+            "$(jstr "$SRC_VERSION")" "$(jstr "$DST_VERSION")" "$(jstr "$HIKKOSHI_VERSION")" "$(jstr "$PGCOPYDB_VERSION")" \
+            "$(jstr "$PG_DUMP_VERSION")"
+        printf '  "source_database_bytes": %s,\n' "$src_bytes"
+        printf '  "memory_note": %s,\n' "$(jstr "peak_tree_rss_mb: peak of the summed RSS of the tool and its child processes, sampled every 100 ms (shared pages count once per process); max_process_rss_mb: peak RSS of its largest single process ($RSS_METHOD). pg_dump_restore: wall is the sum of both steps, memory the larger of the two.")"
+        echo '  "runs": ['
+        local n=0 total
+        total=$(wc -l <"$results")
+        while IFS=$'\t' read -r r pos tool wall tree proc dump restore status; do
+            n=$((n + 1))
+            printf '    {"run": %s, "position": %s, "tool": %s, "wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s, "pg_dump_s": %s, "pg_restore_s": %s, "status": %s}%s\n' \
+                "$r" "$pos" "$(jstr "$tool")" "$wall" "$tree" "$proc" "$dump" "$restore" "$(jstr "$status")" \
+                "$([[ $n -lt $total ]] && echo ,)"
+        done <"$results"
+        echo '  ],'
+        echo '  "median": {'
+        printf '    "hikkoshi": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s},\n' "${MW[hikkoshi]}" "${MT[hikkoshi]}" "${MP[hikkoshi]}"
+        printf '    "pgcopydb": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s},\n' "${MW[pgcopydb]}" "${MT[pgcopydb]}" "${MP[pgcopydb]}"
+        printf '    "pg_dump_restore": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s, "pg_dump_s": %s, "pg_restore_s": %s}\n' \
+            "${MW[pg_dump_restore]}" "${MT[pg_dump_restore]}" "${MP[pg_dump_restore]}" "$md" "$mr"
+        echo '  },'
+        echo '  "ratios": {'
+        printf '    "hikkoshi/pgcopydb": {"wall": %s, "peak_tree_rss": %s},\n' "$rw_c" "$rm_c"
+        printf '    "hikkoshi/pg_dump_restore": {"wall": %s, "peak_tree_rss": %s}\n' "$rw_d" "$rm_d"
+        echo '  },'
+        printf '  "targets": {"wall_vs_pgcopydb_max": 0.9, "peak_rss_mb_max": 150, "wall_met": %s, "memory_met": %s}\n' "$wall_met" "$mem_met"
+        echo '}'
+    } >"$json"
 
-    local rw rd rm
-    rw=$(jq_get "$json" '"hikkoshi/pgcopydb": {"wall": ')
-    rd=$(jq_get "$json" '"hikkoshi/pg_dump_restore": {"wall": ')
-    rm=$(jq_get "$json" '"hikkoshi/pgcopydb": {"wall": [^,]*, "peak_tree_rss": ')
-    local ratios
-    ratios=$(
-        echo
-        echo "hikkoshi/pgcopydb wall:            $rw   (target <= 0.9)"
-        echo "hikkoshi/pgcopydb peak tree RSS:   $rm"
-        echo "hikkoshi/(pg_dump+pg_restore) wall: $rd"
-        echo "hikkoshi peak memory (median of peak tree RSS): $(awk -F'\t' '$3 == "hikkoshi" && $9 == "ok" { print $5 }' "$results" | median) MB   (target < 150 MB)"
-        echo "results: $json"
-    )
-    echo "$ratios"
-    SUMMARY+=("$ratios")
     # the source dataset is not needed any more (unless the servers are kept)
     [[ $KEEP == 1 ]] || src_psql postgres -c "DROP DATABASE $srcdb WITH (FORCE)"
 }
-
-# the number following PREFIX (an extended regex) in FILE
-jq_get() { grep -oE "$2[^,}]*" "$1" | head -1 | sed -E "s/^$2//"; }
 
 for ds in "${DATASETS[@]}"; do
     bench_dataset "$ds"
 done
 
-echo
-echo "================ summary"
-printf '%s\n' "${SUMMARY[@]}"
+if ((${#DATASETS[@]} > 1)); then
+    echo
+    echo "================ summary"
+    printf '%s\n' "${SUMMARY[@]}"
+fi

@@ -238,16 +238,6 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     report.snapshot_lsn = snap.lsn.to_string();
     tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
 
-    if existing.is_none() {
-        state::create(&target).await.map_err(Error::sql(
-            Side::Target,
-            "creating the hikkoshi state schema",
-        ))?;
-        state::insert_migration(&target, &migration_id, &src_info.to_string(), &options_json)
-            .await
-            .map_err(Error::sql(Side::Target, "recording the migration"))?;
-    }
-
     let archive = schema::dump(
         &tools,
         &src_info,
@@ -258,9 +248,9 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     )
     .await?;
     let owners = schema::archive_owners(&tools, &archive, &tgt_info).await?;
-    let keep_owners = missing_roles(&target, &owners).await?.is_empty();
+    let missing = missing_roles(&target, &owners).await?;
+    let keep_owners = missing.is_empty();
     if !keep_owners {
-        let missing = missing_roles(&target, &owners).await?;
         let w = format!(
             "roles {} do not exist on the target: objects will belong to the target user and grants are \
              not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
@@ -268,6 +258,51 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         );
         tracing::warn!("{w}");
         report.warnings.push(w);
+    }
+    let large_objects: i64 = source
+        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+        .await
+        .map_err(Error::sql(Side::Source, "counting large objects"))?
+        .get(0);
+    if large_objects > 0 {
+        let w = format!(
+            "the source has {large_objects} large object(s) (pg_largeobject); hikkoshi does not copy them yet: \
+             move them separately (e.g. `pg_dump --large-objects --data-only -t none`) before switching over"
+        );
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
+
+    // Every check is done: from here on the target holds state that a rerun resumes from.
+    if existing.is_none() {
+        state::create(&target).await.map_err(Error::sql(
+            Side::Target,
+            "creating the hikkoshi state schema",
+        ))?;
+        state::insert_migration(&target, &migration_id, &src_info.to_string(), &options_json)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the migration"))?;
+        record(
+            &target,
+            "start",
+            &format!(
+                "clone of {} table(s) from {src_info}, snapshot at {}",
+                resolved.tables.len(),
+                snap.lsn
+            ),
+        )
+        .await?;
+    } else {
+        record(
+            &target,
+            "resume",
+            &format!(
+                "resumed in phase {}, new snapshot at {}",
+                phase.as_str(),
+                snap.lsn
+            ),
+        )
+        .await?;
     }
 
     if phase == Phase::Schema {
@@ -281,6 +316,12 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
             }
             return Err(e.into());
         }
+        record(
+            &target,
+            "schema",
+            "pre-data restored (extensions, types, tables)",
+        )
+        .await?;
         plan_chunks(&source, &target, &resolved.tables, opts.chunk_bytes).await?;
         phase = Phase::Copy;
     }
@@ -291,6 +332,12 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         report.chunks_copied = chunks;
         report.rows = rows;
         report.bytes = bytes;
+        record(
+            &target,
+            "copy",
+            &format!("{chunks} chunk(s), {rows} rows, {bytes} bytes copied by this run"),
+        )
+        .await?;
         state::set_phase(&target, Phase::PostData)
             .await
             .map_err(Error::sql(Side::Target, "recording the phase"))?;
@@ -321,13 +368,12 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         state::set_phase(&target, Phase::Done)
             .await
             .map_err(Error::sql(Side::Target, "recording the phase"))?;
-        state::event(
+        record(
             &target,
             "done",
             &format!("clone complete at source LSN {snapshot_lsn}"),
         )
-        .await
-        .map_err(Error::sql(Side::Target, "recording an event"))?;
+        .await?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -747,6 +793,13 @@ async fn analyze(tgt_info: &ConnInfo, tables: &[Table], jobs: usize) -> Result<(
         r.map_err(|e| Error::Blocked(format!("an analyze task failed: {e}")))??;
     }
     Ok(())
+}
+
+/// Appends to the migration's event log.
+async fn record(target: &Client, kind: &str, message: &str) -> Result<(), Error> {
+    state::event(target, kind, message)
+        .await
+        .map_err(Error::sql(Side::Target, "recording an event"))
 }
 
 fn new_migration_id() -> String {

@@ -175,6 +175,9 @@ impl Error {
                 "the chunk was rolled back on the target; fix the cause and run the same command again: \
                  it resumes with {table} chunk {chunk} and copies nothing twice"
             )),
+            Error::Schema(SchemaError::Failed { hint, .. }) if !hint.is_empty() => {
+                Some(hint.to_string())
+            }
             Error::Sql { source, .. } if classify(source) == Kind::Transient => Some(
                 "the server restarted or the connection dropped: run the same command again to resume"
                     .into(),

@@ -42,7 +42,12 @@ pub enum SchemaError {
         source: std::io::Error,
     },
     #[error("{step} failed: {stderr}")]
-    Failed { step: String, stderr: String },
+    Failed {
+        step: String,
+        stderr: String,
+        /// What the user can do, given where in the clone this step is.
+        hint: &'static str,
+    },
     #[error("could not write a temporary file")]
     Io(#[from] std::io::Error),
     #[error("reading the target's catalog failed")]
@@ -198,7 +203,13 @@ pub async fn dump(
         cmd.arg(format!("--exclude-table={}", pattern_for(t)));
     }
     cmd.arg(format!("--dbname={}", source.to_libpq_string()));
-    run(cmd, source, "pg_dump --schema-only of the source").await?;
+    run(
+        cmd,
+        source,
+        "pg_dump --schema-only of the source",
+        "nothing was created on the target; fix the cause and run the same command again",
+    )
+    .await?;
     Ok(Archive { file })
 }
 
@@ -227,6 +238,9 @@ pub async fn restore_pre_data(
         cmd,
         target,
         "restoring the schema (pre-data: extensions, types, tables) on the target",
+        "the schema is restored in one transaction, so nothing of it was created on the target; fix the \
+         cause (a missing extension must be installable on the target: see pg_available_extensions) and \
+         run the same command again",
     )
     .await
 }
@@ -277,6 +291,8 @@ pub async fn restore_post_data(
         cmd,
         target,
         "building indexes, constraints and triggers (post-data) on the target",
+        "the rows are all copied; fix the cause and run the same command again: it builds only what is \
+         still missing",
     )
     .await?;
     Ok(skipped)
@@ -340,8 +356,19 @@ async fn existing_post_data(client: &Client) -> Result<Vec<String>, tokio_postgr
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-async fn run(cmd: Command, conn: &ConnInfo, step: &str) -> Result<(), SchemaError> {
-    output(cmd, conn, step).await.map(|_| ())
+async fn run(
+    cmd: Command,
+    conn: &ConnInfo,
+    step: &str,
+    hint: &'static str,
+) -> Result<(), SchemaError> {
+    output(cmd, conn, step)
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            SchemaError::Failed { step, stderr, .. } => SchemaError::Failed { step, stderr, hint },
+            e => e,
+        })
 }
 
 async fn output(mut cmd: Command, conn: &ConnInfo, step: &str) -> Result<String, SchemaError> {
@@ -359,6 +386,7 @@ async fn output(mut cmd: Command, conn: &ConnInfo, step: &str) -> Result<String,
     })?;
     if !out.status.success() {
         return Err(SchemaError::Failed {
+            hint: "",
             step: step.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });

@@ -245,6 +245,7 @@ async fn an_extension_missing_on_the_target_fails_the_schema_step_and_leaves_the
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(e.contains("vector"), "{e}");
+    assert!(e.contains("nothing of it was created"), "{e}");
     assert_nothing_left(&src, &tgt).await;
     assert!(
         user_tables(&tgt).await.is_empty(),
