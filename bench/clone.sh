@@ -396,6 +396,10 @@ measure() {
                 :
             elif read -r _ res _ 2>/dev/null <"/proc/$p/statm"; then
                 sum=$((sum + res * PAGE_KB))
+                if [[ -z $TIME_BIN ]]; then
+                    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null || true)
+                    [[ -n $hwm ]] && ((hwm > peak_hwm)) && peak_hwm=$hwm
+                fi
             fi
             for v in $(descendants "$p"); do
                 if read -r _ res _ 2>/dev/null <"/proc/$v/statm"; then
@@ -408,12 +412,16 @@ measure() {
             done
         done
         ((sum > peak_sum)) && peak_sum=$sum
+        # the wrapper itself killed before it could write the end time: stop polling
+        local st=Z
+        read -r _ _ st _ 2>/dev/null </proc/"$pid"/stat || true
+        [[ $st == Z ]] && break
         sleep 0.1
     done
     M_RC=0
     wait "$pid" || M_RC=$?
     CURRENT_PID=
-    t1=$(<"$endf")
+    if [[ -s $endf ]]; then t1=$(<"$endf"); else t1=$(date +%s.%N); fi
     if [[ -n $TIME_BIN && -s $timef ]]; then
         # GNU time writes "Command exited with non-zero status N" before the figure when the command fails
         peak_hwm=$(tail -1 "$timef")

@@ -19,5 +19,6 @@ pub mod sequence;
 pub mod session;
 pub mod state;
 pub mod status;
+pub mod stream;
 
 pub use error::{Error, Side};

@@ -1,0 +1,4 @@
+//! Streaming changes from the source: the pgoutput decoder, the replication stream around it, and the
+//! applier that writes each source transaction to the target exactly once.
+
+pub mod pgoutput;
