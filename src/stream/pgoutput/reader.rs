@@ -74,7 +74,4 @@ impl Reader {
         self.need(n, what)?;
         Ok(self.buf.split_to(n))
     }
-    pub fn rest(&mut self) -> Bytes {
-        self.buf.split_to(self.buf.remaining())
-    }
 }
