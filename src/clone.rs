@@ -543,15 +543,16 @@ async fn plan_chunks(
         .map_err(sql)?;
     target.batch_execute("COMMIT").await.map_err(sql)?;
     let chunks: usize = planned.iter().map(|p| p.2.len()).sum();
+    let split: Vec<String> = planned
+        .iter()
+        .filter(|p| p.2.len() > 1)
+        .map(|p| format!("{} by {} in {}", p.0.name, p.1.as_str(), p.2.len()))
+        .collect();
     tracing::info!(
-        "planned {} table(s) in {chunks} chunk(s): {}",
+        "planned {} table(s) in {chunks} chunk(s){}{}",
         planned.len(),
-        planned
-            .iter()
-            .filter(|p| p.2.len() > 1)
-            .map(|p| format!("{} by {} in {}", p.0.name, p.1.as_str(), p.2.len()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        if split.is_empty() { "" } else { "; split: " },
+        split.join(", ")
     );
     Ok(())
 }
