@@ -33,11 +33,12 @@ pub async fn run(source_url: &str, target_url: &str) -> Result<Cleaned, Error> {
             "a hikkoshi process is working on this migration: stop it before cleaning".into(),
         ));
     }
-    let prefix = format!("hikkoshi\\_{}\\_%", m.id);
+    // the slot and publication of a following clone are hikkoshi_<id>; temporary ones add _<pid>
+    let prefix = format!("^hikkoshi_{}(_[0-9]+)?$", m.id);
     let slots = source
         .query(
             "SELECT slot_name::text, pg_drop_replication_slot(slot_name) IS NULL
-             FROM pg_replication_slots WHERE slot_name LIKE $1 AND NOT active",
+             FROM pg_replication_slots WHERE slot_name ~ $1 AND NOT active",
             &[&prefix],
         )
         .await
@@ -45,7 +46,7 @@ pub async fn run(source_url: &str, target_url: &str) -> Result<Cleaned, Error> {
     cleaned.slots = slots.iter().map(|r| r.get(0)).collect();
     let pubs = source
         .query(
-            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE $1",
+            "SELECT pubname::text FROM pg_publication WHERE pubname ~ $1",
             &[&prefix],
         )
         .await

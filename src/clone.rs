@@ -48,6 +48,12 @@ pub struct CloneOptions {
     pub chunk_bytes: i64,
     /// Where pg_dump and pg_restore live, when not found on their own.
     pub pg_bin: Option<PathBuf>,
+    /// maintenance_work_mem of each index build on the target (e.g. "512MB").
+    pub maintenance_work_mem: String,
+    /// After the copy, stream the source's changes until `stop`.
+    pub follow: bool,
+    /// Cancelled on SIGINT/SIGTERM: the copy stops (resumable), the follower drains and exits.
+    pub stop: CancellationToken,
 }
 
 /// What `clone` did.
@@ -64,6 +70,9 @@ pub struct CloneReport {
     pub snapshot_lsn: String,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// With --follow: the source LSN applied on the target when the follower stopped.
+    pub applied_lsn: Option<String>,
+    pub transactions_applied: u64,
 }
 
 /// The tables and relations a run works on.
@@ -145,8 +154,52 @@ fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
     })
 }
 
-/// Runs (or resumes) a clone.
+/// Runs (or resumes) a clone, then, with `follow`, streams changes until `opts.stop` is cancelled.
 pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
+    let mut report = copy_part(opts).await?;
+    if !opts.follow {
+        return Ok(report);
+    }
+    let src_info = session::resolve(Side::Source, &opts.source)?;
+    let tgt_info = session::resolve(Side::Target, &opts.target)?;
+    let target = session::connect(&tgt_info, Side::Target).await?;
+    let (slot, publication) = state::stream_names(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "reading the stream state"))?
+        .ok_or_else(|| {
+            Error::Blocked(
+                "this clone was made without --follow, so no slot kept the changes since its snapshot: \
+                 run `hikkoshi clean`, drop the copied tables, and clone again with --follow"
+                    .into(),
+            )
+        })?;
+    if !state::try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(another_process(&tgt_info));
+    }
+    let plan = crate::stream::follow::FollowPlan {
+        source: src_info,
+        target: tgt_info,
+        slot,
+        publication,
+    };
+    let followed = crate::stream::follow::run(&plan, opts.stop.clone()).await?;
+    report.applied_lsn = Some(followed.applied.to_string());
+    report.transactions_applied = followed.transactions;
+    Ok(report)
+}
+
+fn another_process(tgt_info: &ConnInfo) -> Error {
+    Error::Blocked(format!(
+        "another hikkoshi process is already working on the migration into {tgt_info}: wait for it to \
+         finish, or stop it (its sessions show application_name 'hikkoshi' in pg_stat_activity)"
+    ))
+}
+
+/// Copies (or resumes copying) schema, rows, indexes and sequences.
+async fn copy_part(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let started = Instant::now();
     let selection =
         Selection::parse(&opts.include, &opts.exclude).map_err(|e| Error::Usage(format!("{e}")))?;
@@ -170,10 +223,7 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         .await
         .map_err(Error::sql(Side::Target, "taking the migration lock"))?
     {
-        return Err(Error::Blocked(format!(
-            "another hikkoshi process is already working on the migration into {tgt_info}: wait for it to \
-             finish, or stop it (its sessions show application_name 'hikkoshi' in pg_stat_activity)"
-        )));
+        return Err(another_process(&tgt_info));
     }
     let existing = state::load(&target)
         .await
@@ -185,6 +235,7 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let options_json = serde_json::json!({
         "include": opts.include,
         "exclude": opts.exclude,
+        "follow": opts.follow,
     });
     let (migration_id, mut phase) = match &existing {
         Some(m) if m.phase == Phase::Done => {
@@ -203,11 +254,22 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
                     m.options
                 )));
             }
+            if opts.follow && m.options.get("follow") != Some(&serde_json::Value::Bool(true)) {
+                return Err(Error::Blocked(
+                    "the clone recorded on the target was started without --follow: no slot kept the \
+                     changes since its snapshot. Finish it without --follow, or `hikkoshi clean`, drop the \
+                     copied tables and clone again with --follow"
+                        .into(),
+                ));
+            }
             report.resumed = true;
             (m.id.clone(), m.phase)
         }
         None => {
             refuse_non_empty_target(&target, &resolved.tables).await?;
+            if opts.follow {
+                refuse_tables_without_identity(&resolved.tables)?;
+            }
             (new_migration_id(), Phase::Schema)
         }
     };
@@ -229,12 +291,30 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let repl = ReplicationConn::connect(&src_info)
         .await
         .map_err(Error::replication("opening a replication connection"))?;
-    let slot_name = format!("hikkoshi_{}_{}", migration_id, std::process::id());
-    let snap = replication::create_with_snapshot(repl, &slot_name, true)
-        .await
-        .map_err(Error::replication(
-            "creating a logical replication slot with an exported snapshot",
-        ))?;
+    let fresh_follow = existing.is_none() && opts.follow;
+    let publication = format!("hikkoshi_{migration_id}");
+    if fresh_follow {
+        // The publication must exist before the slot: pgoutput reads it as of each change's time.
+        create_publication(&source, &publication, &resolved.tables).await?;
+    }
+    // A following clone keeps its slot (the stream starts at its snapshot); any other run, and a resumed
+    // one, takes a temporary slot just for a snapshot.
+    let slot_name = if fresh_follow {
+        publication.clone()
+    } else {
+        format!("hikkoshi_{}_{}", migration_id, std::process::id())
+    };
+    let snap = match replication::create_with_snapshot(repl, &slot_name, !fresh_follow).await {
+        Ok(s) => s,
+        Err(e) => {
+            if fresh_follow {
+                drop_publication(&source, &publication).await;
+            }
+            return Err(Error::replication(
+                "creating a logical replication slot with an exported snapshot",
+            )(e));
+        }
+    };
     report.snapshot_lsn = snap.lsn.to_string();
     tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
 
@@ -282,6 +362,11 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         state::insert_migration(&target, &migration_id, &src_info.to_string(), &options_json)
             .await
             .map_err(Error::sql(Side::Target, "recording the migration"))?;
+        if fresh_follow {
+            state::insert_stream(&target, &slot_name, &publication, snap.lsn)
+                .await
+                .map_err(Error::sql(Side::Target, "recording the slot"))?;
+        }
         record(
             &target,
             "start",
@@ -348,9 +433,19 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
 
     if phase == Phase::PostData {
         let t = Instant::now();
-        let skipped =
-            schema::restore_post_data(&tools, &archive, &tgt_info, &target, opts.jobs, keep_owners)
-                .await?;
+        let skipped = schema::restore_post_data(
+            &tools,
+            &archive,
+            &tgt_info,
+            &target,
+            &schema::PostDataOptions {
+                jobs: opts.jobs,
+                keep_owners,
+                maintenance_work_mem: &opts.maintenance_work_mem,
+                own_publication: &format!("hikkoshi_{migration_id}"),
+            },
+        )
+        .await?;
         tracing::info!(
             skipped_existing = skipped,
             "indexes, constraints and triggers built in {:.1}s",
@@ -410,6 +505,76 @@ async fn preflight_source(source: &Client) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// UPDATE and DELETE of a published table without replica identity fail on the source: refuse before the
+/// publication would break the application.
+fn refuse_tables_without_identity(tables: &[Table]) -> Result<(), Error> {
+    let bad: Vec<String> = tables
+        .iter()
+        .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && t.key.is_empty()))
+        .map(|t| t.root.as_ref().unwrap_or(&t.name).to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let fixes: Vec<String> = bad
+        .iter()
+        .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
+        .collect();
+    Err(Error::Blocked(format!(
+        "table(s) {} have no primary key or replica identity: once published, UPDATE and DELETE on them \
+         would fail on the source, and the stream could not apply them. Run on the source: {} — or leave \
+         them out with --exclude. Nothing was changed on either server",
+        bad.join(", "),
+        fixes.join(" ")
+    )))
+}
+
+async fn create_publication(source: &Client, name: &str, tables: &[Table]) -> Result<(), Error> {
+    let mut names: Vec<String> = tables
+        .iter()
+        .map(|t| t.root.as_ref().unwrap_or(&t.name).quoted())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Err(Error::Usage(
+            "--follow needs at least one selected table".into(),
+        ));
+    }
+    let via_root = source
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 130000",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading the server version"))?
+        .get::<_, bool>(0);
+    source
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}{}",
+            crate::ident::quote_ident(name),
+            names.join(", "),
+            if via_root {
+                " WITH (publish_via_partition_root = true)"
+            } else {
+                ""
+            }
+        ))
+        .await
+        .map_err(Error::sql(Side::Source, "creating the publication"))
+}
+
+async fn drop_publication(source: &Client, name: &str) {
+    let _ = source
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            crate::ident::quote_ident(name)
+        ))
+        .await;
 }
 
 /// Refuses to clone into tables that already exist on a target without hikkoshi state.
@@ -703,7 +868,7 @@ async fn copy_phase(
         snapshot_lsn: snap.lsn,
         tables,
         progress: progress.clone(),
-        cancel: CancellationToken::new(),
+        cancel: opts.stop.child_token(),
     });
     let pending = chunk_states.iter().filter(|c| c.state != "copied").count();
     tracing::info!(
@@ -714,6 +879,21 @@ async fn copy_phase(
     let result = copy::run(ctx, opts.jobs.max(1).min(pending.max(1))).await;
     reporter.finish().await;
     result?;
+    // The phase moves on only when every chunk is recorded as copied.
+    let left: i64 = target
+        .query_one(
+            "SELECT count(*) FROM hikkoshi.chunks WHERE state <> 'copied'",
+            &[],
+        )
+        .await
+        .map_err(sql("checking the copy"))?
+        .get(0);
+    if left > 0 {
+        return Err(Error::Blocked(format!(
+            "{left} chunk(s) are not copied although every worker finished: run the same command again to \
+             copy them"
+        )));
+    }
     target
         .batch_execute(
             "UPDATE hikkoshi.tables t SET state = 'copied'

@@ -57,6 +57,7 @@ pub async fn run(ctx: Arc<CopyContext>, jobs: usize) -> Result<(), Error> {
     }
     let mut first = None;
     while let Some(r) = set.join_next().await {
+        // (a worker that saw the cancel stops without an error of its own)
         let r = r.unwrap_or_else(|e| Err(Error::Blocked(format!("a copy worker panicked: {e}"))));
         if let Err(e) = r
             && first.is_none()
@@ -64,7 +65,11 @@ pub async fn run(ctx: Arc<CopyContext>, jobs: usize) -> Result<(), Error> {
             first = Some(e);
         }
     }
-    first.map_or(Ok(()), Err)
+    match first {
+        Some(e) => Err(e),
+        None if ctx.cancel.is_cancelled() => Err(Error::Interrupted),
+        None => Ok(()),
+    }
 }
 
 async fn worker(ctx: &CopyContext, n: usize) -> Result<(), Error> {
@@ -191,7 +196,7 @@ async fn copy_chunk(
         }
         if ctx.cancel.is_cancelled() {
             // Dropping the transaction rolls the chunk back; it stays claimed and is reset on the next run.
-            return Err(Error::Blocked("copy cancelled".into()));
+            return Err(Error::Interrupted);
         }
     }
     let rows = sink

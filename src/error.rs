@@ -88,6 +88,9 @@ pub enum Error {
     /// A precondition that stops the run before anything is created; the message carries the fix.
     #[error("{0}")]
     Blocked(String),
+    /// SIGINT or SIGTERM arrived before the work was done.
+    #[error("interrupted before the clone was complete")]
+    Interrupted,
 }
 
 impl Error {
@@ -112,11 +115,14 @@ impl Error {
                 | ReplicationError::UnsupportedAuth(_)
                 | ReplicationError::TlsUnsupported(_) => Kind::Connection,
                 ReplicationError::Server { code, .. } if code.starts_with("28") => Kind::Connection,
+                // the slot is still held by the session of a process that just died: it is let go soon
+                ReplicationError::Server { code, .. } if code == "55006" => Kind::Transient,
                 ReplicationError::Io(_) => Kind::Transient,
                 _ => Kind::Definite,
             },
             Error::Sql { source, .. } | Error::Copy { source, .. } => classify(source),
             Error::Schema(_) | Error::Blocked(_) => Kind::Definite,
+            Error::Interrupted => Kind::Transient,
         }
     }
 
@@ -171,6 +177,9 @@ impl Error {
                 }
                 _ => None,
             },
+            Error::Interrupted => Some(
+                "what is copied is kept: run the same command again to resume where it stopped".into(),
+            ),
             Error::Copy { table, chunk, .. } => Some(format!(
                 "the chunk was rolled back on the target; fix the cause and run the same command again: \
                  it resumes with {table} chunk {chunk} and copies nothing twice"
@@ -256,4 +265,19 @@ fn connect_hint(side: Side, endpoint: &str, e: &tokio_postgres::Error) -> String
     } else {
         format!("check the {side} host name, port and that the server is reachable")
     }
+}
+
+/// The error and its causes on one line (for log lines).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if line != "db error" {
+            out.push_str(": ");
+            out.push_str(&line);
+        }
+        cause = c.source();
+    }
+    out
 }

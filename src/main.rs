@@ -53,6 +53,14 @@ enum Command {
         /// version that suits source and target (default: PATH and the usual install places).
         #[arg(long, env = "HIKKOSHI_PG_BIN")]
         pg_bin: Option<PathBuf>,
+        /// Memory each index build on the target may use to sort (PostgreSQL's maintenance_work_mem);
+        /// `--jobs` builds run at once.
+        #[arg(long, default_value = "512MB", value_parser = parse_memory_setting)]
+        maintenance_work_mem: String,
+        /// After the copy, stream every change from the source and apply it on the target until
+        /// SIGINT/SIGTERM (which drain, record and exit 0). Running it again resumes.
+        #[arg(long)]
+        follow: bool,
         /// Print the final report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -93,6 +101,17 @@ fn parse_size(s: &str) -> Result<i64, String> {
     Ok((n * mult) as i64)
 }
 
+/// A memory setting as PostgreSQL writes it (`512MB`, `1GB`, `65536kB`): digits and a unit, nothing else.
+fn parse_memory_setting(s: &str) -> Result<String, String> {
+    let digits = s.chars().take_while(char::is_ascii_digit).count();
+    let unit = &s[digits..];
+    if digits > 0 && matches!(unit, "" | "kB" | "MB" | "GB" | "TB") {
+        Ok(s.to_string())
+    } else {
+        Err(format!("\"{s}\" is not a memory setting like 512MB or 1GB"))
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HIKKOSHI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -127,6 +146,23 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// SIGINT or SIGTERM: stop gracefully (the copy stops where it is, resumable; the follower drains).
+fn spawn_signal_handler(stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: finishing the transaction in flight");
+        stop.cancel();
+    });
 }
 
 /// The error, its causes, and what to do.
@@ -165,9 +201,16 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             exclude,
             chunk_size,
             pg_bin,
+            maintenance_work_mem,
+            follow,
             json,
         } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(stop.clone());
             let opts = hikkoshi::clone::CloneOptions {
+                maintenance_work_mem,
+                follow,
+                stop,
                 source,
                 target,
                 jobs: jobs.max(1),
@@ -206,6 +249,13 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                     report.snapshot_lsn,
                     report.seconds
                 );
+                if let Some(lsn) = &report.applied_lsn {
+                    println!(
+                        "follower stopped: {} transaction(s) applied, target in sync with source LSN {lsn}; \
+                         run the same command again to resume streaming",
+                        report.transactions_applied
+                    );
+                }
                 for w in &report.warnings {
                     println!("warning: {w}");
                 }

@@ -245,14 +245,24 @@ pub async fn restore_pre_data(
     .await
 }
 
+/// How post-data is built.
+pub struct PostDataOptions<'a> {
+    /// Index builds at once.
+    pub jobs: usize,
+    pub keep_owners: bool,
+    /// maintenance_work_mem of each build.
+    pub maintenance_work_mem: &'a str,
+    /// hikkoshi's own publication, which the archive holds but the target must not get.
+    pub own_publication: &'a str,
+}
+
 /// Restores the post-data section (`jobs` at a time), skipping what an interrupted earlier run already built.
 pub async fn restore_post_data(
     tools: &DumpTools,
     archive: &Archive,
     target: &ConnInfo,
     target_client: &Client,
-    jobs: usize,
-    keep_owners: bool,
+    opts: &PostDataOptions<'_>,
 ) -> Result<usize, SchemaError> {
     let mut cmd = Command::new(tools.program("pg_restore"));
     cmd.arg("--list")
@@ -266,7 +276,16 @@ pub async fn restore_post_data(
         if line.starts_with(';') || line.trim().is_empty() {
             continue;
         }
-        if toc_key(line).is_some_and(|k| existing.iter().any(|e| k.starts_with(e.as_str()))) {
+        let Some(key) = toc_key(line) else {
+            continue;
+        };
+        // hikkoshi's own publication exists on the source since before the snapshot: not the user's
+        if key.starts_with("PUBLICATION")
+            && key.split_whitespace().any(|w| w == opts.own_publication)
+        {
+            continue;
+        }
+        if existing.iter().any(|e| key.starts_with(e.as_str())) {
             skipped += 1;
             continue;
         }
@@ -278,11 +297,17 @@ pub async fn restore_post_data(
     let mut listfile = tempfile::NamedTempFile::new()?;
     std::io::Write::write_all(&mut listfile, kept.join("\n").as_bytes())?;
     let mut cmd = Command::new(tools.program("pg_restore"));
+    // Index builds sort in memory up to maintenance_work_mem: the default 64 MB spills big tables to disk.
+    // The password stays out of PGOPTIONS, which only carries settings.
+    cmd.env(
+        "PGOPTIONS",
+        format!("-c maintenance_work_mem={}", opts.maintenance_work_mem),
+    );
     cmd.arg("--section=post-data")
         .arg("--exit-on-error")
-        .arg(format!("--jobs={}", jobs.max(1)))
+        .arg(format!("--jobs={}", opts.jobs.max(1)))
         .arg(format!("--use-list={}", listfile.path().display()));
-    if !keep_owners {
+    if !opts.keep_owners {
         cmd.arg("--no-owner").arg("--no-privileges");
     }
     cmd.arg(format!("--dbname={}", target.to_libpq_string()))

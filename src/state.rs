@@ -50,6 +50,18 @@ CREATE TABLE IF NOT EXISTS hikkoshi.chunks (
     PRIMARY KEY (schema_name, table_name, chunk_no),
     FOREIGN KEY (schema_name, table_name) REFERENCES hikkoshi.tables ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS hikkoshi.stream (
+    slot_name        text NOT NULL,
+    publication      text NOT NULL,
+    start_lsn        pg_lsn NOT NULL,
+    applied_lsn      pg_lsn NOT NULL,
+    applied_at       timestamptz,
+    last_commit_time timestamptz,
+    applied_txns     bigint NOT NULL DEFAULT 0,
+    synced_lsn       pg_lsn NOT NULL,
+    source_lsn       pg_lsn NOT NULL,
+    seen_at          timestamptz
+);
 CREATE TABLE IF NOT EXISTS hikkoshi.events (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
@@ -241,7 +253,29 @@ pub async fn chunks(client: &Client) -> Result<Vec<ChunkState>, tokio_postgres::
         .collect())
 }
 
-/// The LSN of a snapshot as stored with a chunk.
-pub fn lsn_param(lsn: Lsn) -> String {
-    lsn.to_string()
+/// Records the slot and publication a following clone streams from (once, when they are created).
+pub async fn insert_stream(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+    start: Lsn,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO hikkoshi.stream (slot_name, publication, start_lsn, applied_lsn, synced_lsn, source_lsn)
+             VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn)",
+            &[&slot, &publication, &start.to_string()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The slot and publication of a following clone, if this migration follows.
+pub async fn stream_names(
+    client: &Client,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt("SELECT slot_name, publication FROM hikkoshi.stream", &[])
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
 }

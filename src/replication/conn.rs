@@ -9,13 +9,14 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conninfo::ConnInfo;
+use crate::lsn::Lsn;
 
 /// A failure on the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,29 @@ pub struct ReplicationConn {
     out: BytesMut,
     /// Server parameters reported at startup (`server_version`, ...).
     pub server_version: String,
+}
+
+/// A message of the streaming replication protocol (inside CopyData).
+#[derive(Debug)]
+pub enum StreamMessage {
+    /// WAL data: here, one pgoutput message.
+    XLogData {
+        start: Lsn,
+        end: Lsn,
+        time: i64,
+        data: Bytes,
+    },
+    /// The server's position; `reply` asks for a status update now.
+    Keepalive { end: Lsn, time: i64, reply: bool },
+}
+
+/// Microseconds since 2000-01-01, the protocol's clock.
+pub fn pg_now() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix - 946_684_800_000_000
 }
 
 /// Rows of a simple query, as text.
@@ -246,6 +270,131 @@ impl ReplicationConn {
         }
     }
 
+    /// Starts streaming a logical slot from `start` with pgoutput (protocol 1) for `publication`.
+    pub async fn start_logical(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT \"{}\" LOGICAL {start} (proto_version '1', publication_names '\"{}\"')",
+            slot.replace('"', "\"\""),
+            publication.replace('"', "\"\"").replace('\'', "''")
+        );
+        frontend::query(&sql, &mut self.out)?;
+        self.flush().await?;
+        loop {
+            let (tag, body) = self.read_frame().await?;
+            match tag {
+                b'W' => return Ok(()), // CopyBothResponse: the stream begins
+                b'E' => return Err(error_fields(&body)),
+                b'N' | b'S' => {}
+                b'Z' => {
+                    return Err(ReplicationError::Protocol(
+                        "START_REPLICATION ended without streaming".into(),
+                    ));
+                }
+                t => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        t as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The next message of the stream; None when the server ended it. Cancel-safe: a message is consumed
+    /// only when returned.
+    pub async fn next_stream_message(&mut self) -> Result<Option<StreamMessage>, ReplicationError> {
+        loop {
+            let (tag, mut body) = self.read_frame().await?;
+            match tag {
+                b'd' => {
+                    if body.is_empty() {
+                        continue;
+                    }
+                    let kind = body.get_u8();
+                    match kind {
+                        b'w' if body.len() >= 24 => {
+                            let start = Lsn(body.get_u64());
+                            let end = Lsn(body.get_u64());
+                            let time = body.get_i64();
+                            return Ok(Some(StreamMessage::XLogData {
+                                start,
+                                end,
+                                time,
+                                data: body,
+                            }));
+                        }
+                        b'k' if body.len() >= 17 => {
+                            let end = Lsn(body.get_u64());
+                            let time = body.get_i64();
+                            let reply = body.get_u8() == 1;
+                            return Ok(Some(StreamMessage::Keepalive { end, time, reply }));
+                        }
+                        k => {
+                            return Err(ReplicationError::Protocol(format!(
+                                "unknown replication message {:?}",
+                                k as char
+                            )));
+                        }
+                    }
+                }
+                b'c' | b'C' | b'Z' => return Ok(None),
+                b'E' => return Err(error_fields(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Tells the source how far the target has received (`written`) and durably applied (`flushed`): the
+    /// slot keeps WAL from `flushed` on.
+    pub async fn send_status(
+        &mut self,
+        written: Lsn,
+        flushed: Lsn,
+        reply: bool,
+    ) -> Result<(), ReplicationError> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(written.0);
+        msg.put_u64(flushed.0);
+        msg.put_u64(flushed.0);
+        msg.put_i64(pg_now());
+        msg.put_u8(reply as u8);
+        frontend::CopyData::new(msg.freeze())?.write(&mut self.out);
+        self.flush().await?;
+        Ok(())
+    }
+
+    /// One raw protocol message: its tag and body.
+    async fn read_frame(&mut self) -> Result<(u8, Bytes), ReplicationError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                if len < 4 {
+                    return Err(ReplicationError::Protocol("invalid message length".into()));
+                }
+                let total = 1 + len as usize;
+                if self.buf.len() >= total {
+                    let mut frame = self.buf.split_to(total);
+                    let tag = frame[0];
+                    frame.advance(5);
+                    return Ok((tag, frame.freeze()));
+                }
+                self.buf.reserve(total - self.buf.len());
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the replication connection",
+                )));
+            }
+        }
+    }
+
     /// Ends the session politely; the server drops temporary slots made on it.
     pub async fn close(mut self) {
         frontend::terminate(&mut self.out);
@@ -288,6 +437,36 @@ fn fallible_next<I: fallible_iterator::FallibleIterator<Error = std::io::Error>>
     it: &mut I,
 ) -> Result<Option<I::Item>, std::io::Error> {
     it.next()
+}
+
+/// An ErrorResponse body read as raw fields (`code byte`, NUL-terminated text, ..., 0).
+fn error_fields(body: &[u8]) -> ReplicationError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = None;
+    let mut hint = None;
+    let mut rest = body;
+    while let Some((&t, tail)) = rest.split_first() {
+        if t == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let v = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match t {
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            b'H' => hint = Some(v),
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
 }
 
 /// An ErrorResponse as an error value, fields by their protocol codes (docs, "Error and Notice Message

@@ -1,4 +1,6 @@
 //! Streaming changes from the source: the pgoutput decoder, the replication stream around it, and the
 //! applier that writes each source transaction to the target exactly once.
 
+pub mod apply;
+pub mod follow;
 pub mod pgoutput;

@@ -1,0 +1,591 @@
+//! The applier: writes each source transaction to the target, in commit order, exactly once.
+//!
+//! Several source transactions share one target transaction (fewer commits, fewer round trips); the end LSN
+//! of the last source commit in it is written to `hikkoshi.stream.applied_lsn` in the same target
+//! transaction. After a crash the target holds either all of a batch and its LSN or neither, and a
+//! restarted stream skips every source transaction that ends at or before `applied_lsn`.
+//!
+//! Statements go out as simple-query batches (one round trip for many changes, bounded in bytes), with
+//! values as typed literals (`'...'::type`, under `standard_conforming_strings = on`). Each statement's row
+//! count is checked: an UPDATE or DELETE that finds no row means the target has drifted from the source,
+//! which stops the stream with the table and key named — except inside a table's convergence window (see
+//! `Window`), where replaying older changes onto newer rows is expected to find nothing.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::pgoutput::{
+    Begin, Commit, Delete, Insert, Message, OldRow, Relation, Truncate, Tuple, Update, Value,
+};
+use crate::ident::{QualifiedName, quote_ident, quote_literal};
+use crate::lsn::Lsn;
+
+/// A failure while applying.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Definite(String),
+    #[error("{what}")]
+    Target {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Decode(#[from] super::pgoutput::DecodeError),
+}
+
+impl ApplyError {
+    /// Whether running again may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Target { source, .. } => match source.code() {
+                None => true,
+                Some(c) => {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+                }
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Per table: which changes the copy already contains. A table whose chunks were all copied in one snapshot
+/// at LSN `skip_before` already holds every transaction that committed before it: those are skipped. A
+/// table split by key whose chunks were copied in different snapshots (a resumed copy) replays changes
+/// before the newest chunk's LSN in convergence mode: inserts become upserts, updates and deletes may find
+/// nothing; since every change carries the full new row, the rows end as the source has them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Window {
+    pub skip_before: Lsn,
+    pub converge_before: Lsn,
+}
+
+/// A target table's columns as the applier writes them.
+#[derive(Clone, Debug)]
+pub struct TargetTable {
+    pub name: QualifiedName,
+    /// Writable columns (not generated, not dropped): name → SQL type.
+    pub columns: HashMap<String, String>,
+    /// Primary-key columns, for upserts.
+    pub key: Vec<String>,
+    /// `GENERATED ALWAYS AS IDENTITY` columns: inserted with OVERRIDING SYSTEM VALUE, never updated (the
+    /// source cannot change them either).
+    pub always_identity: Vec<String>,
+    pub window: Window,
+}
+
+struct Rel {
+    table: TargetTable,
+    /// Column names in the order the source sends values.
+    columns: Vec<String>,
+    key_positions: Vec<usize>,
+    identity: char,
+}
+
+/// Applies decoded messages to the target.
+pub struct Applier {
+    client: Client,
+    /// Source column types, for spotting a type change: (table, column) → SQL type on the source.
+    tables: HashMap<QualifiedName, TargetTable>,
+    relations: HashMap<u32, Rel>,
+    batch: String,
+    /// What each statement of the batch must affect: Some(description) when it must hit a row.
+    expect: Vec<Option<String>>,
+    in_target_tx: bool,
+    current: Option<Begin>,
+    skipping: bool,
+    /// End LSN of the last source transaction committed on the target.
+    pub applied: Lsn,
+    /// End LSN of the last source transaction applied in the open target transaction.
+    pending: Option<Lsn>,
+    pub txns_in_batch: usize,
+    /// Commit time (µs since 2000) of the last applied source transaction.
+    pub last_commit_time: i64,
+    pub applied_txns: u64,
+}
+
+const BATCH_BYTES: usize = 512 * 1024;
+
+impl Applier {
+    /// `applied`: the LSN recorded on the target; `tables`: target tables by name.
+    pub fn new(client: Client, applied: Lsn, tables: HashMap<QualifiedName, TargetTable>) -> Self {
+        Applier {
+            client,
+            tables,
+            relations: HashMap::new(),
+            batch: String::new(),
+            expect: Vec::new(),
+            in_target_tx: false,
+            current: None,
+            skipping: false,
+            applied,
+            pending: None,
+            txns_in_batch: 0,
+            last_commit_time: 0,
+            applied_txns: 0,
+        }
+    }
+
+    /// Whether a source transaction is half applied (its Commit not seen yet).
+    pub fn inside_source_transaction(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Whether a target transaction with applied source transactions waits for its commit.
+    pub fn has_uncommitted(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    pub async fn handle(&mut self, msg: Message) -> Result<(), ApplyError> {
+        match msg {
+            Message::Begin(b) => {
+                self.skipping = b.final_lsn < self.applied;
+                self.current = Some(b);
+                if !self.skipping && !self.in_target_tx {
+                    self.batch.push_str("BEGIN;");
+                    self.expect.push(None);
+                    self.in_target_tx = true;
+                }
+            }
+            Message::Commit(c) => self.commit_source(c).await?,
+            Message::Relation(r) => self.relation(r)?,
+            Message::Insert(i) if !self.skipping => self.insert(i).await?,
+            Message::Update(u) if !self.skipping => self.update(u).await?,
+            Message::Delete(d) if !self.skipping => self.delete(d).await?,
+            Message::Truncate(t) if !self.skipping => self.truncate(t).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
+        let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
+        let table = self.tables.get(&name).cloned().ok_or_else(|| {
+            ApplyError::Definite(format!(
+                "the source sends changes of {name}, which the target does not have: it was added to the \
+                 publication after the clone. Create it on the target and copy it, or remove it from the \
+                 publication"
+            ))
+        })?;
+        let source_cols: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+        let added: Vec<&str> = source_cols
+            .iter()
+            .filter(|c| !table.columns.contains_key(**c))
+            .copied()
+            .collect();
+        let dropped: Vec<&String> = table
+            .columns
+            .keys()
+            .filter(|c| !source_cols.contains(&c.as_str()))
+            .collect();
+        if !added.is_empty() || !dropped.is_empty() {
+            let mut diff = Vec::new();
+            if !added.is_empty() {
+                diff.push(format!(
+                    "column(s) {} added on the source",
+                    added.join(", ")
+                ));
+            }
+            if !dropped.is_empty() {
+                diff.push(format!(
+                    "column(s) {} missing on the source",
+                    dropped
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            return Err(ApplyError::Definite(format!(
+                "the schema of {name} changed on the source during streaming: {}. hikkoshi stops rather \
+                 than apply rows to the wrong columns. Apply the same ALTER TABLE on the target, then run \
+                 the same command again: it resumes where it stopped",
+                diff.join("; ")
+            )));
+        }
+        let key_positions = r
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect();
+        self.relations.insert(
+            r.oid,
+            Rel {
+                table,
+                columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+                key_positions,
+                identity: r.replica_identity,
+            },
+        );
+        Ok(())
+    }
+
+    fn rel(&self, oid: u32) -> Result<&Rel, ApplyError> {
+        self.relations.get(&oid).ok_or_else(|| {
+            ApplyError::Definite(format!(
+                "a change refers to relation {oid}, which the stream never described"
+            ))
+        })
+    }
+
+    fn commit_lsn(&self) -> Lsn {
+        self.current
+            .as_ref()
+            .map(|b| b.final_lsn)
+            .unwrap_or_default()
+    }
+
+    /// Whether this change is already in the copy (skip), and whether to replay it in convergence mode.
+    fn mode(&self, rel: &Rel) -> (bool, bool) {
+        let lsn = self.commit_lsn();
+        (
+            lsn < rel.table.window.skip_before,
+            lsn < rel.table.window.converge_before,
+        )
+    }
+
+    async fn insert(&mut self, i: Insert) -> Result<(), ApplyError> {
+        let rel = self.rel(i.relation)?;
+        let (skip, converge) = self.mode(rel);
+        if skip {
+            return Ok(());
+        }
+        let mut cols = Vec::new();
+        let mut vals = Vec::new();
+        for (c, v) in rel.columns.iter().zip(&i.new.0) {
+            if matches!(v, Value::Unchanged) {
+                continue;
+            }
+            cols.push(quote_ident(c));
+            vals.push(literal(v, &rel.table.columns[c]));
+        }
+        let mut sql = format!(
+            "INSERT INTO {} ({}){} VALUES ({})",
+            rel.table.name.quoted(),
+            cols.join(", "),
+            if rel.table.always_identity.is_empty() {
+                ""
+            } else {
+                " OVERRIDING SYSTEM VALUE"
+            },
+            vals.join(", ")
+        );
+        if converge && !rel.table.key.is_empty() {
+            let sets: Vec<String> = rel
+                .columns
+                .iter()
+                .zip(&i.new.0)
+                .filter(|(c, v)| {
+                    !matches!(v, Value::Unchanged) && !rel.table.always_identity.contains(c)
+                })
+                .map(|(c, _)| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+                .collect();
+            let _ = write!(
+                sql,
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                rel.table
+                    .key
+                    .iter()
+                    .map(|k| quote_ident(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                sets.join(", ")
+            );
+        }
+        self.push(sql, None).await
+    }
+
+    async fn update(&mut self, u: Update) -> Result<(), ApplyError> {
+        let rel = self.rel(u.relation)?;
+        let (skip, converge) = self.mode(rel);
+        if skip {
+            return Ok(());
+        }
+        let sets: Vec<String> = rel
+            .columns
+            .iter()
+            .zip(&u.new.0)
+            .filter(|(c, v)| {
+                !matches!(v, Value::Unchanged) && !rel.table.always_identity.contains(c)
+            })
+            .map(|(c, v)| format!("{} = {}", quote_ident(c), literal(v, &rel.table.columns[c])))
+            .collect();
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let (condition, what) = match &u.old {
+            Some(OldRow::Full(old)) => full_match(rel, old),
+            Some(OldRow::Key(old)) => key_match(rel, old, true),
+            None => key_match(rel, &u.new, false),
+        };
+        let target = rel.table.name.quoted();
+        let sql = if rel.identity == 'f' || rel.key_positions.is_empty() {
+            format!(
+                "UPDATE {target} SET {} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)",
+                sets.join(", ")
+            )
+        } else {
+            format!("UPDATE {target} SET {} WHERE {condition}", sets.join(", "))
+        };
+        let expect = (!converge).then(|| format!("UPDATE of {} {what}", rel.table.name));
+        self.push(sql, expect).await
+    }
+
+    async fn delete(&mut self, d: Delete) -> Result<(), ApplyError> {
+        let rel = self.rel(d.relation)?;
+        let (skip, converge) = self.mode(rel);
+        if skip {
+            return Ok(());
+        }
+        let (condition, what) = match &d.old {
+            OldRow::Full(old) => full_match(rel, old),
+            OldRow::Key(old) => key_match(rel, old, true),
+        };
+        let target = rel.table.name.quoted();
+        let sql = if rel.identity == 'f' || rel.key_positions.is_empty() {
+            format!(
+                "DELETE FROM {target} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
+            )
+        } else {
+            format!("DELETE FROM {target} WHERE {condition}")
+        };
+        let expect = (!converge).then(|| format!("DELETE of {} {what}", rel.table.name));
+        self.push(sql, expect).await
+    }
+
+    async fn truncate(&mut self, t: Truncate) -> Result<(), ApplyError> {
+        let mut names = Vec::new();
+        for oid in &t.relations {
+            let rel = self.rel(*oid)?;
+            if !self.mode(rel).0 {
+                names.push(rel.table.name.quoted());
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if t.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
+            if t.cascade { " CASCADE" } else { "" }
+        );
+        self.push(sql, None).await
+    }
+
+    async fn push(&mut self, sql: String, expect: Option<String>) -> Result<(), ApplyError> {
+        self.batch.push_str(&sql);
+        self.batch.push(';');
+        self.expect.push(expect);
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush_batch().await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_source(&mut self, c: Commit) -> Result<(), ApplyError> {
+        self.current = None;
+        if self.skipping {
+            self.skipping = false;
+            return Ok(());
+        }
+        self.pending = Some(c.end_lsn);
+        self.last_commit_time = c.commit_time;
+        self.txns_in_batch += 1;
+        self.applied_txns += 1;
+        Ok(())
+    }
+
+    /// Sends the statements collected so far and checks their row counts.
+    async fn flush_batch(&mut self) -> Result<(), ApplyError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let sql = std::mem::take(&mut self.batch);
+        let expect = std::mem::take(&mut self.expect);
+        let result = self.client.simple_query(&sql).await;
+        let messages = match result {
+            Ok(m) => m,
+            Err(source) => {
+                self.in_target_tx = false;
+                self.pending = None;
+                return Err(describe_failure(source));
+            }
+        };
+        let mut i = 0;
+        for m in messages {
+            if let SimpleQueryMessage::CommandComplete(rows) = m {
+                if let Some(Some(what)) = expect.get(i)
+                    && rows == 0
+                {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    self.in_target_tx = false;
+                    self.pending = None;
+                    return Err(ApplyError::Definite(format!(
+                        "{what} found no row on the target: the target has drifted from the source (a row \
+                         changed or deleted there directly?). Nothing of this batch was applied. Compare the \
+                         row on both sides, repair the target, then run again"
+                    )));
+                }
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the open target transaction with the applied LSN, if there is one at a source-transaction
+    /// boundary. Returns the LSN now durable on the target.
+    pub async fn commit(&mut self) -> Result<Lsn, ApplyError> {
+        if self.current.is_some() {
+            return Ok(self.applied);
+        }
+        let Some(end) = self.pending else {
+            if self.in_target_tx {
+                // only skipped transactions: nothing to keep
+                self.batch.push_str("COMMIT;");
+                self.expect.push(None);
+                self.flush_batch().await?;
+                self.in_target_tx = false;
+            }
+            return Ok(self.applied);
+        };
+        let _ = write!(
+            self.batch,
+            "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, '{end}'::pg_lsn), \
+             applied_at = now(), last_commit_time = to_timestamp({}), \
+             applied_txns = applied_txns + {};COMMIT;",
+            (self.last_commit_time as f64 / 1e6) + 946_684_800.0,
+            self.txns_in_batch
+        );
+        self.expect.push(None);
+        self.expect.push(None);
+        crate::failpoint::hit("apply.before-commit");
+        self.flush_batch().await?;
+        crate::failpoint::hit("apply.after-commit");
+        self.in_target_tx = false;
+        self.pending = None;
+        self.txns_in_batch = 0;
+        self.applied = end;
+        Ok(end)
+    }
+
+    /// Drops a half-applied source transaction (on shutdown): the target rolls back to the last commit.
+    pub async fn abandon(&mut self) {
+        self.batch.clear();
+        self.expect.clear();
+        if self.in_target_tx {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        self.in_target_tx = false;
+        self.pending = None;
+        self.current = None;
+        self.txns_in_batch = 0;
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn describe_failure(source: tokio_postgres::Error) -> ApplyError {
+    let what = match source.as_db_error() {
+        Some(db) if db.code().code() == "23505" => format!(
+            "a change from the source collides with a row that exists only on the target ({}{}): the \
+             target has drifted (a row written there directly?). Nothing of this batch was applied; remove \
+             or fix the row on the target, then run again",
+            db.table()
+                .map(|t| format!("table {}.{t}, ", db.schema().unwrap_or("?")))
+                .unwrap_or_default(),
+            db.detail().unwrap_or("duplicate key")
+        ),
+        Some(db) => format!(
+            "applying changes on the target failed{}",
+            db.table()
+                .map(|t| format!(" on {}.{t}", db.schema().unwrap_or("?")))
+                .unwrap_or_default()
+        ),
+        None => "lost the connection to the target while applying".to_string(),
+    };
+    ApplyError::Target { what, source }
+}
+
+/// A value as a typed SQL literal.
+fn literal(v: &Value, sql_type: &str) -> String {
+    match v {
+        Value::Null | Value::Unchanged => "NULL".to_string(),
+        Value::Text(b) | Value::Binary(b) => {
+            format!("{}::{sql_type}", quote_literal(&String::from_utf8_lossy(b)))
+        }
+    }
+}
+
+/// Types without an equality operator: compared through their text form.
+fn compare_as_text(sql_type: &str) -> bool {
+    let base = sql_type.trim_end_matches("[]");
+    matches!(
+        base,
+        "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle"
+    )
+}
+
+/// WHERE condition on the replica-identity key, and a description for errors (key values are shown:
+/// they identify the row, the operator needs them; other values never are).
+fn key_match(rel: &Rel, tuple: &Tuple, key_only: bool) -> (String, String) {
+    let mut conds = Vec::new();
+    let mut shown = Vec::new();
+    for (n, &pos) in rel.key_positions.iter().enumerate() {
+        let name = &rel.columns[pos];
+        let v = if key_only {
+            // the K tuple carries every column, with NULLs outside the key
+            tuple.0.get(pos).or(tuple.0.get(n))
+        } else {
+            tuple.0.get(pos)
+        };
+        let v = v.cloned().unwrap_or(Value::Null);
+        let ty = &rel.table.columns[name];
+        conds.push(format!("{} = {}", quote_ident(name), literal(&v, ty)));
+        if let Value::Text(b) = &v {
+            shown.push(format!("{name}={}", String::from_utf8_lossy(b)));
+        }
+    }
+    (
+        conds.join(" AND "),
+        format!("with key ({})", shown.join(", ")),
+    )
+}
+
+fn full_match(rel: &Rel, old: &Tuple) -> (String, String) {
+    let conds: Vec<String> = rel
+        .columns
+        .iter()
+        .zip(&old.0)
+        .filter(|(_, v)| !matches!(v, Value::Unchanged))
+        .map(|(c, v)| {
+            let ty = &rel.table.columns[c];
+            let col = quote_ident(c);
+            match v {
+                Value::Null => format!("{col} IS NULL"),
+                _ if compare_as_text(ty) => format!("{col}::text = {}::text", literal(v, ty)),
+                _ => format!("{col} = {}", literal(v, ty)),
+            }
+        })
+        .collect();
+    (
+        if conds.is_empty() {
+            "true".into()
+        } else {
+            conds.join(" AND ")
+        },
+        "(matched on all columns)".into(),
+    )
+}

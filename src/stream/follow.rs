@@ -1,0 +1,342 @@
+//! Following the source: the replication stream from hikkoshi's slot, decoded and applied, until a signal
+//! says stop. Transient faults (a restart of either server, a dropped connection) reconnect with backoff and
+//! resume from the LSN recorded in the target; definite ones stop with the reason.
+//!
+//! Feedback to the source (the slot's confirmed flush position) never runs ahead of what the target has
+//! committed: it is the applied LSN, or, when every received change is committed and the stream is idle,
+//! the server's own position from a keepalive (nothing of ours lies before it).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::apply::{Applier, ApplyError, TargetTable, Window};
+use super::pgoutput::Message;
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::ident::QualifiedName;
+use crate::lsn::Lsn;
+use crate::replication::conn::StreamMessage;
+use crate::replication::{ReplicationConn, ReplicationError};
+use crate::session;
+
+/// Where to stream from and to.
+pub struct FollowPlan {
+    pub source: ConnInfo,
+    pub target: ConnInfo,
+    pub slot: String,
+    pub publication: String,
+}
+
+/// How the follower ended.
+#[derive(Debug, Default)]
+pub struct FollowReport {
+    pub applied: Lsn,
+    pub transactions: u64,
+}
+
+/// Streams until `stop` is cancelled. Reconnects after transient failures.
+pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowReport, Error> {
+    let mut report = FollowReport::default();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match session_once(plan, &stop, &mut report).await {
+            Ok(()) => return Ok(report),
+            Err(e) if transient(&e) && !stop.is_cancelled() => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(
+                    "streaming interrupted ({}); reconnecting in {:.1}s",
+                    crate::error::chain(&e),
+                    backoff.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(report),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn transient(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        crate::error::Kind::Transient | crate::error::Kind::Connection
+    ) && !matches!(e, Error::Blocked(_))
+}
+
+/// Loads the target's tables with their convergence windows from the copy's chunk records.
+pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, TargetTable>, Error> {
+    let sql = Error::sql(Side::Target, "reading the target's tables");
+    let rows = target
+        .query(
+            "SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                    a.attidentity = 'a'
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+               AND n.nspname NOT LIKE 'pg\\_toast%'",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let mut tables: HashMap<QualifiedName, TargetTable> = HashMap::new();
+    for r in rows {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let t = tables.entry(name.clone()).or_insert_with(|| TargetTable {
+            name,
+            columns: HashMap::new(),
+            key: Vec::new(),
+            always_identity: Vec::new(),
+            window: Window::default(),
+        });
+        let column: String = r.get(2);
+        if r.get::<_, bool>(4) {
+            t.always_identity.push(column.clone());
+        }
+        t.columns.insert(column, r.get(3));
+    }
+    let keys = target
+        .query(
+            "SELECT n.nspname, c.relname, array_agg(a.attname ORDER BY k.ord)
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indisprimary GROUP BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading primary keys"))?;
+    for r in keys {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        if let Some(t) = tables.get_mut(&name) {
+            t.key = r.get(2);
+        }
+    }
+    // Windows: per copied table (a partition's window applies to its root, which the stream names).
+    let windows = target
+        .query(
+            "SELECT coalesce(t.root_schema, t.schema_name), coalesce(t.root_name, t.table_name),
+                    min(c.snapshot_lsn)::text, max(c.snapshot_lsn)::text,
+                    bool_and(t.chunk_method <> 'key')
+             FROM hikkoshi.tables t JOIN hikkoshi.chunks c USING (schema_name, table_name)
+             GROUP BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading chunk snapshots"))?;
+    let start: Option<String> = target
+        .query_one("SELECT start_lsn::text FROM hikkoshi.stream", &[])
+        .await
+        .map_err(Error::sql(Side::Target, "reading the stream state"))?
+        .get(0);
+    let start: Lsn = start.and_then(|s| s.parse().ok()).unwrap_or_default();
+    for r in windows {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let min: Lsn = r
+            .get::<_, Option<String>>(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(start);
+        let max: Lsn = r
+            .get::<_, Option<String>>(3)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(start);
+        let whole_snapshot: bool = r.get::<_, Option<bool>>(4).unwrap_or(true);
+        if let Some(t) = tables.get_mut(&name) {
+            if min == max || whole_snapshot {
+                t.window.skip_before = min;
+            } else {
+                t.window.skip_before = min;
+                t.window.converge_before = max;
+            }
+        }
+    }
+    Ok(tables)
+}
+
+async fn session_once(
+    plan: &FollowPlan,
+    stop: &CancellationToken,
+    report: &mut FollowReport,
+) -> Result<(), Error> {
+    let target = session::connect(&plan.target, Side::Target).await?;
+    target
+        .batch_execute(
+            "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
+             SET synchronous_commit = on;",
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
+    // Triggers and foreign-key checks ran on the source already (as in native logical replication).
+    if let Err(e) = target
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        tracing::warn!(
+            "cannot set session_replication_role on the target ({}): triggers will fire for applied \
+             changes; grant it with `GRANT SET ON PARAMETER session_replication_role TO <user>` (PostgreSQL \
+             15+) or connect as a superuser",
+            crate::error::chain(&e)
+        );
+    }
+    let row = target
+        .query_one("SELECT applied_lsn::text FROM hikkoshi.stream", &[])
+        .await
+        .map_err(Error::sql(Side::Target, "reading the applied LSN"))?;
+    let applied: Lsn = row
+        .get::<_, Option<String>>(0)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    let tables = target_tables(&target).await?;
+    let status = session::connect(&plan.target, Side::Target).await?;
+    let mut applier = Applier::new(target, applied, tables);
+
+    let mut repl = ReplicationConn::connect(&plan.source)
+        .await
+        .map_err(Error::replication("opening the replication connection"))?;
+    repl.start_logical(&plan.slot, applied, &plan.publication)
+        .await
+        .map_err(|e| slot_error(e, &plan.slot))?;
+    tracing::info!(slot = %plan.slot, from = %applied, "streaming changes");
+
+    let mut received = applied;
+    let mut confirmed = applied;
+    let mut server_end = applied;
+    let mut last_status = Instant::now();
+    let mut last_record = Instant::now();
+    let mut batch_started: Option<Instant> = None;
+    let apply_err = |e: ApplyError| match e {
+        ApplyError::Target { what, source } => Error::Sql {
+            side: Side::Target,
+            what,
+            source,
+        },
+        e => Error::Blocked(e.to_string()),
+    };
+    loop {
+        // Commit when idle or when the batch is old: latency stays low, throughput high.
+        let wait = if applier.has_uncommitted() && !applier.inside_source_transaction() {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => {
+                let done = applier.commit().await.map_err(apply_err)?;
+                applier.abandon().await;
+                let _ = repl.send_status(received, done, false).await;
+                record(&status, done, server_end).await;
+                report.applied = done;
+                report.transactions += applier.applied_txns;
+                return Ok(());
+            }
+            m = tokio::time::timeout(wait, repl.next_stream_message()) => m,
+        };
+        match next {
+            Ok(Ok(Some(StreamMessage::XLogData {
+                start, end, data, ..
+            }))) => {
+                received = received.max(start);
+                server_end = server_end.max(end);
+                let msg = Message::decode(data).map_err(|e| {
+                    Error::Blocked(format!(
+                        "undecodable message from the source at {start}: {e}"
+                    ))
+                })?;
+                if matches!(msg, Message::Begin(_)) && batch_started.is_none() {
+                    batch_started = Some(Instant::now());
+                }
+                let is_commit = matches!(msg, Message::Commit(_));
+                applier.handle(msg).await.map_err(apply_err)?;
+                if is_commit
+                    && (applier.txns_in_batch >= 2000
+                        || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
+                {
+                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    batch_started = None;
+                }
+            }
+            Ok(Ok(Some(StreamMessage::Keepalive { end, reply, .. }))) => {
+                server_end = server_end.max(end);
+                if !applier.inside_source_transaction() {
+                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    batch_started = None;
+                    if !applier.has_uncommitted() && received <= end {
+                        // everything sent before `end` is committed on the target
+                        confirmed = confirmed.max(end);
+                    }
+                }
+                if reply {
+                    repl.send_status(received, confirmed, false)
+                        .await
+                        .map_err(Error::replication("answering a keepalive"))?;
+                    last_status = Instant::now();
+                }
+            }
+            Ok(Ok(None)) => {
+                return Err(Error::Replication {
+                    what: "the source ended the replication stream".into(),
+                    source: ReplicationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "stream ended",
+                    )),
+                });
+            }
+            Ok(Err(e)) => return Err(slot_error(e, &plan.slot)),
+            Err(_) => {
+                // idle: commit what waits
+                if !applier.inside_source_transaction() {
+                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    batch_started = None;
+                }
+            }
+        }
+        if last_status.elapsed() > Duration::from_secs(5) {
+            repl.send_status(received, confirmed, false)
+                .await
+                .map_err(Error::replication("sending a status update"))?;
+            last_status = Instant::now();
+        }
+        if last_record.elapsed() > Duration::from_secs(1) {
+            record(&status, confirmed, server_end).await;
+            last_record = Instant::now();
+        }
+        report.applied = confirmed;
+    }
+}
+
+/// Notes how far the source is and how far we are in sync, for `status` and lag (best effort).
+async fn record(status: &Client, synced: Lsn, server_end: Lsn) {
+    let _ = status
+        .execute(
+            "UPDATE hikkoshi.stream SET synced_lsn = greatest(synced_lsn, $1::text::pg_lsn),
+                    source_lsn = greatest(source_lsn, $2::text::pg_lsn), seen_at = now()",
+            &[&synced.to_string(), &server_end.to_string()],
+        )
+        .await;
+}
+
+fn slot_error(e: ReplicationError, slot: &str) -> Error {
+    let what = match e.code() {
+        Some("42704") => format!(
+            "the replication slot {slot} no longer exists on the source: the change stream cannot continue. \
+             Run `hikkoshi clean` and clone again"
+        ),
+        Some("55000") => format!(
+            "the replication slot {slot} can no longer stream (invalidated: the source removed WAL it needed, \
+             see max_slot_wal_keep_size). The change stream cannot continue: run `hikkoshi clean` and clone \
+             again"
+        ),
+        _ => return Error::replication("streaming changes")(e),
+    };
+    Error::Blocked(what)
+}

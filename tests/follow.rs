@@ -1,0 +1,306 @@
+//! `hikkoshi clone --follow` on real servers: a live workload during the copy and the stream, then the
+//! target compared with the source row by row.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use hikkoshi::localserver::LocalServer;
+use tokio_postgres::Client;
+
+struct Follower {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Follower {
+    fn start(s: &LocalServer, t: &LocalServer, db: &str, env: &[(&str, &str)]) -> Follower {
+        let log = std::env::temp_dir().join(format!(
+            "hikkoshi-follow-{}-{}.log",
+            std::process::id(),
+            t.port
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
+        cmd.args([
+            "clone",
+            "--follow",
+            "--source",
+            &s.url(db),
+            "--target",
+            &t.url(db),
+            "--jobs",
+            "2",
+            "--chunk-size",
+            "1MB",
+        ])
+        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+        .env_remove("HIKKOSHI_FAILPOINT")
+        .stdout(Stdio::null())
+        .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Follower {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        (status, self.log())
+    }
+}
+
+/// Waits until the follower has applied everything the source wrote so far.
+async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
+    let lsn: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..1200 {
+        if let Ok(Some(status)) = f.child.try_wait() {
+            panic!("the follower exited ({status}):\n{}", f.log());
+        }
+        // seen_at is set only by the streaming loop: the copy is over and the stream has caught up
+        let synced = tgt
+            .query_opt(
+                "SELECT synced_lsn >= $1::text::pg_lsn AND seen_at IS NOT NULL FROM hikkoshi.stream",
+                &[&lsn],
+            )
+            .await;
+        if let Ok(Some(r)) = synced
+            && r.get::<_, bool>(0)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the follower did not catch up with {lsn}:\n{}", f.log());
+}
+
+async fn app_source(s: &LocalServer) -> Client {
+    let src = create_db(s, "app").await;
+    src.batch_execute(FIXTURE_APP).await.unwrap();
+    src.batch_execute(
+        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    src
+}
+
+/// Every kind of change, in many small transactions.
+async fn workload(url: String, base: i32, rounds: i32) {
+    let c = connect(&url).await;
+    for k in base..base + rounds {
+        let q = k % 12 + 1;
+        c.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO app.events (id, kind, occurred_at, payload)
+                 VALUES ({id}, 'view', '2024-01-01'::timestamptz + {k} * interval '1 min', '{{\"k\": {k}}}');
+             UPDATE app.queries SET updated_at = '2024-06-01'::timestamptz + {k} * interval '1 s' WHERE id = {q};
+             UPDATE app.events SET amount = {k} WHERE id = {upd};
+             DELETE FROM app.events WHERE id = {del};
+             UPDATE app.clicks SET url = url || '?r={k}'
+                 WHERE ctid = (SELECT ctid FROM app.clicks WHERE customer_id = {c} LIMIT 1);
+             DELETE FROM app.clicks WHERE ctid = (SELECT ctid FROM app.clicks WHERE customer_id = {d} LIMIT 1);
+             INSERT INTO app.audit_log (logged_at, actor, action) VALUES ('2024-01-01', 'w', 'same'), ('2024-01-01', 'w', 'same');
+             INSERT INTO app.measurements (sensor, taken_on, value) VALUES ('s{k}', '2024-02-0{day}', {k});
+             COMMIT;",
+            id = 500_000 + k,
+            upd = 2 + k * 7,
+            del = 3 + k * 7,
+            c = k % 150 + 1,
+            d = (k + 75) % 150 + 1,
+            day = k % 9 + 1,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("workload round {k}: {e:?}"));
+        if k % 10 == 0 {
+            // a change that rewrites a big TOASTed document, and a primary-key change
+            c.batch_execute(&format!(
+                "UPDATE app.queries SET doc = doc || '{{\"touched\": {k}}}' WHERE id = {q};
+                 UPDATE app.events SET id = id + 1000000 WHERE id = {pk};",
+                pk = 5 + k * 7
+            ))
+            .await
+            .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_applies_a_live_workload_exactly_once() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    // writes start before the clone and go on during the copy and the stream
+    let writer = tokio::spawn(workload(s.url("app"), 0, 300));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    writer.await.unwrap();
+    // a 200 000-row transaction, a truncate of several tables, and more small ones
+    src.batch_execute(
+        "INSERT INTO app.events (id, kind, occurred_at)
+             SELECT 2000000 + i, 'click', '2024-03-01' FROM generate_series(1, 200000) i;
+         TRUNCATE app.audit_log, app.translations;",
+    )
+    .await
+    .unwrap();
+    workload(s.url("app"), 300, 40).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(
+        status.success(),
+        "SIGTERM ends the follower cleanly:\n{log}"
+    );
+    assert_same_rows_and_schema(&src, &tgt).await;
+    let applied: i64 = tgt
+        .query_one("SELECT applied_txns FROM hikkoshi.stream", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        applied > 40,
+        "transactions went through the stream ({applied})"
+    );
+    let own: i64 = tgt
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        own, 0,
+        "hikkoshi's publication is not part of the user's schema"
+    );
+    // the slot stays for the next run, which resumes
+    assert_eq!(hikkoshi_slots(&src).await.len(), 1);
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    workload(s.url("app"), 340, 20).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
+    let s = server(15);
+    let t = server(15);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, _) = f.stop();
+    assert!(status.success());
+    for (n, failpoint) in ["apply.before-commit:3", "apply.after-commit:3"]
+        .iter()
+        .enumerate()
+    {
+        let mut f = Follower::start(&s, &t, "app", &[("HIKKOSHI_FAILPOINT", failpoint)]);
+        workload(s.url("app"), n as i32 * 60, 60).await;
+        let status = f.child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "{failpoint} killed the follower:\n{}",
+            f.log()
+        );
+        assert!(f.log().contains("failpoint"), "{}", f.log());
+        let mut f = Follower::start(&s, &t, "app", &[]);
+        wait_in_sync(&src, &tgt, &mut f).await;
+        let (status, log) = f.stop();
+        assert!(status.success(), "{log}");
+        assert_same_rows_and_schema(&src, &tgt).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_added_on_the_source_stops_the_stream_with_the_table_named() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    src.batch_execute(
+        "ALTER TABLE app.customers ADD COLUMN tier text;
+         UPDATE app.customers SET tier = 'gold' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(s) = f.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = f.log();
+    let status = status.unwrap_or_else(|| panic!("the follower kept going:\n{log}"));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("app.customers") && log.contains("tier") && log.contains("ALTER TABLE"),
+        "{log}"
+    );
+    // nothing of the offending transaction reached the target
+    let n: i64 = tgt
+        .query_one("SELECT count(*) FROM app.customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_identity_is_refused_before_the_publication_breaks_the_application() {
+    let s = server(15);
+    let t = server(15);
+    let src = create_db(&s, "app").await;
+    src.batch_execute(
+        "CREATE TABLE logs (at timestamptz, line text); INSERT INTO logs VALUES (now(), 'x');",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let out = hikkoshi(&[
+        "clone",
+        "--follow",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("ALTER TABLE public.logs REPLICA IDENTITY FULL"),
+        "{e}"
+    );
+    assert!(hikkoshi_slots(&src).await.is_empty());
+    let pubs: i64 = src
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 0);
+    assert!(!has_state(&tgt).await);
+    // the application can still update the table
+    src.batch_execute("UPDATE logs SET line = 'y'")
+        .await
+        .unwrap();
+}
