@@ -310,7 +310,7 @@ SELECT i,
            'kind', CASE i % 3 WHEN 0 THEN 'query' WHEN 1 THEN 'dashboard' ELSE 'card' END,
            'owner', jsonb_build_object('id', i % 97, 'name', 'user' || (i % 97)),
            'items', (SELECT jsonb_agg(md5(i::text || ':' || j::text)) FROM generate_series(1, n) AS j))
-FROM (SELECT i, 2900 + (i * 7919) % 25000 AS n FROM generate_series(1, :docs) AS i) AS s;
+FROM (SELECT i, 2900 + (i::bigint * 7919) % 25000 AS n FROM generate_series(1, :docs) AS i) AS s;
 
 CREATE TABLE events (
     id         bigserial PRIMARY KEY,
@@ -323,7 +323,7 @@ INSERT INTO events (id, account_id, created_at, amount, note)
 SELECT i,
        (i * 37) % 10007,
        timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
-       ((i * 7919) % 1000000) / 100.0,
+       ((i::bigint * 7919) % 1000000) / 100.0,
        CASE WHEN i % 5 = 0 THEN NULL ELSE left(md5(i::text), 16) END
 FROM generate_series(1, :events) AS i;
 SELECT setval('events_id_seq', :events);
@@ -342,7 +342,7 @@ INSERT INTO access_log (at, path, status, bytes, agent)
 SELECT timestamptz '2024-01-01 00:00:00+00' + i * interval '250 milliseconds',
        '/api/v1/items/' || (i % 5003) || '/' || left(md5(i::text), 8),
        (ARRAY[200, 200, 200, 201, 204, 301, 404, 500])[1 + i % 8],
-       (i * 7919) % 65536,
+       (i::bigint * 7919) % 65536,
        'agent/' || (i % 13)
 FROM generate_series(1, :logs) AS i;
 VACUUM ANALYZE;
