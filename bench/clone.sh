@@ -5,7 +5,7 @@
 # datasets on the source, then clones each dataset --runs times with every tool into a fresh, empty target
 # database, alternating the order of the tools from one run to the next. Reports wall time and peak memory
 # per run, the median per tool and hikkoshi's ratios to its peers; writes the same as JSON under
-# bench/results/. See bench/README.md.
+# bench/results/. See bench/README.md. Server set-up and cleanup are shared with bench/stream.sh (bench/lib.sh).
 set -euo pipefail
 
 usage() {
@@ -38,13 +38,14 @@ Quick check that everything works (a few minutes):
 EOF
 }
 
-die() { echo "clone.sh: error: $*" >&2; exit 1; }
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+BENCH_NAME=clone
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 # ---------------------------------------------------------------------------------------------------------
 # options
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 
 DATASET=both
 SCALE=100
@@ -121,153 +122,9 @@ RSS_METHOD="sampled VmHWM"
 [[ -n $TIME_BIN ]] && RSS_METHOD="GNU time %M"
 PAGE_KB=$(($(getconf PAGESIZE) / 1024))
 
-# PostgreSQL refuses to run as root: server-side programs then run as `postgres`.
-if [[ $(id -u) == 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root needs a 'postgres' user to run the servers (useradd -r postgres)"
-    as_pg() { (cd / && runuser -u postgres -- "$@"); }
-else
-    as_pg() { "$@"; }
-fi
+# scratch directory, both servers, cleanup at exit: bench/lib.sh
+bench_start
 
-# ---------------------------------------------------------------------------------------------------------
-# scratch directory, servers, cleanup
-MARKER=.hikkoshi-bench
-SRC_DATA=$BENCH_DIR/pg15
-DST_DATA=$BENCH_DIR/pg18
-SOCK_DIR=$BENCH_DIR/sock
-WORK=$BENCH_DIR/work
-LOGS=$BENCH_DIR/logs
-SRC_PORT=
-DST_PORT=
-CURRENT_PID=
-STARTED=0
-
-stop_servers() {
-    [[ -f $SRC_DATA/postmaster.pid ]] && as_pg "$PG15_BIN/pg_ctl" -D "$SRC_DATA" -m immediate stop >/dev/null 2>&1 || true
-    [[ -f $DST_DATA/postmaster.pid ]] && as_pg "$PG18_BIN/pg_ctl" -D "$DST_DATA" -m immediate stop >/dev/null 2>&1 || true
-}
-
-# All descendants of a pid, one per line (every thread's children: tokio spawns from worker threads).
-descendants() {
-    local -a stack=("$1") kids
-    local p c f
-    while ((${#stack[@]})); do
-        p=${stack[-1]}
-        unset 'stack[-1]'
-        for f in /proc/"$p"/task/*/children; do
-            kids=()
-            read -r -a kids 2>/dev/null <"$f" || true
-            for c in "${kids[@]}"; do
-                echo "$c"
-                stack+=("$c")
-            done
-        done
-    done
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n $CURRENT_PID ]]; then
-        local p
-        for p in $(descendants "$CURRENT_PID" | tac) "$CURRENT_PID"; do kill -TERM "$p" 2>/dev/null || true; done
-        wait "$CURRENT_PID" 2>/dev/null || true
-    fi
-    if [[ -d $LOGS && -n $(ls -A "$LOGS" 2>/dev/null) ]]; then
-        mkdir -p "$RESULTS_DIR/clone-$STAMP-logs"
-        cp -r "$LOGS"/. "$RESULTS_DIR/clone-$STAMP-logs/" 2>/dev/null || true
-        log "tool logs kept in $RESULTS_DIR/clone-$STAMP-logs/"
-    fi
-    if [[ $KEEP == 1 && $STARTED == 1 ]]; then
-        log "--keep: servers left running: source host=127.0.0.1 port=$SRC_PORT, target host=127.0.0.1 port=$DST_PORT"
-        log "the next run of this script stops them and clears $BENCH_DIR; or by hand (as postgres):"
-        log "  $PG15_BIN/pg_ctl -D $SRC_DATA stop; $PG18_BIN/pg_ctl -D $DST_DATA stop; rm -rf $BENCH_DIR"
-    else
-        stop_servers
-        [[ -f $BENCH_DIR/$MARKER ]] && rm -rf "$BENCH_DIR"
-    fi
-    exit "$rc"
-}
-
-# A previous run's directory (--keep, or killed with -9) is ours to clear; anything else is not.
-if [[ -e $BENCH_DIR ]]; then
-    if [[ -f $BENCH_DIR/$MARKER ]]; then
-        log "clearing the previous benchmark directory $BENCH_DIR"
-        stop_servers
-        rm -rf "$BENCH_DIR"
-    elif [[ -n $(ls -A "$BENCH_DIR") ]]; then
-        die "$BENCH_DIR exists and was not made by this script: remove it or set BENCH_DIR"
-    fi
-fi
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-mkdir -p "$BENCH_DIR" "$SOCK_DIR" "$WORK" "$LOGS"
-touch "$BENCH_DIR/$MARKER"
-if [[ $(id -u) == 0 ]]; then
-    chown postgres: "$BENCH_DIR" "$SOCK_DIR"
-    chmod 755 "$BENCH_DIR"
-fi
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() {
-    local p tries=0
-    while ((tries++ < 500)); do
-        p=$((20000 + RANDOM % 30000))
-        [[ $p != "${SRC_PORT:-}" ]] && port_free "$p" && { echo "$p"; return; }
-    done
-    die "no free port found on 127.0.0.1"
-}
-
-# start_server BIN DATA PORT LOG
-start_server() {
-    local bin=$1 data=$2 port=$3 logf=$4
-    mkdir -p "$data"
-    [[ $(id -u) == 0 ]] && chown postgres: "$data"
-    as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C >"$logf.initdb" 2>&1 \
-        || { cat "$logf.initdb" >&2; die "initdb $data failed"; }
-    # initdb -A trust: trust on the local socket and on 127.0.0.1/::1 (replication connections included).
-    cat >>"$data/postgresql.conf" <<EOF
-
-# hikkoshi bench
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$SOCK_DIR'
-wal_level = logical
-max_replication_slots = 20
-max_wal_senders = 20
-shared_buffers = 256MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-fsync = on
-synchronous_commit = on
-EOF
-    touch "$logf"
-    [[ $(id -u) == 0 ]] && chown postgres: "$logf"
-    as_pg "$bin/pg_ctl" -D "$data" -l "$logf" -w -t 120 start >/dev/null \
-        || { tail -20 "$logf" >&2; die "could not start the server in $data"; }
-}
-
-SRC_PORT=$(pick_port)
-log "starting PostgreSQL 15 (source) on 127.0.0.1:$SRC_PORT"
-STARTED=1
-start_server "$PG15_BIN" "$SRC_DATA" "$SRC_PORT" "$LOGS/pg15.log"
-DST_PORT=$(pick_port)
-log "starting PostgreSQL 18 (target) on 127.0.0.1:$DST_PORT"
-start_server "$PG18_BIN" "$DST_DATA" "$DST_PORT" "$LOGS/pg18.log"
-
-src_conn() { echo "host=127.0.0.1 port=$SRC_PORT user=postgres dbname=$1"; }
-dst_conn() { echo "host=127.0.0.1 port=$DST_PORT user=postgres dbname=$1"; }
-# pgcopydb documents its --source/--target as Postgres URIs.
-src_uri() { echo "postgres://postgres@127.0.0.1:$SRC_PORT/$1"; }
-dst_uri() { echo "postgres://postgres@127.0.0.1:$DST_PORT/$1"; }
-# (client_min_messages: no NOTICE for DROP DATABASE IF EXISTS of a database that is not there)
-src_psql() { local db=$1; shift; as_pg env PGOPTIONS='-c client_min_messages=warning' "$PG15_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(src_conn "$db")" "$@"; }
-dst_psql() { local db=$1; shift; as_pg env PGOPTIONS='-c client_min_messages=warning' "$PG18_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$(dst_conn "$db")" "$@"; }
-
-SRC_VERSION=$(src_psql postgres -At -c 'SHOW server_version')
-DST_VERSION=$(dst_psql postgres -At -c 'SHOW server_version')
 HIKKOSHI_VERSION=$("$HIKKOSHI_BIN" --version 2>&1 | head -1)
 PGCOPYDB_VERSION=$("$PGCOPYDB_BIN" --version 2>&1 | grep -o 'pgcopydb version [^ ]*' | head -1 || true)
 PG_DUMP_VERSION=$("$PG18_BIN/pg_dump" --version)
@@ -503,13 +360,6 @@ show_log_tail() {
         tail -25 "$f" >&2
     done
 }
-
-median() { sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "null"; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-
-# ratio A B: A/B with three decimals, or null when either is missing
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "null" || b == "null" || b + 0 == 0) print "null"; else printf "%.3f\n", a / b }'; }
-# a JSON string
-jstr() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }
 
 TOOLS=(hikkoshi pgcopydb pg_dump_restore)
 declare -A LABEL=([hikkoshi]=hikkoshi [pgcopydb]=pgcopydb [pg_dump_restore]="pg_dump+pg_restore")

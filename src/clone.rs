@@ -156,13 +156,20 @@ fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
 
 /// Runs (or resumes) a clone, then, with `follow`, streams changes until `opts.stop` is cancelled.
 pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
-    let mut report = copy_part(opts).await?;
+    let src_info = session::resolve(Side::Source, &opts.source)?;
+    let tgt_info = session::resolve(Side::Target, &opts.target)?;
+    // One process per migration: this session holds the lock for the whole run.
+    let target = session::connect(&tgt_info, Side::Target).await?;
+    if !state::try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(another_process(&tgt_info));
+    }
+    let mut report = copy_part(opts, &src_info, &tgt_info).await?;
     if !opts.follow {
         return Ok(report);
     }
-    let src_info = session::resolve(Side::Source, &opts.source)?;
-    let tgt_info = session::resolve(Side::Target, &opts.target)?;
-    let target = session::connect(&tgt_info, Side::Target).await?;
     let (slot, publication) = state::stream_names(&target)
         .await
         .map_err(Error::sql(Side::Target, "reading the stream state"))?
@@ -173,12 +180,6 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
                     .into(),
             )
         })?;
-    if !state::try_lock(&target)
-        .await
-        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
-    {
-        return Err(another_process(&tgt_info));
-    }
     let plan = crate::stream::follow::FollowPlan {
         source: src_info,
         target: tgt_info,
@@ -198,15 +199,17 @@ fn another_process(tgt_info: &ConnInfo) -> Error {
     ))
 }
 
-/// Copies (or resumes copying) schema, rows, indexes and sequences.
-async fn copy_part(opts: &CloneOptions) -> Result<CloneReport, Error> {
+/// Copies (or resumes copying) schema, rows, indexes and sequences. The caller holds the migration lock.
+async fn copy_part(
+    opts: &CloneOptions,
+    src_info: &ConnInfo,
+    tgt_info: &ConnInfo,
+) -> Result<CloneReport, Error> {
     let started = Instant::now();
     let selection =
         Selection::parse(&opts.include, &opts.exclude).map_err(|e| Error::Usage(format!("{e}")))?;
-    let src_info = session::resolve(Side::Source, &opts.source)?;
-    let tgt_info = session::resolve(Side::Target, &opts.target)?;
-    let source = session::connect(&src_info, Side::Source).await?;
-    let target = session::connect(&tgt_info, Side::Target).await?;
+    let source = session::connect(src_info, Side::Source).await?;
+    let target = session::connect(tgt_info, Side::Target).await?;
 
     let cat = Catalog::load(&source)
         .await
@@ -218,13 +221,6 @@ async fn copy_part(opts: &CloneOptions) -> Result<CloneReport, Error> {
         .map_err(Error::sql(Side::Target, "reading the server version"))?
         .get(0);
     preflight_source(&source).await?;
-
-    if !state::try_lock(&target)
-        .await
-        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
-    {
-        return Err(another_process(&tgt_info));
-    }
     let existing = state::load(&target)
         .await
         .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?;

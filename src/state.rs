@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS hikkoshi.stream (
     applied_txns     bigint NOT NULL DEFAULT 0,
     synced_lsn       pg_lsn NOT NULL,
     source_lsn       pg_lsn NOT NULL,
-    seen_at          timestamptz
+    seen_at          timestamptz,
+    rate_tps         double precision
 );
 CREATE TABLE IF NOT EXISTS hikkoshi.events (
     id      bigserial PRIMARY KEY,

@@ -19,6 +19,25 @@ pub struct TableStatus {
     pub bytes_copied: i64,
 }
 
+/// The change stream of a following clone.
+#[derive(Debug, Serialize)]
+pub struct StreamStatus {
+    pub slot: String,
+    /// Source LSN up to which every change is committed on the target.
+    pub applied_lsn: String,
+    /// Source LSN up to which the target is known to be in sync (applied, or nothing to apply).
+    pub synced_lsn: String,
+    /// The source's WAL position last reported to the follower.
+    pub source_lsn: String,
+    pub lag_bytes: i64,
+    /// How old the last applied source commit is, while behind; 0 when in sync.
+    pub lag_seconds: f64,
+    pub transactions_applied: i64,
+    pub apply_rate_tps: f64,
+    /// A follower holds the migration lock and reported within the last 10 s.
+    pub follower_running: bool,
+}
+
 /// The whole picture.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -26,6 +45,7 @@ pub struct Status {
     pub source: Option<String>,
     pub phase: Option<String>,
     pub tables: Vec<TableStatus>,
+    pub stream: Option<StreamStatus>,
     pub recent_events: Vec<(String, String, String)>,
 }
 
@@ -42,6 +62,7 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
             source: None,
             phase: None,
             tables: vec![],
+            stream: None,
             recent_events: vec![],
         });
     };
@@ -71,6 +92,36 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
             bytes_copied: r.get(8),
         })
         .collect();
+    let stream = client
+        .query_opt(
+            &format!(
+                "SELECT slot_name, applied_lsn::text, synced_lsn::text, source_lsn::text,
+                        greatest(pg_wal_lsn_diff(source_lsn, synced_lsn), 0)::bigint,
+                        CASE WHEN synced_lsn >= source_lsn OR last_commit_time IS NULL THEN 0
+                             ELSE greatest(extract(epoch FROM now() - last_commit_time), 0) END::float8,
+                        applied_txns, coalesce(rate_tps, 0),
+                        coalesce(seen_at > now() - interval '10 seconds', false)
+                        AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                                    AND classid = 0 AND objid = {} AND objsubid = 1
+                                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+                 FROM hikkoshi.stream",
+                crate::state::LOCK_KEY
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql("reading hikkoshi.stream"))?
+        .map(|r| StreamStatus {
+            slot: r.get(0),
+            applied_lsn: r.get(1),
+            synced_lsn: r.get(2),
+            source_lsn: r.get(3),
+            lag_bytes: r.get(4),
+            lag_seconds: r.get(5),
+            transactions_applied: r.get(6),
+            apply_rate_tps: r.get(7),
+            follower_running: r.get(8),
+        });
     let events = client
         .query(
             "SELECT to_char(at, 'YYYY-MM-DD HH24:MI:SS'), kind, message
@@ -87,6 +138,7 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
         source: Some(m.source),
         phase: Some(m.phase.as_str().to_string()),
         tables,
+        stream,
         recent_events: events,
     })
 }
@@ -117,6 +169,25 @@ impl std::fmt::Display for Status {
                 format!("{}/{}", t.chunks_copied, t.chunks),
                 t.rows_copied,
                 crate::progress::human_bytes(t.bytes_copied.max(0) as u64)
+            )?;
+        }
+        if let Some(st) = &self.stream {
+            writeln!(
+                f,
+                "stream from slot {}: {} — applied up to {}, source at {}, lag {} ({:.1}s), {} transaction(s) \
+                 applied, {:.0} tx/s",
+                st.slot,
+                if st.follower_running {
+                    "follower running"
+                } else {
+                    "no follower running"
+                },
+                st.applied_lsn,
+                st.source_lsn,
+                crate::progress::human_bytes(st.lag_bytes.max(0) as u64),
+                st.lag_seconds,
+                st.transactions_applied,
+                st.apply_rate_tps
             )?;
         }
         if !self.recent_events.is_empty() {

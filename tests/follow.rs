@@ -63,6 +63,20 @@ impl Follower {
     }
 }
 
+/// Peak resident memory of the follower so far (VmHWM).
+fn peak_rss(f: &Follower) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", f.child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Waits until the follower has applied everything the source wrote so far.
 async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
     let lsn: String = src
@@ -163,6 +177,12 @@ async fn follow_applies_a_live_workload_exactly_once() {
     .unwrap();
     workload(s.url("app"), 300, 40).await;
     wait_in_sync(&src, &tgt, &mut f).await;
+    let peak = peak_rss(&f);
+    assert!(
+        peak > 0 && peak < 150 << 20,
+        "the follower's peak memory, with a 200 000-row transaction and MB-sized values: {} MB",
+        peak >> 20
+    );
     let (status, log) = f.stop();
     assert!(
         status.success(),
@@ -303,4 +323,103 @@ async fn a_table_without_identity_is_refused_before_the_publication_breaks_the_a
     src.batch_execute("UPDATE logs SET line = 'y'")
         .await
         .unwrap();
+}
+
+/// Writes until told to stop; returns how many rounds it ran.
+fn background_writer(
+    url: String,
+    base: i32,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<i32>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = tokio::spawn(async move {
+        let mut k = base;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            workload(url.clone(), k, 5).await;
+            k += 5;
+        }
+        k - base
+    });
+    (stop, handle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let (stop, writer) = background_writer(s.url("app"), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut f = Follower::start(
+        &s,
+        &t,
+        "app",
+        &[("HIKKOSHI_FAILPOINT", "copy.after-chunk-commit:12")],
+    );
+    let status = f.child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the failpoint killed the copy:\n{}",
+        f.log()
+    );
+    let copied: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(copied >= 12, "{copied}");
+    // more writes between the two runs, then the resumed copy in a new snapshot
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.await.unwrap();
+    assert!(rounds > 10, "the writer ran during both runs ({rounds})");
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    // chunks really were copied in two snapshots
+    let snapshots: i64 = tgt
+        .query_one(
+            "SELECT count(DISTINCT snapshot_lsn) FROM hikkoshi.chunks",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(snapshots, 2);
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_of_source_and_target_during_streaming_recover_by_themselves() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    workload(s.url("app"), 0, 30).await;
+    s.restart("immediate").unwrap();
+    let src = connect(&s.url("app")).await;
+    workload(s.url("app"), 30, 30).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    t.restart("immediate").unwrap();
+    let tgt = connect(&t.url("app")).await;
+    workload(s.url("app"), 60, 30).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("reconnecting"),
+        "the follower noticed and recovered:\n{log}"
+    );
+    assert_same_rows_and_schema(&src, &tgt).await;
 }

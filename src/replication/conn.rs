@@ -156,9 +156,13 @@ impl ReplicationConn {
             ("application_name", "hikkoshi"),
             ("client_encoding", "UTF8"),
         ];
-        if let Some(o) = info.get("options") {
-            params.push(("options", o));
-        }
+        // Values are decoded with these settings: ISO dates and full float precision read back the same on
+        // any target, whatever the source server's defaults.
+        let options = format!(
+            "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 {}",
+            info.get("options").unwrap_or("")
+        );
+        params.push(("options", options.trim_end()));
         frontend::startup_message(params, &mut self.out)?;
         self.flush().await?;
         loop {
@@ -277,8 +281,17 @@ impl ReplicationConn {
         start: Lsn,
         publication: &str,
     ) -> Result<(), ReplicationError> {
+        // Version 2 (PostgreSQL 14+) only adds in-progress streaming, which we do not ask for; the messages
+        // we read are the same in both.
+        let major: u32 = self
+            .server_version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(10);
+        let proto = if major >= 14 { 2 } else { 1 };
         let sql = format!(
-            "START_REPLICATION SLOT \"{}\" LOGICAL {start} (proto_version '1', publication_names '\"{}\"')",
+            "START_REPLICATION SLOT \"{}\" LOGICAL {start} (proto_version '{proto}', publication_names '\"{}\"')",
             slot.replace('"', "\"\""),
             publication.replace('"', "\"\"").replace('\'', "''")
         );

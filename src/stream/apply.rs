@@ -325,13 +325,26 @@ impl Applier {
             None => key_match(rel, &u.new, false),
         };
         let target = rel.table.name.quoted();
+        let sets = sets.join(", ");
+        if converge && let Some(OldRow::Key(_)) = &u.old {
+            // A key change replayed onto rows copied later: the row may already carry the new key (then it
+            // takes the new values and the old key goes), still carry the old one (then it moves), or be
+            // gone (deleted later: a later change in the stream says so). Each statement may find nothing.
+            let (new_key, _) = key_match(rel, &u.new, false);
+            let sql = format!(
+                "UPDATE {target} SET {sets} WHERE {new_key};\
+                 DELETE FROM {target} WHERE {condition} AND EXISTS (SELECT 1 FROM {target} WHERE {new_key});\
+                 UPDATE {target} SET {sets} WHERE {condition}"
+            );
+            self.push_many(sql, 3).await?;
+            return Ok(());
+        }
         let sql = if rel.identity == 'f' || rel.key_positions.is_empty() {
             format!(
-                "UPDATE {target} SET {} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)",
-                sets.join(", ")
+                "UPDATE {target} SET {sets} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
             )
         } else {
-            format!("UPDATE {target} SET {} WHERE {condition}", sets.join(", "))
+            format!("UPDATE {target} SET {sets} WHERE {condition}")
         };
         let expect = (!converge).then(|| format!("UPDATE of {} {what}", rel.table.name));
         self.push(sql, expect).await
@@ -381,6 +394,17 @@ impl Applier {
             if t.cascade { " CASCADE" } else { "" }
         );
         self.push(sql, None).await
+    }
+
+    /// Several statements that may each find no row.
+    async fn push_many(&mut self, sql: String, statements: usize) -> Result<(), ApplyError> {
+        self.batch.push_str(&sql);
+        self.batch.push(';');
+        self.expect.extend(std::iter::repeat_n(None, statements));
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush_batch().await?;
+        }
+        Ok(())
     }
 
     async fn push(&mut self, sql: String, expect: Option<String>) -> Result<(), ApplyError> {

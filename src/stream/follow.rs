@@ -172,7 +172,7 @@ async fn session_once(
     target
         .batch_execute(
             "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
-             SET synchronous_commit = on;",
+             SET synchronous_commit = on; SET datestyle = ISO; SET intervalstyle = postgres;",
         )
         .await
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
@@ -213,6 +213,7 @@ async fn session_once(
     let mut server_end = applied;
     let mut last_status = Instant::now();
     let mut last_record = Instant::now();
+    let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
     let apply_err = |e: ApplyError| match e {
         ApplyError::Target { what, source } => Error::Sql {
@@ -234,7 +235,7 @@ async fn session_once(
                 let done = applier.commit().await.map_err(apply_err)?;
                 applier.abandon().await;
                 let _ = repl.send_status(received, done, false).await;
-                record(&status, done, server_end).await;
+                record(&status, done, server_end, 0.0).await;
                 report.applied = done;
                 report.transactions += applier.applied_txns;
                 return Ok(());
@@ -307,20 +308,23 @@ async fn session_once(
             last_status = Instant::now();
         }
         if last_record.elapsed() > Duration::from_secs(1) {
-            record(&status, confirmed, server_end).await;
+            let rate = (applier.applied_txns - txns_at_record) as f64
+                / last_record.elapsed().as_secs_f64();
+            record(&status, confirmed, server_end, rate).await;
+            txns_at_record = applier.applied_txns;
             last_record = Instant::now();
         }
         report.applied = confirmed;
     }
 }
 
-/// Notes how far the source is and how far we are in sync, for `status` and lag (best effort).
-async fn record(status: &Client, synced: Lsn, server_end: Lsn) {
+/// Notes how far the source is, how far we are in sync and how fast we apply, for `status` (best effort).
+async fn record(status: &Client, synced: Lsn, server_end: Lsn, rate_tps: f64) {
     let _ = status
         .execute(
             "UPDATE hikkoshi.stream SET synced_lsn = greatest(synced_lsn, $1::text::pg_lsn),
-                    source_lsn = greatest(source_lsn, $2::text::pg_lsn), seen_at = now()",
-            &[&synced.to_string(), &server_end.to_string()],
+                    source_lsn = greatest(source_lsn, $2::text::pg_lsn), seen_at = now(), rate_tps = $3",
+            &[&synced.to_string(), &server_end.to_string(), &rate_tps],
         )
         .await;
 }
