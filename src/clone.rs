@@ -284,7 +284,7 @@ async fn copy_part(
     );
 
     // The snapshot every reader shares. Nothing exists on either server yet if this fails.
-    let repl = ReplicationConn::connect(&src_info)
+    let repl = ReplicationConn::connect(src_info)
         .await
         .map_err(Error::replication("opening a replication connection"))?;
     let fresh_follow = existing.is_none() && opts.follow;
@@ -316,14 +316,14 @@ async fn copy_part(
 
     let archive = schema::dump(
         &tools,
-        &src_info,
+        src_info,
         Some(&snap.snapshot),
         &DumpFilter {
             excluded: &resolved.excluded,
         },
     )
     .await?;
-    let owners = schema::archive_owners(&tools, &archive, &tgt_info).await?;
+    let owners = schema::archive_owners(&tools, &archive, tgt_info).await?;
     let missing = missing_roles(&target, &owners).await?;
     let keep_owners = missing.is_empty();
     if !keep_owners {
@@ -389,7 +389,7 @@ async fn copy_part(
     if phase == Phase::Schema {
         // pre-data runs in one transaction: the tables are all there (an earlier run restored them) or none
         if !all_tables_exist(&target, &resolved.tables).await?
-            && let Err(e) = schema::restore_pre_data(&tools, &archive, &tgt_info, keep_owners).await
+            && let Err(e) = schema::restore_pre_data(&tools, &archive, tgt_info, keep_owners).await
         {
             if existing.is_none() {
                 // nothing of the schema stayed: dropping our state leaves the target as it was
@@ -409,7 +409,7 @@ async fn copy_part(
 
     if phase == Phase::Copy {
         let (chunks, rows, bytes) =
-            copy_phase(opts, &src_info, &tgt_info, &target, &resolved, &snap).await?;
+            copy_phase(opts, src_info, tgt_info, &target, &resolved, &snap).await?;
         report.chunks_copied = chunks;
         report.rows = rows;
         report.bytes = bytes;
@@ -432,7 +432,7 @@ async fn copy_part(
         let skipped = schema::restore_post_data(
             &tools,
             &archive,
-            &tgt_info,
+            tgt_info,
             &target,
             &schema::PostDataOptions {
                 jobs: opts.jobs,
@@ -451,7 +451,7 @@ async fn copy_part(
         let positions = sequence::read(&source, Side::Source, &resolved.sequences).await?;
         sequence::apply(&target, &positions).await?;
         report.sequences = positions.len();
-        analyze(&tgt_info, &resolved.tables, opts.jobs).await?;
+        analyze(tgt_info, &resolved.tables, opts.jobs).await?;
         target
             .batch_execute("UPDATE hikkoshi.tables SET state = 'indexed'")
             .await
