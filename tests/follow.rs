@@ -423,3 +423,70 @@ async fn restarts_of_source_and_target_during_streaming_recover_by_themselves() 
     );
     assert_same_rows_and_schema(&src, &tgt).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_type_changed_on_the_source_stops_the_stream_with_both_types_named() {
+    let s = server(15);
+    let t = server(15);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    // status sees a running, caught-up follower
+    let out = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    assert_success(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stream"]["follower_running"], true, "{v}");
+    assert_eq!(v["phase"], "done");
+    src.batch_execute(
+        "ALTER TABLE app.events ALTER COLUMN amount TYPE numeric(14,4);
+         UPDATE app.events SET amount = 1.2345 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(s) = f.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = f.log();
+    let status = status.unwrap_or_else(|| panic!("the follower kept going:\n{log}"));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("app.events.amount")
+            && log.contains("numeric(14,4)")
+            && log.contains("numeric(10,2)"),
+        "{log}"
+    );
+    let out = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stream"]["follower_running"], false, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
+    let s = server(15);
+    let t = server(15);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, _) = f.stop();
+    assert!(status.success());
+    let slots = hikkoshi_slots(&src).await;
+    assert_eq!(slots.len(), 1);
+    src.execute("SELECT pg_drop_replication_slot($1)", &[&slots[0]])
+        .await
+        .unwrap();
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    let status = f.child.wait().unwrap();
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("no longer exists") && log.contains("hikkoshi clean"),
+        "{log}"
+    );
+}

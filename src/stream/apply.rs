@@ -33,6 +33,12 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("{what}")]
+    Source {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error(transparent)]
     Decode(#[from] super::pgoutput::DecodeError),
 }
@@ -41,13 +47,15 @@ impl ApplyError {
     /// Whether running again may succeed without anyone changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Target { source, .. } => match source.code() {
-                None => true,
-                Some(c) => {
-                    let c = c.code();
-                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+            ApplyError::Target { source, .. } | ApplyError::Source { source, .. } => {
+                match source.code() {
+                    None => true,
+                    Some(c) => {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+                    }
                 }
-            },
+            }
             _ => false,
         }
     }
@@ -89,6 +97,7 @@ struct Rel {
 /// Applies decoded messages to the target.
 pub struct Applier {
     client: Client,
+    source: Client,
     /// Source column types, for spotting a type change: (table, column) → SQL type on the source.
     tables: HashMap<QualifiedName, TargetTable>,
     relations: HashMap<u32, Rel>,
@@ -112,9 +121,16 @@ const BATCH_BYTES: usize = 512 * 1024;
 
 impl Applier {
     /// `applied`: the LSN recorded on the target; `tables`: target tables by name.
-    pub fn new(client: Client, applied: Lsn, tables: HashMap<QualifiedName, TargetTable>) -> Self {
+    /// `source`: a session on the source, to name the types a Relation message lists.
+    pub fn new(
+        client: Client,
+        source: Client,
+        applied: Lsn,
+        tables: HashMap<QualifiedName, TargetTable>,
+    ) -> Self {
         Applier {
             client,
+            source,
             tables,
             relations: HashMap::new(),
             batch: String::new(),
@@ -152,7 +168,7 @@ impl Applier {
                 }
             }
             Message::Commit(c) => self.commit_source(c).await?,
-            Message::Relation(r) => self.relation(r)?,
+            Message::Relation(r) => self.relation(r).await?,
             Message::Insert(i) if !self.skipping => self.insert(i).await?,
             Message::Update(u) if !self.skipping => self.update(u).await?,
             Message::Delete(d) if !self.skipping => self.delete(d).await?,
@@ -162,7 +178,7 @@ impl Applier {
         Ok(())
     }
 
-    fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
+    async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
         let table = self.tables.get(&name).cloned().ok_or_else(|| {
             ApplyError::Definite(format!(
@@ -206,6 +222,36 @@ impl Applier {
                  the same command again: it resumes where it stopped",
                 diff.join("; ")
             )));
+        }
+        // Same names; now the same types (an ALTER COLUMN ... TYPE on the source changes them).
+        let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = r.columns.iter().map(|c| c.type_modifier).collect();
+        let source_types: Vec<String> = self
+            .source
+            .query(
+                "SELECT format_type(o, m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(o, m, n)
+                 ORDER BY n",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(|source| ApplyError::Source {
+                what: "reading column types on the source".into(),
+                source,
+            })?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for (c, source_type) in r.columns.iter().zip(&source_types) {
+            let target_type = &table.columns[&c.name];
+            if source_type != target_type {
+                return Err(ApplyError::Definite(format!(
+                    "the type of {name}.{} changed on the source during streaming: {source_type} there, \
+                     {target_type} on the target. hikkoshi stops rather than convert values silently. Apply \
+                     the same ALTER TABLE ... ALTER COLUMN ... TYPE on the target, then run the same command \
+                     again: it resumes where it stopped",
+                    crate::ident::display_ident(&c.name)
+                )));
+            }
         }
         let key_positions = r
             .columns

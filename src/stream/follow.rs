@@ -198,7 +198,8 @@ async fn session_once(
         .unwrap_or_default();
     let tables = target_tables(&target).await?;
     let status = session::connect(&plan.target, Side::Target).await?;
-    let mut applier = Applier::new(target, applied, tables);
+    let source = session::connect(&plan.source, Side::Source).await?;
+    let mut applier = Applier::new(target, source, applied, tables);
 
     let mut repl = ReplicationConn::connect(&plan.source)
         .await
@@ -218,6 +219,11 @@ async fn session_once(
     let apply_err = |e: ApplyError| match e {
         ApplyError::Target { what, source } => Error::Sql {
             side: Side::Target,
+            what,
+            source,
+        },
+        ApplyError::Source { what, source } => Error::Sql {
+            side: Side::Source,
             what,
             source,
         },
