@@ -314,40 +314,55 @@ async fn copy_part(
     report.snapshot_lsn = snap.lsn.to_string();
     tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
 
-    let archive = schema::dump(
-        &tools,
-        src_info,
-        Some(&snap.snapshot),
-        &DumpFilter {
-            excluded: &resolved.excluded,
-        },
-    )
-    .await?;
-    let owners = schema::archive_owners(&tools, &archive, tgt_info).await?;
-    let missing = missing_roles(&target, &owners).await?;
-    let keep_owners = missing.is_empty();
-    if !keep_owners {
-        let w = format!(
-            "roles {} do not exist on the target: objects will belong to the target user and grants are \
-             not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
-            missing.join(", ")
-        );
-        tracing::warn!("{w}");
-        report.warnings.push(w);
+    // Schema archive and the last checks. A fresh following clone made a slot and a publication already:
+    // if anything fails before the state records them, they are dropped again.
+    let prepared: Result<(schema::Archive, bool), Error> = async {
+        let archive = schema::dump(
+            &tools,
+            src_info,
+            Some(&snap.snapshot),
+            &DumpFilter {
+                excluded: &resolved.excluded,
+            },
+        )
+        .await?;
+        let owners = schema::archive_owners(&tools, &archive, tgt_info).await?;
+        let missing = missing_roles(&target, &owners).await?;
+        if !missing.is_empty() {
+            let w = format!(
+                "roles {} do not exist on the target: objects will belong to the target user and grants \
+                 are not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
+                missing.join(", ")
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        }
+        let large_objects: i64 = source
+            .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+            .await
+            .map_err(Error::sql(Side::Source, "counting large objects"))?
+            .get(0);
+        if large_objects > 0 {
+            let w = format!(
+                "the source has {large_objects} large object(s) (pg_largeobject); hikkoshi does not copy \
+                 them yet: move them separately (e.g. `pg_dump --large-objects --data-only -t none`) \
+                 before switching over"
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        }
+        Ok((archive, missing.is_empty()))
     }
-    let large_objects: i64 = source
-        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
-        .await
-        .map_err(Error::sql(Side::Source, "counting large objects"))?
-        .get(0);
-    if large_objects > 0 {
-        let w = format!(
-            "the source has {large_objects} large object(s) (pg_largeobject); hikkoshi does not copy them yet: \
-             move them separately (e.g. `pg_dump --large-objects --data-only -t none`) before switching over"
-        );
-        tracing::warn!("{w}");
-        report.warnings.push(w);
-    }
+    .await;
+    let (archive, keep_owners) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if fresh_follow {
+                undo_slot(snap, &source, &publication).await;
+            }
+            return Err(e);
+        }
+    };
 
     // Every check is done: from here on the target holds state that a rerun resumes from.
     if existing.is_none() {
@@ -394,6 +409,9 @@ async fn copy_part(
             if existing.is_none() {
                 // nothing of the schema stayed: dropping our state leaves the target as it was
                 let _ = target.batch_execute("DROP SCHEMA hikkoshi CASCADE").await;
+                if fresh_follow {
+                    undo_slot(snap, &source, &publication).await;
+                }
             }
             return Err(e.into());
         }
@@ -562,6 +580,27 @@ async fn create_publication(source: &Client, name: &str, tables: &[Table]) -> Re
         ))
         .await
         .map_err(Error::sql(Side::Source, "creating the publication"))
+}
+
+/// Drops the slot (on the session that made it) and the publication of a following clone that failed
+/// before it began.
+async fn undo_slot(snap: replication::ExportedSnapshot, source: &Client, publication: &str) {
+    let mut conn = snap.conn;
+    if let Err(e) = conn
+        .simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            crate::ident::quote_ident(&snap.slot)
+        ))
+        .await
+    {
+        tracing::warn!(
+            "could not drop slot {} ({}): `hikkoshi clean` or pg_drop_replication_slot removes it",
+            snap.slot,
+            crate::error::chain(&e)
+        );
+    }
+    conn.close().await;
+    drop_publication(source, publication).await;
 }
 
 async fn drop_publication(source: &Client, name: &str) {

@@ -490,3 +490,29 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publication() {
+    let s = server(18);
+    let t = server(15); // no pgvector here: the schema step fails
+    let src = create_db(&s, "api").await;
+    src.batch_execute(FIXTURE_VECTOR).await.unwrap();
+    let tgt = create_db(&t, "api").await;
+    let out = hikkoshi(&[
+        "clone",
+        "--follow",
+        "--source",
+        &s.url("api"),
+        "--target",
+        &t.url("api"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(hikkoshi_slots(&src).await.is_empty(), "{}", text(&out));
+    let pubs: i64 = src
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 0, "{}", text(&out));
+    assert!(!has_state(&tgt).await);
+}
