@@ -54,6 +54,12 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("the TLS settings for the {side} cannot be used")]
+    Tls {
+        side: Side,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     #[error("cannot connect to the {side} ({endpoint}): no answer within {secs} s")]
     ConnectTimeout {
         side: Side,
@@ -106,14 +112,16 @@ impl Error {
 
     pub fn kind(&self) -> Kind {
         match self {
-            Error::ConnInfo { .. } | Error::Usage(_) => Kind::Usage,
+            Error::ConnInfo { .. } | Error::Usage(_) | Error::Tls { .. } => Kind::Usage,
             Error::Connect { .. } | Error::ConnectTimeout { .. } => Kind::Connection,
             Error::Replication { source, .. } => match source {
                 ReplicationError::Connect { .. }
                 | ReplicationError::Timeout { .. }
                 | ReplicationError::PasswordMissing
                 | ReplicationError::UnsupportedAuth(_)
-                | ReplicationError::TlsUnsupported(_) => Kind::Connection,
+                | ReplicationError::TlsRefused(_)
+                | ReplicationError::TlsHandshake { .. }
+                | ReplicationError::TlsSetup(_) => Kind::Connection,
                 ReplicationError::Server { code, .. } if code.starts_with("28") => Kind::Connection,
                 // the slot is still held by the session of a process that just died: it is let go soon
                 ReplicationError::Server { code, .. } if code == "55006" => Kind::Transient,
@@ -236,6 +244,21 @@ fn connect_hint(side: Side, endpoint: &str, e: &tokio_postgres::Error) -> String
             }
             "57P03" => format!("the {side} is starting up or shutting down: retry in a moment"),
             _ => format!("the {side} refused the connection: {}", db.message()),
+        };
+    }
+    let full = chain(e);
+    if full.contains("TLS") || full.contains("certificate") {
+        return if full.contains("does not support TLS") {
+            format!(
+                "the {side} does not accept TLS, and the sslmode asks for it: enable ssl on the server, or \
+                 use sslmode=prefer on a network you trust (hikkoshi never downgrades on its own)"
+            )
+        } else {
+            format!(
+                "the {side}'s TLS certificate was refused: check that sslrootcert names the CA that signed \
+                 it and, with sslmode=verify-full, that the host name in the URL is one the certificate \
+                 lists. hikkoshi did not fall back to an unverified connection"
+            )
         };
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);

@@ -20,5 +20,6 @@ pub mod session;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod tls;
 
 pub use error::{Error, Side};

@@ -93,6 +93,10 @@ pub struct ServerOptions {
     pub conf: Vec<String>,
     /// Durable commits (fsync on). Off by default: these servers are throwaway.
     pub durable: bool,
+    /// Serve TLS with this certificate and key (PEM).
+    pub tls: Option<(String, String)>,
+    /// Accept TCP connections only over TLS (pg_hba `hostssl`).
+    pub tls_only: bool,
 }
 
 impl LocalServer {
@@ -154,6 +158,27 @@ impl LocalServer {
             conf.push("synchronous_commit = off".into());
             conf.push("full_page_writes = off".into());
         }
+        if let Some((cert, key)) = &opts.tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem)?;
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+                if let Some(user) = &server.run_as {
+                    chown(&path, user)?;
+                }
+            }
+            conf.push("ssl = on".into());
+        }
+        if opts.tls_only {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+            )?;
+        }
         conf.extend(opts.conf.iter().cloned());
         let mut text = std::fs::read_to_string(data.join("postgresql.conf"))?;
         text.push_str("\n# hikkoshi local server\n");
@@ -198,6 +223,15 @@ impl LocalServer {
     pub fn url(&self, dbname: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname={dbname} sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A connection string over the server's Unix socket (trust authentication, no TLS).
+    pub fn socket_url(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={dbname}",
+            self.dir.display(),
             self.port
         )
     }

