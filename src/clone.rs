@@ -27,8 +27,8 @@ use crate::conninfo::ConnInfo;
 use crate::copy::{self, CopyContext, TableCopy};
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
-use crate::plan::Selection;
 use crate::plan::chunk::{self, ChunkMethod, ChunkSpec};
+use crate::plan::{Resolved, Selection, resolve};
 use crate::progress::{Progress, Reporter};
 use crate::replication::{self, ReplicationConn};
 use crate::schema::{self, DumpFilter, DumpTools};
@@ -73,85 +73,6 @@ pub struct CloneReport {
     /// With --follow: the source LSN applied on the target when the follower stopped.
     pub applied_lsn: Option<String>,
     pub transactions_applied: u64,
-}
-
-/// The tables and relations a run works on.
-struct Resolved {
-    tables: Vec<Table>,
-    /// Relations the source has that the selection leaves out (for pg_dump's --exclude-table).
-    excluded: Vec<QualifiedName>,
-    sequences: Vec<QualifiedName>,
-    matviews: Vec<QualifiedName>,
-}
-
-fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> {
-    let mut names: Vec<&QualifiedName> = cat.tables.iter().map(|t| t.selection_name()).collect();
-    names.extend(cat.partitioned.iter());
-    let unmatched = selection.unmatched(&names);
-    if !unmatched.is_empty() {
-        let mut known: Vec<String> = cat
-            .tables
-            .iter()
-            .filter(|t| t.root.is_none())
-            .map(|t| t.name.to_string())
-            .chain(cat.partitioned.iter().map(|n| n.to_string()))
-            .collect();
-        known.sort();
-        known.truncate(20);
-        return Err(Error::Usage(format!(
-            "the selection pattern{} {} match{} no table on the source. Patterns are schema.table with * \
-             and ? wildcards (public.*, *.audit_*); tables on the source include: {}",
-            if unmatched.len() > 1 { "s" } else { "" },
-            unmatched
-                .iter()
-                .map(|p| format!("\"{p}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if unmatched.len() > 1 { "" } else { "es" },
-            if known.is_empty() {
-                "(none)".into()
-            } else {
-                known.join(", ")
-            }
-        )));
-    }
-    let mut tables = Vec::new();
-    let mut excluded = Vec::new();
-    let mut selected_names = HashSet::new();
-    for t in &cat.tables {
-        if selection.selects(t.selection_name()) {
-            selected_names.insert(t.name.clone());
-            tables.push(t.clone());
-        } else {
-            excluded.push(t.name.clone());
-        }
-    }
-    for p in &cat.partitioned {
-        // an intermediate partitioned table follows its root, which is a plain partitioned name here
-        if selection.selects(p) {
-            selected_names.insert(p.clone());
-        } else {
-            excluded.push(p.clone());
-        }
-    }
-    let mut sequences = Vec::new();
-    for s in &cat.sequences {
-        let selected = match &s.owner {
-            Some(owner) => selected_names.contains(owner),
-            None => selection.selects(&s.name),
-        };
-        if selected {
-            sequences.push(s.name.clone());
-        } else if s.owner.is_none() {
-            excluded.push(s.name.clone());
-        }
-    }
-    Ok(Resolved {
-        tables,
-        excluded,
-        sequences,
-        matviews: cat.matviews.clone(),
-    })
 }
 
 /// Runs (or resumes) a clone, then, with `follow`, streams changes until `opts.stop` is cancelled.
