@@ -2,6 +2,7 @@
 //! DESIGN.md: `check` → `plan` → `schema` → `copy` → (stream) → (cutover), with `state` kept in the target.
 
 pub mod catalog;
+pub mod check;
 pub mod clean;
 pub mod clone;
 pub mod conninfo;

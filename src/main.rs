@@ -65,6 +65,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight: checks both servers for everything a migration needs and prints each problem with its
+    /// fix. Exit 0 when nothing blocks, 1 when something does. Creates nothing.
+    Check {
+        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+        source: String,
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+        #[arg(long)]
+        include: Vec<String>,
+        #[arg(long)]
+        exclude: Vec<String>,
+        #[arg(long, env = "HIKKOSHI_PG_BIN")]
+        pg_bin: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the migration recorded in the target: phase, tables and chunks, recent events.
     Status {
         #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
@@ -261,6 +277,36 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            source,
+            target,
+            include,
+            exclude,
+            pg_bin,
+            json,
+        } => {
+            let report = hikkoshi::check::run(&hikkoshi::check::CheckOptions {
+                source,
+                target,
+                include,
+                exclude,
+                pg_bin,
+            })
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{report}");
+            }
+            Ok(if report.blocked() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Status { target, json } => {
             let status = hikkoshi::status::read(&target).await?;
