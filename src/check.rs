@@ -99,29 +99,83 @@ pub async fn run(opts: &CheckOptions) -> Result<Report, Error> {
         .await
         .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
     let resolved = resolve(&cat, &selection)?;
+    evaluate(&Inputs {
+        source: &source,
+        target: &target,
+        catalog: &cat,
+        tables: &resolved.tables,
+        pg_bin: opts.pg_bin.as_deref(),
+        // the change stream is what hikkoshi is for: check for it
+        follow: true,
+        measure: true,
+    })
+    .await
+}
+
+/// What `evaluate` looks at; `clone` passes its own sessions and selection.
+pub struct Inputs<'a> {
+    pub source: &'a Client,
+    pub target: &'a Client,
+    pub catalog: &'a Catalog,
+    pub tables: &'a [Table],
+    pub pg_bin: Option<&'a std::path::Path>,
+    /// Tables without replica identity block a following clone only.
+    pub follow: bool,
+    /// Time a read sample for the estimate.
+    pub measure: bool,
+}
+
+/// Every check on open sessions.
+pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
+    let (source, target) = (i.source, i.target);
     let mut r = Report {
-        source_version: setting(&source, Side::Source, "server_version").await?,
-        target_version: setting(&target, Side::Target, "server_version").await?,
-        tables: resolved.tables.len(),
-        bytes: resolved.tables.iter().map(|t| t.bytes).sum(),
+        source_version: setting(source, Side::Source, "server_version").await?,
+        target_version: setting(target, Side::Target, "server_version").await?,
+        tables: i.tables.len(),
+        bytes: i.tables.iter().map(|t| t.bytes).sum(),
         ..Default::default()
     };
-    let target_major: u32 = setting(&target, Side::Target, "server_version_num")
+    let target_major: u32 = setting(target, Side::Target, "server_version_num")
         .await?
         .parse::<u32>()
         .unwrap_or(0)
         / 10000;
-    let source_major = cat.major_version() as u32;
+    let source_major = i.catalog.major_version() as u32;
 
-    versions(&mut r, source_major, target_major, opts);
-    source_settings(&mut r, &source).await?;
-    tables(&mut r, &source, &resolved.tables).await?;
-    extensions(&mut r, &source, &target).await?;
-    encodings(&mut r, &source, &target).await?;
-    target_state(&mut r, &source, &target, &resolved.tables).await?;
-    estimate(&mut r, &source, &resolved.tables).await;
+    versions(&mut r, source_major, target_major, i.pg_bin);
+    source_settings(&mut r, source, i.follow).await?;
+    tables(&mut r, source, i.tables, i.follow).await?;
+    extensions(&mut r, source, target).await?;
+    encodings(&mut r, source, target).await?;
+    target_state(&mut r, source, target, i.tables).await?;
+    if i.measure {
+        estimate(&mut r, source, i.tables).await;
+    }
     r.findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     Ok(r)
+}
+
+impl Report {
+    /// The blockers and their fixes, as one paragraph per blocker.
+    pub fn blockers_text(&self) -> String {
+        self.findings
+            .iter()
+            .filter(|f| f.level == Level::Blocker)
+            .map(|f| {
+                format!(
+                    "- {}{}: {}{}",
+                    f.check,
+                    f.side.map(|s| format!(" ({s})")).unwrap_or_default(),
+                    f.message,
+                    f.fix
+                        .as_ref()
+                        .map(|x| format!("\n  fix: {x}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 async fn setting(c: &Client, side: Side, name: &str) -> Result<String, Error> {
@@ -131,7 +185,7 @@ async fn setting(c: &Client, side: Side, name: &str) -> Result<String, Error> {
         .get(0))
 }
 
-fn versions(r: &mut Report, source: u32, target: u32, opts: &CheckOptions) {
+fn versions(r: &mut Report, source: u32, target: u32, pg_bin: Option<&std::path::Path>) {
     if target < source {
         r.add(
             Level::Warning,
@@ -152,7 +206,7 @@ fn versions(r: &mut Report, source: u32, target: u32, opts: &CheckOptions) {
             None,
         );
     }
-    match DumpTools::find(opts.pg_bin.as_deref(), source, target) {
+    match DumpTools::find(pg_bin, source, target) {
         Ok(t) => r.add(
             Level::Ok,
             "pg_dump",
@@ -172,7 +226,10 @@ fn versions(r: &mut Report, source: u32, target: u32, opts: &CheckOptions) {
     }
 }
 
-async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
+async fn source_settings(r: &mut Report, source: &Client, follow: bool) -> Result<(), Error> {
+    // a following clone keeps one slot and takes a temporary one more when a copy resumes; a plain
+    // clone needs one temporary slot
+    let need: i32 = if follow { 2 } else { 1 };
     let row = source
         .query_one(
             "SELECT current_setting('wal_level'),
@@ -218,8 +275,7 @@ async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
         );
     }
     let (max_slots, used_slots): (i32, i32) = (row.get(1), row.get(2));
-    // a following clone keeps one slot, and takes a temporary one more when a copy resumes
-    if max_slots - used_slots >= 2 {
+    if max_slots - used_slots >= need {
         r.add(
             Level::Ok,
             "replication slots",
@@ -236,7 +292,7 @@ async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
             "replication slots",
             Some(Side::Source),
             format!(
-                "{used_slots} of {max_slots} replication slots in use; hikkoshi needs 2 free"
+                "{used_slots} of {max_slots} replication slots in use; hikkoshi needs {need} free"
             ),
             Some(format!(
                 "ALTER SYSTEM SET max_replication_slots = {}; then restart (or drop unused slots: SELECT \
@@ -246,7 +302,7 @@ async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
         );
     }
     let (max_senders, senders): (i32, i32) = (row.get(3), row.get(4));
-    if max_senders - senders >= 2 {
+    if max_senders - senders >= need {
         r.add(
             Level::Ok,
             "wal senders",
@@ -262,7 +318,7 @@ async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
             Level::Blocker,
             "wal senders",
             Some(Side::Source),
-            format!("{senders} of {max_senders} WAL senders in use; hikkoshi needs 2"),
+            format!("{senders} of {max_senders} WAL senders in use; hikkoshi needs {need}"),
             Some(format!(
                 "ALTER SYSTEM SET max_wal_senders = {}; then restart",
                 senders + 4
@@ -318,7 +374,12 @@ async fn source_settings(r: &mut Report, source: &Client) -> Result<(), Error> {
     Ok(())
 }
 
-async fn tables(r: &mut Report, source: &Client, tables: &[Table]) -> Result<(), Error> {
+async fn tables(
+    r: &mut Report,
+    source: &Client,
+    tables: &[Table],
+    follow: bool,
+) -> Result<(), Error> {
     let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
     let unreadable: Vec<String> = source
         .query(
@@ -367,7 +428,7 @@ async fn tables(r: &mut Report, source: &Client, tables: &[Table]) -> Result<(),
         );
     } else {
         r.add(
-            Level::Blocker,
+            if follow { Level::Blocker } else { Level::Warning },
             "replica identity",
             Some(Side::Source),
             format!(
@@ -595,16 +656,29 @@ async fn target_state(
     tables: &[Table],
 ) -> Result<(), Error> {
     let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
-    let existing: Vec<String> = target
-        .query(
-            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL ORDER BY n",
-            &[&names],
-        )
-        .await
-        .map_err(Error::sql(Side::Target, "looking for existing tables"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let mut existing: Vec<String> = Vec::new();
+    for (t, quoted) in tables.iter().zip(&names) {
+        let found = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[quoted])
+            .await
+            .map_err(Error::sql(Side::Target, "looking for existing tables"))?
+            .get::<_, bool>(0);
+        if found {
+            let rows: bool = target
+                .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {quoted})"), &[])
+                .await
+                .map_err(Error::sql(Side::Target, "looking for existing rows"))?
+                .get(0);
+            existing.push(format!(
+                "{} ({})",
+                t.name,
+                if rows { "has rows" } else { "empty" }
+            ));
+            if existing.len() > 10 {
+                break;
+            }
+        }
+    }
     let has_state = crate::state::exists(target)
         .await
         .map_err(Error::sql(Side::Target, "looking for hikkoshi state"))?;
@@ -630,13 +704,12 @@ async fn target_state(
             "target",
             Some(Side::Target),
             format!(
-                "the target already has {} of the selected tables ({}{})",
-                existing.len(),
+                "the target already has table(s) that the clone would create: {}{}",
                 existing.iter().take(10).cloned().collect::<Vec<_>>().join(", "),
                 if existing.len() > 10 { ", ..." } else { "" }
             ),
-            Some("clone into a new, empty database (CREATE DATABASE ...), drop those tables, or --exclude \
-                  them"
+            Some("hikkoshi clones into an empty database: use a new one (CREATE DATABASE ...), drop these \
+                  tables, or leave them out with --exclude"
                 .into()),
         );
     }

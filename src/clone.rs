@@ -141,7 +141,6 @@ async fn copy_part(
         .await
         .map_err(Error::sql(Side::Target, "reading the server version"))?
         .get(0);
-    preflight_source(&source).await?;
     let existing = state::load(&target)
         .await
         .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?;
@@ -183,9 +182,31 @@ async fn copy_part(
             (m.id.clone(), m.phase)
         }
         None => {
-            refuse_non_empty_target(&target, &resolved.tables).await?;
-            if opts.follow {
-                refuse_tables_without_identity(&resolved.tables)?;
+            // The preflight of `hikkoshi check`, before anything is created anywhere.
+            let preflight = crate::check::evaluate(&crate::check::Inputs {
+                source: &source,
+                target: &target,
+                catalog: &cat,
+                tables: &resolved.tables,
+                pg_bin: opts.pg_bin.as_deref(),
+                follow: opts.follow,
+                measure: false,
+            })
+            .await?;
+            for w in preflight
+                .findings
+                .iter()
+                .filter(|f| f.level == crate::check::Level::Warning)
+            {
+                tracing::warn!("{}: {}", w.check, w.message);
+                report.warnings.push(w.message.clone());
+            }
+            if preflight.blocked() {
+                return Err(Error::Blocked(format!(
+                    "the preflight found what would make this clone fail. Nothing was changed on either \
+                     server. Fix these and run again (`hikkoshi check` shows the full report):\n{}",
+                    preflight.blockers_text()
+                )));
             }
             (new_migration_id(), Phase::Schema)
         }
@@ -409,65 +430,6 @@ async fn copy_part(
     Ok(report)
 }
 
-/// The settings logical decoding needs, checked before anything is created.
-async fn preflight_source(source: &Client) -> Result<(), Error> {
-    let row = source
-        .query_one(
-            "SELECT current_setting('wal_level'),
-                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
-                    OR EXISTS (SELECT 1 FROM pg_auth_members m
-                               JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
-                               WHERE r.rolname = 'rds_replication' AND u.rolname = current_user),
-                    current_user",
-            &[],
-        )
-        .await
-        .map_err(Error::sql(Side::Source, "reading wal_level and role attributes"))?;
-    let wal_level: String = row.get(0);
-    let can_replicate: bool = row.get(1);
-    let user: String = row.get(2);
-    if wal_level != "logical" {
-        return Err(Error::Blocked(format!(
-            "the source has wal_level = {wal_level}; a consistent copy and the change stream need \
-             wal_level = logical. Run `ALTER SYSTEM SET wal_level = logical;` on the source and restart it \
-             (Amazon RDS: set rds.logical_replication = 1 in the parameter group and reboot)"
-        )));
-    }
-    if !can_replicate {
-        return Err(Error::Blocked(format!(
-            "the source role {user} may not create replication slots: run `ALTER ROLE {user} REPLICATION;` \
-             as a superuser (Amazon RDS: `GRANT rds_replication TO {user};`)"
-        )));
-    }
-    Ok(())
-}
-
-/// UPDATE and DELETE of a published table without replica identity fail on the source: refuse before the
-/// publication would break the application.
-fn refuse_tables_without_identity(tables: &[Table]) -> Result<(), Error> {
-    let bad: Vec<String> = tables
-        .iter()
-        .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && t.key.is_empty()))
-        .map(|t| t.root.as_ref().unwrap_or(&t.name).to_string())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    if bad.is_empty() {
-        return Ok(());
-    }
-    let fixes: Vec<String> = bad
-        .iter()
-        .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
-        .collect();
-    Err(Error::Blocked(format!(
-        "table(s) {} have no primary key or replica identity: once published, UPDATE and DELETE on them \
-         would fail on the source, and the stream could not apply them. Run on the source: {} — or leave \
-         them out with --exclude. Nothing was changed on either server",
-        bad.join(", "),
-        fixes.join(" ")
-    )))
-}
-
 async fn create_publication(source: &Client, name: &str, tables: &[Table]) -> Result<(), Error> {
     let mut names: Vec<String> = tables
         .iter()
@@ -531,45 +493,6 @@ async fn drop_publication(source: &Client, name: &str) {
             crate::ident::quote_ident(name)
         ))
         .await;
-}
-
-/// Refuses to clone into tables that already exist on a target without hikkoshi state.
-async fn refuse_non_empty_target(target: &Client, tables: &[Table]) -> Result<(), Error> {
-    let mut found = Vec::new();
-    for t in tables {
-        let exists: bool = target
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.name.quoted()])
-            .await
-            .map_err(Error::sql(Side::Target, "checking for existing tables"))?
-            .get(0);
-        if exists {
-            let has_rows: bool = target
-                .query_one(
-                    &format!("SELECT EXISTS (SELECT 1 FROM {})", t.name.quoted()),
-                    &[],
-                )
-                .await
-                .map_err(Error::sql(Side::Target, "checking for existing rows"))?
-                .get(0);
-            found.push(format!(
-                "{} ({})",
-                t.name,
-                if has_rows { "has rows" } else { "empty" }
-            ));
-        }
-        if found.len() >= 10 {
-            break;
-        }
-    }
-    if found.is_empty() {
-        return Ok(());
-    }
-    Err(Error::Blocked(format!(
-        "the target database already has table(s) that the clone would create: {}. hikkoshi clones into an \
-         empty database: use a new database (CREATE DATABASE ...), drop these tables, or leave them out with \
-         --exclude. Nothing was changed on either server",
-        found.join(", ")
-    )))
 }
 
 async fn all_tables_exist(target: &Client, tables: &[Table]) -> Result<bool, Error> {

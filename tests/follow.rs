@@ -493,18 +493,25 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publication() {
-    let s = server(18);
-    let t = server(15); // no pgvector here: the schema step fails
-    let src = create_db(&s, "api").await;
-    src.batch_execute(FIXTURE_VECTOR).await.unwrap();
-    let tgt = create_db(&t, "api").await;
+    let s = server(15);
+    let t = server(18);
+    let src = create_db(&s, "app").await;
+    src.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE t (id int PRIMARY KEY, m mood);",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    tgt.batch_execute("CREATE TYPE mood AS ENUM ('other')")
+        .await
+        .unwrap();
     let out = hikkoshi(&[
         "clone",
         "--follow",
         "--source",
-        &s.url("api"),
+        &s.url("app"),
         "--target",
-        &t.url("api"),
+        &t.url("app"),
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(hikkoshi_slots(&src).await.is_empty(), "{}", text(&out));
