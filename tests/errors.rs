@@ -286,3 +286,125 @@ async fn a_schema_step_that_fails_leaves_the_target_as_it_was() {
         "pre-data is all or nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_replication_slots_in_use_is_a_blocker_with_the_setting_to_raise() {
+    let s = server_with(
+        15,
+        ServerOptions {
+            conf: vec!["max_replication_slots = 2".into()],
+            ..Default::default()
+        },
+    );
+    let t = server(15);
+    let src = create_db(&s, "app").await;
+    // (each slot in a statement of its own: a slot cannot be made in a transaction that wrote)
+    for sql in [
+        "CREATE TABLE a (id int PRIMARY KEY)",
+        "SELECT pg_create_logical_replication_slot('busy_1', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('busy_2', 'pgoutput')",
+    ] {
+        src.execute(sql, &[]).await.unwrap();
+    }
+    let tgt = create_db(&t, "app").await;
+    let out = hikkoshi(&[
+        "clone",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("2 of 2 replication slots in use") && e.contains("max_replication_slots"),
+        "{e}"
+    );
+    assert!(!has_state(&tgt).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_host_is_a_connection_error() {
+    let s = server(15);
+    let _src = create_db(&s, "app").await;
+    let out = hikkoshi(&[
+        "clone",
+        "--source",
+        &s.url("app"),
+        "--target",
+        "postgresql://u@no-such-host.invalid:5432/db?connect_timeout=5",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("cannot connect to the target") && e.contains("no-such-host.invalid"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_come_from_pgpass_and_the_environment_and_never_reach_output_or_state() {
+    let s = server(15);
+    let t = server(15);
+    let src = create_db(&s, "app").await;
+    src.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a VALUES (1, 'x');",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let home = tempfile::tempdir().unwrap();
+    let pgpass = home.path().join(".pgpass");
+    std::fs::write(
+        &pgpass,
+        format!(
+            "127.0.0.1:{}:*:postgres:{}\n",
+            s.port,
+            hikkoshi::localserver::PASSWORD
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let source = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app sslmode=disable",
+        s.port
+    );
+    let target = format!(
+        "postgresql://postgres@127.0.0.1:{}/app?sslmode=disable",
+        t.port
+    );
+    let out = hikkoshi_env(
+        &["clone", "--source", &source, "--target", &target],
+        &[
+            ("HOME", home.path().to_str().unwrap()),
+            ("PGPASSWORD", hikkoshi::localserver::PASSWORD),
+        ],
+    );
+    // the source's password came from ~/.pgpass, the target's from PGPASSWORD (pgpass has no line for it)
+    assert_success(&out);
+    assert_eq!(rows_of(&tgt, "a").await, rows_of(&src, "a").await);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains(hikkoshi::localserver::PASSWORD), "{all}");
+    // nor in the state tables
+    let state: String = tgt
+        .query_one(
+            "SELECT concat_ws(' ', (SELECT string_agg(m::text, ' ') FROM hikkoshi.migration m),
+                                   (SELECT string_agg(e::text, ' ') FROM hikkoshi.events e),
+                                   (SELECT string_agg(c::text, ' ') FROM hikkoshi.chunks c))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        state.contains("postgres@127.0.0.1"),
+        "the endpoint is recorded: {state}"
+    );
+    assert!(!state.contains(hikkoshi::localserver::PASSWORD), "{state}");
+    let status = hikkoshi(&["status", "--target", &t.url("app")]);
+    assert!(!String::from_utf8_lossy(&status.stdout).contains(hikkoshi::localserver::PASSWORD));
+}
