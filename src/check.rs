@@ -411,6 +411,34 @@ async fn tables(
             )),
         );
     }
+    if follow {
+        // CREATE PUBLICATION ... FOR TABLE needs ownership of every table
+        let not_owned: Vec<String> = source
+            .query(
+                "SELECT n FROM unnest($1::text[]) n
+                 WHERE NOT pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass(n)), 'USAGE')
+                 ORDER BY n",
+                &[&names],
+            )
+            .await
+            .map_err(Error::sql(Side::Source, "checking table ownership"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !not_owned.is_empty() {
+            r.add(
+                Level::Blocker,
+                "publication",
+                Some(Side::Source),
+                format!(
+                    "the change stream needs a publication, which only the tables' owner may create; this \
+                     role does not own {}",
+                    not_owned.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                ),
+                Some("GRANT <the tables' owner role> TO <source user>; (or run as that role)".into()),
+            );
+        }
+    }
     let mut no_identity: Vec<String> = tables
         .iter()
         .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && t.key.is_empty()))
