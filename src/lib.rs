@@ -22,5 +22,6 @@ pub mod state;
 pub mod status;
 pub mod stream;
 pub mod tls;
+pub mod verify;
 
 pub use error::{Error, Side};

@@ -118,6 +118,7 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
         "read access",
         "replica identity",
         "target",
+        "publication",
     ] {
         assert!(b.contains(&c.to_string()), "{c} blocks: {b:?}");
     }

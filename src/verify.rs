@@ -1,0 +1,476 @@
+//! `hikkoshi verify`: proves that source and target hold the same rows, without pulling the rows through the
+//! tool. Each server computes, per key range, a row count and an order-independent hash of its rows (the sum
+//! of a 60-bit prefix of each row's md5, as numeric: duplicates count, order does not). A range that
+//! differs is narrowed to the rows themselves by comparing (key, row hash) lists of that range only.
+//!
+//! While `clone --follow` streams, the source moves ahead of the target: a differing range is checked again
+//! once the target has applied everything up to the source position of the first look, until it settles;
+//! only differences that persist are reported. Once writes are fenced the comparison is exact.
+//!
+//! Both sessions use `TimeZone = UTC`, `DateStyle = ISO` and the same column list, so a row reads as the same
+//! text on both servers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::catalog::{Catalog, Table};
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::ident::{QualifiedName, quote_ident};
+use crate::plan::{Selection, resolve};
+use crate::session;
+
+/// The outcome for one table.
+#[derive(Debug, Serialize)]
+pub struct TableResult {
+    pub table: String,
+    pub source_rows: i64,
+    pub target_rows: i64,
+    pub ranges: usize,
+    pub matched: bool,
+    /// Keys (or row descriptions for tables without a key) that differ, at most a few dozen.
+    pub missing_on_target: Vec<String>,
+    pub extra_on_target: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// A sequence behind on the target.
+#[derive(Debug, Serialize)]
+pub struct SequenceResult {
+    pub sequence: String,
+    pub source: i64,
+    pub target: Option<i64>,
+    pub ok: bool,
+}
+
+/// The whole verification.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub tables: Vec<TableResult>,
+    pub sequences: Vec<SequenceResult>,
+    pub seconds: f64,
+}
+
+impl VerifyReport {
+    pub fn equal(&self) -> bool {
+        self.tables.iter().all(|t| t.matched) && self.sequences.iter().all(|s| s.ok)
+    }
+}
+
+/// What to verify.
+pub struct VerifyOptions {
+    pub source: String,
+    pub target: String,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub jobs: usize,
+}
+
+const SHOW: usize = 20;
+
+/// Compares every selected table and sequence.
+pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
+    let started = Instant::now();
+    let selection =
+        Selection::parse(&opts.include, &opts.exclude).map_err(|e| Error::Usage(format!("{e}")))?;
+    let src_info = session::resolve(Side::Source, &opts.source)?;
+    let tgt_info = session::resolve(Side::Target, &opts.target)?;
+    let source = open(&src_info, Side::Source).await?;
+    let target = open(&tgt_info, Side::Target).await?;
+    let cat = Catalog::load(&source)
+        .await
+        .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
+    let resolved = resolve(&cat, &selection)?;
+    let ranges = key_ranges(&target).await?;
+
+    let queue = Arc::new(std::sync::Mutex::new(resolved.tables.clone()));
+    let ranges = Arc::new(ranges);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..opts.jobs.clamp(1, resolved.tables.len().max(1)) {
+        let (queue, ranges) = (queue.clone(), ranges.clone());
+        let (s, t) = (src_info.clone(), tgt_info.clone());
+        set.spawn(async move {
+            let source = open(&s, Side::Source).await?;
+            let target = open(&t, Side::Target).await?;
+            let mut out = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(table) = next else { break };
+                let preds = ranges.get(&table.name).cloned().unwrap_or_default();
+                out.push(verify_table(&source, &target, &table, &preds).await?);
+            }
+            Ok::<_, Error>(out)
+        });
+    }
+    let mut tables = Vec::new();
+    while let Some(r) = set.join_next().await {
+        tables.extend(r.map_err(|e| Error::Blocked(format!("a verify task failed: {e}")))??);
+    }
+    tables.sort_by(|a, b| a.table.cmp(&b.table));
+    let sequences = verify_sequences(&source, &target, &resolved.sequences).await?;
+    Ok(VerifyReport {
+        tables,
+        sequences,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
+    let c = session::connect(info, side).await?;
+    c.batch_execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = ISO; SET IntervalStyle = postgres;
+         SET extra_float_digits = 1; SET application_name = 'hikkoshi verify';",
+    )
+    .await
+    .map_err(Error::sql(side, "preparing a verify session"))?;
+    Ok(c)
+}
+
+/// Key-range predicates recorded by the copy (they read the same on both servers; ctid ranges do not).
+async fn key_ranges(target: &Client) -> Result<HashMap<QualifiedName, Vec<String>>, Error> {
+    let mut out: HashMap<QualifiedName, Vec<String>> = HashMap::new();
+    if !crate::state::exists(target)
+        .await
+        .map_err(Error::sql(Side::Target, "looking for hikkoshi state"))?
+    {
+        return Ok(out);
+    }
+    let rows = target
+        .query(
+            "SELECT c.schema_name, c.table_name, c.predicate FROM hikkoshi.chunks c
+             JOIN hikkoshi.tables t USING (schema_name, table_name)
+             WHERE t.chunk_method = 'key' AND c.predicate IS NOT NULL
+             ORDER BY 1, 2, c.chunk_no",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading the copy's key ranges"))?;
+    for r in rows {
+        out.entry(QualifiedName::new(
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+        ))
+        .or_default()
+        .push(r.get(2));
+    }
+    Ok(out)
+}
+
+/// The row as text, from the source's column list (generated columns included: both sides compute them).
+fn row_expr(table: &Table) -> String {
+    if table.columns.is_empty() {
+        return "'()'".into();
+    }
+    format!(
+        "ROW({})::text",
+        table
+            .columns
+            .iter()
+            .map(|c| format!("s.{}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+async fn range_summary(
+    c: &Client,
+    side: Side,
+    table: &Table,
+    predicate: Option<&str>,
+) -> Result<(i64, String), Error> {
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(('x' || substr(md5({row}), 1, 15))::bit(60)::bigint::numeric), 0)::text
+         FROM ONLY {} AS s {}",
+        table.name.quoted(),
+        predicate.map(|p| format!("WHERE {p}")).unwrap_or_default(),
+        row = row_expr(table)
+    );
+    let r = c
+        .query_one(&sql, &[])
+        .await
+        .map_err(Error::sql(side, format!("hashing {}", table.name)))?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// (identity, row hash) of every row in a range: the key's text when there is a key, else the row's hash.
+async fn range_rows(
+    c: &Client,
+    side: Side,
+    table: &Table,
+    predicate: Option<&str>,
+) -> Result<Vec<(String, String)>, Error> {
+    let key = if table.key.is_empty() {
+        format!("md5({})", row_expr(table))
+    } else {
+        format!(
+            "ROW({})::text",
+            table
+                .key
+                .iter()
+                .map(|k| format!("s.{}", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let sql = format!(
+        "SELECT {key}, md5({row}) FROM ONLY {} AS s {}",
+        table.name.quoted(),
+        predicate.map(|p| format!("WHERE {p}")).unwrap_or_default(),
+        row = row_expr(table)
+    );
+    Ok(c.query(&sql, &[])
+        .await
+        .map_err(Error::sql(side, format!("listing rows of {}", table.name)))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+async fn verify_table(
+    source: &Client,
+    target: &Client,
+    table: &Table,
+    predicates: &[String],
+) -> Result<TableResult, Error> {
+    let preds: Vec<Option<&str>> = if predicates.is_empty() {
+        vec![None]
+    } else {
+        predicates.iter().map(|p| Some(p.as_str())).collect()
+    };
+    let mut result = TableResult {
+        table: table.name.to_string(),
+        source_rows: 0,
+        target_rows: 0,
+        ranges: preds.len(),
+        matched: true,
+        missing_on_target: vec![],
+        extra_on_target: vec![],
+        changed: vec![],
+    };
+    for p in preds {
+        let (mut s, mut t) = (
+            range_summary(source, Side::Source, table, p).await?,
+            range_summary(target, Side::Target, table, p).await?,
+        );
+        // While a follower streams, the target trails the source: look again once it has caught up with
+        // where the source was, until the range settles.
+        let mut tries = 0;
+        while s != t && tries < 5 && follower_running(target).await {
+            let lsn: String = source
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(Error::sql(Side::Source, "reading the WAL position"))?
+                .get(0);
+            wait_synced(target, &lsn, Duration::from_secs(30)).await;
+            s = range_summary(source, Side::Source, table, p).await?;
+            t = range_summary(target, Side::Target, table, p).await?;
+            tries += 1;
+        }
+        result.source_rows += s.0;
+        result.target_rows += t.0;
+        if s == t {
+            continue;
+        }
+        result.matched = false;
+        let a = range_rows(source, Side::Source, table, p).await?;
+        let b = range_rows(target, Side::Target, table, p).await?;
+        let (missing, extra, changed) = diff(&a, &b);
+        for (dst, src) in [
+            (&mut result.missing_on_target, missing),
+            (&mut result.extra_on_target, extra),
+            (&mut result.changed, changed),
+        ] {
+            for k in src {
+                if dst.len() < SHOW {
+                    dst.push(k);
+                }
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// Rows missing on the target, extra on the target, and changed (same key, other content).
+fn diff(a: &[(String, String)], b: &[(String, String)]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut count: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for (k, h) in a {
+        *count.entry((k, h)).or_default() += 1;
+    }
+    for (k, h) in b {
+        *count.entry((k, h)).or_default() -= 1;
+    }
+    let mut only_src: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut only_tgt: BTreeMap<&str, i64> = BTreeMap::new();
+    for ((k, _), n) in count {
+        if n > 0 {
+            *only_src.entry(k).or_default() += n;
+        } else if n < 0 {
+            *only_tgt.entry(k).or_default() -= n;
+        }
+    }
+    let mut missing = Vec::new();
+    let mut extra = Vec::new();
+    let mut changed = Vec::new();
+    for (k, n) in &only_src {
+        if only_tgt.contains_key(k) {
+            changed.push(k.to_string());
+        } else {
+            missing.push(if *n > 1 {
+                format!("{k} ×{n}")
+            } else {
+                k.to_string()
+            });
+        }
+    }
+    for (k, n) in &only_tgt {
+        if !only_src.contains_key(k) {
+            extra.push(if *n > 1 {
+                format!("{k} ×{n}")
+            } else {
+                k.to_string()
+            });
+        }
+    }
+    (missing, extra, changed)
+}
+
+async fn follower_running(target: &Client) -> bool {
+    target
+        .query_one(
+            "SELECT to_regclass('hikkoshi.stream') IS NOT NULL
+                    AND (SELECT coalesce(bool_or(seen_at > now() - interval '10 seconds'), false)
+                         FROM hikkoshi.stream)",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
+        .unwrap_or(false)
+}
+
+async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let ok = target
+            .query_one(
+                "SELECT coalesce(bool_or(synced_lsn >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
+                &[&lsn],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn verify_sequences(
+    source: &Client,
+    target: &Client,
+    names: &[QualifiedName],
+) -> Result<Vec<SequenceResult>, Error> {
+    let src = crate::sequence::read(source, Side::Source, names).await?;
+    let mut out = Vec::new();
+    for p in src {
+        let exists: bool = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&p.name.quoted()])
+            .await
+            .map_err(Error::sql(Side::Target, "looking for a sequence"))?
+            .get(0);
+        let tgt = if exists {
+            crate::sequence::read(target, Side::Target, std::slice::from_ref(&p.name))
+                .await?
+                .pop()
+        } else {
+            None
+        };
+        // the next value handed out: last_value, or last_value + increment once called; comparing
+        // (last_value, is_called) lexicographically is the same order for ascending sequences
+        let ok = tgt
+            .as_ref()
+            .is_some_and(|t| (t.last_value, t.is_called) >= (p.last_value, p.is_called));
+        out.push(SequenceResult {
+            sequence: p.name.to_string(),
+            source: p.last_value,
+            target: tgt.map(|t| t.last_value),
+            ok,
+        });
+    }
+    Ok(out)
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<40} {:>12} {:>12} {:>7}  result",
+            "table", "source rows", "target rows", "ranges"
+        )?;
+        for t in &self.tables {
+            writeln!(
+                f,
+                "{:<40} {:>12} {:>12} {:>7}  {}",
+                t.table,
+                t.source_rows,
+                t.target_rows,
+                t.ranges,
+                if t.matched { "equal" } else { "DIFFERENT" }
+            )?;
+            for (what, keys) in [
+                ("missing on the target", &t.missing_on_target),
+                ("only on the target", &t.extra_on_target),
+                ("different on the target", &t.changed),
+            ] {
+                if !keys.is_empty() {
+                    writeln!(f, "    {what}: {}", keys.join(", "))?;
+                }
+            }
+        }
+        for s in self.sequences.iter().filter(|s| !s.ok) {
+            writeln!(
+                f,
+                "sequence {} is behind on the target: source {}, target {} (cutover moves sequences)",
+                s.sequence,
+                s.source,
+                s.target
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "missing".into())
+            )?;
+        }
+        let bad = self.tables.iter().filter(|t| !t.matched).count();
+        let seq_bad = self.sequences.iter().filter(|s| !s.ok).count();
+        writeln!(
+            f,
+            "{} table(s) equal, {bad} different; {} sequence(s) at or past the source, {seq_bad} behind; {:.1}s",
+            self.tables.len() - bad,
+            self.sequences.len() - seq_bad,
+            self.seconds
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+
+    fn rows(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn diff_names_missing_extra_changed_and_duplicates() {
+        let a = rows(&[("1", "x"), ("2", "y"), ("3", "z"), ("d", "h"), ("d", "h")]);
+        let b = rows(&[("1", "x"), ("2", "Y"), ("4", "w"), ("d", "h")]);
+        let (missing, extra, changed) = diff(&a, &b);
+        assert_eq!(missing, vec!["3".to_string(), "d".to_string()]);
+        assert_eq!(extra, vec!["4".to_string()]);
+        assert_eq!(changed, vec!["2".to_string()]);
+    }
+}
