@@ -211,9 +211,10 @@ verify() {
 }
 
 # pgbench_tps LOG: the tps pgbench reported
-pgbench_tps() { sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$1" | tail -1; }
+pgbench_tps() { sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$1" | tail -1 | awk '{ printf "%.1f", $1 }'; }
 
-# workload LOG: the fixed backlog workload on the source (the tool is stopped). Sets W_TPS, W_WAL (bytes).
+# workload LOG: the fixed backlog workload on the source (the tool is stopped). Sets W_TPS, W_WAL (bytes),
+# W_ROWS (rows of pgbench_history on the source after it).
 workload() {
     local before after
     before=$(src_lsn)
@@ -223,6 +224,7 @@ workload() {
     grep -q "^number of transactions actually processed: $TXNS/$TXNS" "$1" \
         || { tail -20 "$1" >&2; die "pgbench did not process $TXNS transactions"; }
     W_TPS=$(pgbench_tps "$1")
+    W_ROWS=$(src_psql "$SRC_DB" -At -c 'SELECT count(*) FROM pgbench_history')
     after=$(src_lsn)
     W_WAL=$(src_psql postgres -At -c "SELECT pg_wal_lsn_diff('$after', '$before')::bigint")
 }
@@ -232,7 +234,9 @@ workload() {
 
 FOLLOW_PID=
 FOLLOW_HWM=0 # kB, largest VmHWM seen of the current follower process
+FOLLOW_CPU=0 # clock ticks of CPU (user + system) the current follower process used, as last seen
 FOLLOW_RC=
+CLK_TCK=$(getconf CLK_TCK)
 
 # follower_start DSTDB LOG
 follower_start() {
@@ -241,12 +245,16 @@ follower_start() {
     FOLLOW_PID=$!
     BG_PIDS+=("$FOLLOW_PID")
     FOLLOW_HWM=0
+    FOLLOW_CPU=0
     FOLLOW_RC=
 }
 
 follower_rss() {
-    local k v _
+    local k v _ st=()
     [[ -n $FOLLOW_PID ]] || return 0
+    # /proc/PID/stat: utime and stime are fields 14 and 15 (the command name, field 2, has no space here)
+    read -r -a st 2>/dev/null <"/proc/$FOLLOW_PID/stat" || true
+    if ((${#st[@]} > 15)); then FOLLOW_CPU=$((st[13] + st[14])); fi
     while read -r k v _; do
         if [[ $k == VmHWM: ]]; then
             if ((v > FOLLOW_HWM)); then FOLLOW_HWM=$v; fi
@@ -304,6 +312,23 @@ hk_wait_synced() {
     done
 }
 
+# hk_wait_streaming DSTDB TS LOG: waits until the follower started after TS records its stream state.
+hk_wait_streaming() {
+    local n=0 ok
+    while :; do
+        if ! alive "$FOLLOW_PID"; then follower_dead "$3" "before the live load"; return 1; fi
+        follower_rss
+        ok=$(dst_q "$1" "SELECT seen_at > '$2' FROM hikkoshi.stream") || ok=
+        [[ $ok == t ]] && return 0
+        if ((++n * 2 >= TIMEOUT * 10)); then
+            echo "!!! hikkoshi: no stream state recorded ${TIMEOUT}s after its start; last lines of $3:" >&2
+            tail -25 "$3" >&2
+            return 1
+        fi
+        sleep "$POLL"
+    done
+}
+
 # ---------------------------------------------------------------------------------------------------------
 # native: subscription state
 
@@ -341,50 +366,75 @@ native_cleanup() {
 # ---------------------------------------------------------------------------------------------------------
 # the measurements, shared by both tools
 
-# drain TOOL DSTDB LSN LOG: starts the tool and waits until the target is in sync with LSN (the source's
-# position after the workload). Looks every $POLL s at the target (the last applied source commit: hikkoshi's
-# applied_lsn, the subscription origin's remote_lsn, both committed with the changes) and at the source (the
-# slot). Sets D_OK, D_APPLIED_S (until the last workload transaction was visible on the target), D_SYNCED_S
-# (until the tool's own sync position reached LSN: hikkoshi's synced_lsn, the slot's confirmed_flush_lsn).
+# wait_caught_up TOOL DSTDB ROWS LSN T0 LOG WHAT: waits until the target has applied every source transaction
+# and the tool's sync position has reached LSN (the source's position after the load). Looks every $POLL s:
+# - applied all: the target's pgbench_history has ROWS rows (the source's count after the load; every TPC-B
+#   transaction inserts one row, and both tools apply whole transactions in commit order, so the count reaches
+#   ROWS exactly when the last transaction is committed on the target);
+# - in sync: hikkoshi's synced_lsn (target) / the subscription slot's confirmed_flush_lsn (source) >= LSN.
+# One query to each server per look, for both tools. Sets C_APPLIED_S and C_SYNCED_S (seconds since T0, in
+# microseconds; null if not reached) and C_OK (applied all). Gives the sync position SYNC_GRACE s after
+# everything is applied, then records it as not reached.
+SYNC_GRACE=30
+PROBLEMS=()
+wait_caught_up() {
+    local tool=$1 db=$2 rows=$3 lsn=$4 t0=$5 logf=$6 what=$7 st count synced applied_t=
+    C_OK=false C_APPLIED_S=null C_SYNCED_S=null
+    while :; do
+        if [[ $tool == hikkoshi ]]; then
+            if ! alive "$FOLLOW_PID"; then follower_dead "$logf" "$what"; return 0; fi
+            follower_rss
+            st=$(dst_q "$db" "SELECT (SELECT count(*) FROM pgbench_history), synced_lsn >= '$lsn' FROM hikkoshi.stream") || st=
+            src_q postgres "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE database = '$SRC_DB'" >/dev/null || true
+            count=${st%%|*}
+            synced=${st#*|}
+        else
+            count=$(dst_q "$db" "SELECT count(*) FROM pgbench_history") || count=
+            synced=$(src_q postgres "SELECT confirmed_flush_lsn >= '$lsn' FROM pg_replication_slots WHERE slot_name = '$SUB'") || synced=
+        fi
+        stamp
+        if [[ -z $applied_t && $count == "$rows" ]]; then
+            applied_t=$NOW
+            C_OK=true
+            C_APPLIED_S=$(secs $((NOW - t0)))
+        fi
+        if [[ $synced == t && -n $applied_t ]]; then
+            C_SYNCED_S=$(secs $((NOW - t0)))
+            return 0
+        fi
+        if [[ -n $applied_t ]] && (((NOW - applied_t) / 1000000 >= SYNC_GRACE)); then
+            local info
+            if [[ $tool == hikkoshi ]]; then
+                info=$(dst_q "$db" "SELECT format('applied_lsn %s, synced_lsn %s, source_lsn %s, seen_at %s', applied_lsn, synced_lsn, source_lsn, seen_at) FROM hikkoshi.stream") || info=
+            else
+                info=$(src_q postgres "SELECT format('slot confirmed_flush_lsn %s', confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = '$SUB'") || info=
+            fi
+            info="$info; source at $(src_lsn)"
+            echo "!!! $tool: every transaction applied $what, but its sync position did not reach $lsn within ${SYNC_GRACE}s ($info)" >&2
+            PROBLEMS+=("$tool $what: all applied after ${C_APPLIED_S}s but the sync position stayed below $lsn for ${SYNC_GRACE}s ($info)")
+            return 0
+        fi
+        if (((NOW - t0) / 1000000 >= TIMEOUT)); then
+            echo "!!! $tool: not caught up $what after ${TIMEOUT}s (pgbench_history: ${count:-?} of $rows rows on the target)" >&2
+            [[ $tool == hikkoshi ]] && tail -25 "$logf" >&2
+            return 0
+        fi
+        sleep "$POLL"
+    done
+}
+
+# drain TOOL DSTDB ROWS LSN LOG: starts the tool (hikkoshi: the follower process; native: ENABLE, which starts
+# the apply worker) and waits until it has caught up. Sets D_OK, D_APPLIED_S, D_SYNCED_S.
 drain() {
-    local tool=$1 db=$2 lsn=$3 logf=$4 t0 applied last= last_t= synced slot
-    D_OK=false D_APPLIED_S=null D_SYNCED_S=null
+    local tool=$1 db=$2 rows=$3 lsn=$4 logf=$5 t0
     stamp; t0=$NOW
     if [[ $tool == hikkoshi ]]; then
         follower_start "$db" "$logf"
     else
         dst_psql "$db" -c "ALTER SUBSCRIPTION $SUB ENABLE"
     fi
-    while :; do
-        if [[ $tool == hikkoshi ]]; then
-            if ! alive "$FOLLOW_PID"; then follower_dead "$logf" "while draining the backlog"; return 0; fi
-            follower_rss
-            applied=$(dst_q "$db" "SELECT applied_lsn, synced_lsn >= '$lsn' FROM hikkoshi.stream") || applied=
-            slot=$(src_q postgres "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE database = '$SRC_DB'") || slot=
-            synced=${applied#*|}
-            applied=${applied%%|*}
-        else
-            applied=$(dst_q "$db" "$sub_origin_sql") || applied=
-            synced=$(src_q postgres "SELECT confirmed_flush_lsn >= '$lsn' FROM pg_replication_slots WHERE slot_name = '$SUB'") || synced=
-        fi
-        stamp
-        if [[ -n $applied && $applied != "$last" ]]; then
-            last=$applied
-            last_t=$NOW
-        fi
-        if [[ $synced == t ]]; then
-            D_OK=true
-            D_SYNCED_S=$(secs $((NOW - t0)))
-            D_APPLIED_S=$(secs $((${last_t:-$NOW} - t0)))
-            return 0
-        fi
-        if (((NOW - t0) / 1000000 >= TIMEOUT)); then
-            echo "!!! $tool: backlog not drained after ${TIMEOUT}s (last applied $last, slot ${slot:-?})" >&2
-            [[ $tool == hikkoshi ]] && tail -25 "$logf" >&2
-            return 0
-        fi
-        sleep "$POLL"
-    done
+    wait_caught_up "$tool" "$db" "$rows" "$lsn" "$t0" "$logf" "draining the backlog"
+    D_OK=$C_OK D_APPLIED_S=$C_APPLIED_S D_SYNCED_S=$C_SYNCED_S
 }
 
 # lag_now TOOL DSTDB: bytes of WAL between the source's position and the tool's sync position (hikkoshi:
@@ -407,8 +457,8 @@ lag_now() {
 # after pgbench's end until the lag was <= ZERO_LAG, null if not within the window), L_CATCHUP_S (until the
 # tool was in sync with the source's position at pgbench's end), L_TPS, L_SAMPLES (JSON array).
 live() {
-    local tool=$1 db=$2 lp=$3 t0 tend pgb i=0 next rel end_lsn
-    L_OK=false L_MAX=0 L_FINAL=null L_ZERO_S=null L_CATCHUP_S=null L_TPS=null
+    local tool=$1 db=$2 lp=$3 t0 tend pgb i=0 next rel end_lsn end_rows
+    L_OK=false L_START=null L_MAX=0 L_FINAL=null L_ZERO_S=null L_CATCHUP_S=null L_TPS=null
     local -a samples=()
     log "  live: pgbench -n -c $CLIENTS -j $THREADS -R $RATE -T $DURATION on the source"
     as_pg "$PG15_BIN/pgbench" -n -c "$CLIENTS" -j "$THREADS" -R "$RATE" -T "$DURATION" \
@@ -425,6 +475,7 @@ live() {
             ((rc == 0)) || { tail -20 "$lp.pgbench-live.log" >&2; die "pgbench (live) failed"; }
             stamp; tend=$NOW
             end_lsn=$(src_lsn)
+            end_rows=$(src_psql "$SRC_DB" -At -c 'SELECT count(*) FROM pgbench_history')
         fi
         if [[ $tool == hikkoshi ]]; then
             if ! alive "$FOLLOW_PID"; then
@@ -435,11 +486,21 @@ live() {
             follower_rss
         fi
         lag_now "$tool" "$db"
+        if [[ -n $tend && $L_CATCHUP_S == null ]]; then
+            local count
+            count=$(dst_q "$db" "SELECT count(*) FROM pgbench_history") || count=
+            if [[ $count == "$end_rows" ]]; then stamp; L_CATCHUP_S=$(secs $((NOW - tend))); fi
+        fi
         stamp
         rel=$(secs $((NOW - t0)))
         if [[ -n $LAG ]]; then
             samples+=("[$rel, $LAG]")
-            ((LAG > L_MAX)) && L_MAX=$LAG
+            # the first sample is taken as pgbench starts: the lag before the load, shown apart
+            if ((i == 0)); then
+                L_START=$LAG
+            elif ((LAG > L_MAX)); then
+                L_MAX=$LAG
+            fi
             L_FINAL=$LAG
             if [[ -n $tend && $L_ZERO_S == null ]] && ((LAG <= ZERO_LAG)); then
                 L_ZERO_S=$(secs $((NOW - tend)))
@@ -455,19 +516,14 @@ live() {
     done
     L_TPS=$(pgbench_tps "$lp.pgbench-live.log")
     L_SAMPLES="[$(IFS=,; echo "${samples[*]}")]"
-    log "  live: pgbench ${L_TPS} tps; lag max $L_MAX B, final ${L_FINAL} B, ~0 (<= $ZERO_LAG B) after ${L_ZERO_S}s"
-    # in sync with everything pgbench wrote?
-    local ok=0
-    if [[ $tool == hikkoshi ]]; then
-        hk_wait_synced "$db" "$end_lsn" "$lp.live.log" "after the live load" && ok=1
-    else
-        nt_wait_synced "$end_lsn" "after the live load" && ok=1
+    log "  live: pgbench ${L_TPS} tps; lag at start $L_START B, max $L_MAX B, final ${L_FINAL} B, ~0 (<= $ZERO_LAG B) after ${L_ZERO_S}s"
+    if [[ $L_START != null ]] && ((L_START > ZERO_LAG)); then
+        PROBLEMS+=("$tool: the sync position was $L_START bytes behind the idle source when the live load started")
     fi
-    if ((ok)); then
-        L_OK=true
-        stamp
-        L_CATCHUP_S=$(secs $((NOW - tend)))
-    fi
+    # everything pgbench wrote applied (if not seen yet), and in sync with the source's position at its end?
+    wait_caught_up "$tool" "$db" "$end_rows" "$end_lsn" "$tend" "$lp.live.log" "after the live load"
+    L_OK=$C_OK
+    [[ $L_CATCHUP_S != null ]] || L_CATCHUP_S=$C_APPLIED_S
     return 0
 }
 
@@ -523,7 +579,7 @@ run_hikkoshi() {
         FROM pg_replication_slots WHERE database = '$SRC_DB'")"
     checkpoint_both
     log "  draining the backlog (source at $lsn)"
-    drain hikkoshi "$db" "$lsn" "$lp.drain.log"
+    drain hikkoshi "$db" "$W_ROWS" "$lsn" "$lp.drain.log"
     record_drain "$r" hikkoshi
     if [[ $D_OK != true ]]; then
         setr "$r" hikkoshi drain_rss_mb "$(awk -v k="$FOLLOW_HWM" 'BEGIN { printf "%.1f", k / 1024 }')"
@@ -533,6 +589,7 @@ run_hikkoshi() {
     fi
     follower_stop
     setr "$r" hikkoshi drain_rss_mb "$(awk -v k="$FOLLOW_HWM" 'BEGIN { printf "%.1f", k / 1024 }')"
+    setr "$r" hikkoshi drain_cpu_s "$(awk -v t="$FOLLOW_CPU" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')"
     log "  hikkoshi: drained in ${D_APPLIED_S}s (in sync after ${D_SYNCED_S}s), ${R[$r,hikkoshi,drain_tps]} txn/s, peak RSS ${R[$r,hikkoshi,drain_rss_mb]} MB"
     if [[ $FOLLOW_RC != 0 ]]; then
         echo "!!! hikkoshi exited with status $FOLLOW_RC after SIGTERM (drain); last lines of $lp.drain.log:" >&2
@@ -548,9 +605,11 @@ run_hikkoshi() {
     fi
 
     # 3. live
+    # The target equals the source (verified) and the source is idle: in sync as soon as the follower streams.
+    local ts
+    ts=$(dst_psql "$db" -At -c 'SELECT now()')
     follower_start "$db" "$lp.live.log"
-    lsn=$(src_lsn)
-    if ! hk_wait_synced "$db" "$lsn" "$lp.live.log" "before the live load"; then
+    if ! hk_wait_streaming "$db" "$ts" "$lp.live.log"; then
         setr "$r" hikkoshi status live_failed
         return 0
     fi
@@ -559,6 +618,7 @@ run_hikkoshi() {
     setr "$r" hikkoshi live_final_lag "$L_FINAL"
     setr "$r" hikkoshi live_zero_s "$L_ZERO_S"
     setr "$r" hikkoshi live_catchup_s "$L_CATCHUP_S"
+    setr "$r" hikkoshi live_start_lag "$L_START"
     setr "$r" hikkoshi live_tps "$L_TPS"
     setr "$r" hikkoshi live_samples "$L_SAMPLES"
     if [[ -n $FOLLOW_PID ]]; then follower_stop; fi
@@ -634,7 +694,7 @@ run_native() {
         FROM pg_replication_slots WHERE slot_name = '$SUB'")"
     checkpoint_both
     log "  draining the backlog (source at $lsn)"
-    drain native "$db" "$lsn" ""
+    drain native "$db" "$W_ROWS" "$lsn" ""
     record_drain "$r" native
     if [[ $D_OK != true ]]; then
         setr "$r" native status drain_failed
@@ -656,6 +716,7 @@ run_native() {
     setr "$r" native live_final_lag "$L_FINAL"
     setr "$r" native live_zero_s "$L_ZERO_S"
     setr "$r" native live_catchup_s "$L_CATCHUP_S"
+    setr "$r" native live_start_lag "$L_START"
     setr "$r" native live_tps "$L_TPS"
     setr "$r" native live_samples "$L_SAMPLES"
     if [[ $L_OK != true ]]; then
@@ -676,8 +737,8 @@ run_native() {
 TOOLS=(hikkoshi native)
 declare -A LABEL=([hikkoshi]="hikkoshi" [native]="native")
 FIELDS=(status init_s init_rss_mb workload_tps workload_wal backlog_bytes drain_applied_s drain_synced_s drain_tps
-    drain_rss_mb drain_verified live_tps live_max_lag live_final_lag live_zero_s live_catchup_s live_rss_mb
-    live_verified live_samples)
+    drain_rss_mb drain_cpu_s drain_verified live_tps live_max_lag live_final_lag live_zero_s live_catchup_s live_start_lag
+    live_rss_mb live_verified live_samples)
 HIKKOSHI_FAILED=0
 ORDER=()
 SRC_PRETTY=
@@ -740,22 +801,23 @@ echo "== change stream: pgbench scale $SCALE ($SRC_PRETTY) on PostgreSQL $SRC_VE
 echo
 echo "backlog drain: $TXNS TPC-B transactions written while the tool was stopped (pgbench -c $CLIENTS -j $THREADS:" \
     "$(dash "$WL_TPS") tps on the source, $(mb "$WL_WAL") MB of WAL)"
-printf '%-4s %-3s %-10s %10s %10s %10s %12s %12s  %s\n' run pos tool "drain s" "txn/s" "synced s" "peak RSS MB" "initial s" status
+printf '%-4s %-3s %-10s %10s %10s %10s %12s %10s %12s  %s\n' run pos tool "drain s" "txn/s" "synced s" "peak RSS MB" "CPU s" "initial s" status
 for k in "${ORDER[@]}"; do
     r=${k%%,*} tool=${k#*,}
-    printf '%-4s %-3s %-10s %10s %10s %10s %12s %12s  %s\n' "$r" "${R[$k,pos]}" "$tool" "$(dash "${R[$k,drain_applied_s]}")" \
+    printf '%-4s %-3s %-10s %10s %10s %10s %12s %10s %12s  %s\n' "$r" "${R[$k,pos]}" "$tool" "$(dash "${R[$k,drain_applied_s]}")" \
         "$(dash "${R[$k,drain_tps]}")" "$(dash "${R[$k,drain_synced_s]}")" "$(dash "${R[$k,drain_rss_mb]}")" \
-        "$(dash "${R[$k,init_s]}")" "${R[$k,status]}"
+        "$(dash "${R[$k,drain_cpu_s]}")" "$(dash "${R[$k,init_s]}")" "${R[$k,status]}"
 done
 echo
 echo "live: pgbench -n -c $CLIENTS -j $THREADS -R $RATE -T $DURATION, lag sampled every second (bytes of WAL)"
-printf '%-4s %-3s %-10s %10s %12s %14s %14s %12s\n' run pos tool "pgbench tps" "max lag kB" "final lag B" "~0 after s" "peak RSS MB"
+printf '%-4s %-3s %-10s %11s %12s %11s %12s %11s %12s %12s\n' run pos tool "pgbench tps" "start lag kB" "max lag kB" "final lag B" "~0 after s" "caught up s" "peak RSS MB"
 for k in "${ORDER[@]}"; do
     r=${k%%,*} tool=${k#*,}
     z=${R[$k,live_zero_s]}
     [[ $z == null && ${R[$k,live_final_lag]} != null ]] && z="no (>${CATCHUP_WINDOW})"
-    printf '%-4s %-3s %-10s %10s %12s %14s %14s %12s\n' "$r" "${R[$k,pos]}" "$tool" "$(dash "${R[$k,live_tps]}")" \
-        "$(kb "${R[$k,live_max_lag]}")" "$(dash "${R[$k,live_final_lag]}")" "$(dash "$z")" "$(dash "${R[$k,live_rss_mb]}")"
+    printf '%-4s %-3s %-10s %11s %12s %11s %12s %11s %12s %12s\n' "$r" "${R[$k,pos]}" "$tool" "$(dash "${R[$k,live_tps]}")" \
+        "$(kb "${R[$k,live_start_lag]}")" "$(kb "${R[$k,live_max_lag]}")" "$(dash "${R[$k,live_final_lag]}")" "$(dash "$z")" \
+        "$(dash "${R[$k,live_catchup_s]}")" "$(dash "${R[$k,live_rss_mb]}")"
 done
 echo
 printf '%-10s %10s %10s %12s %12s %14s %12s\n' median "drain s" "txn/s" "drain RSS MB" "max lag kB" "~0 after s" "live RSS MB"
@@ -767,6 +829,11 @@ done
 echo
 echo "drain rate hikkoshi / native: $(dash "$RATE_RATIO")   (target: >= 1.0)"
 echo "hikkoshi peak RSS: $(dash "${MED[hikkoshi,drain_rss_mb]}") MB draining, $(dash "${MED[hikkoshi,live_rss_mb]}") MB live (median VmHWM)"
+if ((${#PROBLEMS[@]})); then
+    echo
+    echo "problems:"
+    printf '  %s\n' "${PROBLEMS[@]}"
+fi
 echo "results: $JSON"
 
 # ---- JSON
@@ -778,7 +845,7 @@ echo "results: $JSON"
         "$SCALE" "$TXNS" "$CLIENTS" "$THREADS" "$RATE" "$DURATION" "$RUNS" "$JOBS" "$CATCHUP_WINDOW" "$ZERO_LAG" "$POLL"
     printf '  "versions": {"source": %s, "target": %s, "hikkoshi": %s, "pgbench": %s},\n' \
         "$(jstr "$SRC_VERSION")" "$(jstr "$DST_VERSION")" "$(jstr "$HIKKOSHI_VERSION")" "$(jstr "$PGBENCH_VERSION")"
-    printf '  "notes": %s,\n' "$(jstr "drain_applied_s: from starting the tool (hikkoshi process start; ALTER SUBSCRIPTION ENABLE) until the last workload transaction was committed on the target (hikkoshi.stream.applied_lsn; pg_replication_origin_status.remote_lsn), polled every $POLL s; drain_tps = txns / drain_applied_s. drain_synced_s: until the tool's sync position reached the source's position after the workload (hikkoshi.stream.synced_lsn, written about every second; the subscription slot's confirmed_flush_lsn). live lag: source pg_current_wal_lsn() minus hikkoshi.stream.synced_lsn, or minus the subscription slot's confirmed_flush_lsn; live_zero_s: seconds after pgbench ended until the lag was <= zero_lag_bytes (null: not within catchup_window_s). RSS: VmHWM of the hikkoshi process (the follower restarted for each phase); the native apply worker is a server process and is not measured.")"
+    printf '  "notes": %s,\n' "$(jstr "drain_applied_s: from starting the tool (hikkoshi: its process; native: ALTER SUBSCRIPTION ENABLE) until every workload transaction was committed on the target (pgbench_history on the target has the source's row count), polled every $POLL s; drain_tps = txns / drain_applied_s. drain_synced_s: until the tool's sync position also reached the source's pg_current_wal_lsn() read after the workload (hikkoshi.stream.synced_lsn, written about every second; the subscription slot's confirmed_flush_lsn); null: not within ${SYNC_GRACE} s after everything was applied (see problems). live lag: source pg_current_wal_lsn() minus hikkoshi.stream.synced_lsn, or minus the subscription slot's confirmed_flush_lsn, sampled every second; live_zero_s: seconds after pgbench ended until the lag was <= zero_lag_bytes (null: not within catchup_window_s); live_start_lag: the first sample, taken as pgbench starts (the lag of the idle, in-sync tool; not part of live_max_lag); live_catchup_s: seconds after pgbench ended until every transaction was applied on the target (pgbench_history count, checked with each sample). RSS: VmHWM of the hikkoshi process (the follower is restarted for each phase); drain_cpu_s: user + system CPU seconds of the hikkoshi process during the drain; the native apply worker is a server process and is not measured.")"
     echo '  "runs": ['
     n=0
     for k in "${ORDER[@]}"; do
@@ -801,6 +868,13 @@ echo "results: $JSON"
     done
     echo '  },'
     printf '  "ratios": {"drain_rate_hikkoshi/native": %s},\n' "$RATE_RATIO"
+    printf '  "problems": ['
+    n=0
+    for p in "${PROBLEMS[@]}"; do
+        n=$((n + 1))
+        printf '%s%s' "$(jstr "$p")" "$([[ $n -lt ${#PROBLEMS[@]} ]] && echo ', ')"
+    done
+    echo '],'
     printf '  "targets": {"drain_rate_ratio_min": 1.0, "drain_rate_met": %s}\n' "$RATE_MET"
     echo '}'
 } >"$JSON"

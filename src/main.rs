@@ -258,36 +258,38 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                     "{}",
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
-            } else if report.already_done {
-                println!(
-                    "clone {} is already complete on this target; nothing to do (`hikkoshi clean` removes \
-                     its state)",
-                    report.migration_id
-                );
             } else {
-                println!(
-                    "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
-                     snapshot at source LSN {}; {:.1}s",
-                    report.migration_id,
-                    if report.resumed {
-                        "resumed and complete"
-                    } else {
-                        "complete"
-                    },
-                    report.tables.len(),
-                    report.chunks_copied,
-                    report.rows,
-                    hikkoshi::progress::human_bytes(report.bytes),
-                    report.sequences,
-                    report.snapshot_lsn,
-                    report.seconds
-                );
-                if let Some(lsn) = &report.applied_lsn {
+                if !report.already_done {
                     println!(
+                        "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
+                         snapshot at source LSN {}; {:.1}s",
+                        report.migration_id,
+                        if report.resumed {
+                            "resumed and complete"
+                        } else {
+                            "complete"
+                        },
+                        report.tables.len(),
+                        report.chunks_copied,
+                        report.rows,
+                        hikkoshi::progress::human_bytes(report.bytes),
+                        report.sequences,
+                        report.snapshot_lsn,
+                        report.seconds
+                    );
+                }
+                match &report.applied_lsn {
+                    Some(lsn) => println!(
                         "follower stopped: {} transaction(s) applied, target in sync with source LSN {lsn}; \
                          run the same command again to resume streaming",
                         report.transactions_applied
-                    );
+                    ),
+                    None if report.already_done => println!(
+                        "clone {} is already complete on this target; nothing to do (`hikkoshi clean` \
+                         removes its state)",
+                        report.migration_id
+                    ),
+                    None => {}
                 }
                 for w in &report.warnings {
                     println!("warning: {w}");

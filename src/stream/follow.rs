@@ -268,14 +268,14 @@ async fn session_once(
                     && (applier.txns_in_batch >= 2000
                         || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
                 {
-                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
                     batch_started = None;
                 }
             }
             Ok(Ok(Some(StreamMessage::Keepalive { end, reply, .. }))) => {
                 server_end = server_end.max(end);
                 if !applier.inside_source_transaction() {
-                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
                     batch_started = None;
                     if !applier.has_uncommitted() && received <= end {
                         // everything sent before `end` is committed on the target
@@ -302,8 +302,17 @@ async fn session_once(
             Err(_) => {
                 // idle: commit what waits
                 if !applier.inside_source_transaction() {
-                    confirmed = applier.commit().await.map_err(apply_err)?;
+                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
                     batch_started = None;
+                }
+                // Ask for a keepalive: the walsender answers with how far it has decoded, which moves
+                // our in-sync position past WAL that holds nothing for us (vacuum, other databases), at
+                // once rather than after wal_sender_timeout / 2.
+                if wait >= Duration::from_secs(1) {
+                    repl.send_status(received, confirmed, true)
+                        .await
+                        .map_err(Error::replication("asking for a keepalive"))?;
+                    last_status = Instant::now();
                 }
             }
         }
