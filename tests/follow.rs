@@ -249,8 +249,21 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
         .enumerate()
     {
         let mut f = Follower::start(&s, &t, "app", &[("HIKKOSHI_FAILPOINT", failpoint)]);
-        workload(s.url("app"), n as i32 * 60, 60).await;
-        let status = f.child.wait().unwrap();
+        // write in small bursts until the failpoint (the third commit on the target) kills the follower
+        let mut k = n as i32 * 1000;
+        let status = loop {
+            if let Some(status) = f.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                k < n as i32 * 1000 + 500,
+                "the failpoint was never reached:\n{}",
+                f.log()
+            );
+            workload(s.url("app"), k, 5).await;
+            k += 5;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
         assert!(
             !status.success(),
             "{failpoint} killed the follower:\n{}",

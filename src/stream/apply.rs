@@ -5,21 +5,29 @@
 //! transaction. After a crash the target holds either all of a batch and its LSN or neither, and a
 //! restarted stream skips every source transaction that ends at or before `applied_lsn`.
 //!
-//! Statements go out as simple-query batches (one round trip for many changes, bounded in bytes), with
-//! values as typed literals (`'...'::type`, under `standard_conforming_strings = on`). Each statement's row
-//! count is checked: an UPDATE or DELETE that finds no row means the target has drifted from the source,
-//! which stops the stream with the table and key named — except inside a table's convergence window (see
-//! `Window`), where replaying older changes onto newer rows is expected to find nothing.
+//! Statements are prepared once per shape (table and set of columns), with every value a text parameter
+//! cast to its column type (`$1::integer`), and pipelined: each is sent as soon as it is built, in order, and
+//! its result is collected later, so the target parses nothing twice and no change waits for a round trip.
+//! The pipeline holds a bounded number of statements, so memory stays bounded in a 1 M-row transaction.
+//! Each statement's row count is checked: an UPDATE or DELETE that finds no row means the target has
+//! drifted from the source, which stops the stream with the table and key named — except inside a table's
+//! convergence window (see `Window`), where replaying older changes onto newer rows is expected to find
+//! nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement};
 
 use super::pgoutput::{
     Begin, Commit, Delete, Insert, Message, OldRow, Relation, Truncate, Tuple, Update, Value,
 };
-use crate::ident::{QualifiedName, quote_ident, quote_literal};
+use crate::ident::{QualifiedName, quote_ident};
 use crate::lsn::Lsn;
 
 /// A failure while applying.
@@ -96,14 +104,14 @@ struct Rel {
 
 /// Applies decoded messages to the target.
 pub struct Applier {
-    client: Client,
+    client: Arc<Client>,
     source: Client,
-    /// Source column types, for spotting a type change: (table, column) → SQL type on the source.
     tables: HashMap<QualifiedName, TargetTable>,
     relations: HashMap<u32, Rel>,
-    batch: String,
-    /// What each statement of the batch must affect: Some(description) when it must hit a row.
-    expect: Vec<Option<String>>,
+    /// Prepared statements by SQL text.
+    statements: HashMap<String, Statement>,
+    /// Statements sent and not yet answered, oldest first, each with what it must affect (Some: a row).
+    inflight: VecDeque<(InFlight, Option<String>)>,
     in_target_tx: bool,
     current: Option<Begin>,
     skipping: bool,
@@ -117,7 +125,28 @@ pub struct Applier {
     pub applied_txns: u64,
 }
 
-const BATCH_BYTES: usize = 512 * 1024;
+/// Statements in flight before the oldest is awaited.
+const PIPELINE: usize = 256;
+
+type InFlight = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
+
+/// A statement being built: SQL text and its parameters (text, or NULL).
+#[derive(Default)]
+struct Sql {
+    text: String,
+    params: Vec<Option<String>>,
+}
+
+impl Sql {
+    /// A parameter cast to `sql_type`, as SQL.
+    fn param(&mut self, v: &Value, sql_type: &str) -> String {
+        self.params.push(match v {
+            Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::Null | Value::Unchanged => None,
+        });
+        format!("${}::{sql_type}", self.params.len())
+    }
+}
 
 impl Applier {
     /// `applied`: the LSN recorded on the target; `tables`: target tables by name.
@@ -129,12 +158,12 @@ impl Applier {
         tables: HashMap<QualifiedName, TargetTable>,
     ) -> Self {
         Applier {
-            client,
+            client: Arc::new(client),
             source,
             tables,
             relations: HashMap::new(),
-            batch: String::new(),
-            expect: Vec::new(),
+            statements: HashMap::new(),
+            inflight: VecDeque::new(),
             in_target_tx: false,
             current: None,
             skipping: false,
@@ -162,8 +191,14 @@ impl Applier {
                 self.skipping = b.final_lsn < self.applied;
                 self.current = Some(b);
                 if !self.skipping && !self.in_target_tx {
-                    self.batch.push_str("BEGIN;");
-                    self.expect.push(None);
+                    self.send(
+                        Sql {
+                            text: "BEGIN".into(),
+                            params: vec![],
+                        },
+                        None,
+                    )
+                    .await?;
                     self.in_target_tx = true;
                 }
             }
@@ -302,6 +337,7 @@ impl Applier {
         if skip {
             return Ok(());
         }
+        let mut q = Sql::default();
         let mut cols = Vec::new();
         let mut vals = Vec::new();
         for (c, v) in rel.columns.iter().zip(&i.new.0) {
@@ -309,9 +345,9 @@ impl Applier {
                 continue;
             }
             cols.push(quote_ident(c));
-            vals.push(literal(v, &rel.table.columns[c]));
+            vals.push(q.param(v, &rel.table.columns[c]));
         }
-        let mut sql = format!(
+        q.text = format!(
             "INSERT INTO {} ({}){} VALUES ({})",
             rel.table.name.quoted(),
             cols.join(", "),
@@ -333,7 +369,7 @@ impl Applier {
                 .map(|(c, _)| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
                 .collect();
             let _ = write!(
-                sql,
+                q.text,
                 " ON CONFLICT ({}) DO UPDATE SET {}",
                 rel.table
                     .key
@@ -344,7 +380,7 @@ impl Applier {
                 sets.join(", ")
             );
         }
-        self.push(sql, None).await
+        self.send(q, None).await
     }
 
     async fn update(&mut self, u: Update) -> Result<(), ApplyError> {
@@ -353,39 +389,75 @@ impl Applier {
         if skip {
             return Ok(());
         }
-        let sets: Vec<String> = rel
+        let target = rel.table.name.quoted();
+        let set_cols: Vec<(&String, &Value)> = rel
             .columns
             .iter()
             .zip(&u.new.0)
             .filter(|(c, v)| {
                 !matches!(v, Value::Unchanged) && !rel.table.always_identity.contains(c)
             })
-            .map(|(c, v)| format!("{} = {}", quote_ident(c), literal(v, &rel.table.columns[c])))
             .collect();
-        if sets.is_empty() {
+        if set_cols.is_empty() {
             return Ok(());
         }
-        let (condition, what) = match &u.old {
-            Some(OldRow::Full(old)) => full_match(rel, old),
-            Some(OldRow::Key(old)) => key_match(rel, old, true),
-            None => key_match(rel, &u.new, false),
+        // SET list and WHERE condition of one statement
+        let build = |q: &mut Sql, by: &Tuple, key_only: bool, full: bool| {
+            let sets: Vec<String> = set_cols
+                .iter()
+                .map(|(c, v)| {
+                    format!(
+                        "{} = {}",
+                        quote_ident(c),
+                        q.param(v, &rel.table.columns[*c])
+                    )
+                })
+                .collect();
+            let (cond, what) = if full {
+                full_match(q, rel, by)
+            } else {
+                key_match(q, rel, by, key_only)
+            };
+            (sets.join(", "), cond, what)
         };
-        let target = rel.table.name.quoted();
-        let sets = sets.join(", ");
-        if converge && let Some(OldRow::Key(_)) = &u.old {
+        if converge && let Some(OldRow::Key(old)) = &u.old {
             // A key change replayed onto rows copied later: the row may already carry the new key (then it
             // takes the new values and the old key goes), still carry the old one (then it moves), or be
             // gone (deleted later: a later change in the stream says so). Each statement may find nothing.
-            let (new_key, _) = key_match(rel, &u.new, false);
-            let sql = format!(
-                "UPDATE {target} SET {sets} WHERE {new_key};\
-                 DELETE FROM {target} WHERE {condition} AND EXISTS (SELECT 1 FROM {target} WHERE {new_key});\
-                 UPDATE {target} SET {sets} WHERE {condition}"
+            let mut q = Sql::default();
+            let (sets, new_key, _) = build(&mut q, &u.new, false, false);
+            q.text = format!("UPDATE {target} SET {sets} WHERE {new_key}");
+            self.send(q, None).await?;
+            let rel = self.rel(u.relation)?;
+            let mut q = Sql::default();
+            let (old_key, _) = key_match(&mut q, rel, old, true);
+            let (new_key, _) = key_match(&mut q, rel, &u.new, false);
+            q.text = format!(
+                "DELETE FROM {target} WHERE {old_key} AND EXISTS (SELECT 1 FROM {target} WHERE {new_key})"
             );
-            self.push_many(sql, 3).await?;
-            return Ok(());
+            self.send(q, None).await?;
+            let rel = self.rel(u.relation)?;
+            let mut q = Sql::default();
+            let sets: Vec<String> = rel
+                .columns
+                .iter()
+                .zip(&u.new.0)
+                .filter(|(c, v)| {
+                    !matches!(v, Value::Unchanged) && !rel.table.always_identity.contains(c)
+                })
+                .map(|(c, v)| format!("{} = {}", quote_ident(c), q.param(v, &rel.table.columns[c])))
+                .collect();
+            let (old_key, _) = key_match(&mut q, rel, old, true);
+            q.text = format!("UPDATE {target} SET {} WHERE {old_key}", sets.join(", "));
+            return self.send(q, None).await;
         }
-        let sql = if rel.identity == 'f' || rel.key_positions.is_empty() {
+        let mut q = Sql::default();
+        let (sets, condition, what) = match &u.old {
+            Some(OldRow::Full(old)) => build(&mut q, old, false, true),
+            Some(OldRow::Key(old)) => build(&mut q, old, true, false),
+            None => build(&mut q, &u.new, false, false),
+        };
+        q.text = if rel.identity == 'f' || rel.key_positions.is_empty() {
             format!(
                 "UPDATE {target} SET {sets} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
             )
@@ -393,7 +465,7 @@ impl Applier {
             format!("UPDATE {target} SET {sets} WHERE {condition}")
         };
         let expect = (!converge).then(|| format!("UPDATE of {} {what}", rel.table.name));
-        self.push(sql, expect).await
+        self.send(q, expect).await
     }
 
     async fn delete(&mut self, d: Delete) -> Result<(), ApplyError> {
@@ -402,12 +474,13 @@ impl Applier {
         if skip {
             return Ok(());
         }
+        let mut q = Sql::default();
         let (condition, what) = match &d.old {
-            OldRow::Full(old) => full_match(rel, old),
-            OldRow::Key(old) => key_match(rel, old, true),
+            OldRow::Full(old) => full_match(&mut q, rel, old),
+            OldRow::Key(old) => key_match(&mut q, rel, old, true),
         };
         let target = rel.table.name.quoted();
-        let sql = if rel.identity == 'f' || rel.key_positions.is_empty() {
+        q.text = if rel.identity == 'f' || rel.key_positions.is_empty() {
             format!(
                 "DELETE FROM {target} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
             )
@@ -415,7 +488,7 @@ impl Applier {
             format!("DELETE FROM {target} WHERE {condition}")
         };
         let expect = (!converge).then(|| format!("DELETE of {} {what}", rel.table.name));
-        self.push(sql, expect).await
+        self.send(q, expect).await
     }
 
     async fn truncate(&mut self, t: Truncate) -> Result<(), ApplyError> {
@@ -429,7 +502,7 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
-        let sql = format!(
+        let text = format!(
             "TRUNCATE {}{}{}",
             names.join(", "),
             if t.restart_identity {
@@ -439,28 +512,98 @@ impl Applier {
             },
             if t.cascade { " CASCADE" } else { "" }
         );
-        self.push(sql, None).await
+        self.send(
+            Sql {
+                text,
+                params: vec![],
+            },
+            None,
+        )
+        .await
     }
 
-    /// Several statements that may each find no row.
-    async fn push_many(&mut self, sql: String, statements: usize) -> Result<(), ApplyError> {
-        self.batch.push_str(&sql);
-        self.batch.push(';');
-        self.expect.extend(std::iter::repeat_n(None, statements));
-        if self.batch.len() >= BATCH_BYTES {
-            self.flush_batch().await?;
+    /// Sends a statement now (prepared once per shape) and keeps its result for later; waits for the
+    /// oldest results when the pipeline is full.
+    async fn send(&mut self, q: Sql, expect: Option<String>) -> Result<(), ApplyError> {
+        let statement = match self.statements.get(&q.text) {
+            Some(s) => s.clone(),
+            None => {
+                let types = vec![Type::TEXT; q.params.len()];
+                let prepared = self.client.prepare_typed(&q.text, &types).await;
+                let s = match prepared {
+                    Ok(s) => s,
+                    Err(source) => return Err(self.fail(source).await),
+                };
+                if self.statements.len() > 10_000 {
+                    self.statements.clear();
+                }
+                self.statements.insert(q.text, s.clone());
+                s
+            }
+        };
+        let client = self.client.clone();
+        let params = q.params;
+        let mut fut: InFlight = Box::pin(async move {
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            client.execute(&statement, &refs).await
+        });
+        // The first poll hands the request to the connection: statements go out in the order made.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            fut = Box::pin(std::future::ready(r));
+        }
+        self.inflight.push_back((fut, expect));
+        while self.inflight.len() > PIPELINE {
+            self.await_oldest().await?;
         }
         Ok(())
     }
 
-    async fn push(&mut self, sql: String, expect: Option<String>) -> Result<(), ApplyError> {
-        self.batch.push_str(&sql);
-        self.batch.push(';');
-        self.expect.push(expect);
-        if self.batch.len() >= BATCH_BYTES {
-            self.flush_batch().await?;
+    async fn await_oldest(&mut self) -> Result<(), ApplyError> {
+        let Some((fut, expect)) = self.inflight.pop_front() else {
+            return Ok(());
+        };
+        match fut.await {
+            Ok(0) if expect.is_some() => {
+                let what = expect.unwrap_or_default();
+                self.reset().await;
+                Err(ApplyError::Definite(format!(
+                    "{what} found no row on the target: the target has drifted from the source (a row \
+                     changed or deleted there directly?). Nothing of this batch was applied. Compare the \
+                     row on both sides, repair the target, then run again"
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(source) => Err(self.fail(source).await),
+        }
+    }
+
+    /// Waits for every statement in flight.
+    async fn drain(&mut self) -> Result<(), ApplyError> {
+        while !self.inflight.is_empty() {
+            self.await_oldest().await?;
         }
         Ok(())
+    }
+
+    async fn fail(&mut self, source: tokio_postgres::Error) -> ApplyError {
+        self.reset().await;
+        describe_failure(source)
+    }
+
+    /// Forgets what is in flight and rolls the target transaction back.
+    async fn reset(&mut self) {
+        while let Some((fut, _)) = self.inflight.pop_front() {
+            let _ = fut.await;
+        }
+        if self.in_target_tx {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        self.in_target_tx = false;
+        self.pending = None;
     }
 
     async fn commit_source(&mut self, c: Commit) -> Result<(), ApplyError> {
@@ -476,43 +619,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Sends the statements collected so far and checks their row counts.
-    async fn flush_batch(&mut self) -> Result<(), ApplyError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let sql = std::mem::take(&mut self.batch);
-        let expect = std::mem::take(&mut self.expect);
-        let result = self.client.simple_query(&sql).await;
-        let messages = match result {
-            Ok(m) => m,
-            Err(source) => {
-                self.in_target_tx = false;
-                self.pending = None;
-                return Err(describe_failure(source));
-            }
-        };
-        let mut i = 0;
-        for m in messages {
-            if let SimpleQueryMessage::CommandComplete(rows) = m {
-                if let Some(Some(what)) = expect.get(i)
-                    && rows == 0
-                {
-                    let _ = self.client.batch_execute("ROLLBACK").await;
-                    self.in_target_tx = false;
-                    self.pending = None;
-                    return Err(ApplyError::Definite(format!(
-                        "{what} found no row on the target: the target has drifted from the source (a row \
-                         changed or deleted there directly?). Nothing of this batch was applied. Compare the \
-                         row on both sides, repair the target, then run again"
-                    )));
-                }
-                i += 1;
-            }
-        }
-        Ok(())
-    }
-
     /// Commits the open target transaction with the applied LSN, if there is one at a source-transaction
     /// boundary. Returns the LSN now durable on the target.
     pub async fn commit(&mut self) -> Result<Lsn, ApplyError> {
@@ -522,25 +628,46 @@ impl Applier {
         let Some(end) = self.pending else {
             if self.in_target_tx {
                 // only skipped transactions: nothing to keep
-                self.batch.push_str("COMMIT;");
-                self.expect.push(None);
-                self.flush_batch().await?;
+                self.send(
+                    Sql {
+                        text: "COMMIT".into(),
+                        params: vec![],
+                    },
+                    None,
+                )
+                .await?;
+                self.drain().await?;
                 self.in_target_tx = false;
             }
             return Ok(self.applied);
         };
-        let _ = write!(
-            self.batch,
-            "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, '{end}'::pg_lsn), \
-             applied_at = now(), last_commit_time = to_timestamp({}), \
-             applied_txns = applied_txns + {};COMMIT;",
-            (self.last_commit_time as f64 / 1e6) + 946_684_800.0,
-            self.txns_in_batch
-        );
-        self.expect.push(None);
-        self.expect.push(None);
+        let commit_time = (self.last_commit_time as f64 / 1e6) + 946_684_800.0;
+        self.send(
+            Sql {
+                text: "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, $1::text::pg_lsn), \
+                       applied_at = now(), last_commit_time = to_timestamp($2::text::float8), \
+                       applied_txns = applied_txns + $3::text::bigint"
+                    .into(),
+                params: vec![
+                    Some(end.to_string()),
+                    Some(commit_time.to_string()),
+                    Some(self.txns_in_batch.to_string()),
+                ],
+            },
+            None,
+        )
+        .await?;
+        self.drain().await?;
         crate::failpoint::hit("apply.before-commit");
-        self.flush_batch().await?;
+        self.send(
+            Sql {
+                text: "COMMIT".into(),
+                params: vec![],
+            },
+            None,
+        )
+        .await?;
+        self.drain().await?;
         crate::failpoint::hit("apply.after-commit");
         self.in_target_tx = false;
         self.pending = None;
@@ -551,19 +678,9 @@ impl Applier {
 
     /// Drops a half-applied source transaction (on shutdown): the target rolls back to the last commit.
     pub async fn abandon(&mut self) {
-        self.batch.clear();
-        self.expect.clear();
-        if self.in_target_tx {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        self.in_target_tx = false;
-        self.pending = None;
+        self.reset().await;
         self.current = None;
         self.txns_in_batch = 0;
-    }
-
-    pub fn client(&self) -> &Client {
-        &self.client
     }
 }
 
@@ -589,16 +706,6 @@ fn describe_failure(source: tokio_postgres::Error) -> ApplyError {
     ApplyError::Target { what, source }
 }
 
-/// A value as a typed SQL literal.
-fn literal(v: &Value, sql_type: &str) -> String {
-    match v {
-        Value::Null | Value::Unchanged => "NULL".to_string(),
-        Value::Text(b) | Value::Binary(b) => {
-            format!("{}::{sql_type}", quote_literal(&String::from_utf8_lossy(b)))
-        }
-    }
-}
-
 /// Types without an equality operator: compared through their text form.
 fn compare_as_text(sql_type: &str) -> bool {
     let base = sql_type.trim_end_matches("[]");
@@ -610,7 +717,7 @@ fn compare_as_text(sql_type: &str) -> bool {
 
 /// WHERE condition on the replica-identity key, and a description for errors (key values are shown:
 /// they identify the row, the operator needs them; other values never are).
-fn key_match(rel: &Rel, tuple: &Tuple, key_only: bool) -> (String, String) {
+fn key_match(q: &mut Sql, rel: &Rel, tuple: &Tuple, key_only: bool) -> (String, String) {
     let mut conds = Vec::new();
     let mut shown = Vec::new();
     for (n, &pos) in rel.key_positions.iter().enumerate() {
@@ -623,7 +730,7 @@ fn key_match(rel: &Rel, tuple: &Tuple, key_only: bool) -> (String, String) {
         };
         let v = v.cloned().unwrap_or(Value::Null);
         let ty = &rel.table.columns[name];
-        conds.push(format!("{} = {}", quote_ident(name), literal(&v, ty)));
+        conds.push(format!("{} = {}", quote_ident(name), q.param(&v, ty)));
         if let Value::Text(b) = &v {
             shown.push(format!("{name}={}", String::from_utf8_lossy(b)));
         }
@@ -634,22 +741,24 @@ fn key_match(rel: &Rel, tuple: &Tuple, key_only: bool) -> (String, String) {
     )
 }
 
-fn full_match(rel: &Rel, old: &Tuple) -> (String, String) {
-    let conds: Vec<String> = rel
-        .columns
-        .iter()
-        .zip(&old.0)
-        .filter(|(_, v)| !matches!(v, Value::Unchanged))
-        .map(|(c, v)| {
-            let ty = &rel.table.columns[c];
-            let col = quote_ident(c);
-            match v {
-                Value::Null => format!("{col} IS NULL"),
-                _ if compare_as_text(ty) => format!("{col}::text = {}::text", literal(v, ty)),
-                _ => format!("{col} = {}", literal(v, ty)),
+fn full_match(q: &mut Sql, rel: &Rel, old: &Tuple) -> (String, String) {
+    let mut conds = Vec::new();
+    for (c, v) in rel.columns.iter().zip(&old.0) {
+        let ty = &rel.table.columns[c];
+        let col = quote_ident(c);
+        match v {
+            Value::Unchanged => {}
+            Value::Null => conds.push(format!("{col} IS NULL")),
+            _ if compare_as_text(ty) => {
+                let p = q.param(v, ty);
+                conds.push(format!("{col}::text = {p}::text"))
             }
-        })
-        .collect();
+            _ => {
+                let p = q.param(v, ty);
+                conds.push(format!("{col} = {p}"))
+            }
+        }
+    }
     (
         if conds.is_empty() {
             "true".into()
