@@ -630,8 +630,11 @@ fn version_lt(a: &str, b: &str) -> bool {
 }
 
 async fn encodings(r: &mut Report, source: &Client, target: &Client) -> Result<(), Error> {
-    let q = "SELECT pg_encoding_to_char(encoding), datcollate, datctype
-             FROM pg_database WHERE datname = current_database()";
+    // the locale provider (libc or ICU, PostgreSQL 15+) changes ordering as much as the collation name
+    let q = "SELECT pg_encoding_to_char(encoding), datcollate,
+                    datctype || CASE WHEN current_setting('server_version_num')::int >= 150000
+                                     THEN ' (' || (to_jsonb(d) ->> 'datlocprovider') || ')' ELSE '' END
+             FROM pg_database d WHERE datname = current_database()";
     let s = source
         .query_one(q, &[])
         .await
@@ -663,8 +666,9 @@ async fn encodings(r: &mut Report, source: &Client, target: &Client) -> Result<(
             "collation",
             Some(Side::Target),
             format!(
-                "collation differs (source {sc}/{sk}, target {tc}/{tk}): text ordering, and so indexes, \
-                 range queries and uniqueness under case-insensitive collations, may behave differently"
+                "collation or locale provider differs (source {sc}/{sk}, target {tc}/{tk}; c = libc, i = \
+                 ICU): text ordering, and so indexes, range queries and uniqueness under case-insensitive \
+                 collations, may behave differently"
             ),
             Some(format!(
                 "create the target database with LC_COLLATE '{sc}' LC_CTYPE '{sk}' TEMPLATE template0, \
@@ -672,7 +676,13 @@ async fn encodings(r: &mut Report, source: &Client, target: &Client) -> Result<(
             )),
         );
     } else {
-        r.add(Level::Ok, "collation", None, format!("both {sc}"), None);
+        r.add(
+            Level::Ok,
+            "collation",
+            None,
+            format!("both {sc}/{sk}"),
+            None,
+        );
     }
     Ok(())
 }

@@ -22,6 +22,11 @@ use crate::replication::conn::StreamMessage;
 use crate::replication::{ReplicationConn, ReplicationError};
 use crate::session;
 
+/// Source transactions per target transaction at most. Many small ones share a commit, but a row updated
+/// by every source transaction (a counter, pgbench's branches) leaves one version per update in the target
+/// transaction, and each update walks them all: batches stay short.
+const MAX_BATCH_TXNS: usize = 64;
+
 /// Where to stream from and to.
 pub struct FollowPlan {
     pub source: ConnInfo,
@@ -265,7 +270,7 @@ async fn session_once(
                 let is_commit = matches!(msg, Message::Commit(_));
                 applier.handle(msg).await.map_err(apply_err)?;
                 if is_commit
-                    && (applier.txns_in_batch >= 2000
+                    && (applier.txns_in_batch >= MAX_BATCH_TXNS
                         || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
                 {
                     confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
