@@ -53,6 +53,17 @@ impl Follower {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to 30 s for the follower to exit on its own.
+    async fn exits_by_itself(&mut self) -> std::process::ExitStatus {
+        for _ in 0..300 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the follower kept going:\n{}", self.log());
+    }
+
     /// SIGTERM, then the exit status.
     fn stop(mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill")
@@ -292,16 +303,8 @@ async fn a_column_added_on_the_source_stops_the_stream_with_the_table_named() {
     )
     .await
     .unwrap();
-    let mut status = None;
-    for _ in 0..300 {
-        if let Some(s) = f.child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = f.exits_by_itself().await;
     let log = f.log();
-    let status = status.unwrap_or_else(|| panic!("the follower kept going:\n{log}"));
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("app.customers") && log.contains("tier") && log.contains("ALTER TABLE"),
@@ -474,16 +477,8 @@ async fn a_column_type_changed_on_the_source_stops_the_stream_with_both_types_na
     )
     .await
     .unwrap();
-    let mut status = None;
-    for _ in 0..300 {
-        if let Some(s) = f.child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = f.exits_by_itself().await;
     let log = f.log();
-    let status = status.unwrap_or_else(|| panic!("the follower kept going:\n{log}"));
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("app.events.amount")

@@ -457,13 +457,10 @@ impl Applier {
             Some(OldRow::Key(old)) => build(&mut q, old, true, false),
             None => build(&mut q, &u.new, false, false),
         };
-        q.text = if rel.identity == 'f' || rel.key_positions.is_empty() {
-            format!(
-                "UPDATE {target} SET {sets} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
-            )
-        } else {
-            format!("UPDATE {target} SET {sets} WHERE {condition}")
-        };
+        q.text = format!(
+            "UPDATE {target} SET {sets} WHERE {}",
+            one_row(rel, &target, &condition)
+        );
         let expect = (!converge).then(|| format!("UPDATE of {} {what}", rel.table.name));
         self.send(q, expect).await
     }
@@ -480,13 +477,10 @@ impl Applier {
             OldRow::Key(old) => key_match(&mut q, rel, old, true),
         };
         let target = rel.table.name.quoted();
-        q.text = if rel.identity == 'f' || rel.key_positions.is_empty() {
-            format!(
-                "DELETE FROM {target} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
-            )
-        } else {
-            format!("DELETE FROM {target} WHERE {condition}")
-        };
+        q.text = format!(
+            "DELETE FROM {target} WHERE {}",
+            one_row(rel, &target, &condition)
+        );
         let expect = (!converge).then(|| format!("DELETE of {} {what}", rel.table.name));
         self.send(q, expect).await
     }
@@ -704,6 +698,19 @@ fn describe_failure(source: tokio_postgres::Error) -> ApplyError {
         None => "lost the connection to the target while applying".to_string(),
     };
     ApplyError::Target { what, source }
+}
+
+/// The WHERE clause that picks the row a change is about: the key condition itself, or, when rows are
+/// matched on all their values (REPLICA IDENTITY FULL), exactly one of the equal rows, so duplicates stay
+/// as many as on the source.
+fn one_row(rel: &Rel, target: &str, condition: &str) -> String {
+    if rel.identity == 'f' || rel.key_positions.is_empty() {
+        format!(
+            "(tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
+        )
+    } else {
+        condition.to_string()
+    }
 }
 
 /// Types without an equality operator: compared through their text form.
