@@ -808,6 +808,29 @@ async fn target_state(
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
+    let publications: Vec<String> = source
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'hikkoshi\\_%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "listing publications"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !publications.is_empty() {
+        r.add(
+            Level::Warning,
+            "leftovers",
+            Some(Side::Source),
+            format!("hikkoshi publication(s) on the source: {}", publications.join(", ")),
+            Some(
+                "if their migration is over or abandoned: `hikkoshi clean --source ... --target <its \
+                 target>`, or DROP PUBLICATION <name>;"
+                    .into(),
+            ),
+        );
+    }
     if !leftovers.is_empty() {
         let inactive: Vec<&str> = leftovers
             .iter()

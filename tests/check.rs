@@ -97,6 +97,10 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
     tgt.batch_execute("CREATE TABLE orders (id int)")
         .await
         .unwrap();
+    // what an abandoned earlier migration leaves behind
+    src.batch_execute("CREATE PUBLICATION hikkoshi_0badc0de FOR TABLE orders")
+        .await
+        .unwrap();
     let source = format!(
         "postgresql://reader:reader-pw@127.0.0.1:{}/app?sslmode=disable",
         s.port
@@ -143,6 +147,14 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
     assert!(
         f.iter()
             .any(|x| x["check"] == "max_slot_wal_keep_size" && x["level"] == "warning"),
+        "{f:?}"
+    );
+    assert!(
+        f.iter().any(|x| x["check"] == "leftovers"
+            && x["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("hikkoshi_0badc0de")),
         "{f:?}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("reader-pw"));
