@@ -181,6 +181,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// A report as JSON on stdout, or as the text people read.
+fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        print!("{report}");
+    }
+}
+
 /// SIGINT or SIGTERM: stop gracefully (the copy stops where it is, resumable; the follower drains).
 fn spawn_signal_handler(stop: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
@@ -313,14 +325,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 pg_bin,
             })
             .await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{report}");
-            }
+            print_report(&report, json);
             Ok(if report.blocked() {
                 ExitCode::from(1)
             } else {
@@ -343,14 +348,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 jobs,
             })
             .await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{report}");
-            }
+            print_report(&report, json);
             Ok(if report.equal() {
                 ExitCode::SUCCESS
             } else {
@@ -359,14 +357,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         }
         Command::Status { target, json } => {
             let status = hikkoshi::status::read(&target).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
-            } else {
-                print!("{status}");
-            }
+            print_report(&status, json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Clean { source, target } => {

@@ -256,17 +256,7 @@ async fn an_extension_missing_on_the_target_is_refused_by_the_preflight() {
 async fn a_schema_step_that_fails_leaves_the_target_as_it_was() {
     let s = server(15);
     let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE t (id int PRIMARY KEY, m mood);",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
-    // an object the preflight does not look at, in the way of the schema
-    tgt.batch_execute("CREATE TYPE mood AS ENUM ('other')")
-        .await
-        .unwrap();
+    let (src, tgt) = schema_conflict_pair(&s, &t).await;
     let out = hikkoshi(&[
         "clone",
         "--source",

@@ -520,16 +520,7 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
 async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publication() {
     let s = server(15);
     let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE t (id int PRIMARY KEY, m mood);",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
-    tgt.batch_execute("CREATE TYPE mood AS ENUM ('other')")
-        .await
-        .unwrap();
+    let (src, tgt) = schema_conflict_pair(&s, &t).await;
     let out = hikkoshi(&[
         "clone",
         "--follow",

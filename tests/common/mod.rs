@@ -339,3 +339,19 @@ impl TestCa {
         path.to_string_lossy().into_owned()
     }
 }
+
+/// A source with an enum type and a target that already has a type of the same name: the preflight does
+/// not look at types, so the clone gets to the schema step, which fails.
+pub async fn schema_conflict_pair(s: &LocalServer, t: &LocalServer) -> (Client, Client) {
+    let src = create_db(s, "app").await;
+    src.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE t (id int PRIMARY KEY, m mood);",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(t, "app").await;
+    tgt.batch_execute("CREATE TYPE mood AS ENUM ('other')")
+        .await
+        .unwrap();
+    (src, tgt)
+}
