@@ -22,13 +22,7 @@ fn blockers(f: &[serde_json::Value]) -> Vec<String> {
 async fn a_ready_pair_passes_and_nothing_is_created() {
     let s = server(15);
     let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    src.batch_execute(
-        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
-    )
-    .await
-    .unwrap();
+    let src = app_source(&s).await;
     let tgt = create_db(&t, "app").await;
     let out = hikkoshi(&[
         "check",
@@ -65,11 +59,7 @@ async fn a_ready_pair_passes_and_nothing_is_created() {
     );
     assert!(hikkoshi_slots(&src).await.is_empty());
     assert!(!has_state(&tgt).await);
-    let pubs: i64 = src
-        .query_one("SELECT count(*) FROM pg_publication", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pubs = publication_count(&src).await;
     assert_eq!(pubs, 0);
 }
 

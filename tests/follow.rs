@@ -133,17 +133,6 @@ async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
     );
 }
 
-async fn app_source(s: &LocalServer) -> Client {
-    let src = create_db(s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    src.batch_execute(
-        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
-    )
-    .await
-    .unwrap();
-    src
-}
-
 /// Every kind of change, in many small transactions.
 async fn workload(url: String, base: i32, rounds: i32) {
     let c = connect(&url).await;
@@ -226,11 +215,7 @@ async fn follow_applies_a_live_workload_exactly_once() {
         applied > 40,
         "transactions went through the stream ({applied})"
     );
-    let own: i64 = tgt
-        .query_one("SELECT count(*) FROM pg_publication", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let own = publication_count(&tgt).await;
     assert_eq!(
         own, 0,
         "hikkoshi's publication is not part of the user's schema"
@@ -345,11 +330,7 @@ async fn a_table_without_identity_is_refused_before_the_publication_breaks_the_a
         "{e}"
     );
     assert!(hikkoshi_slots(&src).await.is_empty());
-    let pubs: i64 = src
-        .query_one("SELECT count(*) FROM pg_publication", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pubs = publication_count(&src).await;
     assert_eq!(pubs, 0);
     assert!(!has_state(&tgt).await);
     // the application can still update the table
@@ -531,11 +512,7 @@ async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publi
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(hikkoshi_slots(&src).await.is_empty(), "{}", text(&out));
-    let pubs: i64 = src
-        .query_one("SELECT count(*) FROM pg_publication", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pubs = publication_count(&src).await;
     assert_eq!(pubs, 0, "{}", text(&out));
     assert!(!has_state(&tgt).await);
 }

@@ -355,3 +355,24 @@ pub async fn schema_conflict_pair(s: &LocalServer, t: &LocalServer) -> (Client, 
         .unwrap();
     (src, tgt)
 }
+
+/// Publications on a server (any name: the source had none before the test).
+pub async fn publication_count(c: &Client) -> i64 {
+    c.query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The application fixture on `server` in database `app`, its tables without key set to REPLICA IDENTITY
+/// FULL so that a following clone accepts them.
+pub async fn app_source(server: &LocalServer) -> Client {
+    let src = create_db(server, "app").await;
+    src.batch_execute(FIXTURE_APP).await.unwrap();
+    src.batch_execute(
+        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    src
+}
