@@ -1,5 +1,10 @@
-//! `hikkoshi clean`: removes what hikkoshi made for a migration — its slots and publications on the source,
-//! the `hikkoshi` state schema on the target. The copied tables stay. Running it twice is harmless.
+//! `hikkoshi clean`: removes what hikkoshi made for a migration — its slots and publications (the forward
+//! stream's on the source, a reverse stream's on the target) and the `hikkoshi` state schema on both. The
+//! copied tables stay, and so does a cutover's write fence, which only `rollback` or the operator lifts.
+//! Running it twice is harmless. It refuses while a hikkoshi process works on the migration, unless
+//! `force`, which ends that process's sessions first.
+
+use tokio_postgres::Client;
 
 use crate::error::{Error, Side};
 use crate::session;
@@ -11,13 +16,21 @@ pub struct Cleaned {
     pub slots: Vec<String>,
     pub publications: Vec<String>,
     pub state_schema: bool,
+    /// Sessions of a running hikkoshi process ended by --force.
+    pub sessions_ended: usize,
 }
 
-pub async fn run(source_url: &str, target_url: &str) -> Result<Cleaned, Error> {
+pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Cleaned, Error> {
     let src_info = session::resolve(Side::Source, source_url)?;
     let tgt_info = session::resolve(Side::Target, target_url)?;
     let source = session::connect(&src_info, Side::Source).await?;
     let target = session::connect(&tgt_info, Side::Target).await?;
+    for c in [&source, &target] {
+        // the old primary of a cutover is read-only for everyone but hikkoshi
+        let _ = c
+            .batch_execute("SET default_transaction_read_only = off")
+            .await;
+    }
     let mut cleaned = Cleaned::default();
     let Some(m) = state::load(&target)
         .await
@@ -29,43 +42,137 @@ pub async fn run(source_url: &str, target_url: &str) -> Result<Cleaned, Error> {
         .await
         .map_err(Error::sql(Side::Target, "taking the migration lock"))?
     {
-        return Err(Error::Blocked(
-            "a hikkoshi process is working on this migration: stop it before cleaning".into(),
-        ));
-    }
-    // the slot and publication of a following clone are hikkoshi_<id>; temporary ones add _<pid>
-    let prefix = format!("^hikkoshi_{}(_[0-9]+)?$", m.id);
-    let slots = source
-        .query(
-            "SELECT slot_name::text, pg_drop_replication_slot(slot_name) IS NULL
-             FROM pg_replication_slots WHERE slot_name ~ $1 AND NOT active",
-            &[&prefix],
-        )
-        .await
-        .map_err(Error::sql(Side::Source, "dropping replication slots"))?;
-    cleaned.slots = slots.iter().map(|r| r.get(0)).collect();
-    let pubs = source
-        .query(
-            "SELECT pubname::text FROM pg_publication WHERE pubname ~ $1",
-            &[&prefix],
-        )
-        .await
-        .map_err(Error::sql(Side::Source, "listing publications"))?;
-    for p in &pubs {
-        let name: String = p.get(0);
-        source
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                crate::ident::quote_ident(&name)
-            ))
+        if !force {
+            return Err(Error::Blocked(
+                "a hikkoshi process is working on this migration (it holds the migration lock): stop it \
+                 before cleaning, or run `hikkoshi clean --force` to end its sessions"
+                    .into(),
+            ));
+        }
+        cleaned.sessions_ended += end_lock_holder(&target).await?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !state::try_lock(&target)
             .await
-            .map_err(Error::sql(Side::Source, "dropping a publication"))?;
-        cleaned.publications.push(name);
+            .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+        {
+            if std::time::Instant::now() > until {
+                return Err(Error::Blocked(
+                    "the hikkoshi process working on this migration did not let go of it".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
+    // the forward stream is hikkoshi_<id>, temporary slots add _<pid>, the reverse stream adds _rev
+    let pattern = format!("^hikkoshi_{}(_[0-9]+|_rev)?$", m.id);
+    for (client, side) in [(&source, Side::Source), (&target, Side::Target)] {
+        if force {
+            cleaned.sessions_ended += end_walsenders(client, side, &pattern).await?;
+        }
+        drop_streams(client, side, &pattern, &mut cleaned).await?;
+    }
+    let _ = source
+        .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
+        .await;
     target
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await
         .map_err(Error::sql(Side::Target, "dropping the hikkoshi schema"))?;
     cleaned.state_schema = true;
     Ok(cleaned)
+}
+
+async fn drop_streams(
+    client: &Client,
+    side: Side,
+    pattern: &str,
+    cleaned: &mut Cleaned,
+) -> Result<(), Error> {
+    let slots = client
+        .query(
+            "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_name ~ $1",
+            &[&pattern],
+        )
+        .await
+        .map_err(Error::sql(side, "listing replication slots"))?;
+    for s in &slots {
+        let (name, active): (String, bool) = (s.get(0), s.get(1));
+        if active {
+            return Err(Error::Blocked(format!(
+                "the slot {name} on the {side} is in use by a stream: stop the hikkoshi process that \
+                 streams, or run `hikkoshi clean --force`"
+            )));
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+            .map_err(Error::sql(side, "dropping a replication slot"))?;
+        cleaned.slots.push(name);
+    }
+    let pubs = client
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE pubname ~ $1",
+            &[&pattern],
+        )
+        .await
+        .map_err(Error::sql(side, "listing publications"))?;
+    for p in &pubs {
+        let name: String = p.get(0);
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                crate::ident::quote_ident(&name)
+            ))
+            .await
+            .map_err(Error::sql(side, "dropping a publication"))?;
+        cleaned.publications.push(name);
+    }
+    Ok(())
+}
+
+/// Ends the sessions holding the migration lock.
+async fn end_lock_holder(target: &Client) -> Result<usize, Error> {
+    let rows = target
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND ((classid::bigint << 32) | objid::bigint) = $1",
+            &[&state::LOCK_KEY],
+        )
+        .await
+        .map_err(Error::sql(
+            Side::Target,
+            "ending the process that holds the lock",
+        ))?;
+    Ok(rows.len())
+}
+
+/// Ends the walsenders streaming hikkoshi's slots.
+async fn end_walsenders(client: &Client, side: Side, pattern: &str) -> Result<usize, Error> {
+    let rows = client
+        .query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+             WHERE slot_name ~ $1 AND active_pid IS NOT NULL",
+            &[&pattern],
+        )
+        .await
+        .map_err(Error::sql(side, "ending the streams of hikkoshi's slots"))?;
+    // a terminated walsender releases its slot a moment later
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !rows.is_empty() && std::time::Instant::now() < until {
+        let busy: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ $1 AND active",
+                &[&pattern],
+            )
+            .await
+            .map_err(Error::sql(side, "listing replication slots"))?
+            .get(0);
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(rows.len())
 }

@@ -73,6 +73,8 @@ pub struct CloneReport {
     /// With --follow: the source LSN applied on the target when the follower stopped.
     pub applied_lsn: Option<String>,
     pub transactions_applied: u64,
+    /// The cutover step that ended the stream (`switched`, `rolled-back`), if one did.
+    pub ended_by: Option<String>,
 }
 
 /// Runs (or resumes) a clone, then, with `follow`, streams changes until `opts.stop` is cancelled.
@@ -101,17 +103,64 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
                     .into(),
             )
         })?;
-    let plan = crate::stream::follow::FollowPlan {
-        source: src_info,
-        target: tgt_info,
+    let cutover = state::cutover_step(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "reading the cutover state"))?;
+    let forward = crate::stream::follow::FollowPlan {
+        source: src_info.clone(),
+        target: tgt_info.clone(),
+        control: tgt_info.clone(),
+        direction: crate::stream::follow::Direction::Forward,
         slot,
         publication,
     };
-    // The follower's sessions live on one thread of their own: a change goes from the stream to the
-    // applier to the target connection without waking another thread (cross-thread wake-ups cost more
-    // CPU than the work itself, measured with bench/stream.sh).
-    let stop = opts.stop.clone();
-    let followed = tokio::task::spawn_blocking(move || {
+    let reverse = crate::cutover::reverse_plan(&forward);
+    let plan = match cutover.as_ref().map(|(s, r)| (s.as_str(), *r)) {
+        Some((state::step::SWITCHED, true)) => reverse.clone(),
+        Some((state::step::SWITCHED, false)) => {
+            return Err(Error::Blocked(
+                "the cutover of this migration is done and it kept no reverse stream: there is nothing \
+                 left to follow. `hikkoshi clean` removes hikkoshi's state"
+                    .into(),
+            ));
+        }
+        Some((state::step::ROLLING_BACK | state::step::ROLLED_BACK, _)) => {
+            return Err(Error::Blocked(
+                "this migration was rolled back (or a rollback is under way): the source is the primary \
+                 and there is nothing to follow. To migrate again, `hikkoshi clean` and clone again"
+                    .into(),
+            ));
+        }
+        _ => forward,
+    };
+    let followed = follow_on_own_thread(plan, opts.stop.clone()).await?;
+    report.applied_lsn = Some(followed.applied.to_string());
+    report.transactions_applied = followed.transactions;
+    // A cutover with --reverse ended the forward stream: this process keeps the old source current.
+    if followed.ended_by.as_deref() == Some(state::step::SWITCHED)
+        && state::cutover_step(&target)
+            .await
+            .map_err(Error::sql(Side::Target, "reading the cutover state"))?
+            .is_some_and(|(_, reverse)| reverse)
+    {
+        tracing::info!("cutover done: streaming the new primary's changes back to the old source");
+        let back = follow_on_own_thread(reverse, opts.stop.clone()).await?;
+        report.transactions_applied += back.transactions;
+        report.ended_by = back.ended_by;
+    } else {
+        report.ended_by = followed.ended_by;
+    }
+    Ok(report)
+}
+
+/// Runs a follower on a thread of its own: a change goes from the stream to the applier to the target
+/// connection without waking another thread (cross-thread wake-ups cost more CPU than the work itself,
+/// measured with bench/stream.sh).
+pub async fn follow_on_own_thread(
+    plan: crate::stream::follow::FollowPlan,
+    stop: CancellationToken,
+) -> Result<crate::stream::follow::FollowReport, Error> {
+    tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -119,10 +168,7 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
         runtime.block_on(crate::stream::follow::run(&plan, stop))
     })
     .await
-    .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))??;
-    report.applied_lsn = Some(followed.applied.to_string());
-    report.transactions_applied = followed.transactions;
-    Ok(report)
+    .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))?
 }
 
 fn another_process(tgt_info: &ConnInfo) -> Error {

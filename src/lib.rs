@@ -1,5 +1,5 @@
 //! hikkoshi moves a live PostgreSQL database to another server. The modules follow the pipeline in
-//! DESIGN.md: `check` → `plan` → `schema` → `copy` → (stream) → (cutover), with `state` kept in the target.
+//! DESIGN.md: `check` → `plan` → `schema` → `copy` → `stream` → `cutover`, with `state` kept in the target.
 
 pub mod catalog;
 pub mod check;
@@ -7,6 +7,7 @@ pub mod clean;
 pub mod clone;
 pub mod conninfo;
 pub mod copy;
+pub mod cutover;
 pub mod error;
 pub mod failpoint;
 pub mod ident;

@@ -21,6 +21,23 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum VerifyArg {
+    Quick,
+    Full,
+    None,
+}
+
+impl From<VerifyArg> for hikkoshi::cutover::VerifyMode {
+    fn from(v: VerifyArg) -> Self {
+        match v {
+            VerifyArg::Quick => Self::Quick,
+            VerifyArg::Full => Self::Full,
+            VerifyArg::None => Self::None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -105,12 +122,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove hikkoshi's slots and publications on the source and its state schema on the target.
+    /// Switch the application from the source to the target while `clone --follow` streams: fence writes
+    /// on the source, wait until the target has applied everything, move sequences, verify, run the hooks.
+    /// Any failure before the hooks are done undoes the fence. Exit 1 when it was undone.
+    Cutover {
+        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+        source: String,
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+        /// Shell command that switches the application (load balancer, secret, DNS, pooler); gets the new
+        /// primary in HIKKOSHI_NEW_PRIMARY_* and PG* variables. Repeatable; run in order.
+        #[arg(long)]
+        hook: Vec<String>,
+        /// Stream the target's changes back to the source afterwards, so that `hikkoshi rollback` loses
+        /// nothing.
+        #[arg(long)]
+        reverse: bool,
+        /// Fence only once the target trails the source by less than this (e.g. 1MB).
+        #[arg(long, default_value = "1MB", value_parser = parse_size)]
+        max_lag: i64,
+        /// Seconds to wait for the lag to drop, for the catch-up after the fence, and for each hook.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// What to compare once fenced: the tables changed since the copy (quick), all, or nothing.
+        #[arg(long, value_enum, default_value = "quick")]
+        verify: VerifyArg,
+        #[arg(long, short = 'j', default_value_t = 4)]
+        jobs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch back to the source after `cutover --reverse`: fence the target, wait until the source has
+    /// every change written on the target since, move sequences back, verify, run the hooks.
+    Rollback {
+        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+        source: String,
+        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+        target: String,
+        #[arg(long)]
+        hook: Vec<String>,
+        #[arg(long, default_value = "1MB", value_parser = parse_size)]
+        max_lag: i64,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long, value_enum, default_value = "quick")]
+        verify: VerifyArg,
+        #[arg(long, short = 'j', default_value_t = 4)]
+        jobs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove hikkoshi's slots, publications and state schemas on both servers (the copied tables stay).
     Clean {
         #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
         source: String,
         #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
         target: String,
+        /// Also when a hikkoshi process still works on the migration: end its sessions first.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -291,6 +361,11 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                     );
                 }
                 match &report.applied_lsn {
+                    Some(_) if report.ended_by.is_some() => println!(
+                        "the stream ended because the migration's {} is done: {} transaction(s) applied",
+                        report.ended_by.as_deref().unwrap_or_default(),
+                        report.transactions_applied
+                    ),
                     Some(lsn) => println!(
                         "follower stopped: {} transaction(s) applied, target in sync with source LSN {lsn}; \
                          run the same command again to resume streaming",
@@ -360,16 +435,83 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             print_report(&status, json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Clean { source, target } => {
-            let c = hikkoshi::clean::run(&source, &target).await?;
+        Command::Cutover {
+            source,
+            target,
+            hook,
+            reverse,
+            max_lag,
+            timeout,
+            verify,
+            jobs,
+            json,
+        } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(stop.clone());
+            let report = hikkoshi::cutover::cutover(&hikkoshi::cutover::CutoverOptions {
+                source,
+                target,
+                hooks: hook,
+                reverse,
+                max_lag,
+                timeout: std::time::Duration::from_secs(timeout),
+                verify: verify.into(),
+                jobs: jobs.max(1),
+                stop,
+            })
+            .await?;
+            print_report(&report, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollback {
+            source,
+            target,
+            hook,
+            max_lag,
+            timeout,
+            verify,
+            jobs,
+            json,
+        } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(stop.clone());
+            let report = hikkoshi::cutover::rollback(&hikkoshi::cutover::CutoverOptions {
+                source,
+                target,
+                hooks: hook,
+                reverse: false,
+                max_lag,
+                timeout: std::time::Duration::from_secs(timeout),
+                verify: verify.into(),
+                jobs: jobs.max(1),
+                stop,
+            })
+            .await?;
+            print_report(&report, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clean {
+            source,
+            target,
+            force,
+        } => {
+            let c = hikkoshi::clean::run(&source, &target, force).await?;
             println!(
-                "removed {} slot(s), {} publication(s){}",
+                "removed {} slot(s), {} publication(s){}{}",
                 c.slots.len(),
                 c.publications.len(),
                 if c.state_schema {
-                    " and the hikkoshi schema on the target"
+                    " and hikkoshi's state schemas"
                 } else {
                     "; no hikkoshi state on the target"
+                },
+                if c.sessions_ended > 0 {
+                    format!(
+                        "; ended {} session(s) of a running hikkoshi",
+                        c.sessions_ended
+                    )
+                } else {
+                    String::new()
                 }
             );
             Ok(ExitCode::SUCCESS)

@@ -63,6 +63,21 @@ CREATE TABLE IF NOT EXISTS hikkoshi.stream (
     seen_at          timestamptz,
     rate_tps         double precision
 );
+ALTER TABLE hikkoshi.tables ADD COLUMN IF NOT EXISTS streamed boolean NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS hikkoshi.cutover (
+    one              boolean PRIMARY KEY DEFAULT true CHECK (one),
+    step             text NOT NULL,
+    reverse          boolean NOT NULL DEFAULT false,
+    fence_lsn        pg_lsn,
+    fence_means      text,
+    source_prior     text,
+    target_prior     text,
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    fenced_at        timestamptz,
+    finished_at      timestamptz,
+    pause_seconds    double precision,
+    message          text
+);
 CREATE TABLE IF NOT EXISTS hikkoshi.events (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
@@ -277,6 +292,37 @@ pub async fn stream_names(
 ) -> Result<Option<(String, String)>, tokio_postgres::Error> {
     Ok(client
         .query_opt("SELECT slot_name, publication FROM hikkoshi.stream", &[])
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Steps of a cutover as recorded in `hikkoshi.cutover` on the migration's target.
+pub mod step {
+    /// The source is being fenced or is fenced; the target catches up.
+    pub const FENCED: &str = "fenced";
+    /// Given up before the point of no return: the source is the primary again.
+    pub const ABORTED: &str = "aborted";
+    /// Done: the target is the primary; the forward stream has ended.
+    pub const SWITCHED: &str = "switched";
+    /// A rollback has fenced the target and waits for the old source to catch up.
+    pub const ROLLING_BACK: &str = "rolling-back";
+    /// Rolled back: the old source is the primary again; the reverse stream has ended.
+    pub const ROLLED_BACK: &str = "rolled-back";
+}
+
+/// The recorded cutover: its step and whether it keeps a reverse stream.
+pub async fn cutover_step(
+    client: &Client,
+) -> Result<Option<(String, bool)>, tokio_postgres::Error> {
+    if !client
+        .query_one("SELECT to_regclass('hikkoshi.cutover') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0)
+    {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT step, reverse FROM hikkoshi.cutover", &[])
         .await?
         .map(|r| (r.get(0), r.get(1))))
 }

@@ -74,23 +74,42 @@ const SHOW: usize = 20;
 
 /// Compares every selected table and sequence.
 pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
-    let started = Instant::now();
     let selection =
         Selection::parse(&opts.include, &opts.exclude).map_err(|e| Error::Usage(format!("{e}")))?;
     let src_info = session::resolve(Side::Source, &opts.source)?;
     let tgt_info = session::resolve(Side::Target, &opts.target)?;
     let source = open(&src_info, Side::Source).await?;
-    let target = open(&tgt_info, Side::Target).await?;
     let cat = Catalog::load(&source)
         .await
         .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
     let resolved = resolve(&cat, &selection)?;
-    let ranges = key_ranges(&target).await?;
+    compare(
+        &src_info,
+        &tgt_info,
+        resolved.tables,
+        &resolved.sequences,
+        opts.jobs,
+    )
+    .await
+}
 
-    let queue = Arc::new(std::sync::Mutex::new(resolved.tables.clone()));
+/// Compares `tables` and `sequences` between two servers, `jobs` tables at a time.
+pub async fn compare(
+    src_info: &ConnInfo,
+    tgt_info: &ConnInfo,
+    tables: Vec<Table>,
+    sequences: &[QualifiedName],
+    jobs: usize,
+) -> Result<VerifyReport, Error> {
+    let started = Instant::now();
+    let source = open(src_info, Side::Source).await?;
+    let target = open(tgt_info, Side::Target).await?;
+    let ranges = key_ranges(&target).await?;
+    let workers = jobs.clamp(1, tables.len().max(1));
+    let queue = Arc::new(std::sync::Mutex::new(tables));
     let ranges = Arc::new(ranges);
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..opts.jobs.clamp(1, resolved.tables.len().max(1)) {
+    for _ in 0..workers {
         let (queue, ranges) = (queue.clone(), ranges.clone());
         let (s, t) = (src_info.clone(), tgt_info.clone());
         set.spawn(async move {
@@ -111,7 +130,7 @@ pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
         tables.extend(r.map_err(|e| Error::Blocked(format!("a verify task failed: {e}")))??);
     }
     tables.sort_by(|a, b| a.table.cmp(&b.table));
-    let sequences = verify_sequences(&source, &target, &resolved.sequences).await?;
+    let sequences = verify_sequences(&source, &target, sequences).await?;
     Ok(VerifyReport {
         tables,
         sequences,

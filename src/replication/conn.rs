@@ -291,8 +291,10 @@ impl ReplicationConn {
             .and_then(|m| m.parse().ok())
             .unwrap_or(10);
         let proto = if major >= 14 { 2 } else { 1 };
+        // Logical messages (14+) carry a cutover's fence marker through the stream.
+        let messages = if major >= 14 { ", messages 'true'" } else { "" };
         let sql = format!(
-            "START_REPLICATION SLOT \"{}\" LOGICAL {start} (proto_version '{proto}', publication_names '\"{}\"')",
+            "START_REPLICATION SLOT \"{}\" LOGICAL {start} (proto_version '{proto}', publication_names '\"{}\"'{messages})",
             slot.replace('"', "\"\""),
             publication.replace('"', "\"\"").replace('\'', "''")
         );

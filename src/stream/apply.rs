@@ -110,6 +110,8 @@ pub struct Applier {
     relations: HashMap<u32, Rel>,
     /// Prepared statements by SQL text.
     statements: HashMap<String, Statement>,
+    /// Tables whose `streamed` mark this session has written.
+    streamed: std::collections::HashSet<QualifiedName>,
     /// Statements sent and not yet answered, oldest first, each with what it must affect (Some: a row).
     inflight: VecDeque<(InFlight, Option<String>)>,
     in_target_tx: bool,
@@ -163,6 +165,7 @@ impl Applier {
             tables,
             relations: HashMap::new(),
             statements: HashMap::new(),
+            streamed: Default::default(),
             inflight: VecDeque::new(),
             in_target_tx: false,
             current: None,
@@ -204,10 +207,24 @@ impl Applier {
             }
             Message::Commit(c) => self.commit_source(c).await?,
             Message::Relation(r) => self.relation(r).await?,
-            Message::Insert(i) if !self.skipping => self.insert(i).await?,
-            Message::Update(u) if !self.skipping => self.update(u).await?,
-            Message::Delete(d) if !self.skipping => self.delete(d).await?,
-            Message::Truncate(t) if !self.skipping => self.truncate(t).await?,
+            Message::Insert(i) if !self.skipping => {
+                self.mark_streamed(i.relation).await?;
+                self.insert(i).await?
+            }
+            Message::Update(u) if !self.skipping => {
+                self.mark_streamed(u.relation).await?;
+                self.update(u).await?
+            }
+            Message::Delete(d) if !self.skipping => {
+                self.mark_streamed(d.relation).await?;
+                self.delete(d).await?
+            }
+            Message::Truncate(t) if !self.skipping => {
+                for oid in &t.relations {
+                    self.mark_streamed(*oid).await?;
+                }
+                self.truncate(t).await?
+            }
             _ => {}
         }
         Ok(())
@@ -304,6 +321,28 @@ impl Applier {
                 identity: r.replica_identity,
             },
         );
+        Ok(())
+    }
+
+    /// Records, once per table and session, that the stream changed the table since the copy: a quick
+    /// verification at cutover compares exactly those tables. Written in the target transaction of the
+    /// change itself, so the mark is there whenever the change is.
+    async fn mark_streamed(&mut self, oid: u32) -> Result<(), ApplyError> {
+        let name = self.rel(oid)?.table.name.clone();
+        if self.streamed.contains(&name) {
+            return Ok(());
+        }
+        self.send(
+            Sql {
+                text: "UPDATE hikkoshi.tables SET streamed = true WHERE NOT streamed \
+                       AND ((schema_name = $1 AND table_name = $2) OR (root_schema = $1 AND root_name = $2))"
+                    .into(),
+                params: vec![Some(name.schema.clone()), Some(name.name.clone())],
+            },
+            None,
+        )
+        .await?;
+        self.streamed.insert(name);
         Ok(())
     }
 
@@ -673,6 +712,7 @@ impl Applier {
     /// Drops a half-applied source transaction (on shutdown): the target rolls back to the last commit.
     pub async fn abandon(&mut self) {
         self.reset().await;
+        self.streamed.clear();
         self.current = None;
         self.txns_in_batch = 0;
     }

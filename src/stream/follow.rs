@@ -27,10 +27,22 @@ use crate::session;
 /// transaction, and each update walks them all: batches stay short.
 const MAX_BATCH_TXNS: usize = 64;
 
-/// Where to stream from and to.
+/// Which way a stream runs: the migration's own (source → target), or the reverse stream a cutover with
+/// `--reverse` starts (new primary → old source), which keeps a rollback lossless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Reverse,
+}
+
+/// Where to stream from and to. `source` is the upstream, `target` the downstream, which holds the
+/// stream's `hikkoshi.stream` row; `control` is the migration's target, where a cutover records its steps.
+#[derive(Clone, Debug)]
 pub struct FollowPlan {
     pub source: ConnInfo,
     pub target: ConnInfo,
+    pub control: ConnInfo,
+    pub direction: Direction,
     pub slot: String,
     pub publication: String,
 }
@@ -40,6 +52,19 @@ pub struct FollowPlan {
 pub struct FollowReport {
     pub applied: Lsn,
     pub transactions: u64,
+    /// The cutover step that ended the stream, when a cutover (or rollback) ended it rather than a signal.
+    pub ended_by: Option<String>,
+}
+
+/// Whether the recorded cutover step ends a stream running in `direction`.
+fn ends(direction: Direction, step: &str) -> bool {
+    use crate::state::step;
+    match direction {
+        Direction::Forward => {
+            [step::SWITCHED, step::ROLLING_BACK, step::ROLLED_BACK].contains(&step)
+        }
+        Direction::Reverse => step == step::ROLLED_BACK,
+    }
 }
 
 /// Streams until `stop` is cancelled. Reconnects after transient failures.
@@ -177,7 +202,8 @@ async fn session_once(
     target
         .batch_execute(
             "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
-             SET synchronous_commit = on; SET datestyle = ISO; SET intervalstyle = postgres;",
+             SET synchronous_commit = on; SET datestyle = ISO; SET intervalstyle = postgres;
+             SET default_transaction_read_only = off;",
         )
         .await
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
@@ -203,6 +229,17 @@ async fn session_once(
         .unwrap_or_default();
     let tables = target_tables(&target).await?;
     let status = session::connect(&plan.target, Side::Target).await?;
+    // a reverse stream writes its records on the fenced old source
+    status
+        .batch_execute(
+            "SET application_name = 'hikkoshi status'; SET default_transaction_read_only = off",
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "preparing the status session"))?;
+    let control = match plan.direction {
+        Direction::Forward => None,
+        Direction::Reverse => Some(session::connect(&plan.control, Side::Target).await?),
+    };
     let source = session::connect(&plan.source, Side::Source).await?;
     let mut applier = Applier::new(target, source, applied, tables);
 
@@ -333,6 +370,30 @@ async fn session_once(
             record(&status, confirmed, server_end, rate).await;
             txns_at_record = applier.applied_txns;
             last_record = Instant::now();
+            // A cutover that reached its point of no return (or a finished rollback) ends this stream:
+            // everything up to the fence is applied, and the other side is the primary now.
+            let step = crate::state::cutover_step(control.as_ref().unwrap_or(&status))
+                .await
+                .ok()
+                .flatten();
+            if let Some((step, _)) = step.filter(|(s, _)| ends(plan.direction, s)) {
+                let done = if applier.inside_source_transaction() {
+                    applier.abandon().await;
+                    applier.applied
+                } else {
+                    applier.commit().await.map_err(apply_err)?
+                };
+                let _ = repl.send_status(received, done, false).await;
+                record(&status, done, server_end, 0.0).await;
+                report.applied = done;
+                report.transactions += applier.applied_txns;
+                report.ended_by = Some(step);
+                tracing::info!(
+                    "the cutover ended this stream ({:?}) at {done}",
+                    plan.direction
+                );
+                return Ok(());
+            }
         }
         report.applied = confirmed;
     }

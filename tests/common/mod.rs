@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
+pub mod live;
+
 use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
 

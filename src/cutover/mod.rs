@@ -1,0 +1,1027 @@
+//! `hikkoshi cutover` and `hikkoshi rollback`: the switch from the old primary to the new one, in seconds,
+//! with proof.
+//!
+//! Both are the same walk, in opposite directions (cutover: source → target; rollback: target → source over
+//! the reverse stream that `cutover --reverse` started):
+//! 1. Refuse early: the clone must be complete and streaming, the slot healthy, the fence possible.
+//! 2. Wait until the stream's lag is under `--max-lag`.
+//! 3. Fence writes on the old primary (see `fence`); emit a logical message, the fence marker, and note its
+//!    LSN. The write pause starts here.
+//! 4. Wait until the new primary has applied everything up to the marker. Whoever streams does the work: a
+//!    running `clone --follow` (it holds the migration lock), or, when none runs, a follower of our own.
+//! 5. Move every sequence (owned, identity, standalone) to the old primary's position.
+//! 6. Verify: quick (the tables the stream changed since the copy), full, or none. Fenced, it is exact.
+//! 7. With `--reverse`: a publication and slot on the new primary, and stream state on the old one, so that
+//!    what is written on the new primary from now on can flow back.
+//! 8. Run the hooks (the user's switch). The write pause ends here.
+//! 9. The point of no return: the step is recorded as done and the stream that fed the new primary ends.
+//!
+//! Until step 9, a failure, a timeout or a signal undoes what was done (the fence first) and leaves the old
+//! primary writable; from step 9 on, the cutover runs to completion. A process killed after the fence
+//! leaves the step recorded: `hikkoshi cutover` again finishes it, `hikkoshi rollback` undoes it.
+
+pub mod fence;
+pub mod hook;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::ident::{QualifiedName, quote_ident};
+use crate::lsn::Lsn;
+use crate::plan::{Selection, resolve};
+use crate::session;
+use crate::state::{self, step};
+use crate::stream::follow::{Direction, FollowPlan, FollowReport};
+
+/// Another advisory key: one cutover or rollback at a time ("hikc").
+const CUTOVER_LOCK: i64 = 0x6869_6b63;
+
+/// How much to verify once fenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// The tables the stream changed since the copy (the copy itself was verified by construction).
+    Quick,
+    /// Every table.
+    Full,
+    /// Nothing (the pause is shortest; the proof is left to a later `hikkoshi verify`).
+    None,
+}
+
+/// What `cutover` (or `rollback`) was asked to do.
+#[derive(Clone, Debug)]
+pub struct CutoverOptions {
+    pub source: String,
+    pub target: String,
+    pub hooks: Vec<String>,
+    /// Start the reverse stream (cutover only).
+    pub reverse: bool,
+    /// Fence only once the stream is this close (bytes of WAL).
+    pub max_lag: i64,
+    /// For the lag to drop, for the catch-up after the fence, and for each hook.
+    pub timeout: Duration,
+    pub verify: VerifyMode,
+    pub jobs: usize,
+    /// Cancelled on SIGINT/SIGTERM: before the point of no return, undo and leave the old primary writable.
+    pub stop: CancellationToken,
+}
+
+/// What the switch did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SwitchReport {
+    pub migration_id: String,
+    /// `cutover` or `rollback`.
+    pub step: String,
+    pub new_primary: String,
+    pub fence_means: String,
+    pub sessions_ended: Vec<String>,
+    pub fence_lsn: String,
+    /// Lag when the fence went up.
+    pub lag_bytes_at_fence: i64,
+    /// Making the database read-only and ending the other sessions.
+    pub fence_seconds: f64,
+    /// From the fence until the new primary had applied everything.
+    pub catch_up_seconds: f64,
+    /// Moving sequences and verifying.
+    pub verify_seconds: f64,
+    pub sequences_moved: usize,
+    pub verify: String,
+    pub tables_verified: usize,
+    pub rows_verified: i64,
+    pub hooks: Vec<hook::HookRun>,
+    /// With --reverse: the slot on the new primary that keeps its changes for the old one.
+    pub reverse_slot: Option<String>,
+    /// From the fence until the hooks were done: how long nothing could be written anywhere.
+    pub write_pause_seconds: f64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+    /// A rollback that found an interrupted cutover only lifted its fence.
+    pub undid_interrupted_cutover: bool,
+}
+
+impl std::fmt::Display for SwitchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.undid_interrupted_cutover {
+            return writeln!(
+                f,
+                "the interrupted cutover of migration {} was undone: the fence is lifted and the source \
+                 is the primary",
+                self.migration_id
+            );
+        }
+        writeln!(
+            f,
+            "{} of migration {} done: {} is the primary",
+            self.step, self.migration_id, self.new_primary
+        )?;
+        writeln!(f, "  fence:      {}", self.fence_means)?;
+        if !self.sessions_ended.is_empty() {
+            writeln!(
+                f,
+                "              sessions ended: {}",
+                self.sessions_ended.join(", ")
+            )?;
+        }
+        writeln!(
+            f,
+            "  caught up:  {:.3}s after the fence (fence itself {:.3}s; lag {} bytes at the fence, marker at {})",
+            self.catch_up_seconds, self.fence_seconds, self.lag_bytes_at_fence, self.fence_lsn
+        )?;
+        writeln!(f, "  sequences:  {} moved", self.sequences_moved)?;
+        writeln!(
+            f,
+            "  verify:     {} ({} table(s), {} row(s) equal; sequences and verify {:.3}s)",
+            self.verify, self.tables_verified, self.rows_verified, self.verify_seconds
+        )?;
+        for h in &self.hooks {
+            writeln!(f, "  hook:       `{}` ok in {:.3}s", h.command, h.seconds)?;
+        }
+        if let Some(s) = &self.reverse_slot {
+            writeln!(
+                f,
+                "  reverse:    slot {s} on the new primary keeps its changes for the old one; keep \
+                 `hikkoshi clone --follow` running (or let `hikkoshi rollback` catch up by itself)"
+            )?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "  warning:    {w}")?;
+        }
+        writeln!(
+            f,
+            "  write pause: {:.3}s (fence → hooks done); total {:.1}s",
+            self.write_pause_seconds, self.seconds
+        )
+    }
+}
+
+/// Which way a switch goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Cutover,
+    Rollback,
+}
+
+/// The reverse stream of a migration whose forward stream is `forward`.
+pub fn reverse_plan(forward: &FollowPlan) -> FollowPlan {
+    FollowPlan {
+        source: forward.target.clone(),
+        target: forward.source.clone(),
+        control: forward.target.clone(),
+        direction: Direction::Reverse,
+        slot: format!("{}_rev", forward.slot),
+        publication: format!("{}_rev", forward.publication),
+    }
+}
+
+/// Switches from the source to the target.
+pub async fn cutover(opts: &CutoverOptions) -> Result<SwitchReport, Error> {
+    switch(opts, Way::Cutover).await
+}
+
+/// Switches back to the source after a `cutover --reverse`, losing nothing written on the target since.
+pub async fn rollback(opts: &CutoverOptions) -> Result<SwitchReport, Error> {
+    switch(opts, Way::Rollback).await
+}
+
+/// Sessions on one server, with hikkoshi's own sessions writable on a fenced database.
+async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
+    let c = session::connect(info, side).await?;
+    c.batch_execute(
+        "SET application_name = 'hikkoshi cutover'; SET default_transaction_read_only = off;
+         SET statement_timeout = 0; SET synchronous_commit = on",
+    )
+    .await
+    .map_err(Error::sql(side, "preparing a session"))?;
+    Ok(c)
+}
+
+async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> {
+    let started = Instant::now();
+    let src_info = session::resolve(Side::Source, &opts.source)?;
+    let tgt_info = session::resolve(Side::Target, &opts.target)?;
+    let ctl = open(&tgt_info, Side::Target).await?;
+    let src = open(&src_info, Side::Source).await?;
+    let migration = state::load(&ctl)
+        .await
+        .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?
+        .ok_or_else(|| {
+            Error::Blocked(format!(
+                "there is no migration into {tgt_info}: run `hikkoshi clone --follow` first"
+            ))
+        })?;
+    if !ctl
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&CUTOVER_LOCK])
+        .await
+        .map_err(Error::sql(Side::Target, "taking the cutover lock"))?
+        .get::<_, bool>(0)
+    {
+        return Err(Error::Blocked(
+            "another hikkoshi cutover or rollback is running on this migration: wait for it".into(),
+        ));
+    }
+    let (slot, publication) = state::stream_names(&ctl)
+        .await
+        .map_err(Error::sql(Side::Target, "reading the stream state"))?
+        .ok_or_else(|| {
+            Error::Blocked(
+                "this migration was cloned without --follow: there is no change stream to cut over with. \
+                 Clean it and clone again with --follow"
+                    .into(),
+            )
+        })?;
+    state::create(&ctl)
+        .await
+        .map_err(Error::sql(Side::Target, "updating the state schema"))?;
+    let recorded = ctl
+        .query_opt(
+            "SELECT step, reverse, source_prior, target_prior FROM hikkoshi.cutover",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading the cutover state"))?
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, bool>(1),
+                r.get::<_, Option<String>>(2),
+                r.get::<_, Option<String>>(3),
+            )
+        });
+    let forward = FollowPlan {
+        source: src_info.clone(),
+        target: tgt_info.clone(),
+        control: tgt_info.clone(),
+        direction: Direction::Forward,
+        slot: slot.clone(),
+        publication: publication.clone(),
+    };
+    let mut report = SwitchReport {
+        migration_id: migration.id.clone(),
+        step: match way {
+            Way::Cutover => "cutover",
+            Way::Rollback => "rollback",
+        }
+        .into(),
+        verify: format!("{:?}", opts.verify).to_lowercase(),
+        ..Default::default()
+    };
+
+    // Where we stand, and what this run must do.
+    let step_now = recorded.as_ref().map(|r| r.0.as_str());
+    let (old_info, new_info, old_side, new_side, feeding) = match way {
+        Way::Cutover => {
+            match step_now {
+                Some(step::SWITCHED) => {
+                    return Err(Error::Blocked(
+                        "this migration was cut over already: the target is the primary. `hikkoshi \
+                         rollback` switches back (after a cutover with --reverse)"
+                            .into(),
+                    ));
+                }
+                Some(step::ROLLING_BACK | step::ROLLED_BACK) => {
+                    return Err(Error::Blocked(
+                        "this migration was rolled back: to migrate again, `hikkoshi clean` and clone again"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            if migration.phase != state::Phase::Done {
+                return Err(Error::Blocked(format!(
+                    "the clone is not complete (phase {}): keep `hikkoshi clone --follow` running until \
+                     every table is copied and streaming, then cut over",
+                    migration.phase.as_str()
+                )));
+            }
+            (
+                src_info.clone(),
+                tgt_info.clone(),
+                Side::Source,
+                Side::Target,
+                forward,
+            )
+        }
+        Way::Rollback => {
+            match step_now {
+                Some(step::FENCED) => {
+                    // a cutover died after fencing: lift its fence, nothing else was done
+                    let prior = recorded.as_ref().and_then(|r| r.2.clone());
+                    fence::unfence(&src, Side::Source, prior.as_deref()).await?;
+                    drop_reverse(&ctl, &src, &reverse_plan(&forward)).await;
+                    set_step(&ctl, step::ABORTED, "rollback undid an interrupted cutover").await?;
+                    report.undid_interrupted_cutover = true;
+                    report.seconds = started.elapsed().as_secs_f64();
+                    return Ok(report);
+                }
+                Some(step::SWITCHED | step::ROLLING_BACK)
+                    if recorded.as_ref().is_some_and(|r| r.1) => {}
+                Some(step::SWITCHED) => {
+                    return Err(Error::Blocked(
+                        "this cutover was made without --reverse: no stream kept the target's writes for the \
+                         source, so a rollback would lose them. Copy them back by hand, or clone the target \
+                         into the source as a new migration"
+                            .into(),
+                    ));
+                }
+                Some(step::ROLLED_BACK) => {
+                    return Err(Error::Blocked(
+                        "this migration was rolled back already: the source is the primary".into(),
+                    ));
+                }
+                _ => {
+                    return Err(Error::Blocked(
+                        "there is no cutover to roll back: the source is still the primary".into(),
+                    ));
+                }
+            }
+            (
+                tgt_info.clone(),
+                src_info.clone(),
+                Side::Target,
+                Side::Source,
+                reverse_plan(&forward),
+            )
+        }
+    };
+    report.new_primary = new_info.to_string();
+    let old = open(&old_info, old_side).await?;
+    let new = open(&new_info, new_side).await?;
+
+    // 1. Refuse early.
+    slot_healthy(&old, old_side, &feeding.slot).await?;
+    let resumed_fence = matches!(
+        (way, step_now),
+        (Way::Cutover, Some(step::FENCED)) | (Way::Rollback, Some(step::ROLLING_BACK))
+    );
+    if !resumed_fence {
+        fence::preflight(&old, old_side).await?;
+    }
+    if way == Way::Cutover && opts.reverse {
+        reverse_preflight(&new).await?;
+    }
+
+    // 2. Whoever streams does the catch-up: a running follower, or our own.
+    let ours = state::try_lock(&ctl)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?;
+    let follower_stop = CancellationToken::new();
+    let mut follower = ours.then(|| {
+        tokio::spawn(crate::clone::follow_on_own_thread(
+            feeding.clone(),
+            follower_stop.clone(),
+        ))
+    });
+    tracing::info!(
+        "{}: {} streams the changes",
+        report.step,
+        if ours {
+            "this process"
+        } else {
+            "the running `hikkoshi clone --follow`"
+        }
+    );
+    let deadline = Instant::now() + opts.timeout;
+    if !resumed_fence {
+        loop {
+            let lag = lag_bytes(&old, old_side, &new, new_side).await?;
+            if lag <= opts.max_lag {
+                break;
+            }
+            if let Some(e) = follower_failed(&mut follower).await {
+                return Err(e);
+            }
+            if Instant::now() > deadline || opts.stop.is_cancelled() {
+                follower_stop.cancel();
+                return Err(Error::Blocked(format!(
+                    "the stream's lag ({lag} bytes) did not drop under --max-lag {} within {}s{}: nothing \
+                     was fenced, the {old_side} is the primary as before. Let the follower catch up (see \
+                     `hikkoshi status`) and run the cutover again, or raise --max-lag/--timeout",
+                    opts.max_lag,
+                    opts.timeout.as_secs(),
+                    if opts.stop.is_cancelled() {
+                        " (interrupted)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // 3. Fence. The step is recorded first, so that a crash from here on is found by the next run.
+    let prior = match (way, &recorded) {
+        (Way::Cutover, Some(r)) if resumed_fence => r.2.clone(),
+        (Way::Rollback, Some(r)) if resumed_fence => r.3.clone(),
+        _ => fence::prior_setting(&old, old_side).await?,
+    };
+    match way {
+        Way::Cutover => {
+            ctl.execute(
+                "INSERT INTO hikkoshi.cutover (step, reverse, source_prior, started_at)
+                 VALUES ($1, $2, $3, now())
+                 ON CONFLICT (one) DO UPDATE SET step = $1, reverse = $2, source_prior = $3,
+                     started_at = now(), finished_at = NULL, message = NULL",
+                &[&step::FENCED, &opts.reverse, &prior],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "recording the cutover"))?;
+        }
+        Way::Rollback => {
+            ctl.execute(
+                "UPDATE hikkoshi.cutover SET step = $1, target_prior = $2, message = NULL",
+                &[&step::ROLLING_BACK, &prior],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "recording the rollback"))?;
+        }
+    }
+    let lag_before = lag_bytes(&old, old_side, &new, new_side)
+        .await
+        .unwrap_or_default();
+    let fenced_at = Instant::now();
+    let undo = Undo {
+        way,
+        ctl: &ctl,
+        old: &old,
+        old_side,
+        prior: prior.clone(),
+        follower_stop: follower_stop.clone(),
+    };
+    let f = match fence::fence(&old, old_side, prior.as_deref()).await {
+        Ok(f) => f,
+        Err(e) => return Err(undo.run(e, None).await),
+    };
+    report.fence_seconds = fenced_at.elapsed().as_secs_f64();
+    report.fence_means = f.means.clone();
+    report.sessions_ended = f.sessions_ended.clone();
+    report.lag_bytes_at_fence = lag_before;
+    tracing::info!(
+        "{}: writes fenced on the {old_side} ({})",
+        report.step,
+        f.means
+    );
+    let marker = match fence_marker(&old, old_side, &migration.id).await {
+        Ok(m) => m,
+        Err(e) => return Err(undo.run(e, None).await),
+    };
+    report.fence_lsn = marker.to_string();
+    let _ = ctl
+        .execute(
+            "UPDATE hikkoshi.cutover SET fence_lsn = $1::text::pg_lsn, fence_means = $2, fenced_at = now()",
+            &[&marker.to_string(), &f.means],
+        )
+        .await;
+    crate::failpoint::hit("cutover.fenced");
+
+    // 4. Catch up to the marker.
+    loop {
+        let done: bool = match new
+            .query_one(
+                "SELECT greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn FROM hikkoshi.stream",
+                &[&marker.to_string()],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(e) => {
+                let e = Error::sql(new_side, "reading the applied position")(e);
+                return Err(undo.run(e, None).await);
+            }
+        };
+        if done {
+            break;
+        }
+        if let Some(e) = follower_failed(&mut follower).await {
+            return Err(undo.run(e, None).await);
+        }
+        if Instant::now() > deadline || opts.stop.is_cancelled() {
+            let e = Error::Blocked(format!(
+                "the {new_side} did not apply everything up to the fence (LSN {marker}) within {}s{}",
+                opts.timeout.as_secs(),
+                if opts.stop.is_cancelled() {
+                    " (interrupted)"
+                } else {
+                    ""
+                }
+            ));
+            return Err(undo.run(e, None).await);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
+    let verify_started = Instant::now();
+
+    // 5. Sequences, 6. verify.
+    let selection = selection_of(&migration)?;
+    let cat = match Catalog::load(&old).await {
+        Ok(c) => c,
+        Err(e) => {
+            let e = Error::sql(old_side, "reading the catalog")(e);
+            return Err(undo.run(e, None).await);
+        }
+    };
+    let resolved = match resolve(&cat, &selection) {
+        Ok(r) => r,
+        Err(e) => return Err(undo.run(e, None).await),
+    };
+    let sequences = existing(&new, &resolved.sequences).await;
+    match crate::sequence::read(&old, old_side, &sequences).await {
+        Ok(positions) => {
+            if let Err(e) = crate::sequence::apply(&new, &positions).await {
+                return Err(undo.run(e, None).await);
+            }
+            report.sequences_moved = positions.len();
+        }
+        Err(e) => return Err(undo.run(e, None).await),
+    }
+    if opts.verify != VerifyMode::None {
+        let streamed = streamed_tables(&new).await;
+        let tables: Vec<_> = resolved
+            .tables
+            .iter()
+            .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
+            .cloned()
+            .collect();
+        let v = match crate::verify::compare(&old_info, &new_info, tables, &sequences, opts.jobs)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return Err(undo.run(e, None).await),
+        };
+        report.tables_verified = v.tables.len();
+        report.rows_verified = v.tables.iter().map(|t| t.source_rows).sum();
+        if !v.equal() {
+            let e = Error::Blocked(format!(
+                "the fenced verification found differences, so the {} was not done:\n{v}",
+                report.step
+            ));
+            return Err(undo.run(e, None).await);
+        }
+    }
+
+    report.verify_seconds = verify_started.elapsed().as_secs_f64();
+
+    // 7. The reverse stream, before the application can write on the new primary.
+    let reverse = (way == Way::Cutover && opts.reverse).then(|| reverse_plan(&feeding));
+    if let Some(plan) = &reverse {
+        if let Err(e) = setup_reverse(&ctl, &old, &new, &feeding, plan).await {
+            return Err(undo.run(e, reverse.as_ref()).await);
+        }
+        report.reverse_slot = Some(plan.slot.clone());
+    }
+
+    // 8. The user's switch.
+    let (step_name, fence_lsn) = (report.step.clone(), report.fence_lsn.clone());
+    let ctx = hook::HookContext {
+        step: &step_name,
+        migration_id: &migration.id,
+        fence_lsn: &fence_lsn,
+        new_primary: &new_info,
+        old_primary: &old_info,
+    };
+    for h in &opts.hooks {
+        match hook::run(h, &ctx, opts.timeout, &opts.stop).await {
+            Ok(run) => report.hooks.push(run),
+            Err(why) => {
+                let e = Error::Blocked(format!("{why}: the {} was undone", report.step));
+                return Err(undo.run(e, reverse.as_ref()).await);
+            }
+        }
+    }
+    if opts.stop.is_cancelled() {
+        let e = Error::Blocked(format!(
+            "the {} was interrupted before its end",
+            report.step
+        ));
+        return Err(undo.run(e, reverse.as_ref()).await);
+    }
+
+    // 9. The point of no return: from here on, everything runs to completion.
+    report.write_pause_seconds = fenced_at.elapsed().as_secs_f64();
+    crate::failpoint::hit("cutover.point-of-no-return");
+    let done_step = match way {
+        Way::Cutover => step::SWITCHED,
+        Way::Rollback => step::ROLLED_BACK,
+    };
+    ctl.execute(
+        "UPDATE hikkoshi.cutover SET step = $1, finished_at = now(), pause_seconds = $2",
+        &[&done_step, &report.write_pause_seconds],
+    )
+    .await
+    .map_err(Error::sql(Side::Target, "recording the end of the cutover"))?;
+    let _ = state::event(
+        &ctl,
+        &report.step,
+        &format!(
+            "{} done: write pause {:.3}s, fence at {}",
+            report.step, report.write_pause_seconds, report.fence_lsn
+        ),
+    )
+    .await;
+    if way == Way::Rollback {
+        // the source is the primary again
+        fence::unfence(
+            &new,
+            new_side,
+            recorded.as_ref().and_then(|r| r.2.as_deref()),
+        )
+        .await?;
+    }
+    follower_stop.cancel();
+    if let Some(handle) = follower.take() {
+        let _ = handle.await;
+    }
+    // The stream that fed the new primary is over: its slot would hold WAL on the old one for ever.
+    if let Err(w) = drop_stream(&old, old_side, &feeding.slot, &feeding.publication).await {
+        report.warnings.push(w);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// What to undo before the point of no return.
+struct Undo<'a> {
+    way: Way,
+    ctl: &'a Client,
+    old: &'a Client,
+    old_side: Side,
+    prior: Option<String>,
+    follower_stop: CancellationToken,
+}
+
+impl Undo<'_> {
+    /// Lifts the fence, removes a reverse stream set up for this run, records the step, and returns the
+    /// error to report (with the undo's own failure, if any, added).
+    async fn run(self, e: Error, reverse: Option<&FollowPlan>) -> Error {
+        let mut failed = Vec::new();
+        if let Err(u) = fence::unfence(self.old, self.old_side, self.prior.as_deref()).await {
+            failed.push(crate::error::chain(&u));
+        }
+        if let Some(plan) = reverse {
+            drop_reverse(self.ctl, self.old, plan).await;
+        }
+        let back = match self.way {
+            Way::Cutover => step::ABORTED,
+            Way::Rollback => step::SWITCHED,
+        };
+        let why = crate::error::chain(&e);
+        let _ = self
+            .ctl
+            .execute(
+                "UPDATE hikkoshi.cutover SET step = $1, message = $2",
+                &[&back, &why],
+            )
+            .await;
+        let _ = state::event(self.ctl, "cutover", &format!("undone: {why}")).await;
+        self.follower_stop.cancel();
+        if failed.is_empty() {
+            tracing::warn!("undone: the {} is writable again", self.old_side);
+            e
+        } else {
+            Error::Blocked(format!(
+                "{why}; and lifting the write fence failed too ({}): the {} is still read-only. Run \
+                 `hikkoshi rollback` to lift it, or `ALTER DATABASE <db> RESET default_transaction_read_only` \
+                 on it",
+                failed.join("; "),
+                self.old_side
+            ))
+        }
+    }
+}
+
+/// The stream's slot must exist and be able to stream.
+async fn slot_healthy(old: &Client, side: Side, slot: &str) -> Result<(), Error> {
+    let row = old
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(Error::sql(side, "reading the replication slot"))?;
+    match row.map(|r| r.get::<_, String>(0)) {
+        None => Err(Error::Blocked(format!(
+            "the replication slot {slot} does not exist on the {side}: the change stream is broken and a \
+             cutover would lose writes. Nothing was fenced. Run `hikkoshi clean` and clone again"
+        ))),
+        Some(s) if s == "lost" => Err(Error::Blocked(format!(
+            "the replication slot {slot} on the {side} was invalidated (the server removed WAL it needed, \
+             see max_slot_wal_keep_size): the target misses changes and a cutover would lose them. Nothing \
+             was fenced. Run `hikkoshi clean` and clone again"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The new primary must be able to hold a slot for the reverse stream.
+async fn reverse_preflight(new: &Client) -> Result<(), Error> {
+    let row = new
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    current_setting('max_replication_slots')::int
+                      - (SELECT count(*) FROM pg_replication_slots)::int",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(
+            Side::Target,
+            "checking the target for a reverse stream",
+        ))?;
+    let (wal_level, may_replicate, free): (String, bool, i32) =
+        (row.get(0), row.get(1), row.get(2));
+    let mut problems = Vec::new();
+    if wal_level != "logical" {
+        problems.push(format!(
+            "wal_level is {wal_level}: set `wal_level = logical` on the target and restart it"
+        ));
+    }
+    if !may_replicate {
+        problems.push(
+            "the target's role lacks REPLICATION: `ALTER ROLE <role> REPLICATION` (rds_replication on RDS)"
+                .into(),
+        );
+    }
+    if free < 1 {
+        problems.push("no free replication slot on the target: raise max_replication_slots".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Blocked(format!(
+            "--reverse needs a logical slot on the target, which it cannot have: {}. Nothing was fenced",
+            problems.join("; ")
+        )))
+    }
+}
+
+/// The stream's lag: the old primary's WAL position minus what the new one has applied or is in sync with.
+async fn lag_bytes(
+    old: &Client,
+    old_side: Side,
+    new: &Client,
+    new_side: Side,
+) -> Result<i64, Error> {
+    let pos: String = old
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(Error::sql(old_side, "reading the WAL position"))?
+        .get(0);
+    Ok(new
+        .query_one(
+            "SELECT greatest(0, $1::text::pg_lsn - greatest(applied_lsn, synced_lsn))::bigint
+             FROM hikkoshi.stream",
+            &[&pos],
+        )
+        .await
+        .map_err(Error::sql(new_side, "reading the stream state"))?
+        .get(0))
+}
+
+/// A transactional logical message, after the fence: once the new primary has applied it, it has applied
+/// every transaction that committed before the fence. (A source before 14 cannot send messages through
+/// pgoutput; there the follower's in-sync position passes the marker as soon as it has caught up.)
+async fn fence_marker(old: &Client, side: Side, migration: &str) -> Result<Lsn, Error> {
+    let lsn: String = old
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'hikkoshi', $1)::text",
+            &[&format!("fence {migration}")],
+        )
+        .await
+        .map_err(Error::sql(side, "writing the fence marker"))?
+        .get(0);
+    lsn.parse()
+        .map_err(|e| Error::Blocked(format!("the fence marker's LSN: {e}")))
+}
+
+/// Whether our own follower stopped with an error (it only stops by itself on one).
+async fn follower_failed(
+    follower: &mut Option<tokio::task::JoinHandle<Result<FollowReport, Error>>>,
+) -> Option<Error> {
+    if !follower.as_ref().is_some_and(|h| h.is_finished()) {
+        return None;
+    }
+    let handle = follower.take()?;
+    match handle.await {
+        Ok(Ok(_)) => Some(Error::Blocked(
+            "the follower stopped before the cutover was done".into(),
+        )),
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(Error::Blocked(format!("the follower failed: {e}"))),
+    }
+}
+
+/// The migration's table selection, as recorded by the clone.
+fn selection_of(m: &state::Migration) -> Result<Selection, Error> {
+    let list = |key: &str| -> Vec<String> {
+        m.options
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Selection::parse(&list("include"), &list("exclude")).map_err(|e| Error::Usage(format!("{e}")))
+}
+
+/// The sequences among `names` that exist on `client`'s server.
+async fn existing(client: &Client, names: &[QualifiedName]) -> Vec<QualifiedName> {
+    let mut out = Vec::new();
+    for n in names {
+        if client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&n.quoted()])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        {
+            out.push(n.clone());
+        }
+    }
+    out
+}
+
+/// Tables the stream changed since the copy, as the applier marked them on the downstream server.
+async fn streamed_tables(new: &Client) -> std::collections::HashSet<QualifiedName> {
+    new.query(
+        "SELECT schema_name, table_name FROM hikkoshi.tables WHERE streamed",
+        &[],
+    )
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Publication and slot on the new primary, stream state on the old one.
+async fn setup_reverse(
+    ctl: &Client,
+    old: &Client,
+    new: &Client,
+    forward: &FollowPlan,
+    plan: &FollowPlan,
+) -> Result<(), Error> {
+    let tables: Vec<String> = old
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1",
+            &[&forward.publication],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading the publication's tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if tables.is_empty() {
+        return Err(Error::Blocked(format!(
+            "the publication {} on the source lists no table: nothing to stream back",
+            forward.publication
+        )));
+    }
+    new.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {pubname}; CREATE PUBLICATION {pubname} FOR TABLE {} \
+         WITH (publish_via_partition_root = true)",
+        tables.join(", "),
+        pubname = quote_ident(&plan.publication)
+    ))
+    .await
+    .map_err(Error::sql(Side::Target, "creating the reverse publication"))?;
+    let lsn: String = new
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&plan.slot],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "creating the reverse slot"))?
+        .get(0);
+    state::create(old).await.map_err(Error::sql(
+        Side::Source,
+        "creating the reverse stream's state",
+    ))?;
+    let rows = ctl
+        .query(
+            "SELECT schema_name, table_name, root_schema, root_name, copy_format FROM hikkoshi.tables",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading the migrated tables"))?;
+    let tx = "BEGIN; TRUNCATE hikkoshi.stream; DELETE FROM hikkoshi.tables;";
+    old.batch_execute(tx)
+        .await
+        .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
+    for r in &rows {
+        old.execute(
+            "INSERT INTO hikkoshi.tables (schema_name, table_name, root_schema, root_name, state, copy_format)
+             VALUES ($1, $2, $3, $4, 'streaming', $5)",
+            &[
+                &r.get::<_, String>(0),
+                &r.get::<_, String>(1),
+                &r.get::<_, Option<String>>(2),
+                &r.get::<_, Option<String>>(3),
+                &r.get::<_, String>(4),
+            ],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
+    }
+    old.execute(
+        "INSERT INTO hikkoshi.stream (slot_name, publication, start_lsn, applied_lsn, synced_lsn, source_lsn)
+         VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn)",
+        &[&plan.slot, &plan.publication, &lsn],
+    )
+    .await
+    .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
+    old.batch_execute("COMMIT")
+        .await
+        .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
+    Ok(())
+}
+
+/// Removes a reverse stream set up by a cutover that was then undone (best effort: `clean` removes leftovers).
+async fn drop_reverse(ctl: &Client, old: &Client, plan: &FollowPlan) {
+    let _ = ctl
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&plan.slot],
+        )
+        .await;
+    let _ = ctl
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&plan.publication)
+        ))
+        .await;
+    let _ = old
+        .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
+        .await;
+}
+
+/// Drops a finished stream's slot and publication on its upstream, once its follower has let go of it.
+async fn drop_stream(
+    upstream: &Client,
+    side: Side,
+    slot: &str,
+    publication: &str,
+) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = upstream
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        let dropped = match r {
+            Ok(None) => true,
+            Ok(Some(row)) if !row.get::<_, bool>(0) => upstream
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .is_ok(),
+            _ => false,
+        };
+        if dropped {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(format!(
+                "the slot {slot} on the {side} is still in use, so it was left; `hikkoshi clean` removes it \
+                 (it holds WAL on the {side} until then)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    upstream
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(publication)
+        ))
+        .await
+        .map_err(|e| {
+            format!(
+                "the publication {publication} on the {side} could not be dropped ({}); `hikkoshi clean` \
+                 removes it",
+                crate::error::chain(&e)
+            )
+        })
+}
+
+async fn set_step(ctl: &Client, to: &str, why: &str) -> Result<(), Error> {
+    ctl.execute(
+        "UPDATE hikkoshi.cutover SET step = $1, message = $2",
+        &[&to, &why],
+    )
+    .await
+    .map_err(Error::sql(Side::Target, "recording the cutover step"))?;
+    let _ = state::event(ctl, "cutover", why).await;
+    Ok(())
+}

@@ -1,0 +1,450 @@
+//! `hikkoshi cutover` and `hikkoshi rollback` on real servers: an application role keeps writing through the
+//! switch; afterwards the two sides are compared row by row, sequences are checked, and the old primary must
+//! refuse the application's writes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::live::*;
+use common::*;
+use hikkoshi::localserver::{LocalServer, PASSWORD};
+use tokio_postgres::Client;
+
+/// The app fixture, a table the application writes through the cutover, and the role it writes as (on
+/// both servers: roles belong to the cluster, and a migration brings its roles along beforehand).
+async fn app_with_writer_role(s: &LocalServer, t: &LocalServer) -> Client {
+    let src = app_source(s).await;
+    for server in [s, t] {
+        let admin = connect(&server.socket_url("postgres")).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}'"
+            ))
+            .await
+            .unwrap();
+    }
+    src.batch_execute(
+        "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL,
+                                   created_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO app.tickets (note) SELECT 'before ' || g FROM generate_series(1, 500) g;
+         GRANT USAGE ON SCHEMA app TO app_writer;
+         GRANT SELECT, INSERT ON app.tickets TO app_writer;
+         GRANT USAGE ON SEQUENCE app.tickets_id_seq TO app_writer;
+         GRANT SELECT, INSERT, UPDATE ON app.orders TO app_writer;
+         GRANT USAGE ON SEQUENCE app.orders_id_seq TO app_writer;",
+    )
+    .await
+    .unwrap();
+    src
+}
+
+/// A file the application reads to find its database (the "load balancer"), pointing at `server`.
+fn switch_file(server: &LocalServer) -> PathBuf {
+    let f = std::env::temp_dir().join(format!(
+        "hikkoshi-switch-{}-{}",
+        std::process::id(),
+        server.port
+    ));
+    std::fs::write(&f, server.port.to_string()).unwrap();
+    f
+}
+
+fn app_url(server: &LocalServer) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=app_writer password={PASSWORD} dbname=app sslmode=disable",
+        server.port
+    )
+}
+
+/// Whether the application role may write on `server`: Ok, or the SQLSTATE it got.
+async fn app_can_write(server: &LocalServer) -> Result<(), String> {
+    let c = connect(&app_url(server)).await;
+    c.batch_execute("INSERT INTO app.tickets (note) VALUES ('probe')")
+        .await
+        .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
+}
+
+async fn cutover_step(t: &LocalServer) -> String {
+    connect(&t.socket_url("app"))
+        .await
+        .query_one("SELECT step FROM hikkoshi.cutover", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
+    let s = server(15);
+    let t = server(18);
+    app_with_writer_role(&s, &t).await;
+    let tgt = create_db(&t, "app").await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    // the application writes through all of it, wherever the switch file points
+    let switch = switch_file(&s);
+    let writer = AppWriter::start("app_writer", "app", switch.clone());
+    let src = connect(&s.socket_url("app")).await;
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let hook = format!(
+        "echo \"$HIKKOSHI_NEW_PRIMARY_PORT\" > {} && test \"$PGPORT\" = {} && test \"$HIKKOSHI_STEP\" = cutover",
+        switch.display(),
+        t.port
+    );
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--hook",
+        &hook,
+        "--json",
+    ]);
+    assert_success(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["fence_means"]
+            .as_str()
+            .unwrap()
+            .contains("default_transaction_read_only"),
+        "{report}"
+    );
+    assert!(report["write_pause_seconds"].as_f64().unwrap() > 0.0);
+    assert!(report["sequences_moved"].as_u64().unwrap() >= 5, "{report}");
+    assert!(report["tables_verified"].as_u64().unwrap() >= 1, "{report}");
+    // the application now writes on the target
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = writer.stop().await;
+    eprintln!(
+        "cutover report: {report:#}\napplication: {} writes ok, {} failed, longest gap {:?}",
+        stats.ok, stats.failed, stats.longest_gap
+    );
+    assert!(stats.ok > 50, "the application hardly wrote: {stats:?}");
+
+    // the follower saw the cutover and ended by itself
+    let status = follower.exits_by_itself().await;
+    assert!(status.success(), "{}", follower.log());
+
+    // every row the source committed is on the target, once; the target has the app's later rows too
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&t.socket_url("app")).await;
+    let on_source: Vec<i64> = src
+        .query("SELECT id FROM app.tickets ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let on_target: Vec<i64> = tgt
+        .query("SELECT id FROM app.tickets ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &on_source {
+        assert!(
+            on_target.binary_search(id).is_ok(),
+            "ticket {id} lost in the cutover"
+        );
+    }
+    let mut written = stats.ids.clone();
+    written.sort();
+    written.dedup();
+    assert_eq!(written.len(), stats.ids.len(), "an id was handed out twice");
+    for id in &written {
+        assert!(
+            on_target.binary_search(id).is_ok(),
+            "ticket {id} acknowledged but not on the new primary"
+        );
+    }
+    // the other tables are identical (the app only wrote tickets after the switch)
+    let diff = hikkoshi(&[
+        "verify",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--exclude",
+        "app.tickets",
+    ]);
+    assert_success(&diff);
+    // every sequence is at or past the source; new inserts on the target take fresh keys
+    let (ss, ts) = (sequences(&src).await, sequences(&tgt).await);
+    for (name, pos) in &ss {
+        assert!(
+            ts[name] >= *pos,
+            "sequence {name} behind: {:?} < {pos:?}",
+            ts[name]
+        );
+    }
+    app_can_write(&t).await.unwrap();
+    tgt.batch_execute(
+        "INSERT INTO app.orders (customer_id, ordered_at, total, invoice_no)
+         SELECT customer_id, ordered_at, total, nextval('app.invoice_no') FROM app.orders LIMIT 3",
+    )
+    .await
+    .unwrap();
+    // the old source refuses the application's writes
+    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&t).await, "switched");
+    // the forward slot is gone; clean leaves nothing behind
+    assert!(hikkoshi_slots(&src).await.is_empty());
+    assert_success(&hikkoshi(&[
+        "clean",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]));
+    assert!(!has_state(&tgt).await && !has_state(&src).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_with_writer_role(&s, &t).await;
+    let tgt = create_db(&t, "app").await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    workload(s.url("app"), 0, 30).await;
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    // no follower runs at the cutover: the cutover streams the rest itself
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    workload(s.url("app"), 30, 30).await;
+
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--reverse",
+    ]);
+    assert_success(&out);
+    assert!(text(&out).contains("reverse"), "{}", text(&out));
+    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+
+    // the application writes on the new primary: inserts, updates, deletes, on several tables
+    let tgt = connect(&t.socket_url("app")).await;
+    app_can_write(&t).await.unwrap();
+    tgt.batch_execute(
+        "INSERT INTO app.tickets (note) SELECT 'after ' || g FROM generate_series(1, 300) g;
+         UPDATE app.tickets SET note = note || ' (edited)' WHERE id % 7 = 0;
+         DELETE FROM app.tickets WHERE id % 11 = 0;
+         UPDATE app.queries SET doc = doc || '{\"after\": true}' WHERE id <= 3;
+         DELETE FROM app.audit_log WHERE ctid = (SELECT ctid FROM app.audit_log LIMIT 1);",
+    )
+    .await
+    .unwrap();
+
+    let hook_log = std::env::temp_dir().join(format!("hikkoshi-rollback-{}", t.port));
+    let out = hikkoshi(&[
+        "rollback",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--hook",
+        &format!(
+            "echo \"$HIKKOSHI_STEP $HIKKOSHI_NEW_PRIMARY_PORT\" > {}",
+            hook_log.display()
+        ),
+        "--verify",
+        "full",
+    ]);
+    assert_success(&out);
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap().trim(),
+        format!("rollback {}", s.port)
+    );
+    // the old source has everything written on the target, and is the primary again
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&t.socket_url("app")).await;
+    assert_identical(&src, &tgt).await;
+    app_can_write(&s).await.unwrap();
+    assert_eq!(app_can_write(&t).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&t).await, "rolled-back");
+    // the reverse slot is gone with the rollback; clean removes the rest on both sides
+    assert!(hikkoshi_slots(&tgt).await.is_empty());
+    assert_success(&hikkoshi(&[
+        "clean",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]));
+    assert!(!has_state(&src).await && !has_state(&tgt).await);
+    assert_eq!(
+        publication_count(&src).await + publication_count(&tgt).await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_hook_undoes_the_fence_and_the_source_stays_primary() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_with_writer_role(&s, &t).await;
+    let tgt = create_db(&t, "app").await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--reverse",
+        "--hook",
+        "echo switching; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("exit status 3"), "{}", text(&out));
+    assert!(text(&out).contains("undone"), "{}", text(&out));
+    // the source takes the application's writes again; the follower never stopped and carries them
+    app_can_write(&s).await.unwrap();
+    assert_eq!(cutover_step(&t).await, "aborted");
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&t.socket_url("app")).await;
+    assert!(
+        hikkoshi_slots(&tgt).await.is_empty(),
+        "the reverse slot stayed"
+    );
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let rows: i64 = tgt
+        .query_one("SELECT count(*) FROM app.tickets WHERE note = 'probe'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cutover_killed_after_the_fence_is_finished_by_running_it_again() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_with_writer_role(&s, &t).await;
+    let tgt = create_db(&t, "app").await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    workload(s.url("app"), 0, 20).await;
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    workload(s.url("app"), 20, 20).await;
+
+    let args = [
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ];
+    let out = hikkoshi_env(&args, &[("HIKKOSHI_FAILPOINT", "cutover.fenced")]);
+    assert!(!out.status.success(), "the failpoint did not fire");
+    // killed while fenced: the source is read-only, and says so to the application
+    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&t).await, "fenced");
+    let out = hikkoshi(&args);
+    assert_success(&out);
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&t.socket_url("app")).await;
+    assert_identical_rows_and_sequences_at_least(&src, &tgt).await;
+    assert_eq!(cutover_step(&t).await, "switched");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_of_a_cutover_killed_after_the_fence_lifts_the_fence() {
+    let s = server(15);
+    let t = server(15);
+    let src = app_with_writer_role(&s, &t).await;
+    let tgt = create_db(&t, "app").await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let out = hikkoshi_env(
+        &[
+            "cutover",
+            "--source",
+            &s.url("app"),
+            "--target",
+            &t.url("app"),
+        ],
+        &[("HIKKOSHI_FAILPOINT", "cutover.fenced")],
+    );
+    assert!(!out.status.success());
+    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    let out = hikkoshi(&[
+        "rollback",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_success(&out);
+    assert!(text(&out).contains("undone"), "{}", text(&out));
+    app_can_write(&s).await.unwrap();
+    // the follower keeps streaming: the probe row reaches the target
+    let src = connect(&s.socket_url("app")).await;
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_with_writer_role(&s, &t).await;
+    create_db(&t, "app").await;
+    // nothing cloned yet
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("clone --follow"), "{}", text(&out));
+    let tgt = connect(&t.socket_url("app")).await;
+    let mut follower = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    // a role whose own setting would override the database's read-only default
+    src.batch_execute("ALTER ROLE app_writer SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("app_writer"), "{}", text(&out));
+    assert!(text(&out).contains("Nothing was changed"), "{}", text(&out));
+    app_can_write(&s).await.unwrap();
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Rows identical, sequences on the target at or past the source (a cutover moves them to the source's
+/// position; the target may have handed out more since).
+async fn assert_identical_rows_and_sequences_at_least(src: &Client, tgt: &Client) {
+    assert_same_rows_and_schema(src, tgt).await;
+    let (ss, ts) = (sequences(src).await, sequences(tgt).await);
+    for (name, pos) in &ss {
+        assert!(
+            ts[name] >= *pos,
+            "sequence {name} behind: {:?} < {pos:?}",
+            ts[name]
+        );
+    }
+}
