@@ -78,7 +78,22 @@ pub struct CloneReport {
 }
 
 /// Runs (or resumes) a clone, then, with `follow`, streams changes until `opts.stop` is cancelled.
+/// A failure is also recorded in the target's event log, where `status` and `/health` find it.
 pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
+    let result = run_inner(opts).await;
+    if let Err(e) = &result {
+        crate::monitor::count_error(e.kind());
+        if let Ok(info) = session::resolve(Side::Target, &opts.target)
+            && let Ok(client) = session::connect(&info, Side::Target).await
+            && state::exists(&client).await.unwrap_or(false)
+        {
+            let _ = state::event(&client, "error", &crate::error::chain(e)).await;
+        }
+    }
+    result
+}
+
+async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let src_info = session::resolve(Side::Source, &opts.source)?;
     let tgt_info = session::resolve(Side::Target, &opts.target)?;
     // One process per migration: this session holds the lock for the whole run.
@@ -327,7 +342,7 @@ async fn copy_part(
         )
         .await?;
         let owners = schema::archive_owners(&tools, &archive, tgt_info).await?;
-        let missing = missing_roles(&target, &owners).await?;
+        let missing = missing_roles(&source, &target, &owners).await?;
         if !missing.is_empty() {
             let w = format!(
                 "roles {} do not exist on the target: objects will belong to the target user and grants \
@@ -566,8 +581,25 @@ async fn all_tables_exist(target: &Client, tables: &[Table]) -> Result<bool, Err
         .unwrap_or(true))
 }
 
-async fn missing_roles(target: &Client, owners: &HashSet<String>) -> Result<Vec<String>, Error> {
+/// Roles that own objects in the archive on the source and do not exist on the target. The owner column of
+/// `pg_restore --list` is empty for some entries (extensions), so a word there is a role only if the source
+/// has that role.
+async fn missing_roles(
+    source: &Client,
+    target: &Client,
+    owners: &HashSet<String>,
+) -> Result<Vec<String>, Error> {
     let owners: Vec<&String> = owners.iter().collect();
+    let owners: Vec<String> = source
+        .query(
+            "SELECT o FROM unnest($1::text[]) o WHERE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = o)",
+            &[&owners],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "checking roles"))?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
     let rows = target
         .query(
             "SELECT o FROM unnest($1::text[]) o WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = o)

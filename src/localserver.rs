@@ -327,6 +327,11 @@ impl LocalServer {
     }
 
     /// Leaves the server running after this value is dropped (for `demo --keep`).
+    /// The data directory (for `pg_ctl -D`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
     pub fn keep(&mut self) {
         self.keep = true;
     }

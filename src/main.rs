@@ -78,9 +78,27 @@ enum Command {
         /// SIGINT/SIGTERM (which drain, record and exit 0). Running it again resumes.
         #[arg(long)]
         follow: bool,
+        /// Serve a status page (/), Prometheus metrics (/metrics) and /health on this address while
+        /// running: PORT (loopback) or HOST:PORT.
+        #[arg(long, value_parser = parse_listen)]
+        listen: Option<std::net::SocketAddr>,
         /// Print the final report as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// The whole story on two throwaway local servers: an application database (vector embeddings, large
+    /// JSON, sequences) under a live write load, check → clone --follow → verify → cutover, ending with the
+    /// measured write pause. Cleans up after itself.
+    Demo {
+        /// Leave both servers running at the end and print how to connect.
+        #[arg(long)]
+        keep: bool,
+        /// Data size: 1 is about 60 MB.
+        #[arg(long, default_value_t = 1)]
+        scale: u32,
+        /// Serve the status page while the demo runs: PORT (loopback) or HOST:PORT.
+        #[arg(long, value_parser = parse_listen)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Preflight: checks both servers for everything a migration needs and prints each problem with its
     /// fix. Exit 0 when nothing blocks, 1 when something does. Creates nothing.
@@ -115,12 +133,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the migration recorded in the target: phase, tables and chunks, recent events.
+    /// Show the migration recorded in the target: phase, tables and chunks, stream, cutover, recent events.
     Status {
         #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
         target: String,
         #[arg(long)]
         json: bool,
+        /// Instead of printing once, serve the status page, /metrics and /health until interrupted: PORT
+        /// (loopback) or HOST:PORT. Works from any machine that reaches the target.
+        #[arg(long, value_parser = parse_listen)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Switch the application from the source to the target while `clone --follow` streams: fence writes
     /// on the source, wait until the target has applied everything, move sequences, verify, run the hooks.
@@ -182,6 +204,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `PORT` (on loopback) or `HOST:PORT`.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("\"{s}\" is not PORT or HOST:PORT (e.g. 9187 or 127.0.0.1:9187)"))
 }
 
 fn parse_size(s: &str) -> Result<i64, String> {
@@ -318,10 +349,15 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             pg_bin,
             maintenance_work_mem,
             follow,
+            listen,
             json,
         } => {
             let stop = tokio_util::sync::CancellationToken::new();
             spawn_signal_handler(stop.clone());
+            let monitor = match listen {
+                Some(addr) => Some(hikkoshi::monitor::serve(addr, target.clone()).await?),
+                None => None,
+            };
             let opts = hikkoshi::clone::CloneOptions {
                 maintenance_work_mem,
                 follow,
@@ -334,7 +370,11 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 chunk_bytes: chunk_size,
                 pg_bin,
             };
-            let report = hikkoshi::clone::run(&opts).await?;
+            let report = hikkoshi::clone::run(&opts).await;
+            if let Some(m) = monitor {
+                m.shutdown().await;
+            }
+            let report = report?;
             if json {
                 println!(
                     "{}",
@@ -430,7 +470,39 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 ExitCode::from(1)
             })
         }
-        Command::Status { target, json } => {
+        Command::Status {
+            target,
+            json: _,
+            listen: Some(addr),
+        } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(stop.clone());
+            hikkoshi::monitor::serve_until(addr, target, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            keep,
+            scale,
+            listen,
+        } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(stop.clone());
+            hikkoshi::demo::run(
+                &hikkoshi::demo::DemoOptions {
+                    keep,
+                    scale,
+                    listen,
+                },
+                stop,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            target,
+            json,
+            listen: None,
+        } => {
             let status = hikkoshi::status::read(&target).await?;
             print_report(&status, json);
             Ok(ExitCode::SUCCESS)

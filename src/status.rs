@@ -17,6 +17,18 @@ pub struct TableStatus {
     pub chunks_copied: i64,
     pub rows_copied: i64,
     pub bytes_copied: i64,
+    /// The planner's estimate of the table's size, for progress and ETA.
+    pub est_bytes: i64,
+}
+
+/// A cutover or rollback as recorded.
+#[derive(Debug, Serialize)]
+pub struct CutoverStatus {
+    pub step: String,
+    pub reverse: bool,
+    pub fence_lsn: Option<String>,
+    pub pause_seconds: Option<f64>,
+    pub message: Option<String>,
 }
 
 /// The change stream of a following clone.
@@ -47,6 +59,9 @@ pub struct Status {
     pub tables: Vec<TableStatus>,
     pub stream: Option<StreamStatus>,
     pub recent_events: Vec<(String, String, String)>,
+    pub cutover: Option<CutoverStatus>,
+    /// The last error recorded by a hikkoshi process, if nothing has progressed since.
+    pub last_error: Option<String>,
 }
 
 pub async fn read(target_url: &str) -> Result<Status, Error> {
@@ -64,16 +79,20 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
             tables: vec![],
             stream: None,
             recent_events: vec![],
+            cutover: None,
+            last_error: None,
         });
     };
     let rows = client
         .query(
             "SELECT t.schema_name, t.table_name, t.state, t.copy_format, t.chunk_method,
                     count(c.*), count(c.*) FILTER (WHERE c.state = 'copied'),
-                    coalesce(sum(c.rows_copied), 0)::bigint, coalesce(sum(c.bytes_copied), 0)::bigint
+                    coalesce(sum(c.rows_copied), 0)::bigint, coalesce(sum(c.bytes_copied), 0)::bigint,
+                    greatest(t.est_bytes, coalesce(sum(c.est_bytes), 0))::bigint
              FROM hikkoshi.tables t
              LEFT JOIN hikkoshi.chunks c USING (schema_name, table_name)
-             GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2",
+             GROUP BY t.schema_name, t.table_name, t.state, t.copy_format, t.chunk_method, t.est_bytes
+             ORDER BY 1, 2",
             &[],
         )
         .await
@@ -90,6 +109,7 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
             chunks_copied: r.get(6),
             rows_copied: r.get(7),
             bytes_copied: r.get(8),
+            est_bytes: r.get(9),
         })
         .collect();
     let stream = client
@@ -133,7 +153,42 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    let cutover = match state::cutover_step(&client)
+        .await
+        .map_err(sql("reading hikkoshi.cutover"))?
+    {
+        None => None,
+        Some(_) => client
+            .query_opt(
+                "SELECT step, reverse, fence_lsn::text, pause_seconds, message FROM hikkoshi.cutover",
+                &[],
+            )
+            .await
+            .map_err(sql("reading hikkoshi.cutover"))?
+            .map(|r| CutoverStatus {
+                step: r.get(0),
+                reverse: r.get(1),
+                fence_lsn: r.get(2),
+                pause_seconds: r.get(3),
+                message: r.get(4),
+            }),
+    };
+    // an error counts until something newer than it happened: the stream reported, or a phase moved on
+    let last_error: Option<String> = client
+        .query_opt(
+            "SELECT e.message FROM hikkoshi.events e
+             WHERE e.kind = 'error'
+               AND e.at >= coalesce((SELECT max(seen_at) FROM hikkoshi.stream), '-infinity')
+               AND NOT EXISTS (SELECT 1 FROM hikkoshi.events l WHERE l.id > e.id AND l.kind <> 'error')
+             ORDER BY e.id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(sql("reading hikkoshi.events"))?
+        .map(|r| r.get(0));
     Ok(Status {
+        cutover,
+        last_error,
         migration_id: Some(m.id),
         source: Some(m.source),
         phase: Some(m.phase.as_str().to_string()),
@@ -189,6 +244,23 @@ impl std::fmt::Display for Status {
                 st.transactions_applied,
                 st.apply_rate_tps
             )?;
+        }
+        if let Some(c) = &self.cutover {
+            writeln!(
+                f,
+                "cutover: {}{}{}",
+                c.step,
+                c.pause_seconds
+                    .map(|p| format!(", write pause {p:.3}s"))
+                    .unwrap_or_default(),
+                c.message
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            )?;
+        }
+        if let Some(e) = &self.last_error {
+            writeln!(f, "last error: {e}")?;
         }
         if !self.recent_events.is_empty() {
             writeln!(f, "recent events:")?;

@@ -74,6 +74,20 @@ async fn clone_18_to_18_carries_pgvector_embeddings_and_large_json() {
              indexes; the HNSW index is left out of this run (vector values are still compared)"
         );
     }
+    // an application role with grants, present on both servers as a migration prepares it: the grants must
+    // survive next to an extension (whose archive entry has no owner)
+    for server in [&s, &t] {
+        connect(&server.socket_url("postgres"))
+            .await
+            .batch_execute("CREATE ROLE api_app LOGIN")
+            .await
+            .unwrap();
+    }
+    src.batch_execute(
+        "GRANT USAGE ON SCHEMA app TO api_app; GRANT SELECT, INSERT ON public.documents TO api_app;",
+    )
+    .await
+    .unwrap();
     let tgt = create_db(&t, "api").await;
     let out = hikkoshi(&[
         "clone",

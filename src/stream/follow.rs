@@ -76,6 +76,7 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
         match session_once(plan, &stop, &mut report).await {
             Ok(()) => return Ok(report),
             Err(e) if transient(&e) && !stop.is_cancelled() => {
+                crate::monitor::count_error(e.kind());
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(500);
                 }

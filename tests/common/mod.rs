@@ -130,11 +130,22 @@ pub async fn rows_of(c: &Client, table: &str) -> Vec<String> {
     rows
 }
 
-/// Schema objects that must match: indexes, constraints, triggers, sequences' settings, extensions,
+/// Schema objects that must match: privileges on schemas and relations, indexes, constraints, triggers, sequences' settings, extensions,
 /// partitions and materialized views.
 pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
     let mut facts = BTreeMap::new();
     let queries = [
+        (
+            "privileges",
+            "SELECT 'schema ' || nspname, nspacl::text FROM pg_namespace
+             WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'public')
+               AND nspname NOT LIKE 'pg\\_%' AND nspacl IS NOT NULL
+             UNION ALL
+             SELECT 'relation ' || n.nspname || '.' || c.relname, c.relacl::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+               AND n.nspname NOT LIKE 'pg\\_%' AND c.relacl IS NOT NULL",
+        ),
         (
             "index",
             "SELECT schemaname || '.' || indexname, indexdef FROM pg_indexes
