@@ -362,15 +362,23 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         }
     };
     let story = async {
-        let r = story(&src_url, &tgt_url, &switch_file, &clone_done, &stop).await;
+        let r = story(
+            &src_url,
+            &tgt_url,
+            &switch_file,
+            &clone_done,
+            &stop,
+            &app.ok,
+        )
+        .await;
         clone_stop.cancel();
         r
     };
     let (cloned, told) = tokio::join!(clone_fut, story);
-    let cut = match (cloned, told) {
+    let (cut, ok_at_switch) = match (cloned, told) {
         (Err(e), _) => return Err(e),
         (_, Err(e)) => return Err(e),
-        (Ok(_), Ok(cut)) => cut,
+        (Ok(_), Ok(r)) => r,
     };
     let (ok, failed, gap) = app.stop().await;
 
@@ -395,6 +403,10 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         } else {
             "no errors"
         }
+    );
+    println!(
+        "after the switch the application committed {} transaction(s) on the new primary",
+        ok - ok_at_switch
     );
     println!(
         "the reverse stream keeps the old source current: `hikkoshi rollback` switches back losing nothing"
@@ -429,7 +441,8 @@ async fn story(
     switch_file: &std::path::Path,
     clone_done: &AtomicBool,
     stop: &CancellationToken,
-) -> Result<crate::cutover::SwitchReport, Error> {
+    app_ok: &AtomicU64,
+) -> Result<(crate::cutover::SwitchReport, u64), Error> {
     // the copy, then the stream catching up with what the application wrote meanwhile
     loop {
         if clone_done.load(Ordering::Relaxed) || stop.is_cancelled() {
@@ -483,7 +496,8 @@ async fn story(
     })
     .await?;
     print!("{cut}");
+    let at_switch = app_ok.load(Ordering::Relaxed);
     // the application goes on writing on the new primary for a moment
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(cut)
+    Ok((cut, at_switch))
 }

@@ -181,13 +181,17 @@ pub fn judge(
     {
         return (true, c.step.clone());
     }
-    let Some(stream) = &st.stream else {
+    let Some(stream) = st
+        .stream
+        .as_ref()
+        .filter(|_| st.phase.as_deref() == Some("done"))
+    else {
         return (
             true,
             format!("copying (phase {})", st.phase.as_deref().unwrap_or("?")),
         );
     };
-    if st.phase.as_deref() == Some("done") && !stream.follower_running {
+    if !stream.follower_running {
         return (
             false,
             "streaming has stopped: no follower has reported for 10 s. Run `hikkoshi clone --follow` again \

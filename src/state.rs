@@ -1,7 +1,7 @@
 //! Migration state, kept in the target database in schema `hikkoshi`, so that any machine that reaches the
 //! target can resume or inspect the migration.
 //!
-//! Tables move through `pending → copying → copied → indexed`; chunks through `pending → copying → copied`.
+//! Tables move through `pending → copying → copied → indexed → streaming` (the last set by a follower); chunks through `pending → copying → copied`.
 //! A chunk's rows and its `copied` mark commit in one target transaction, so a crash anywhere leaves either
 //! both or neither: a rerun copies exactly the chunks that are not marked. `copying` only says a worker
 //! claimed the chunk; on start, a run (holding the migration lock) turns leftover claims back to `pending`.

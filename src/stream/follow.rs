@@ -230,6 +230,12 @@ async fn session_once(
         .unwrap_or_default();
     let tables = target_tables(&target).await?;
     let status = session::connect(&plan.target, Side::Target).await?;
+    if plan.direction == Direction::Forward {
+        // copied and indexed: from here on the tables move with the stream
+        let _ = status
+            .batch_execute("UPDATE hikkoshi.tables SET state = 'streaming' WHERE state = 'indexed'")
+            .await;
+    }
     // a reverse stream writes its records on the fenced old source
     status
         .batch_execute(

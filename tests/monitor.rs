@@ -1,0 +1,243 @@
+//! The status page, /metrics and /health of a running migration: served by `clone --follow --listen` and by
+//! `status --listen`, read by a Prometheus text parser and rendered by headless Chromium.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::live::workload;
+use common::*;
+use hikkoshi::localserver::LocalServer;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over plain HTTP/1.0: (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+/// Polls `path` until `ok` holds for its answer (30 s at most).
+async fn wait_for(port: u16, path: &str, ok: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let mut last = None;
+    for _ in 0..150 {
+        if let Some((code, body)) = get(port, path) {
+            if ok(code, &body) {
+                return (code, body);
+            }
+            last = Some((code, body));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{path} never answered as expected; last answer: {last:?}");
+}
+
+fn following_with_listen(s: &LocalServer, t: &LocalServer, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
+        .args([
+            "clone",
+            "--follow",
+            "--source",
+            &s.url("app"),
+            "--target",
+            &t.url("app"),
+            "--jobs",
+            "2",
+            "--chunk-size",
+            "1MB",
+            "--listen",
+            &port.to_string(),
+        ])
+        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn chromium() -> String {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return c.to_string();
+        }
+    }
+    panic!("no headless Chromium found: run .ci/run once (it installs Debian's chromium package)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_and_health_follows_the_stream() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let port = free_port();
+    let mut follower = following_with_listen(&s, &t, port);
+    workload(s.url("app"), 0, 20).await;
+    let (_, health) = wait_for(port, "/health", |c, b| c == 200 && b.contains("streaming")).await;
+    assert!(health.contains("\"healthy\":true"), "{health}");
+
+    let (code, text) = wait_for(port, "/metrics", |c, b| {
+        c == 200 && b.contains("hikkoshi_transactions_applied_total")
+    })
+    .await;
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no sample {name} {label:?} in\n{text}"));
+        match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} has an unexpected type"),
+        }
+    };
+    let events: i64 = src
+        .query_one("SELECT count(*) FROM app.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(value("hikkoshi_table_rows_copied", Some(("table", "app.events"))) > 0.0);
+    assert!(value("hikkoshi_table_rows_copied", Some(("table", "app.events"))) <= events as f64);
+    assert!(value("hikkoshi_tables", Some(("state", "streaming"))) >= 10.0);
+    assert!(value("hikkoshi_applied_lsn", None) > 0.0);
+    assert_eq!(value("hikkoshi_follower_running", None), 1.0);
+    assert_eq!(value("hikkoshi_healthy", None), 1.0);
+    value("hikkoshi_lag_bytes", None);
+    value("hikkoshi_errors_total", Some(("kind", "transient")));
+
+    // the follower dies: `status --listen`, from anywhere, says streaming stopped
+    let lsn: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut synced = false;
+    for _ in 0..300 {
+        synced = tgt
+            .query_one(
+                "SELECT synced_lsn >= $1::text::pg_lsn FROM hikkoshi.stream",
+                &[&lsn],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if synced {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(synced, "the follower did not catch up");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let port2 = free_port();
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
+        .args([
+            "status",
+            "--target",
+            &t.url("app"),
+            "--listen",
+            &port2.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (code, body) = wait_for(port2, "/health", |c, _| c == 503).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("streaming has stopped"), "{body}");
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_renders_a_running_migration_in_chromium() {
+    let browser = chromium();
+    let s = server(15);
+    let t = server(18);
+    app_source(&s).await;
+    create_db(&t, "app").await;
+    let port = free_port();
+    let mut follower = following_with_listen(&s, &t, port);
+    workload(s.url("app"), 0, 20).await;
+    wait_for(port, "/health", |c, b| c == 200 && b.contains("streaming")).await;
+    // let the sampler collect a few points for the chart
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let profile = tempfile::tempdir().unwrap();
+    let common_args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+    ];
+    let dom = Command::new(&browser)
+        .args(common_args)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    // what a person sees: the tables with their state, the stream, the health
+    for expected in [
+        "app.events",
+        "app.measurements_2024_01",
+        "streaming",
+        "healthy",
+        "running",
+        "tx/s",
+        "<polyline",
+    ] {
+        assert!(
+            dom.contains(expected),
+            "the rendered page lacks {expected:?}:\n{dom}"
+        );
+    }
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new(&browser)
+        .args(common_args)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1280,1100")
+        .arg(&url)
+        .output()
+        .unwrap();
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "no screenshot at {} ({size} bytes): {}",
+        shot.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("screenshot: {}", shot.display());
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
