@@ -137,14 +137,25 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
     let queries = [
         (
             "privileges",
-            "SELECT 'schema ' || nspname, nspacl::text FROM pg_namespace
-             WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'public')
-               AND nspname NOT LIKE 'pg\\_%' AND nspacl IS NOT NULL
+            // grants to other roles (the owner's own implicit rights differ by version: 17 added MAINTAIN)
+            "SELECT 'schema ' || n.nspname,
+                    string_agg(coalesce(r.rolname, 'PUBLIC') || ':' || a.privilege_type, ','
+                               ORDER BY coalesce(r.rolname, 'PUBLIC'), a.privilege_type)
+             FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+             LEFT JOIN pg_roles r ON r.oid = a.grantee
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'public')
+               AND n.nspname NOT LIKE 'pg\\_%' AND a.grantee <> n.nspowner
+             GROUP BY n.nspname
              UNION ALL
-             SELECT 'relation ' || n.nspname || '.' || c.relname, c.relacl::text
+             SELECT 'relation ' || n.nspname || '.' || c.relname,
+                    string_agg(coalesce(r.rolname, 'PUBLIC') || ':' || a.privilege_type, ','
+                               ORDER BY coalesce(r.rolname, 'PUBLIC'), a.privilege_type)
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN LATERAL aclexplode(c.relacl) a
+             LEFT JOIN pg_roles r ON r.oid = a.grantee
              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
-               AND n.nspname NOT LIKE 'pg\\_%' AND c.relacl IS NOT NULL",
+               AND n.nspname NOT LIKE 'pg\\_%' AND a.grantee <> c.relowner AND a.privilege_type <> 'MAINTAIN'
+             GROUP BY 1",
         ),
         (
             "index",

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# bench/cutover.sh: the write pause of `hikkoshi cutover` under load (issue 4's performance target: <= 1 s).
+#
+# PostgreSQL 15 source, 18 target (fsync on). pgbench is initialised at --scale on the source, `hikkoshi
+# clone --follow` copies and streams, and examples/loadgen (pgbench's TPC-B transaction at --rate TPS over
+# several clients that reconnect after errors and follow a switch file, which pgbench cannot) writes through
+# the cutover. The cutover's hook rewrites the switch file. Reported, per run: the pause hikkoshi measured
+# (fence -> hooks done) with its parts, and the longest gap between two successful commits that the load
+# generator saw. After each run, source and target are compared (pgbench_history row counts and balance sums).
+#
+# usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--keep]
+# Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --examples`.
+set -euo pipefail
+REPO_DIR=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_NAME=cutover
+# shellcheck source=bench/lib.sh
+source "$REPO_DIR/bench/lib.sh"
+
+SCALE=10 RATE=1000 RUNS=3 VERIFY=quick KEEP=0 CLIENTS=8
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --scale) SCALE=$2; shift 2 ;;
+        --rate) RATE=$2; shift 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        --verify) VERIFY=$2; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+PG15_BIN=${HIKKOSHI_PG15_BIN:-/usr/lib/postgresql/15/bin}
+PG18_BIN=${HIKKOSHI_PG18_BIN:-/opt/hikkoshi/pg18/pgserver/pginstall/bin}
+BENCH_DIR=${BENCH_DIR:-/tmp/hikkoshi-bench-cutover}
+HIKKOSHI_BIN=${HIKKOSHI_BIN:-$REPO_DIR/target/release/hikkoshi}
+LOADGEN=$REPO_DIR/target/release/examples/loadgen
+RESULTS_DIR=$REPO_DIR/bench/results
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+[[ -x $HIKKOSHI_BIN && -x $LOADGEN ]] || die "run 'cargo build --release --examples' first"
+
+bench_start
+mkdir -p "$RESULTS_DIR"
+out=$RESULTS_DIR/cutover-$STAMP.json
+echo "[" >"$out"
+for run in $(seq 1 "$RUNS"); do
+    db=bench_cutover_$run
+    src_psql postgres -c "CREATE DATABASE $db"
+    dst_psql postgres -c "CREATE DATABASE $db"
+    as_pg "$PG15_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$SRC_PORT" -U postgres "$db" >/dev/null 2>&1
+    # pgbench_history has no key: the stream needs a replica identity
+    src_psql "$db" -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+    switch=$WORK/switch-$run stopfile=$WORK/stop-$run
+    echo "$SRC_PORT" >"$switch"
+    rm -f "$stopfile"
+    "$HIKKOSHI_BIN" clone --follow --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --jobs 2 \
+        >"$LOGS/follow-$run.out" 2>"$LOGS/follow-$run.err" &
+    BG_PIDS+=($!)
+    follower=$!
+    "$LOADGEN" "host=127.0.0.1 user=postgres dbname=$db" "$switch" "$RATE" "$CLIENTS" "$stopfile" \
+        >"$WORK/load-$run.json" 2>"$LOGS/load-$run.err" &
+    BG_PIDS+=($!)
+    load=$!
+    # wait until streaming, then let the load settle
+    until "$HIKKOSHI_BIN" status --target "$(dst_conn "$db")" --json 2>/dev/null \
+        | grep -q '"follower_running": true'; do sleep 0.5; done
+    sleep 10
+    log "run $run: cutover under $RATE TPS"
+    "$HIKKOSHI_BIN" cutover --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --verify "$VERIFY" \
+        --hook "echo \$HIKKOSHI_NEW_PRIMARY_PORT > $switch" --json >"$WORK/cutover-$run.json" \
+        2>"$LOGS/cutover-$run.err" || { cat "$LOGS/cutover-$run.err" >&2; die "cutover failed"; }
+    sleep 5
+    touch "$stopfile"
+    wait "$load" || true
+    wait "$follower" || true
+    pause=$(grep -o '"write_pause_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$run.json" | awk '{print $2}')
+    # the source's rows must all be on the target (the target has the load's later rows too)
+    s=$(src_psql "$db" -At -c "SELECT count(*) FROM pgbench_history")
+    t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= (SELECT max(mtime) FROM pgbench_history) ")
+    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s; history rows source $s, target $t"
+    ((run > 1)) && echo "," >>"$out"
+    printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
+        "$run" "$SCALE" "$RATE" "$VERIFY" "$pause" "$gap" "$(cat "$WORK/cutover-$run.json")" "$(cat "$WORK/load-$run.json")" >>"$out"
+done
+echo "]" >>"$out"
+log "results: $out"
