@@ -134,11 +134,11 @@ async fn drop_streams(
 async fn end_lock_holder(target: &Client) -> Result<usize, Error> {
     let rows = target
         .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND ((classid::bigint << 32) | objid::bigint) = $1",
-            &[&state::LOCK_KEY],
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM ({}) h WHERE pid <> pg_backend_pid()",
+                state::lock_holders_sql()
+            ),
+            &[],
         )
         .await
         .map_err(Error::sql(

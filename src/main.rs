@@ -20,6 +20,51 @@ struct Cli {
     command: Command,
 }
 
+/// What `cutover` and `rollback` share.
+#[derive(clap::Args)]
+struct SwitchArgs {
+    #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+    source: String,
+    #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+    target: String,
+    /// Shell command that switches the application (load balancer, secret, DNS, pooler); gets the new
+    /// primary in HIKKOSHI_NEW_PRIMARY_* and PG* variables. Repeatable; run in order.
+    #[arg(long)]
+    hook: Vec<String>,
+    /// Fence only once the new primary trails the old one by less than this (e.g. 1MB).
+    #[arg(long, default_value = "1MB", value_parser = parse_size)]
+    max_lag: i64,
+    /// Seconds to wait for the lag to drop, for the catch-up after the fence, and for each hook.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// What to compare once fenced: the tables changed since the copy (quick), all, or nothing.
+    #[arg(long, value_enum, default_value = "quick")]
+    verify: VerifyArg,
+    #[arg(long, short = 'j', default_value_t = 4)]
+    jobs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+impl SwitchArgs {
+    /// The library's options, with a signal handler that cancels them.
+    fn options(self, reverse: bool) -> hikkoshi::cutover::CutoverOptions {
+        let stop = tokio_util::sync::CancellationToken::new();
+        spawn_signal_handler(stop.clone());
+        hikkoshi::cutover::CutoverOptions {
+            source: self.source,
+            target: self.target,
+            hooks: self.hook,
+            reverse,
+            max_lag: self.max_lag,
+            timeout: std::time::Duration::from_secs(self.timeout),
+            verify: self.verify.into(),
+            jobs: self.jobs.max(1),
+            stop,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum VerifyArg {
     Quick,
@@ -148,51 +193,18 @@ enum Command {
     /// on the source, wait until the target has applied everything, move sequences, verify, run the hooks.
     /// Any failure before the hooks are done undoes the fence. Exit 1 when it was undone.
     Cutover {
-        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
-        source: String,
-        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
-        target: String,
-        /// Shell command that switches the application (load balancer, secret, DNS, pooler); gets the new
-        /// primary in HIKKOSHI_NEW_PRIMARY_* and PG* variables. Repeatable; run in order.
-        #[arg(long)]
-        hook: Vec<String>,
+        #[command(flatten)]
+        switch: SwitchArgs,
         /// Stream the target's changes back to the source afterwards, so that `hikkoshi rollback` loses
         /// nothing.
         #[arg(long)]
         reverse: bool,
-        /// Fence only once the target trails the source by less than this (e.g. 1MB).
-        #[arg(long, default_value = "1MB", value_parser = parse_size)]
-        max_lag: i64,
-        /// Seconds to wait for the lag to drop, for the catch-up after the fence, and for each hook.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-        /// What to compare once fenced: the tables changed since the copy (quick), all, or nothing.
-        #[arg(long, value_enum, default_value = "quick")]
-        verify: VerifyArg,
-        #[arg(long, short = 'j', default_value_t = 4)]
-        jobs: usize,
-        #[arg(long)]
-        json: bool,
     },
     /// Switch back to the source after `cutover --reverse`: fence the target, wait until the source has
     /// every change written on the target since, move sequences back, verify, run the hooks.
     Rollback {
-        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
-        source: String,
-        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
-        target: String,
-        #[arg(long)]
-        hook: Vec<String>,
-        #[arg(long, default_value = "1MB", value_parser = parse_size)]
-        max_lag: i64,
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-        #[arg(long, value_enum, default_value = "quick")]
-        verify: VerifyArg,
-        #[arg(long, short = 'j', default_value_t = 4)]
-        jobs: usize,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        switch: SwitchArgs,
     },
     /// Remove hikkoshi's slots, publications and state schemas on both servers (the copied tables stay).
     Clean {
@@ -507,58 +519,15 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             print_report(&status, json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cutover {
-            source,
-            target,
-            hook,
-            reverse,
-            max_lag,
-            timeout,
-            verify,
-            jobs,
-            json,
-        } => {
-            let stop = tokio_util::sync::CancellationToken::new();
-            spawn_signal_handler(stop.clone());
-            let report = hikkoshi::cutover::cutover(&hikkoshi::cutover::CutoverOptions {
-                source,
-                target,
-                hooks: hook,
-                reverse,
-                max_lag,
-                timeout: std::time::Duration::from_secs(timeout),
-                verify: verify.into(),
-                jobs: jobs.max(1),
-                stop,
-            })
-            .await?;
+        Command::Cutover { switch, reverse } => {
+            let json = switch.json;
+            let report = hikkoshi::cutover::cutover(&switch.options(reverse)).await?;
             print_report(&report, json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rollback {
-            source,
-            target,
-            hook,
-            max_lag,
-            timeout,
-            verify,
-            jobs,
-            json,
-        } => {
-            let stop = tokio_util::sync::CancellationToken::new();
-            spawn_signal_handler(stop.clone());
-            let report = hikkoshi::cutover::rollback(&hikkoshi::cutover::CutoverOptions {
-                source,
-                target,
-                hooks: hook,
-                reverse: false,
-                max_lag,
-                timeout: std::time::Duration::from_secs(timeout),
-                verify: verify.into(),
-                jobs: jobs.max(1),
-                stop,
-            })
-            .await?;
+        Command::Rollback { switch } => {
+            let json = switch.json;
+            let report = hikkoshi::cutover::rollback(&switch.options(false)).await?;
             print_report(&report, json);
             Ok(ExitCode::SUCCESS)
         }

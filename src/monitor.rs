@@ -58,6 +58,16 @@ struct Shared {
     history: VecDeque<Sample>,
 }
 
+impl Shared {
+    fn health(&self) -> (bool, String) {
+        judge(
+            self.status.as_ref(),
+            self.read_error.as_deref(),
+            &self.history,
+        )
+    }
+}
+
 /// The HTTP server; stops when dropped or shut down.
 pub struct Monitor {
     pub addr: SocketAddr,
@@ -230,7 +240,7 @@ fn lag_grows(history: &VecDeque<Sample>) -> Option<String> {
 
 async fn health(State(shared): State<Arc<Mutex<Shared>>>) -> Response {
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-    let (ok, reason) = judge(s.status.as_ref(), s.read_error.as_deref(), &s.history);
+    let (ok, reason) = s.health();
     let body = serde_json::json!({ "healthy": ok, "reason": reason });
     let code = if ok {
         StatusCode::OK
@@ -247,7 +257,7 @@ async fn health(State(shared): State<Arc<Mutex<Shared>>>) -> Response {
 
 async fn api_status(State(shared): State<Arc<Mutex<Shared>>>) -> Response {
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-    let (ok, reason) = judge(s.status.as_ref(), s.read_error.as_deref(), &s.history);
+    let (ok, reason) = s.health();
     let body = serde_json::json!({
         "healthy": ok,
         "reason": reason,
@@ -410,7 +420,7 @@ pub fn render_metrics(
 
 async fn metrics(State(shared): State<Arc<Mutex<Shared>>>) -> Response {
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-    let (ok, _) = judge(s.status.as_ref(), s.read_error.as_deref(), &s.history);
+    let (ok, _) = s.health();
     let errors = ERRORS.lock().unwrap_or_else(|e| e.into_inner()).clone();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

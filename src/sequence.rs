@@ -49,6 +49,31 @@ pub async fn read(
     Ok(out)
 }
 
+/// The sequences among `names` that exist on `client`'s server.
+pub async fn existing(
+    client: &Client,
+    side: Side,
+    names: &[QualifiedName],
+) -> Result<Vec<QualifiedName>, Error> {
+    let quoted: Vec<String> = names.iter().map(QualifiedName::quoted).collect();
+    let present: Vec<bool> = client
+        .query(
+            "SELECT to_regclass(n) IS NOT NULL FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
+            &[&quoted],
+        )
+        .await
+        .map_err(Error::sql(side, "looking for sequences"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(names
+        .iter()
+        .zip(present)
+        .filter(|(_, p)| *p)
+        .map(|(n, _)| n.clone())
+        .collect())
+}
+
 /// Sets every position on the target.
 pub async fn apply(client: &Client, positions: &[Position]) -> Result<(), Error> {
     for batch in positions.chunks(200) {

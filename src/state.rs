@@ -14,6 +14,18 @@ use crate::lsn::Lsn;
 /// The advisory lock key that makes one process at a time the owner of a migration ("hiks").
 pub const LOCK_KEY: i64 = 0x6869_6b73;
 
+/// SQL listing the backends that hold the migration lock in the current database (a bigint advisory key
+/// shows in pg_locks as classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+pub fn lock_holders_sql() -> String {
+    format!(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND classid = {} AND objid = {} AND objsubid = 1
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        LOCK_KEY >> 32,
+        LOCK_KEY & 0xffff_ffff
+    )
+}
+
 const DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS hikkoshi;
 CREATE TABLE IF NOT EXISTS hikkoshi.migration (

@@ -121,11 +121,9 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
                              ELSE greatest(extract(epoch FROM now() - last_commit_time), 0) END::float8,
                         applied_txns, coalesce(rate_tps, 0),
                         coalesce(seen_at > now() - interval '10 seconds', false)
-                        AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-                                    AND classid = 0 AND objid = {} AND objsubid = 1
-                                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+                        AND EXISTS ({})
                  FROM hikkoshi.stream",
-                crate::state::LOCK_KEY
+                crate::state::lock_holders_sql()
             ),
             &[],
         )

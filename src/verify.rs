@@ -394,20 +394,16 @@ async fn verify_sequences(
     names: &[QualifiedName],
 ) -> Result<Vec<SequenceResult>, Error> {
     let src = crate::sequence::read(source, Side::Source, names).await?;
+    let on_target = crate::sequence::existing(target, Side::Target, names).await?;
+    let tgt: HashMap<QualifiedName, crate::sequence::Position> =
+        crate::sequence::read(target, Side::Target, &on_target)
+            .await?
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
     let mut out = Vec::new();
     for p in src {
-        let exists: bool = target
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&p.name.quoted()])
-            .await
-            .map_err(Error::sql(Side::Target, "looking for a sequence"))?
-            .get(0);
-        let tgt = if exists {
-            crate::sequence::read(target, Side::Target, std::slice::from_ref(&p.name))
-                .await?
-                .pop()
-        } else {
-            None
-        };
+        let tgt = tgt.get(&p.name);
         // the next value handed out: last_value, or last_value + increment once called; comparing
         // (last_value, is_called) lexicographically is the same order for ascending sequences
         let ok = tgt

@@ -531,7 +531,10 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         Ok(r) => r,
         Err(e) => return Err(undo.run(e, None).await),
     };
-    let sequences = existing(&new, &resolved.sequences).await;
+    let sequences = match crate::sequence::existing(&new, new_side, &resolved.sequences).await {
+        Ok(s) => s,
+        Err(e) => return Err(undo.run(e, None).await),
+    };
     match crate::sequence::read(&old, old_side, &sequences).await {
         Ok(positions) => {
             if let Err(e) = crate::sequence::apply(&new, &positions).await {
@@ -672,14 +675,7 @@ impl Undo<'_> {
             Way::Rollback => step::SWITCHED,
         };
         let why = crate::error::chain(&e);
-        let _ = self
-            .ctl
-            .execute(
-                "UPDATE hikkoshi.cutover SET step = $1, message = $2",
-                &[&back, &why],
-            )
-            .await;
-        let _ = state::event(self.ctl, "cutover", &format!("undone: {why}")).await;
+        let _ = set_step(self.ctl, back, &format!("undone: {why}")).await;
         self.follower_stop.cancel();
         if failed.is_empty() {
             tracing::warn!("undone: the {} is writable again", self.old_side);
@@ -833,22 +829,6 @@ fn selection_of(m: &state::Migration) -> Result<Selection, Error> {
     Selection::parse(&list("include"), &list("exclude")).map_err(|e| Error::Usage(format!("{e}")))
 }
 
-/// The sequences among `names` that exist on `client`'s server.
-async fn existing(client: &Client, names: &[QualifiedName]) -> Vec<QualifiedName> {
-    let mut out = Vec::new();
-    for n in names {
-        if client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&n.quoted()])
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false)
-        {
-            out.push(n.clone());
-        }
-    }
-    out
-}
-
 /// Tables the stream changed since the copy, as the applier marked them on the downstream server.
 async fn streamed_tables(new: &Client) -> std::collections::HashSet<QualifiedName> {
     new.query(
@@ -949,18 +929,7 @@ async fn setup_reverse(
 
 /// Removes a reverse stream set up by a cutover that was then undone (best effort: `clean` removes leftovers).
 async fn drop_reverse(ctl: &Client, old: &Client, plan: &FollowPlan) {
-    let _ = ctl
-        .execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&plan.slot],
-        )
-        .await;
-    let _ = ctl
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            quote_ident(&plan.publication)
-        ))
-        .await;
+    let _ = drop_stream(ctl, Side::Target, &plan.slot, &plan.publication).await;
     let _ = old
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await;

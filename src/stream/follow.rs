@@ -287,12 +287,9 @@ async fn session_once(
         };
         let next = tokio::select! {
             _ = stop.cancelled() => {
-                let done = applier.commit().await.map_err(apply_err)?;
-                applier.abandon().await;
-                let _ = repl.send_status(received, done, false).await;
-                record(&status, done, server_end, 0.0).await;
-                report.applied = done;
-                report.transactions += applier.applied_txns;
+                finish(&mut applier, &mut repl, &status, received, server_end, report)
+                    .await
+                    .map_err(apply_err)?;
                 return Ok(());
             }
             m = tokio::time::timeout(wait, repl.next_stream_message()) => m,
@@ -384,16 +381,16 @@ async fn session_once(
                 .ok()
                 .flatten();
             if let Some((step, _)) = step.filter(|(s, _)| ends(plan.direction, s)) {
-                let done = if applier.inside_source_transaction() {
-                    applier.abandon().await;
-                    applier.applied
-                } else {
-                    applier.commit().await.map_err(apply_err)?
-                };
-                let _ = repl.send_status(received, done, false).await;
-                record(&status, done, server_end, 0.0).await;
-                report.applied = done;
-                report.transactions += applier.applied_txns;
+                let done = finish(
+                    &mut applier,
+                    &mut repl,
+                    &status,
+                    received,
+                    server_end,
+                    report,
+                )
+                .await
+                .map_err(apply_err)?;
                 report.ended_by = Some(step);
                 tracing::info!(
                     "the cutover ended this stream ({:?}) at {done}",
@@ -404,6 +401,25 @@ async fn session_once(
         }
         report.applied = confirmed;
     }
+}
+
+/// Ends a stream cleanly: commits the whole source transactions received (a half-received one is rolled
+/// back, to be streamed again), tells the source, records, and returns the LSN now applied.
+async fn finish(
+    applier: &mut Applier,
+    repl: &mut ReplicationConn,
+    status: &Client,
+    received: Lsn,
+    server_end: Lsn,
+    report: &mut FollowReport,
+) -> Result<Lsn, ApplyError> {
+    let done = applier.commit().await?;
+    applier.abandon().await;
+    let _ = repl.send_status(received, done, false).await;
+    record(status, done, server_end, 0.0).await;
+    report.applied = done;
+    report.transactions += applier.applied_txns;
+    Ok(done)
 }
 
 /// Notes how far the source is, how far we are in sync and how fast we apply, for `status` (best effort).

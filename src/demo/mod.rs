@@ -6,15 +6,17 @@
 //!
 //! The steps are the same library calls the commands make; nothing here is demo-only except the data.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Error;
+pub mod app;
+
+use crate::error::{Error, Side};
 use crate::localserver::{Install, LocalServer, PASSWORD, ServerOptions};
+use app::{App, AppStats};
 
 /// What the demo should do.
 #[derive(Clone, Debug, Default)]
@@ -108,109 +110,36 @@ ANALYZE;
     )
 }
 
-/// The application: keeps writing as `demo_app` to whichever server `switch_file` names, reconnecting
-/// after errors; counts what it saw.
-struct App {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    longest_gap_us: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl App {
-    fn start(switch_file: PathBuf) -> App {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let longest_gap_us = Arc::new(AtomicU64::new(0));
-        let (s, o, f, g) = (
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            longest_gap_us.clone(),
-        );
-        let task = tokio::spawn(async move {
-            let mut last_ok = Instant::now();
-            let mut k: i64 = 0;
-            while !s.load(Ordering::Relaxed) {
-                let port = std::fs::read_to_string(&switch_file).unwrap_or_default();
-                let url = format!(
-                    "host=127.0.0.1 port={} user={APP_ROLE} password={PASSWORD} dbname=shop connect_timeout=2",
-                    port.trim()
-                );
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    f.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                tokio::spawn(conn);
-                while !s.load(Ordering::Relaxed) {
-                    k += 1;
-                    let sql = format!(
-                        "BEGIN;
-                         INSERT INTO api.requests (document_id, latency_ms) VALUES ({doc}, {lat});
-                         UPDATE api.documents SET updated_at = now(), title = 'document {doc} v{k}' WHERE id = {doc};
-                         UPDATE bi.dashboards SET runs = runs + 1 WHERE id = {dash};
-                         INSERT INTO bi.audit (actor, action) VALUES ('app', 'ran dashboard {dash}');
-                         {extra}
-                         COMMIT;",
-                        doc = 1 + k % 1500,
-                        lat = k % 200,
-                        dash = 1 + k % 250,
-                        extra = if k % 50 == 0 {
-                            format!(
-                                "INSERT INTO bi.dashboards (name, definition) VALUES ('new {k} ' || md5(random()::text), '{{\"widgets\": []}}');"
-                            )
-                        } else {
-                            String::new()
-                        }
-                    );
-                    match client.batch_execute(&sql).await {
-                        Ok(()) => {
-                            o.fetch_add(1, Ordering::Relaxed);
-                            g.fetch_max(last_ok.elapsed().as_micros() as u64, Ordering::Relaxed);
-                            last_ok = Instant::now();
-                            tokio::time::sleep(Duration::from_millis(4)).await;
-                        }
-                        Err(_) => {
-                            f.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        App {
-            stop,
-            ok,
-            failed,
-            longest_gap_us,
-            task,
+/// The demo application's k-th transaction: an API request and a dashboard run, now and then a new dashboard.
+fn app_transaction(k: u64) -> String {
+    format!(
+        "BEGIN;
+         INSERT INTO api.requests (document_id, latency_ms) VALUES ({doc}, {lat});
+         UPDATE api.documents SET updated_at = now(), title = 'document {doc} v{k}' WHERE id = {doc};
+         UPDATE bi.dashboards SET runs = runs + 1 WHERE id = {dash};
+         INSERT INTO bi.audit (actor, action) VALUES ('app', 'ran dashboard {dash}');
+         {extra}
+         COMMIT;",
+        doc = 1 + k % 1500,
+        lat = k % 200,
+        dash = 1 + k % 250,
+        extra = if k.is_multiple_of(50) {
+            format!(
+                "INSERT INTO bi.dashboards (name, definition) VALUES ('new {k} ' || md5(random()::text), '{{\"widgets\": []}}');"
+            )
+        } else {
+            String::new()
         }
-    }
-
-    async fn stop(self) -> (u64, u64, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            Duration::from_micros(self.longest_gap_us.load(Ordering::Relaxed)),
-        )
-    }
+    )
 }
 
 fn step(n: u32, title: &str) {
     println!("\n── {n}/6 {title} ──────────────────────────────────────────");
 }
 
-fn pick_installs() -> Result<(Install, Install), Error> {
-    let installs = Install::discover();
-    let newest = installs.iter().max_by_key(|i| i.major).cloned();
-    let Some(newest) = newest else {
+/// The newest PostgreSQL on this machine (18 with pgvector when installed), for both servers.
+fn pick_install() -> Result<Install, Error> {
+    let Some(newest) = Install::discover().into_iter().max_by_key(|i| i.major) else {
         return Err(Error::Usage(
             "the demo needs PostgreSQL server programs (initdb, pg_ctl, postgres) and found none: install \
              PostgreSQL (e.g. `apt-get install postgresql-15`, or `pip install --target /opt/hikkoshi/pg18 \
@@ -218,23 +147,23 @@ fn pick_installs() -> Result<(Install, Install), Error> {
                 .into(),
         ));
     };
-    Ok((newest.clone(), newest))
+    Ok(newest)
 }
 
-async fn has_vector(server: &LocalServer) -> bool {
-    let Ok((c, conn)) =
-        tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls).await
-    else {
-        return false;
-    };
-    tokio::spawn(conn);
-    c.query_one(
-        "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
-        &[],
-    )
-    .await
-    .map(|r| r.get::<_, bool>(0))
-    .unwrap_or(false)
+/// A session on one of the demo's servers.
+async fn open(server: &LocalServer, side: Side, db: &str) -> Result<tokio_postgres::Client, Error> {
+    crate::session::connect(&crate::session::resolve(side, &server.url(db))?, side).await
+}
+
+async fn has_vector(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false)
 }
 
 fn local(e: crate::localserver::LocalServerError) -> Error {
@@ -244,38 +173,34 @@ fn local(e: crate::localserver::LocalServerError) -> Error {
 /// Runs the demo; prints the story on stdout.
 pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Error> {
     let started = Instant::now();
-    let (src_install, tgt_install) = pick_installs()?;
+    let install = pick_install()?;
     step(1, "two throwaway servers and an application");
-    let mut source = LocalServer::start(&src_install, &ServerOptions::default()).map_err(local)?;
-    let mut target = LocalServer::start(&tgt_install, &ServerOptions::default()).map_err(local)?;
+    let mut source = LocalServer::start(&install, &ServerOptions::default()).map_err(local)?;
+    let mut target = LocalServer::start(&install, &ServerOptions::default()).map_err(local)?;
     println!(
         "source: PostgreSQL {} on port {}; target: PostgreSQL {} on port {}",
-        src_install.major, source.port, tgt_install.major, target.port
+        install.major, source.port, install.major, target.port
     );
-    let vector = has_vector(&source).await && has_vector(&target).await;
-    let admin = |s: &LocalServer, db: &str| s.url(db);
-    let (c, conn) = tokio_postgres::connect(&admin(&source, "postgres"), tokio_postgres::NoTls)
+    let source_admin = open(&source, Side::Source, "postgres").await?;
+    let target_admin = open(&target, Side::Target, "postgres").await?;
+    let vector = has_vector(&source_admin).await && has_vector(&target_admin).await;
+    let on = |side| move |e| Error::sql(side, "creating the demo data")(e);
+    let sql = on(Side::Source);
+    source_admin
+        .batch_execute("CREATE DATABASE shop")
         .await
-        .map_err(|e| Error::Blocked(format!("cannot reach the demo source: {e}")))?;
-    tokio::spawn(conn);
-    let sql = |e: tokio_postgres::Error| {
-        crate::error::Error::sql(crate::error::Side::Source, "creating the demo data")(e)
-    };
-    c.batch_execute("CREATE DATABASE shop").await.map_err(sql)?;
-    let (t, conn) = tokio_postgres::connect(&admin(&target, "postgres"), tokio_postgres::NoTls)
+        .map_err(sql)?;
+    target_admin
+        .batch_execute("CREATE DATABASE shop")
         .await
-        .map_err(|e| Error::Blocked(format!("cannot reach the demo target: {e}")))?;
-    tokio::spawn(conn);
-    t.batch_execute("CREATE DATABASE shop").await.map_err(sql)?;
-    t.batch_execute(&format!(
-        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{PASSWORD}'"
-    ))
-    .await
-    .map_err(sql)?;
-    let (shop, conn) = tokio_postgres::connect(&admin(&source, "shop"), tokio_postgres::NoTls)
+        .map_err(on(Side::Target))?;
+    target_admin
+        .batch_execute(&format!(
+            "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{PASSWORD}'"
+        ))
         .await
-        .map_err(|e| Error::Blocked(format!("cannot reach the demo source: {e}")))?;
-    tokio::spawn(conn);
+        .map_err(on(Side::Target))?;
+    let shop = open(&source, Side::Source, "shop").await?;
     if vector {
         shop.batch_execute("CREATE EXTENSION vector")
             .await
@@ -305,7 +230,12 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         std::env::temp_dir().join(format!("hikkoshi-demo-switch-{}", std::process::id()));
     std::fs::write(&switch_file, source.port.to_string())
         .map_err(|e| Error::Blocked(format!("writing {}: {e}", switch_file.display())))?;
-    let app = App::start(switch_file.clone());
+    let app = App::start(
+        format!("host=127.0.0.1 user={APP_ROLE} password={PASSWORD} dbname=shop"),
+        switch_file.clone(),
+        app_transaction,
+        Duration::from_millis(4),
+    );
     println!(
         "the application writes as role {APP_ROLE} (4 statements per transaction, about 200 per second), \
          to the server named in {}",
@@ -319,7 +249,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         target: tgt_url.clone(),
         include: vec![],
         exclude: vec![],
-        pg_bin: Some(tgt_install.bin.clone()),
+        pg_bin: Some(install.bin.clone()),
     })
     .await?;
     print!("{report}");
@@ -336,7 +266,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         include: vec![],
         exclude: vec![],
         chunk_bytes: 8 << 20,
-        pg_bin: Some(tgt_install.bin.clone()),
+        pg_bin: Some(install.bin.clone()),
         maintenance_work_mem: "256MB".into(),
         follow: true,
         stop: clone_stop.clone(),
@@ -362,15 +292,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         }
     };
     let story = async {
-        let r = story(
-            &src_url,
-            &tgt_url,
-            &switch_file,
-            &clone_done,
-            &stop,
-            &app.ok,
-        )
-        .await;
+        let r = story(&src_url, &tgt_url, &switch_file, &clone_done, &stop, &app).await;
         clone_stop.cancel();
         r
     };
@@ -380,7 +302,12 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         (_, Err(e)) => return Err(e),
         (Ok(_), Ok(r)) => r,
     };
-    let (ok, failed, gap) = app.stop().await;
+    let AppStats {
+        committed: ok,
+        failed,
+        longest_gap: gap,
+        ..
+    } = app.stop().await;
 
     step(6, "what happened");
     println!(
@@ -441,7 +368,7 @@ async fn story(
     switch_file: &std::path::Path,
     clone_done: &AtomicBool,
     stop: &CancellationToken,
-    app_ok: &AtomicU64,
+    app: &App,
 ) -> Result<(crate::cutover::SwitchReport, u64), Error> {
     // the copy, then the stream catching up with what the application wrote meanwhile
     loop {
@@ -496,7 +423,7 @@ async fn story(
     })
     .await?;
     print!("{cut}");
-    let at_switch = app_ok.load(Ordering::Relaxed);
+    let at_switch = app.committed();
     // the application goes on writing on the new primary for a moment
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok((cut, at_switch))
