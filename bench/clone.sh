@@ -131,83 +131,7 @@ PG_DUMP_VERSION=$("$PG18_BIN/pg_dump" --version)
 log "source $SRC_VERSION, target $DST_VERSION; $HIKKOSHI_VERSION; $PGCOPYDB_VERSION; $PG_DUMP_VERSION"
 
 # ---------------------------------------------------------------------------------------------------------
-# datasets
-
-load_pgbench() {
-    src_psql postgres -c 'CREATE DATABASE bench_pgbench'
-    log "loading pgbench -i -s $SCALE into bench_pgbench"
-    as_pg "$PG15_BIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench_pgbench \
-        >"$LOGS/pgbench-init.log" 2>&1 || { tail -20 "$LOGS/pgbench-init.log" >&2; die "pgbench -i failed"; }
-}
-
-# Large JSON documents (the kind that broke DMS in the second migration), a narrow table with a bigint key and
-# two secondary indexes, and a table without primary key. md5() of the row number makes every value
-# deterministic and incompressible, so the documents stay 100 kB-1 MB on disk too (TOAST, no compression gain).
-load_json() {
-    local docs events logs
-    docs=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(2000 * f + 0.5); print (n < 1 ? 1 : n) }')
-    events=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(1000000 * f + 0.5); print (n < 1 ? 1 : n) }')
-    logs=$(awk -v f="$JSON_SCALE" 'BEGIN { n = int(500000 * f + 0.5); print (n < 1 ? 1 : n) }')
-    log "loading bench_json: $docs documents, $events events, $logs access_log rows"
-    src_psql postgres -c 'CREATE DATABASE bench_json'
-    if ! src_psql bench_json -v docs="$docs" -v events="$events" -v logs="$logs" >"$LOGS/json-load.log" 2>&1 <<'SQL'; then
-CREATE TABLE documents (
-    id         bigint PRIMARY KEY,
-    created_at timestamptz NOT NULL,
-    title      text NOT NULL,
-    doc        jsonb NOT NULL
-);
--- n strings of 32 hex characters: about 36 bytes each in jsonb, so 2900..27899 strings = 104 kB..1 MB.
-INSERT INTO documents (id, created_at, title, doc)
-SELECT i,
-       timestamptz '2024-01-01 00:00:00+00' + i * interval '17 minutes',
-       'report ' || i,
-       jsonb_build_object(
-           'id', i,
-           'kind', CASE i % 3 WHEN 0 THEN 'query' WHEN 1 THEN 'dashboard' ELSE 'card' END,
-           'owner', jsonb_build_object('id', i % 97, 'name', 'user' || (i % 97)),
-           'items', (SELECT jsonb_agg(md5(i::text || ':' || j::text)) FROM generate_series(1, n) AS j))
-FROM (SELECT i, 2900 + (i::bigint * 7919) % 25000 AS n FROM generate_series(1, :docs) AS i) AS s;
-
-CREATE TABLE events (
-    id         bigserial PRIMARY KEY,
-    account_id integer NOT NULL,
-    created_at timestamptz NOT NULL,
-    amount     numeric(12,2) NOT NULL,
-    note       text
-);
-INSERT INTO events (id, account_id, created_at, amount, note)
-SELECT i,
-       (i * 37) % 10007,
-       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
-       ((i::bigint * 7919) % 1000000) / 100.0,
-       CASE WHEN i % 5 = 0 THEN NULL ELSE left(md5(i::text), 16) END
-FROM generate_series(1, :events) AS i;
-SELECT setval('events_id_seq', :events);
-CREATE INDEX events_account_created_idx ON events (account_id, created_at);
-CREATE INDEX events_created_idx ON events (created_at);
-
--- no primary key, no unique index
-CREATE TABLE access_log (
-    at      timestamptz NOT NULL,
-    path    text NOT NULL,
-    status  integer NOT NULL,
-    bytes   bigint,
-    agent   text
-);
-INSERT INTO access_log (at, path, status, bytes, agent)
-SELECT timestamptz '2024-01-01 00:00:00+00' + i * interval '250 milliseconds',
-       '/api/v1/items/' || (i % 5003) || '/' || left(md5(i::text), 8),
-       (ARRAY[200, 200, 200, 201, 204, 301, 404, 500])[1 + i % 8],
-       (i::bigint * 7919) % 65536,
-       'agent/' || (i % 13)
-FROM generate_series(1, :logs) AS i;
-VACUUM ANALYZE;
-SQL
-        tail -20 "$LOGS/json-load.log" >&2
-        die "loading bench_json failed"
-    fi
-}
+# datasets: load_pgbench and load_json (bench/lib.sh)
 
 # "schema.table|rows" for every table of a database, sorted; leaves out hikkoshi's own state schema.
 COUNT_SQL="SELECT format('SELECT %L, count(*) FROM %I.%I', n.nspname || '.' || c.relname, n.nspname, c.relname)
@@ -289,17 +213,6 @@ measure() {
     M_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
     M_TREE_MB=$(awk -v k="$peak_sum" 'BEGIN { printf "%.1f", k / 1024 }')
     M_PROC_MB=$(awk -v k="$peak_hwm" 'BEGIN { printf "%.1f", k / 1024 }')
-}
-
-fresh_target_db() {
-    dst_psql postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1"
-}
-drop_target_db() {
-    dst_psql postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)"
-}
-checkpoint_both() {
-    src_psql postgres -c CHECKPOINT
-    dst_psql postgres -c CHECKPOINT
 }
 
 # run_tool TOOL DATASET_DB TARGET_DB LOGPREFIX: sets R_STATUS (ok|failed), R_WALL, R_TREE_MB, R_PROC_MB,

@@ -27,7 +27,6 @@ use crate::conninfo::ConnInfo;
 use crate::copy::{self, CopyContext, TableCopy};
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
-use crate::plan::chunk::{self, ChunkMethod, ChunkSpec};
 use crate::plan::{Resolved, Selection, resolve};
 use crate::progress::{Progress, Reporter};
 use crate::replication::{self, ReplicationConn};
@@ -441,8 +440,10 @@ async fn copy_part(
     }
 
     if phase == Phase::Copy {
+        let t = Instant::now();
         let (chunks, rows, bytes) =
             copy_phase(opts, src_info, tgt_info, &target, &resolved, &snap).await?;
+        tracing::info!("copy phase done in {:.1}s", t.elapsed().as_secs_f64());
         report.chunks_copied = chunks;
         report.rows = rows;
         report.bytes = bytes;
@@ -484,7 +485,13 @@ async fn copy_part(
         let positions = sequence::read(&source, Side::Source, &resolved.sequences).await?;
         sequence::apply(&target, &positions).await?;
         report.sequences = positions.len();
+        let t = Instant::now();
         analyze(tgt_info, &resolved.tables, opts.jobs).await?;
+        tracing::info!(
+            "analyzed {} table(s) in {:.1}s",
+            resolved.tables.len(),
+            t.elapsed().as_secs_f64()
+        );
         target
             .batch_execute("UPDATE hikkoshi.tables SET state = 'indexed'")
             .await
@@ -618,27 +625,11 @@ async fn plan_chunks(
     tables: &[Table],
     chunk_bytes: i64,
 ) -> Result<(), Error> {
-    let mut planned: Vec<(&Table, ChunkMethod, Vec<ChunkSpec>)> = Vec::new();
-    for t in tables {
-        let n = chunk::chunk_count(t.bytes, chunk_bytes);
-        let (method, specs) = if n <= 1 {
-            (ChunkMethod::Whole, vec![whole(t)])
-        } else if !t.key.is_empty() {
-            let sample = sample_keys(source, t, n).await?;
-            let specs = chunk::key_chunks(t, n, &sample);
-            if specs.len() > 1 {
-                (ChunkMethod::Key, specs)
-            } else {
-                ctid_or_whole(t, n)
-            }
-        } else {
-            ctid_or_whole(t, n)
-        };
-        planned.push((t, method, specs));
-    }
+    let planned = crate::plan::plan_chunks(source, tables, chunk_bytes).await?;
     let sql = |e| Error::sql(Side::Target, "recording the copy plan")(e);
     target.batch_execute("BEGIN").await.map_err(sql)?;
-    for (t, method, specs) in &planned {
+    for p in &planned {
+        let t = p.table;
         target
             .execute(
                 "INSERT INTO hikkoshi.tables (schema_name, table_name, root_schema, root_name, copy_format,
@@ -651,13 +642,13 @@ async fn plan_chunks(
                     &t.root.as_ref().map(|r| r.schema.clone()),
                     &t.root.as_ref().map(|r| r.name.clone()),
                     &if t.binary_portable() { "binary" } else { "text" },
-                    &method.as_str(),
+                    &p.method.as_str(),
                     &t.bytes,
                 ],
             )
             .await
             .map_err(sql)?;
-        for s in specs {
+        for s in &p.chunks {
             target
                 .execute(
                     "INSERT INTO hikkoshi.chunks (schema_name, table_name, chunk_no, predicate, est_bytes)
@@ -676,69 +667,8 @@ async fn plan_chunks(
         .await
         .map_err(sql)?;
     target.batch_execute("COMMIT").await.map_err(sql)?;
-    let chunks: usize = planned.iter().map(|p| p.2.len()).sum();
-    let split: Vec<String> = planned
-        .iter()
-        .filter(|p| p.2.len() > 1)
-        .map(|p| format!("{} by {} in {}", p.0.name, p.1.as_str(), p.2.len()))
-        .collect();
-    tracing::info!(
-        "planned {} table(s) in {chunks} chunk(s){}{}",
-        planned.len(),
-        if split.is_empty() { "" } else { "; split: " },
-        split.join(", ")
-    );
+    tracing::info!("{}", crate::plan::describe(&planned));
     Ok(())
-}
-
-fn ctid_or_whole(t: &Table, n: usize) -> (ChunkMethod, Vec<ChunkSpec>) {
-    let specs = chunk::ctid_chunks(t, n);
-    if specs.len() > 1 {
-        (ChunkMethod::Ctid, specs)
-    } else {
-        (ChunkMethod::Whole, specs)
-    }
-}
-
-fn whole(t: &Table) -> ChunkSpec {
-    ChunkSpec {
-        no: 0,
-        predicate: None,
-        est_bytes: t.bytes,
-    }
-}
-
-/// A sorted sample of about 200 keys per chunk, read from a random sample of the table's pages.
-async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<String>>, Error> {
-    let want = (n * 200) as f64;
-    let rows_est = if t.rows_estimate > 0.0 {
-        t.rows_estimate
-    } else {
-        (t.pages.max(1) * 50) as f64
-    };
-    let pct = (100.0 * want / rows_est).clamp(0.001, 100.0);
-    let keys: Vec<String> = t.key.iter().map(|k| crate::ident::quote_ident(k)).collect();
-    // ORDER BY the typed columns (qualified, so it does not pick the text output columns of the same name)
-    let sql = format!(
-        "SELECT {} FROM ONLY {} AS s TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
-        keys.iter()
-            .map(|k| format!("s.{k}::text"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        t.name.quoted(),
-        keys.iter()
-            .map(|k| format!("s.{k}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let rows = source.query(&sql, &[]).await.map_err(Error::sql(
-        Side::Source,
-        format!("sampling keys of {}", t.name),
-    ))?;
-    Ok(rows
-        .iter()
-        .map(|r| (0..keys.len()).map(|i| r.get::<_, String>(i)).collect())
-        .collect())
 }
 
 /// Copies every chunk not yet copied; returns chunks, rows and bytes copied by this run.

@@ -17,6 +17,7 @@ pub mod lsn;
 pub mod monitor;
 pub mod plan;
 pub mod progress;
+pub mod rehearse;
 pub mod replication;
 pub mod schema;
 pub mod sequence;

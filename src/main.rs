@@ -130,6 +130,15 @@ enum Command {
         /// Print the final report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Predict instead of cloning: time the schema, a sample of every table copied into the target
+        /// and its indexes built there (in a transaction that is rolled back), and print the predicted
+        /// copy, index and total time with --jobs workers. Creates nothing on either server. Exit 1 when
+        /// the preflight finds a blocker.
+        #[arg(long, conflicts_with_all = ["follow", "listen"])]
+        rehearse: bool,
+        /// With --rehearse: bytes sampled from each table (all of a smaller table).
+        #[arg(long, default_value = "32MB", value_parser = parse_size, requires = "rehearse")]
+        sample_size: i64,
     },
     /// The whole story on two throwaway local servers: an application database (vector embeddings, large
     /// JSON, sequences) under a live write load, check → clone --follow → verify → cutover, ending with the
@@ -363,7 +372,29 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             follow,
             listen,
             json,
+            rehearse,
+            sample_size,
         } => {
+            if rehearse {
+                let report = hikkoshi::rehearse::run(&hikkoshi::rehearse::RehearseOptions {
+                    source,
+                    target,
+                    jobs: jobs.max(1),
+                    include,
+                    exclude,
+                    chunk_bytes: chunk_size,
+                    pg_bin,
+                    maintenance_work_mem,
+                    sample_bytes: sample_size.max(1 << 16),
+                })
+                .await?;
+                print_report(&report, json);
+                return Ok(if report.blockers.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
             let stop = tokio_util::sync::CancellationToken::new();
             spawn_signal_handler(stop.clone());
             let monitor = match listen {

@@ -323,6 +323,29 @@ pub async fn restore_post_data(
     Ok(skipped)
 }
 
+/// One section of the archive as a SQL script (`pg_restore --file=-`), without owners and grants, for
+/// `clone --rehearse` to run in a transaction it rolls back. psql meta-commands (`\restrict`, which
+/// pg_dump 17.6+ writes) are left out: they are not SQL.
+pub async fn script(
+    tools: &DumpTools,
+    archive: &Archive,
+    section: &str,
+    conn: &ConnInfo,
+) -> Result<String, SchemaError> {
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg(format!("--section={section}"))
+        .arg("--no-owner")
+        .arg("--no-privileges")
+        .arg("--file=-")
+        .arg(archive.file.path());
+    let text = output(cmd, conn, &format!("writing the {section} schema as SQL")).await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// The roles that own objects in the archive.
 pub async fn archive_owners(
     tools: &DumpTools,

@@ -8,8 +8,10 @@ pub use select::{Pattern, PatternError, Selection};
 
 use std::collections::HashSet;
 
+use tokio_postgres::Client;
+
 use crate::catalog::{Catalog, Table};
-use crate::error::Error;
+use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
 
 /// The tables and relations a run works on.
@@ -90,4 +92,116 @@ pub fn resolve(cat: &Catalog, selection: &Selection) -> Result<Resolved, Error> 
         sequences,
         matviews: cat.matviews.clone(),
     })
+}
+
+/// One table's chunks, as `clone` records them and `clone --rehearse` schedules them.
+pub struct Planned<'a> {
+    pub table: &'a Table,
+    pub method: ChunkMethod,
+    pub chunks: Vec<ChunkSpec>,
+}
+
+/// Splits every table larger than `chunk_bytes` into chunks: by primary-key range (keys sampled on the
+/// source) when it has a key, else by page range. Reads the source, writes nothing.
+pub async fn plan_chunks<'a>(
+    source: &Client,
+    tables: &'a [Table],
+    chunk_bytes: i64,
+) -> Result<Vec<Planned<'a>>, Error> {
+    let mut planned = Vec::new();
+    for t in tables {
+        let n = chunk::chunk_count(t.bytes, chunk_bytes);
+        let (method, chunks) = if n <= 1 {
+            (ChunkMethod::Whole, vec![whole(t)])
+        } else if !t.key.is_empty() {
+            let sample = sample_keys(source, t, n).await?;
+            let specs = chunk::key_chunks(t, n, &sample);
+            if specs.len() > 1 {
+                (ChunkMethod::Key, specs)
+            } else {
+                ctid_or_whole(t, n)
+            }
+        } else {
+            ctid_or_whole(t, n)
+        };
+        planned.push(Planned {
+            table: t,
+            method,
+            chunks,
+        });
+    }
+    Ok(planned)
+}
+
+/// One log line: tables, chunks, and which tables are split how.
+pub fn describe(planned: &[Planned<'_>]) -> String {
+    let chunks: usize = planned.iter().map(|p| p.chunks.len()).sum();
+    let split: Vec<String> = planned
+        .iter()
+        .filter(|p| p.chunks.len() > 1)
+        .map(|p| {
+            format!(
+                "{} by {} in {}",
+                p.table.name,
+                p.method.as_str(),
+                p.chunks.len()
+            )
+        })
+        .collect();
+    format!(
+        "planned {} table(s) in {chunks} chunk(s){}{}",
+        planned.len(),
+        if split.is_empty() { "" } else { "; split: " },
+        split.join(", ")
+    )
+}
+
+fn ctid_or_whole(t: &Table, n: usize) -> (ChunkMethod, Vec<ChunkSpec>) {
+    let specs = chunk::ctid_chunks(t, n);
+    if specs.len() > 1 {
+        (ChunkMethod::Ctid, specs)
+    } else {
+        (ChunkMethod::Whole, specs)
+    }
+}
+
+fn whole(t: &Table) -> ChunkSpec {
+    ChunkSpec {
+        no: 0,
+        predicate: None,
+        est_bytes: t.bytes,
+    }
+}
+
+/// A sorted sample of about 200 keys per chunk, read from a random sample of the table's pages.
+async fn sample_keys(source: &Client, t: &Table, n: usize) -> Result<Vec<Vec<String>>, Error> {
+    let want = (n * 200) as f64;
+    let rows_est = if t.rows_estimate > 0.0 {
+        t.rows_estimate
+    } else {
+        (t.pages.max(1) * 50) as f64
+    };
+    let pct = (100.0 * want / rows_est).clamp(0.001, 100.0);
+    let keys: Vec<String> = t.key.iter().map(|k| crate::ident::quote_ident(k)).collect();
+    // ORDER BY the typed columns (qualified, so it does not pick the text output columns of the same name)
+    let sql = format!(
+        "SELECT {} FROM ONLY {} AS s TABLESAMPLE SYSTEM ({pct}) ORDER BY {}",
+        keys.iter()
+            .map(|k| format!("s.{k}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.name.quoted(),
+        keys.iter()
+            .map(|k| format!("s.{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let rows = source.query(&sql, &[]).await.map_err(Error::sql(
+        Side::Source,
+        format!("sampling keys of {}", t.name),
+    ))?;
+    Ok(rows
+        .iter()
+        .map(|r| (0..keys.len()).map(|i| r.get::<_, String>(i)).collect())
+        .collect())
 }
