@@ -45,7 +45,7 @@ use crate::session;
 
 /// Heaps up to this size are scanned whole for exact row and byte totals (cheap: TOAST is not read).
 const SMALL_HEAP: i64 = 64 << 20;
-/// Rows `ANALYZE` samples at the default statistics target (300 × 100).
+/// Pages (and rows) `ANALYZE` samples at the default statistics target (300 × 100).
 const ANALYZE_ROWS: f64 = 30_000.0;
 /// The seed of every sample: the copy sample and the size query see the same rows.
 const SEED: i32 = 20_261_123;
@@ -474,9 +474,18 @@ async fn measure_in_transaction(
                 format!("analyzing the sample of {}", t.name),
             ))?;
         let secs = started.elapsed().as_secs_f64();
+        // ANALYZE reads up to 30 000 pages, then up to 30 000 rows of them: its time goes with the pages
+        let sample_pages: i64 = target
+            .query_one(
+                "SELECT pg_relation_size(to_regclass($1)) / current_setting('block_size')::int",
+                &[&t.name.quoted()],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "measuring a sample table"))?
+            .get(0);
         let s = &mut samples[i];
-        let sampled = (s.sample_rows as f64).min(ANALYZE_ROWS).max(1.0);
-        let full = s.rows.min(ANALYZE_ROWS).max(1.0);
+        let sampled = (sample_pages as f64).min(ANALYZE_ROWS).max(1.0);
+        let full = (t.pages as f64).min(ANALYZE_ROWS).max(1.0);
         s.analyze_seconds = secs * (full / sampled).max(1.0);
     }
     Ok((schema_seconds, samples, entries))
@@ -790,9 +799,9 @@ fn table_of(sql: &str) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-/// Copies a sample of the largest table with one stream, then with `jobs` streams at once, each into a
-/// table of text columns in a schema of its own created in a transaction that is rolled back. Returns the
-/// aggregate speedup and the bytes moved.
+/// Copies a sample of the largest table with one stream, then with `jobs` streams at once, then with one
+/// again, each into a table of the same column types (text where the target lacks a type) in a schema of
+/// its own created in a transaction that is rolled back. Returns the aggregate speedup and the bytes moved.
 async fn parallel_speedup(
     src_info: &ConnInfo,
     tgt_info: &ConnInfo,
@@ -800,8 +809,11 @@ async fn parallel_speedup(
     jobs: usize,
     sample_bytes: i64,
 ) -> Result<(f64, u64), Error> {
-    let one = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
+    // one stream before and after the parallel run: the load of the servers drifts
+    let before = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
     let many = probe_streams(src_info, tgt_info, t, jobs, sample_bytes).await?;
+    let after = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
+    let one = (before.0 + after.0, before.1 + after.1);
     let (r1, rn) = (one.0 as f64 / one.1, many.0 as f64 / many.1);
     let speedup = if r1 > 0.0 && rn > 0.0 {
         (rn / r1).clamp(0.5, jobs as f64)
@@ -831,14 +843,30 @@ async fn probe_streams(
     } else {
         "SYSTEM"
     };
+    // the table's own column types where the target knows them (built-in ones), else text
+    let types: Vec<String> = t.columns.iter().map(|c| c.type_sql.clone()).collect();
+    let target = session::connect(tgt_info, Side::Target).await?;
+    let known: bool = target
+        .query_one(
+            "SELECT coalesce(bool_and(to_regtype(x) IS NOT NULL), true) FROM unnest($1::text[]) x",
+            &[&types],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "looking up column types"))?
+        .get(0);
+    drop(target);
+    let binary = known && t.binary_portable();
     let cols = if t.columns.is_empty() {
         "c text".to_string()
     } else {
-        (0..t.columns.len())
-            .map(|i| format!("c{i} text"))
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("c{i} {}", if known { ty.as_str() } else { "text" }))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let format = if binary { " (FORMAT binary)" } else { "" };
     let select = if t.columns.is_empty() {
         "NULL::text".to_string()
     } else {
@@ -872,8 +900,8 @@ async fn probe_streams(
         sessions.push((
             source,
             target,
-            format!("COPY (SELECT {select} FROM {from}) TO STDOUT"),
-            format!("COPY {schema}.probe FROM STDIN"),
+            format!("COPY (SELECT {select} FROM {from}) TO STDOUT{format}"),
+            format!("COPY {schema}.probe FROM STDIN{format}"),
         ));
     }
     let started = Instant::now();
