@@ -484,8 +484,8 @@ async fn measure_in_transaction(
             .map_err(Error::sql(Side::Target, "measuring a sample table"))?
             .get(0);
         let s = &mut samples[i];
-        let sampled = (sample_pages as f64).min(ANALYZE_ROWS).max(1.0);
-        let full = (t.pages as f64).min(ANALYZE_ROWS).max(1.0);
+        let sampled = (sample_pages as f64).clamp(1.0, ANALYZE_ROWS);
+        let full = (t.pages as f64).clamp(1.0, ANALYZE_ROWS);
         s.analyze_seconds = secs * (full / sampled).max(1.0);
     }
     Ok((schema_seconds, samples, entries))
@@ -774,10 +774,10 @@ fn table_of(sql: &str) -> Option<String> {
     let s = sql.trim_start();
     let rest = if let Some(r) = s.strip_prefix("ALTER TABLE ") {
         r
-    } else if s.starts_with("CREATE ") && s.contains(" INDEX ") {
-        let at = s.find(" ON ")?;
-        &s[at + 4..]
-    } else if s.starts_with("CREATE TRIGGER") || s.starts_with("CREATE CONSTRAINT TRIGGER") {
+    } else if (s.starts_with("CREATE ") && s.contains(" INDEX "))
+        || s.starts_with("CREATE TRIGGER")
+        || s.starts_with("CREATE CONSTRAINT TRIGGER")
+    {
         let at = s.find(" ON ")?;
         &s[at + 4..]
     } else {

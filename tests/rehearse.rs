@@ -84,18 +84,8 @@ async fn rehearse_predicts_every_table_and_leaves_both_servers_as_they_were() {
         .iter()
         .map(|t| t["name"].as_str().unwrap().to_string())
         .collect();
-    let mut want: Vec<String> = tables
-        .iter()
-        .map(|q| {
-            // user_tables quotes every part; the report writes names as people do
-            let (schema, name) = q.split_once("\".\"").unwrap();
-            hikkoshi::ident::QualifiedName::new(
-                schema.trim_start_matches('"').replace("\"\"", "\""),
-                name.trim_end_matches('"').replace("\"\"", "\""),
-            )
-            .to_string()
-        })
-        .collect();
+    // user_tables quotes as PostgreSQL's quote_ident does: only where needed, like the report's names
+    let mut want = tables.clone();
     want.sort();
     let mut got = listed.clone();
     got.sort();
@@ -116,13 +106,7 @@ async fn rehearse_predicts_every_table_and_leaves_both_servers_as_they_were() {
             );
         }
         // small tables are sampled whole: the row count is exact
-        let quoted = tables
-            .iter()
-            .find(|q| {
-                let n: String = q.replace('"', "");
-                n == name.replace('"', "")
-            })
-            .unwrap();
+        let quoted = tables.iter().find(|q| *q == name).unwrap();
         let count: i64 = src
             .query_one(&format!("SELECT count(*) FROM ONLY {quoted}"), &[])
             .await
