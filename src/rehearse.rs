@@ -208,10 +208,21 @@ pub async fn run(opts: &RehearseOptions) -> Result<Rehearsal, Error> {
         && eff_jobs > 1
         && big.bytes > 0
     {
-        let (speedup, bytes) =
-            parallel_speedup(&src_info, &tgt_info, big, eff_jobs, opts.sample_bytes).await?;
-        r.parallel_speedup = speedup;
-        r.sample_bytes += bytes;
+        match parallel_speedup(&src_info, &tgt_info, big, eff_jobs, opts.sample_bytes).await {
+            Ok((speedup, bytes)) => {
+                r.parallel_speedup = speedup;
+                r.sample_bytes += bytes;
+            }
+            Err(e) => {
+                // (e.g. no CREATE right on the target database for the probe's throwaway schema)
+                r.parallel_speedup = eff_jobs as f64;
+                r.warnings.push(format!(
+                    "the parallel copy could not be measured ({}): assumed {eff_jobs} streams copy \
+                     {eff_jobs} times as fast as one, which is the best case",
+                    crate::error::chain(&e)
+                ));
+            }
+        }
     } else {
         r.parallel_speedup = 1.0;
     }
@@ -809,7 +820,9 @@ async fn parallel_speedup(
     jobs: usize,
     sample_bytes: i64,
 ) -> Result<(f64, u64), Error> {
-    // one stream before and after the parallel run: the load of the servers drifts
+    // twice the sample per stream: a second or two of each is too short to see past the noise of a busy
+    // machine. One stream before and after the parallel run: the load of the servers drifts.
+    let sample_bytes = sample_bytes.saturating_mul(2);
     let before = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
     let many = probe_streams(src_info, tgt_info, t, jobs, sample_bytes).await?;
     let after = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
