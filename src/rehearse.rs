@@ -103,6 +103,7 @@ pub struct TablePrediction {
     /// Rows (exact when the heap was scanned, else the planner's estimate).
     pub rows: f64,
     pub heap_bytes: i64,
+    /// TOAST, with the free space and visibility maps (pg_table_size less the heap).
     pub toast_bytes: i64,
     pub chunks: usize,
     pub chunk_method: &'static str,
@@ -847,7 +848,8 @@ async fn parallel_speedup(
 ) -> Result<(f64, u64), Error> {
     // twice the sample per stream: a second or two of each is too short to see past the noise of a busy
     // machine. One stream before and after the parallel run: the load of the servers drifts.
-    let sample_bytes = sample_bytes.saturating_mul(2);
+    // (but no more than a quarter of the table per stream: on a small table the probe would be the rehearsal)
+    let sample_bytes = sample_bytes.saturating_mul(2).min(t.bytes / 4).max(1 << 20);
     let before = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
     let many = probe_streams(src_info, tgt_info, t, jobs, sample_bytes).await?;
     let after = probe_streams(src_info, tgt_info, t, 1, sample_bytes).await?;
