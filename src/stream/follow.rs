@@ -22,10 +22,9 @@ use crate::replication::conn::StreamMessage;
 use crate::replication::{ReplicationConn, ReplicationError};
 use crate::session;
 
-/// Source transactions per target transaction at most. Many small ones share a commit, but a row updated
-/// by every source transaction (a counter, pgbench's branches) leaves one version per update in the target
-/// transaction, and each update walks them all: batches stay short.
-const MAX_BATCH_TXNS: usize = 64;
+/// Source transactions per target transaction at most (and at most 200 ms of them): many small ones share a
+/// commit, and their changes are folded (a row updated by every one of them is written once, see `fold`).
+const MAX_BATCH_TXNS: usize = 1000;
 
 /// Which way a stream runs: the migration's own (source → target), or the reverse stream a cutover with
 /// `--reverse` starts (new primary → old source), which keeps a rollback lossless.
@@ -128,6 +127,7 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
             key: Vec::new(),
             always_identity: Vec::new(),
             window: Window::default(),
+            foldable: false,
         });
         let column: String = r.get(2);
         if r.get::<_, bool>(4) {
@@ -151,6 +151,24 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
         if let Some(t) = tables.get_mut(&name) {
             t.key = r.get(2);
+        }
+    }
+    // Tables whose primary key is their only unique or exclusion constraint (see `fold`).
+    let single = target
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             GROUP BY 1, 2
+             HAVING count(*) FILTER (WHERE i.indisprimary) = 1
+                AND count(*) FILTER (WHERE (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary) = 0",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading unique indexes"))?;
+    for r in single {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        if let Some(t) = tables.get_mut(&name) {
+            t.foldable = !t.key.is_empty();
         }
     }
     // Windows: per copied table (a partition's window applies to its root, which the stream names).
@@ -208,16 +226,22 @@ async fn session_once(
         )
         .await
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
-    // Triggers and foreign-key checks ran on the source already (as in native logical replication).
-    if let Err(e) = target
-        .batch_execute("SET session_replication_role = replica")
+    // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
+    // statements join their arrays to the table by its key, row by row through the index, whatever the
+    // planner guesses of the arrays' length.
+    target
+        .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
         .await
-    {
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
+    let reorder = target
+        .batch_execute("SET session_replication_role = replica")
+        .await;
+    if let Err(e) = &reorder {
         tracing::warn!(
             "cannot set session_replication_role on the target ({}): triggers will fire for applied \
              changes; grant it with `GRANT SET ON PARAMETER session_replication_role TO <user>` (PostgreSQL \
              15+) or connect as a superuser",
-            crate::error::chain(&e)
+            crate::error::chain(e)
         );
     }
     let row = target
@@ -248,7 +272,7 @@ async fn session_once(
         Direction::Reverse => Some(session::connect(&plan.control, Side::Target).await?),
     };
     let source = session::connect(&plan.source, Side::Source).await?;
-    let mut applier = Applier::new(target, source, applied, tables);
+    let mut applier = Applier::new(target, source, applied, tables, reorder.is_ok());
 
     let mut repl = ReplicationConn::connect(&plan.source)
         .await
