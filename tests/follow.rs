@@ -456,3 +456,47 @@ async fn folded_changes_end_exactly_as_on_the_source() {
         "the error names the table and the key:\n{log}"
     );
 }
+
+/// verify while the source is written for the whole run: the tables being written never settle as a whole,
+/// so their differing rows are settled one by one. Only the row changed on the target is reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_under_constant_writes_reports_only_the_row_that_really_differs() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    // the workload never touches event 1
+    tgt.batch_execute(
+        "UPDATE app.events SET occurred_at = occurred_at + interval '1 day' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let (stop, writer) = background_writer(s.url("app"), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (su, tu) = (s.url("app"), t.url("app"));
+    let out = tokio::task::spawn_blocking(move || {
+        hikkoshi(&["verify", "--source", &su, "--target", &tu, "--json"])
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.await.unwrap();
+    assert!(rounds > 0, "the source was written during the verify");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    for table in v["tables"].as_array().unwrap() {
+        if table["table"] == "app.events" {
+            assert_eq!(table["matched"], false, "{table}");
+            assert_eq!(table["changed"], serde_json::json!(["(1)"]), "{table}");
+            assert_eq!(table["missing_on_target"], serde_json::json!([]), "{table}");
+            assert_eq!(table["extra_on_target"], serde_json::json!([]), "{table}");
+        } else {
+            assert_eq!(table["matched"], true, "{table}");
+        }
+    }
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+}
