@@ -140,6 +140,7 @@ pub struct Applier {
     relations: HashMap<u32, Rel>,
     /// Prepared statements by SQL text.
     statements: HashMap<String, Statement>,
+    position_statement: Option<Statement>,
     /// Tables whose `streamed` mark this session has written.
     streamed: std::collections::HashSet<QualifiedName>,
     /// Folded changes per relation, not yet written (see `fold`).
@@ -159,6 +160,12 @@ pub struct Applier {
     skipping: bool,
     /// End LSN of the last source transaction committed on the target.
     pub applied: Lsn,
+    /// Target commits not yet known to be flushed to the target's disk (the apply session commits with
+    /// `synchronous_commit = off`, as native subscriptions do): (source end LSN, target WAL position after
+    /// the commit). Feedback to the source waits for the flush.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    /// End LSN of the last source transaction durable on the target.
+    durable: Lsn,
     /// End LSN of the last source transaction applied in the open target transaction.
     pending: Option<Lsn>,
     pub txns_in_batch: usize,
@@ -257,17 +264,62 @@ impl Applier {
             held_bytes: 0,
             reorder,
             statements: HashMap::new(),
+            position_statement: None,
             streamed: Default::default(),
             inflight: VecDeque::new(),
             in_target_tx: false,
             current: None,
             skipping: false,
             applied,
+            unflushed: VecDeque::new(),
+            durable: Lsn::default(),
             pending: None,
             txns_in_batch: 0,
             last_commit_time: 0,
             applied_txns: 0,
         }
+    }
+
+    /// Starts from what the target holds: `applied` is durable once the target's WAL is flushed up to where
+    /// it is now (a restart may come right after an asynchronous commit).
+    pub async fn start(&mut self) -> Result<(), ApplyError> {
+        let now = self.wal_position("pg_current_wal_insert_lsn").await?;
+        self.unflushed.push_back((self.applied, now));
+        Ok(())
+    }
+
+    async fn wal_position(&self, function: &str) -> Result<Lsn, ApplyError> {
+        let row = self
+            .client
+            .query_one(&format!("SELECT {function}()::text"), &[])
+            .await
+            .map_err(|source| ApplyError::Target {
+                what: "reading the target's WAL position".into(),
+                source,
+            })?;
+        Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+    }
+
+    /// The end LSN of the last source transaction whose target commit is flushed: what the source may
+    /// forget.
+    pub async fn durable(&mut self) -> Result<Lsn, ApplyError> {
+        if self.unflushed.is_empty() {
+            return Ok(self.durable);
+        }
+        let flushed = self.wal_position("pg_current_wal_flush_lsn").await?;
+        while let Some(&(end, at)) = self.unflushed.front() {
+            if at > flushed {
+                break;
+            }
+            self.durable = self.durable.max(end);
+            self.unflushed.pop_front();
+        }
+        Ok(self.durable)
+    }
+
+    /// Whether every commit is flushed (as of the last `durable`).
+    pub fn all_durable(&self) -> bool {
+        self.unflushed.is_empty()
     }
 
     /// Whether a source transaction is half applied (its Commit not seen yet).
@@ -959,6 +1011,41 @@ impl Applier {
         Ok(())
     }
 
+    /// Sends `SELECT pg_current_wal_insert_lsn()` down the pipeline; its answer is in the returned slot
+    /// once the statements before it are drained.
+    async fn send_position(&mut self) -> Result<Arc<std::sync::Mutex<Option<String>>>, ApplyError> {
+        let statement = match &self.position_statement {
+            Some(s) => s.clone(),
+            None => {
+                let s = match self
+                    .client
+                    .prepare("SELECT pg_current_wal_insert_lsn()::text")
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(source) => return Err(self.fail(source).await),
+                };
+                self.position_statement = Some(s.clone());
+                s
+            }
+        };
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let (client, answer) = (self.client.clone(), slot.clone());
+        let mut fut: InFlight = Box::pin(async move {
+            let row = client.query_one(&statement, &[]).await?;
+            if let Ok(mut a) = answer.lock() {
+                *a = Some(row.get::<_, String>(0));
+            }
+            Ok(1)
+        });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            fut = Box::pin(std::future::ready(r));
+        }
+        self.inflight.push_back((fut, None));
+        Ok(slot)
+    }
+
     async fn await_oldest(&mut self) -> Result<(), ApplyError> {
         let Some((fut, expect)) = self.inflight.pop_front() else {
             return Ok(());
@@ -1041,7 +1128,7 @@ impl Applier {
     }
 
     /// Commits the open target transaction with the applied LSN, if there is one at a source-transaction
-    /// boundary. Returns the LSN now durable on the target.
+    /// boundary. Returns the LSN now applied on the target (durable once `durable` says so).
     pub async fn commit(&mut self) -> Result<Lsn, ApplyError> {
         if self.current.is_some() {
             return Ok(self.applied);
@@ -1071,11 +1158,19 @@ impl Applier {
             None,
         )
         .await?;
-        self.drain().await?;
         crate::failpoint::hit("apply.before-commit");
+        // COMMIT and the WAL position after it go out behind the batch: one round trip in all
         self.send(Sql::new("COMMIT", vec![]), None).await?;
+        let position = self.send_position().await?;
         self.drain().await?;
         crate::failpoint::hit("apply.after-commit");
+        let at = position
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default();
+        self.unflushed.push_back((end, at));
         self.in_target_tx = false;
         self.pending = None;
         self.txns_in_batch = 0;

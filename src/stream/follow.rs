@@ -3,8 +3,11 @@
 //! resume from the LSN recorded in the target; definite ones stop with the reason.
 //!
 //! Feedback to the source (the slot's confirmed flush position) never runs ahead of what the target has
-//! committed: it is the applied LSN, or, when every received change is committed and the stream is idle,
-//! the server's own position from a keepalive (nothing of ours lies before it).
+//! committed and flushed: the applier commits asynchronously (as native subscriptions do) and the feedback
+//! is the applied LSN of the last commit the target's WAL flush has passed, or, when every received change
+//! is committed and flushed and the stream is idle, the server's own position from a keepalive (nothing of
+//! ours lies before it). A crash of the target loses its unflushed commits and their `applied_lsn` together,
+//! and the source still has them.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -221,7 +224,7 @@ async fn session_once(
     target
         .batch_execute(
             "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
-             SET synchronous_commit = on; SET datestyle = ISO; SET intervalstyle = postgres;
+             SET synchronous_commit = off; SET datestyle = ISO; SET intervalstyle = postgres;
              SET default_transaction_read_only = off;",
         )
         .await
@@ -302,6 +305,7 @@ async fn session_once(
         },
         e => Error::Blocked(e.to_string()),
     };
+    applier.start().await.map_err(apply_err)?;
     loop {
         // Commit when idle or when the batch is old: latency stays low, throughput high.
         let wait = if applier.has_uncommitted() && !applier.inside_source_transaction() {
@@ -338,19 +342,25 @@ async fn session_once(
                     && (applier.txns_in_batch >= MAX_BATCH_TXNS
                         || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
                 {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
+                    applier.commit().await.map_err(apply_err)?;
                     batch_started = None;
                 }
             }
             Ok(Ok(Some(StreamMessage::Keepalive { end, reply, .. }))) => {
                 server_end = server_end.max(end);
-                if !applier.inside_source_transaction() {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
-                    batch_started = None;
-                    if !applier.has_uncommitted() && received <= end {
-                        // everything sent before `end` is committed on the target
-                        confirmed = confirmed.max(end);
-                    }
+                // The walsender sends one whenever it has caught up, which in a live stream is after
+                // nearly every transaction: batches are not cut here (the idle timer commits them), and
+                // the target is asked for its flush position only when the source asks for an answer.
+                if reply {
+                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
+                }
+                if !applier.inside_source_transaction()
+                    && !applier.has_uncommitted()
+                    && applier.all_durable()
+                    && received <= end
+                {
+                    // everything sent before `end` is committed and flushed on the target
+                    confirmed = confirmed.max(end);
                 }
                 if reply {
                     repl.send_status(received, confirmed, false)
@@ -372,13 +382,14 @@ async fn session_once(
             Err(_) => {
                 // idle: commit what waits
                 if !applier.inside_source_transaction() {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
+                    applier.commit().await.map_err(apply_err)?;
                     batch_started = None;
                 }
                 // Ask for a keepalive: the walsender answers with how far it has decoded, which moves
                 // our in-sync position past WAL that holds nothing for us (vacuum, other databases), at
                 // once rather than after wal_sender_timeout / 2.
                 if wait >= Duration::from_secs(1) {
+                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
                     repl.send_status(received, confirmed, true)
                         .await
                         .map_err(Error::replication("asking for a keepalive"))?;
@@ -387,12 +398,14 @@ async fn session_once(
             }
         }
         if last_status.elapsed() > Duration::from_secs(5) {
+            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
             repl.send_status(received, confirmed, false)
                 .await
                 .map_err(Error::replication("sending a status update"))?;
             last_status = Instant::now();
         }
         if last_record.elapsed() > Duration::from_secs(1) {
+            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
             let rate = (applier.applied_txns - txns_at_record) as f64
                 / last_record.elapsed().as_secs_f64();
             record(&status, confirmed, server_end, rate).await;
@@ -437,7 +450,16 @@ async fn finish(
     server_end: Lsn,
     report: &mut FollowReport,
 ) -> Result<Lsn, ApplyError> {
-    let done = applier.commit().await?;
+    applier.commit().await?;
+    // the commits are asynchronous: the source may forget only what the target's disk has
+    let mut done = applier.durable().await?;
+    for _ in 0..40 {
+        if applier.all_durable() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        done = applier.durable().await?;
+    }
     applier.abandon().await;
     let _ = repl.send_status(received, done, false).await;
     record(status, done, server_end, 0.0).await;
