@@ -97,14 +97,48 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let src_info = session::resolve(Side::Source, &opts.source)?;
     let tgt_info = session::resolve(Side::Target, &opts.target)?;
     // One process per migration: this session holds the lock for the whole run.
-    let target = session::connect(&tgt_info, Side::Target).await?;
-    if !state::try_lock(&target)
-        .await
-        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
-    {
-        return Err(another_process(&tgt_info));
-    }
-    let mut report = copy_part(opts, &src_info, &tgt_info).await?;
+    let mut target = lock(&tgt_info).await?;
+    // A restart of either server or a dropped connection during the copy: the copy resumes by itself
+    // (copied chunks stay; the rest is copied in a new snapshot), as a second run would.
+    let mut backoff = Duration::from_millis(500);
+    let mut attempts = 0;
+    let mut report = loop {
+        let started = Instant::now();
+        let e = match copy_part(opts, &src_info, &tgt_info).await {
+            Ok(r) => break r,
+            Err(e) => e,
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            (attempts, backoff) = (0, Duration::from_millis(500));
+        }
+        attempts += 1;
+        let passing = matches!(
+            e.kind(),
+            crate::error::Kind::Transient | crate::error::Kind::Connection
+        );
+        if !passing || opts.stop.is_cancelled() || attempts > 8 {
+            return Err(e);
+        }
+        crate::monitor::count_error(e.kind());
+        tracing::warn!(
+            "the copy was interrupted ({}); retrying in {:.1}s, it resumes where it stopped",
+            crate::error::chain(&e),
+            backoff.as_secs_f64()
+        );
+        tokio::select! {
+            _ = opts.stop.cancelled() => return Err(Error::Interrupted),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+        // the lock's session ends with a restart of the target: take the lock again
+        if target.is_closed() || target.simple_query("SELECT 1").await.is_err() {
+            match lock(&tgt_info).await {
+                Ok(t) => target = t,
+                Err(e) if matches!(e, Error::Blocked(_)) => return Err(e),
+                Err(_) => {}
+            }
+        }
+    };
     if !opts.follow {
         return Ok(report);
     }
@@ -184,6 +218,18 @@ pub async fn follow_on_own_thread(
     })
     .await
     .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))?
+}
+
+/// Connects to the target and takes the migration lock, which lives as long as the returned session.
+async fn lock(tgt_info: &ConnInfo) -> Result<Client, Error> {
+    let target = session::connect(tgt_info, Side::Target).await?;
+    if !state::try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(another_process(tgt_info));
+    }
+    Ok(target)
 }
 
 fn another_process(tgt_info: &ConnInfo) -> Error {

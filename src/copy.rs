@@ -235,6 +235,7 @@ async fn copy_chunk(
     .map_err(copy_err(Side::Target))?;
     tx.commit().await.map_err(copy_err(Side::Target))?;
     failpoint::hit("copy.after-chunk-commit");
+    failpoint::pause("copy.after-chunk-commit", &ctx.cancel).await;
     if let Some(p) = &progress {
         p.chunks_done.fetch_add(1, Ordering::Relaxed);
         p.active.fetch_sub(1, Ordering::Relaxed);

@@ -94,6 +94,9 @@ pub enum Error {
     /// A precondition that stops the run before anything is created; the message carries the fix.
     #[error("{0}")]
     Blocked(String),
+    /// A connection stopped answering without closing (a network partition, a stalled proxy).
+    #[error("{0}")]
+    Stalled(String),
     /// SIGINT or SIGTERM arrived before the work was done.
     #[error("interrupted before the clone was complete")]
     Interrupted,
@@ -130,7 +133,7 @@ impl Error {
             },
             Error::Sql { source, .. } | Error::Copy { source, .. } => classify(source),
             Error::Schema(_) | Error::Blocked(_) => Kind::Definite,
-            Error::Interrupted => Kind::Transient,
+            Error::Interrupted | Error::Stalled(_) => Kind::Transient,
         }
     }
 
@@ -185,6 +188,10 @@ impl Error {
                 }
                 _ => None,
             },
+            Error::Stalled(_) => Some(
+                "check the network between here and both servers; run the same command again to resume"
+                    .into(),
+            ),
             Error::Interrupted => Some(
                 "what is copied is kept: run the same command again to resume where it stopped".into(),
             ),

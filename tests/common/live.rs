@@ -15,10 +15,21 @@ pub struct Follower {
 
 impl Follower {
     pub fn start(s: &LocalServer, t: &LocalServer, db: &str, env: &[(&str, &str)]) -> Follower {
+        Follower::start_between(&s.url(db), &t.url(db), &[], env)
+    }
+
+    /// A following clone between two connection strings (e.g. through a proxy), with more arguments.
+    pub fn start_between(
+        source: &str,
+        target: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Follower {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "hikkoshi-follow-{}-{}.log",
             std::process::id(),
-            t.port
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
@@ -26,14 +37,15 @@ impl Follower {
             "clone",
             "--follow",
             "--source",
-            &s.url(db),
+            source,
             "--target",
-            &t.url(db),
+            target,
             "--jobs",
             "2",
             "--chunk-size",
             "1MB",
         ])
+        .args(extra)
         .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
         .env_remove("HIKKOSHI_FAILPOINT")
         .stdout(Stdio::null())
@@ -45,6 +57,23 @@ impl Follower {
             child: cmd.spawn().unwrap(),
             log,
         }
+    }
+
+    /// Waits up to 60 s until the follower's log shows `needle`; fails if it exits first.
+    pub async fn wait_for_log(&mut self, needle: &str) {
+        for _ in 0..600 {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the follower exited ({s}) before {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the follower never logged {needle:?}:\n{}", self.log());
     }
 
     pub fn log(&self) -> String {

