@@ -32,8 +32,8 @@ mod common;
 use std::time::Duration;
 
 use common::live::*;
+use common::proxy;
 use common::*;
-use hikkoshi::localserver::LocalServer;
 
 /// Which server a fault hits.
 #[derive(Clone, Copy, Debug)]
@@ -106,5 +106,94 @@ async fn target_restarted_during_the_copy_recovers_by_itself() {
     restart_during_the_copy(Side::Target, 18).await;
 }
 
-#[allow(dead_code)]
-fn unused(_: &LocalServer, _: Duration) {}
+/// A free local port, for `--listen`.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over plain HTTP/1.0: (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+/// Polls `/health` until `ok` holds for its answer (90 s at most).
+async fn wait_for_health(port: u16, ok: impl Fn(u16, &str) -> bool) -> String {
+    let mut last = None;
+    for _ in 0..450 {
+        if let Some((code, body)) = get(port, "/health") {
+            if ok(code, &body) {
+                return body;
+            }
+            last = Some((code, body));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("/health never answered as expected; last answer: {last:?}");
+}
+
+/// Stalls every connection between the follower and one server (a proxy stops moving bytes and closes
+/// nothing, as a network partition does) while the source is written. Pass: the follower detects it (its
+/// log names the stall; `HIKKOSHI_STALL_SECS=5` here, 30 s by default), `/health` answers 503 with the
+/// reason while it lasts, and once the stall ends the follower catches up by itself, `/health` is 200
+/// again and the target is identical to the source.
+async fn stall(side: Side) {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let proxy = proxy::Proxy::start(match side {
+        Side::Source => s.port,
+        Side::Target => t.port,
+    });
+    let (su, tu) = match side {
+        Side::Source => (proxy.url("app"), t.url("app")),
+        Side::Target => (s.url("app"), proxy.url("app")),
+    };
+    let port = free_port();
+    let mut f = Follower::start_between(
+        &su,
+        &tu,
+        &["--listen", &format!("127.0.0.1:{port}")],
+        &[("HIKKOSHI_STALL_SECS", "5")],
+    );
+    wait_in_sync(&src, &tgt, &mut f).await;
+    wait_for_health(port, |c, b| c == 200 && b.contains("streaming")).await;
+    proxy.stall();
+    workload(s.url("app"), 0, 20).await;
+    f.wait_for_log("stalled").await;
+    let body = wait_for_health(port, |c, _| c == 503).await;
+    let expected = match side {
+        Side::Source => "interrupted",
+        Side::Target => "cannot read the migration state",
+    };
+    assert!(body.contains(expected), "{body}");
+    proxy.resume();
+    workload(s.url("app"), 20, 20).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    wait_for_health(port, |c, b| c == 200 && b.contains("streaming")).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_source_connection_is_detected_reported_and_recovered() {
+    stall(Side::Source).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_target_connection_is_detected_reported_and_recovered() {
+    stall(Side::Target).await;
+}

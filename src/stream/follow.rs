@@ -100,6 +100,7 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
                     crate::error::chain(&e),
                     backoff.as_secs_f64()
                 );
+                note_interruption(plan, &e).await;
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(report),
                     _ = tokio::time::sleep(backoff) => {}
@@ -189,6 +190,18 @@ async fn apply_session_busy(plan: &FollowPlan, pid: i32, limit: Duration) -> boo
         .and_then(|r| r.get::<_, Option<bool>>(0))
     };
     matches!(tokio::time::timeout(limit, probe).await, Ok(Some(true)))
+}
+
+/// Records a transient failure in the event log, for `status` and `/health` (best effort: the target may
+/// be what failed).
+async fn note_interruption(plan: &FollowPlan, e: &Error) {
+    let note = async {
+        let c = session::connect(&plan.target, Side::Target).await.ok()?;
+        crate::state::event(&c, "interrupted", &crate::error::chain(e))
+            .await
+            .ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), note).await;
 }
 
 fn transient(e: &Error) -> bool {
