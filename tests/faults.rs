@@ -197,3 +197,193 @@ async fn a_stalled_source_connection_is_detected_reported_and_recovered() {
 async fn a_stalled_target_connection_is_detected_reported_and_recovered() {
     stall(Side::Target).await;
 }
+
+/// Scenario 7. Pass: while a following clone runs, a second `clone --follow` (and a plain `clone`) on the
+/// same migration exits with status 1 and a message that says another process works on it; it never
+/// applies anything (no "streaming changes" in its log, one apply session on the target), and the first
+/// follower goes on and ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_follower_is_refused_and_never_applies() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    for follow in [true, false] {
+        let mut second = if follow {
+            Follower::start(&s, &t, "app", &[])
+        } else {
+            Follower::spawn(
+                &[
+                    "clone",
+                    "--source",
+                    &s.url("app"),
+                    "--target",
+                    &t.url("app"),
+                ],
+                &[],
+            )
+        };
+        let status = second.exits_by_itself().await;
+        let log = second.log();
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(
+            log.contains("another hikkoshi process is already working on the migration"),
+            "{log}"
+        );
+        assert!(!log.contains("streaming changes"), "{log}");
+    }
+    workload(s.url("app"), 0, 20).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let appliers: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hikkoshi apply'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(appliers, 1);
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+/// Scenario 11. Pass: a row written directly on the target, then the same key inserted on the source,
+/// stops the follower with exit status 1 and a message that names the table and the key and says what to
+/// do; nothing of the failing batch is applied; once the row is removed on the target, a new run resumes
+/// and ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_key_on_the_target_names_table_and_key() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    tgt.batch_execute(
+        "INSERT INTO app.events (id, kind, occurred_at) VALUES (9000001, 'view', '2024-01-01')",
+    )
+    .await
+    .unwrap();
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO app.events (id, kind, occurred_at) VALUES (9000000, 'view', '2024-01-01');
+         INSERT INTO app.events (id, kind, occurred_at) VALUES (9000001, 'click', '2024-01-02');
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("app.events") && log.contains("(id)=(9000001)"),
+        "the table and the key are named:\n{log}"
+    );
+    assert!(log.contains("remove or fix the row on the target"), "{log}");
+    let partial: i64 = tgt
+        .query_one("SELECT count(*) FROM app.events WHERE id = 9000000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(partial, 0, "half of the failing transaction was applied");
+    tgt.batch_execute("DELETE FROM app.events WHERE id = 9000001")
+        .await
+        .unwrap();
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+/// Scenario 9, on a source of version `major`. Pass: with the follower stopped, a source with a small
+/// `max_slot_wal_keep_size` removes WAL the slot needs (the slot shows `wal_status = 'lost'`); the next
+/// follower exits with status 1 and says that the stream cannot continue and to clean and clone again;
+/// `hikkoshi cutover` refuses with status 1 and the source stays writable.
+async fn invalidated_slot(major: u32) {
+    let s = server_with(
+        major,
+        hikkoshi::localserver::ServerOptions {
+            conf: vec![
+                "max_slot_wal_keep_size = 1MB".into(),
+                "max_wal_size = 64MB".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    let slot = hikkoshi_slots(&src).await.pop().unwrap();
+    src.batch_execute("CREATE TABLE wal_filler (x text)")
+        .await
+        .unwrap();
+    let mut lost = String::new();
+    for _ in 0..20 {
+        src.batch_execute(
+            "INSERT INTO wal_filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        lost = src
+            .query_one(
+                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if lost == "lost" {
+            break;
+        }
+    }
+    assert_eq!(lost, "lost", "the slot was not invalidated");
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("cannot continue") && log.contains("hikkoshi clean"),
+        "{log}"
+    );
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--timeout",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    src.batch_execute("INSERT INTO wal_filler VALUES ('still writable')")
+        .await
+        .unwrap();
+    let step: Option<String> = tgt
+        .query_opt("SELECT step FROM hikkoshi.cutover", &[])
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    assert!(
+        step.is_none() || step.as_deref() == Some("aborted"),
+        "{step:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalidated_slot_stops_the_stream_with_what_to_do_and_cutover_refuses() {
+    invalidated_slot(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalidated_slot_on_a_18_source_stops_the_stream_and_cutover_refuses() {
+    invalidated_slot(18).await;
+}

@@ -565,7 +565,12 @@ impl Applier {
                 let prepared = self.client.prepare_typed(&q.text, &types).await;
                 let s = match prepared {
                     Ok(s) => s,
-                    Err(source) => return Err(self.fail(source).await),
+                    Err(source) => {
+                        // A statement in flight may have failed first and aborted the transaction (the
+                        // prepare then only says so): that one is the cause to report.
+                        self.drain().await?;
+                        return Err(self.fail(source).await);
+                    }
                 };
                 if self.statements.len() > 10_000 {
                     self.statements.clear();

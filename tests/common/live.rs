@@ -59,6 +59,40 @@ impl Follower {
         }
     }
 
+    /// Any hikkoshi command in the background, its stderr in a log file.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Follower {
+        static SPAWNED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "hikkoshi-bg-{}-{}.log",
+            std::process::id(),
+            SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
+        cmd.args(args)
+            .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+            .env_remove("HIKKOSHI_FAILPOINT")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Follower {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, `-INT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
     /// Waits up to 60 s until the follower's log shows `needle`; fails if it exits first.
     pub async fn wait_for_log(&mut self, needle: &str) {
         for _ in 0..600 {
