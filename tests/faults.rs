@@ -387,3 +387,229 @@ async fn an_invalidated_slot_stops_the_stream_with_what_to_do_and_cutover_refuse
 async fn an_invalidated_slot_on_a_18_source_stops_the_stream_and_cutover_refuses() {
     invalidated_slot(18).await;
 }
+
+/// The app fixture, a table the application role `app_writer` writes (the role on both servers), and a
+/// following clone that has caught up.
+async fn app_following(
+    s: &hikkoshi::localserver::LocalServer,
+    t: &hikkoshi::localserver::LocalServer,
+) -> (tokio_postgres::Client, tokio_postgres::Client, Follower) {
+    let src = app_source(s).await;
+    for server in [s, t] {
+        connect(&server.socket_url("postgres"))
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE app_writer LOGIN PASSWORD '{}'",
+                hikkoshi::localserver::PASSWORD
+            ))
+            .await
+            .unwrap();
+    }
+    src.batch_execute(
+        "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL);
+         GRANT USAGE ON SCHEMA app TO app_writer;
+         GRANT SELECT, INSERT ON app.tickets TO app_writer;
+         GRANT USAGE ON SEQUENCE app.tickets_id_seq TO app_writer;",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(t, "app").await;
+    let mut f = Follower::start(s, t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    (src, tgt, f)
+}
+
+/// Runs a cutover that must be cancelled: waits for `needle` in its log, sends `signal` (if any), and
+/// returns its log. Pass for one attempt: exit status 1, the source still the primary — the application
+/// role can write there (no fence left), and the recorded step is none or `aborted`.
+async fn cancelled_cutover(
+    s: &hikkoshi::localserver::LocalServer,
+    t: &hikkoshi::localserver::LocalServer,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    needle: &str,
+    signal: Option<&str>,
+) -> String {
+    let (su, tu) = (s.url("app"), t.url("app"));
+    let mut args = vec!["cutover", "--source", &su, "--target", &tu];
+    args.extend_from_slice(extra);
+    let mut c = Follower::spawn(&args, env);
+    c.wait_for_log(needle).await;
+    if let Some(sig) = signal {
+        c.signal(sig);
+    }
+    let status = c.exits_by_itself().await;
+    let log = c.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let app = connect(&format!(
+        "host=127.0.0.1 port={} user=app_writer password={} dbname=app sslmode=disable",
+        s.port,
+        hikkoshi::localserver::PASSWORD
+    ))
+    .await;
+    app.batch_execute("INSERT INTO app.tickets (note) VALUES ('after a cancelled cutover')")
+        .await
+        .unwrap_or_else(|e| panic!("the source refuses the application's writes ({e:?}):\n{log}"));
+    let step: Option<String> = connect(&t.socket_url("app"))
+        .await
+        .query_opt("SELECT step FROM hikkoshi.cutover", &[])
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    assert!(
+        step.is_none() || step.as_deref() == Some("aborted"),
+        "{step:?}\n{log}"
+    );
+    log
+}
+
+/// Ends a scenario-12 test: the follower goes on, and every write the application made on the source
+/// after the cancelled cutovers reaches the target.
+/// (The fence ended the test's own sessions on the source: a new one.)
+async fn still_streaming(
+    s: &hikkoshi::localserver::LocalServer,
+    tgt: &tokio_postgres::Client,
+    mut f: Follower,
+) {
+    let src = connect(&s.socket_url("app")).await;
+    wait_in_sync(&src, tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, tgt).await;
+}
+
+/// Scenario 12, step "waiting for the lag": the follower is frozen (SIGSTOP) while the source is written,
+/// so the lag stays above --max-lag. Cancelled by --timeout, SIGINT and SIGTERM in turn: each time nothing
+/// is fenced and the source stays writable (see `cancelled_cutover`).
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_cancelled_while_waiting_for_the_lag() {
+    let s = server(15);
+    let t = server(18);
+    let (_, tgt, f) = app_following(&s, &t).await;
+    f.signal("-STOP");
+    workload(s.url("app"), 0, 5).await;
+    let log = cancelled_cutover(
+        &s,
+        &t,
+        &["--max-lag", "1", "--timeout", "2"],
+        &[],
+        "did not drop under --max-lag",
+        None,
+    )
+    .await;
+    assert!(log.contains("nothing was fenced"), "{log}");
+    for sig in ["-INT", "-TERM"] {
+        let log = cancelled_cutover(
+            &s,
+            &t,
+            &["--max-lag", "1", "--timeout", "600"],
+            &[],
+            "streams the changes",
+            Some(sig),
+        )
+        .await;
+        assert!(
+            log.contains("nothing was fenced") && log.contains("interrupted"),
+            "{log}"
+        );
+    }
+    f.signal("-CONT");
+    still_streaming(&s, &tgt, f).await;
+}
+
+/// Scenario 12, step "fenced, catching up": the follower is frozen, so the target never reaches the fence
+/// marker. Cancelled by --timeout, SIGINT and SIGTERM after the fence went up: each time the fence is
+/// lifted and the source stays writable.
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_cancelled_while_catching_up_after_the_fence() {
+    let s = server(15);
+    let t = server(18);
+    let (_, tgt, f) = app_following(&s, &t).await;
+    f.signal("-STOP");
+    let log = cancelled_cutover(
+        &s,
+        &t,
+        &["--timeout", "3"],
+        &[],
+        "did not apply everything up to the fence",
+        None,
+    )
+    .await;
+    assert!(log.contains("writes fenced"), "{log}");
+    for sig in ["-INT", "-TERM"] {
+        let log = cancelled_cutover(
+            &s,
+            &t,
+            &["--timeout", "600"],
+            &[],
+            "writes fenced",
+            Some(sig),
+        )
+        .await;
+        assert!(log.contains("interrupted"), "{log}");
+    }
+    f.signal("-CONT");
+    still_streaming(&s, &tgt, f).await;
+}
+
+/// Scenario 12, step "verify" (held there by the pause `cutover.verify`): SIGINT and SIGTERM undo the
+/// cutover, the fence is lifted and the source stays writable. (--timeout bounds the lag wait, the
+/// catch-up and each hook, not the verification.)
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_cancelled_during_verify() {
+    let s = server(15);
+    let t = server(18);
+    let (_, tgt, f) = app_following(&s, &t).await;
+    for sig in ["-INT", "-TERM"] {
+        let log = cancelled_cutover(
+            &s,
+            &t,
+            &["--verify", "full"],
+            &[
+                ("HIKKOSHI_PAUSE", "cutover.verify"),
+                ("HIKKOSHI_PAUSE_SECS", "600"),
+            ],
+            "paused at cutover.verify",
+            Some(sig),
+        )
+        .await;
+        assert!(
+            log.contains("interrupted") && log.contains("undone"),
+            "{log}"
+        );
+    }
+    still_streaming(&s, &tgt, f).await;
+}
+
+/// Scenario 12, step "hooks": a hook that hangs, cancelled by --timeout, SIGINT and SIGTERM: the cutover
+/// is undone, the fence lifted, the source stays writable.
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_cancelled_during_a_hook() {
+    let s = server(15);
+    let t = server(18);
+    let (_, tgt, f) = app_following(&s, &t).await;
+    let hook = ["--hook", "echo hook-started >&2; sleep 600"];
+    let log = cancelled_cutover(
+        &s,
+        &t,
+        &[hook[0], hook[1], "--timeout", "3"],
+        &[],
+        "undone",
+        None,
+    )
+    .await;
+    assert!(log.contains("hook-started"), "{log}");
+    for sig in ["-INT", "-TERM"] {
+        let log = cancelled_cutover(
+            &s,
+            &t,
+            &[hook[0], hook[1], "--timeout", "600"],
+            &[],
+            "hook-started",
+            Some(sig),
+        )
+        .await;
+        assert!(log.contains("undone"), "{log}");
+    }
+    still_streaming(&s, &tgt, f).await;
+}
