@@ -613,3 +613,165 @@ async fn cutover_cancelled_during_a_hook() {
     }
     still_streaming(&s, &tgt, f).await;
 }
+
+/// Scenario 8. Pass: a follower in sync receives one source transaction of 1 000 000 rows and one of
+/// fifty 2 MB values (100 MB); its peak resident memory (VmHWM) grows by less than 64 MB over what it was
+/// once in sync — less than either transaction would take if it were held whole (a million decoded rows
+/// alone take over 100 MB) — and the target ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_transaction_and_2mb_values_stay_in_bounded_memory() {
+    let s = server(15);
+    let t = server(18);
+    let src = create_db(&s, "app").await;
+    src.batch_execute(
+        "CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);
+         CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO big VALUES (0, 'seed');",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let baseline = peak_rss(&f);
+    assert!(baseline > 0);
+    src.batch_execute("INSERT INTO big SELECT i, md5(i::text) FROM generate_series(1, 1000000) i;")
+        .await
+        .unwrap();
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO blobs SELECT b, (SELECT string_agg(md5(random()::text || g::text || b::text), '')
+                                      FROM generate_series(1, 65536) g)
+         FROM generate_series(1, 50) b;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    // a debug build applies a million rows in a few minutes
+    wait_in_sync_within(&src, &tgt, &mut f, 420).await;
+    let peak = peak_rss(&f);
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        peak < baseline + (64 << 20),
+        "the follower's peak memory grew from {} MB to {} MB",
+        baseline >> 20,
+        peak >> 20
+    );
+    let n: i64 = tgt
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1_000_001);
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+/// A tmpfs of a given size, owned by the user the servers run as; unmounted when dropped.
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(owner: &std::path::Path, megabytes: u32) -> Tmpfs {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(owner).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hikkoshi-tmpfs-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!(
+                    "size={megabytes}m,mode=0700,uid={},gid={}",
+                    meta.uid(),
+                    meta.gid()
+                ),
+                "tmpfs",
+                &dir.to_string_lossy(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (root, or a container with CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    /// Frees space: the filesystem grows to `megabytes`.
+    fn grow(&self, megabytes: u32) {
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-o",
+                &format!("remount,size={megabytes}m"),
+                &self.dir.to_string_lossy(),
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remounting the tmpfs");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &self.dir.to_string_lossy()])
+            .status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Scenario 10: the target database lives in a tablespace on an 8 MB tmpfs, too small for the copy.
+/// Pass: the copy stops short of its end with an error that says the disk is full (ENOSPC, SQLSTATE
+/// 53100, in the follower's log) and keeps retrying; once the filesystem grows (space freed), it resumes
+/// by itself, streams, and the target ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let fs = Tmpfs::mount(&t.dir, 8);
+    let admin = connect(&t.socket_url("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLESPACE small LOCATION '{}'",
+            fs.dir.display()
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app TABLESPACE small")
+        .await
+        .unwrap();
+    let tgt = connect(&t.socket_url("app")).await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    f.wait_for_log("No space left on device").await;
+    let (copied, total): (i64, i64) = {
+        let r = tgt
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state = 'copied'), count(*) FROM hikkoshi.chunks",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(copied < total, "the copy stopped short ({copied}/{total})");
+    assert!(f.log().contains("retrying"), "{}", f.log());
+    fs.grow(512);
+    workload(s.url("app"), 0, 20).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+    drop(tgt);
+    drop(admin);
+    t.stop("immediate").unwrap();
+}

@@ -114,6 +114,8 @@ pub struct Applier {
     streamed: std::collections::HashSet<QualifiedName>,
     /// Statements sent and not yet answered, oldest first, each with what it must affect (Some: a row).
     inflight: VecDeque<(InFlight, Option<String>)>,
+    /// Parameter bytes sent since the pipeline was last empty (an upper bound of what is in flight).
+    inflight_bytes: usize,
     in_target_tx: bool,
     current: Option<Begin>,
     skipping: bool,
@@ -129,6 +131,10 @@ pub struct Applier {
 
 /// Statements in flight before the oldest is awaited.
 const PIPELINE: usize = 256;
+
+/// Parameter bytes in flight before the pipeline is drained: 256 statements of 2 MB values each would
+/// otherwise hold half a gigabyte (twice: the parameters and the encoded request).
+const PIPELINE_BYTES: usize = 8 << 20;
 
 type InFlight = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
@@ -167,6 +173,7 @@ impl Applier {
             statements: HashMap::new(),
             streamed: Default::default(),
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             in_target_tx: false,
             current: None,
             skipping: false,
@@ -581,6 +588,7 @@ impl Applier {
         };
         let client = self.client.clone();
         let params = q.params;
+        let size: usize = params.iter().flatten().map(|p| p.len()).sum();
         let mut fut: InFlight = Box::pin(async move {
             let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
                 .iter()
@@ -594,6 +602,10 @@ impl Applier {
             fut = Box::pin(std::future::ready(r));
         }
         self.inflight.push_back((fut, expect));
+        self.inflight_bytes += size;
+        if self.inflight_bytes > PIPELINE_BYTES {
+            self.drain().await?;
+        }
         while self.inflight.len() > PIPELINE {
             self.await_oldest().await?;
         }
@@ -624,6 +636,7 @@ impl Applier {
         while !self.inflight.is_empty() {
             self.await_oldest().await?;
         }
+        self.inflight_bytes = 0;
         Ok(())
     }
 
@@ -637,6 +650,7 @@ impl Applier {
         while let Some((fut, _)) = self.inflight.pop_front() {
             let _ = fut.await;
         }
+        self.inflight_bytes = 0;
         if self.in_target_tx {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }

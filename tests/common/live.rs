@@ -151,12 +151,17 @@ pub fn peak_rss(f: &Follower) -> u64 {
 
 /// Waits until the follower has applied everything the source wrote so far.
 pub async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
+    wait_in_sync_within(src, tgt, f, 120).await
+}
+
+/// The same, for at most `secs` seconds.
+pub async fn wait_in_sync_within(src: &Client, tgt: &Client, f: &mut Follower, secs: u32) {
     let lsn: String = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
-    for _ in 0..1200 {
+    for _ in 0..secs * 10 {
         if let Ok(Some(status)) = f.child.try_wait() {
             panic!("the follower exited ({status}):\n{}", f.log());
         }
