@@ -204,6 +204,44 @@ async fn note_interruption(plan: &FollowPlan, e: &Error) {
     let _ = tokio::time::timeout(Duration::from_secs(5), note).await;
 }
 
+/// Ends the apply sessions of earlier attempts that the target still runs, and waits until they are gone.
+/// One can outlive its client (a stalled or half-closed connection, statements still queued in its
+/// socket, up to a COMMIT): read before it ends, the applied LSN would be older than its late commit, and
+/// the changes in between would be applied twice. Only one process streams a migration (the migration
+/// lock), so any other apply session on this database is a leftover.
+async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
+    for _ in 0..300 {
+        let left: i64 = match target
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'hikkoshi apply' AND datname = current_database()
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(e) if e.code().is_some_and(|c| c.code() == "42501") => {
+                tracing::warn!(
+                    "cannot end an earlier apply session on the target ({}): if it still commits, \
+                     changes may be applied twice",
+                    crate::error::chain(&e)
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(Error::sql(Side::Target, "ending earlier apply sessions")(e)),
+        };
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Stalled(
+        "an earlier apply session on the target did not end within 30 s of pg_terminate_backend"
+            .into(),
+    ))
+}
+
 fn transient(e: &Error) -> bool {
     matches!(
         e.kind(),
@@ -326,6 +364,7 @@ async fn session_once(
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?
         .get(0);
     pulse.apply_pid.store(pid, Ordering::Relaxed);
+    end_earlier_appliers(&target).await?;
     // Triggers and foreign-key checks ran on the source already (as in native logical replication).
     if let Err(e) = target
         .batch_execute("SET session_replication_role = replica")

@@ -135,6 +135,14 @@ impl Follower {
     }
 }
 
+/// A test that fails does not leave its follower running.
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Peak resident memory of the follower so far (VmHWM).
 pub fn peak_rss(f: &Follower) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", f.child.id()))
