@@ -94,6 +94,12 @@ pub enum Error {
     /// A precondition that stops the run before anything is created; the message carries the fix.
     #[error("{0}")]
     Blocked(String),
+    /// A table was truncated or rewritten on the source after the copy's snapshot: a new snapshot copies it.
+    #[error(
+        "{0} was truncated or rewritten on the source after the copy's snapshot was taken, so that snapshot \
+         cannot copy it"
+    )]
+    Rewritten(QualifiedName),
     /// A connection stopped answering without closing (a network partition, a stalled proxy).
     #[error("{0}")]
     Stalled(String),
@@ -133,7 +139,7 @@ impl Error {
             },
             Error::Sql { source, .. } | Error::Copy { source, .. } => classify(source),
             Error::Schema(_) | Error::Blocked(_) => Kind::Definite,
-            Error::Interrupted | Error::Stalled(_) => Kind::Transient,
+            Error::Interrupted | Error::Stalled(_) | Error::Rewritten(_) => Kind::Transient,
         }
     }
 
@@ -188,6 +194,10 @@ impl Error {
                 }
                 _ => None,
             },
+            Error::Rewritten(_) => Some(
+                "the copy resumes by itself in a new snapshot; run the same command again if it stopped"
+                    .into(),
+            ),
             Error::Stalled(_) => Some(
                 "check the network between here and both servers; run the same command again to resume"
                     .into(),

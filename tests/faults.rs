@@ -25,6 +25,8 @@
 //!     `cutover_cancelled_during_a_hook` (SIGINT, SIGTERM and --timeout), plus
 //!     `cutover::a_failing_hook_undoes_the_fence_and_the_source_stays_primary`.
 //!
+//! Found by the soak: `a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot`.
+//!
 //! The randomized mix of all of these is `tests/soak.rs`.
 
 mod common;
@@ -774,4 +776,55 @@ async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
     drop(tgt);
     drop(admin);
     t.stop("immediate").unwrap();
+}
+
+/// Found by the soak: TRUNCATE is not MVCC-safe, so a table truncated on the source after the copy's
+/// snapshot, before a worker reached it, read as empty in that snapshot, and the stream then failed on (or
+/// silently doubled) the changes made before the truncate. Pass: the copy notices, copies the table again
+/// in a new snapshot by itself, and the target ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    src.batch_execute(
+        "CREATE TABLE app.small (id int PRIMARY KEY, v text);
+         INSERT INTO app.small SELECT g, 'before' FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    // one worker, largest chunks first: app.small is copied last
+    let mut f = Follower::spawn(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &s.url("app"),
+            "--target",
+            &t.url("app"),
+            "--jobs",
+            "1",
+            "--chunk-size",
+            "1MB",
+        ],
+        &[
+            ("HIKKOSHI_PAUSE", "copy.after-chunk-commit:2"),
+            ("HIKKOSHI_PAUSE_SECS", "3"),
+        ],
+    );
+    f.wait_for_log("paused at copy.after-chunk-commit").await;
+    src.batch_execute(
+        "UPDATE app.small SET v = 'changed' WHERE id = 1;
+         DELETE FROM app.small WHERE id = 3;
+         TRUNCATE app.small;
+         INSERT INTO app.small VALUES (1, 'after'), (2, 'after');",
+    )
+    .await
+    .unwrap();
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("truncated or rewritten"), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
 }
