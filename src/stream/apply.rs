@@ -155,6 +155,8 @@ pub struct Applier {
     reorder: bool,
     /// Statements sent and not yet answered, oldest first, each with what it must affect (Some: a row).
     inflight: VecDeque<(InFlight, Option<Expect>)>,
+    /// Parameter bytes sent since the pipeline was last empty (an upper bound of what is in flight).
+    inflight_bytes: usize,
     in_target_tx: bool,
     current: Option<Begin>,
     skipping: bool,
@@ -177,10 +179,14 @@ pub struct Applier {
 /// Statements in flight before the oldest is awaited.
 const PIPELINE: usize = 256;
 
+/// Parameter bytes in flight before the pipeline is drained: 256 statements of 2 MB values each would
+/// otherwise hold half a gigabyte (twice: the parameters and the encoded request).
+const PIPELINE_BYTES: usize = 8 << 20;
+
 /// Held changes are written once they are this many rows or bytes: memory stays bounded in a transaction of
 /// any size, and one statement's arrays stay a size the planner joins by index.
 const HOLD_ROWS: usize = 4000;
-const HOLD_BYTES: usize = 16 << 20;
+const HOLD_BYTES: usize = 8 << 20;
 
 type InFlight = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
@@ -202,6 +208,13 @@ impl Param {
         match self {
             Param::Text(_) => Type::TEXT,
             Param::Array(_) => Type::TEXT_ARRAY,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Param::Text(v) => v.as_ref().map_or(0, |v| v.len()),
+            Param::Array(a) => a.iter().flatten().map(|v| v.len() + 4).sum(),
         }
     }
 
@@ -267,6 +280,7 @@ impl Applier {
             position_statement: None,
             streamed: Default::default(),
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             in_target_tx: false,
             current: None,
             skipping: false,
@@ -983,7 +997,12 @@ impl Applier {
                 let prepared = self.client.prepare_typed(&q.text, &types).await;
                 let s = match prepared {
                     Ok(s) => s,
-                    Err(source) => return Err(self.fail(source).await),
+                    Err(source) => {
+                        // A statement in flight may have failed first and aborted the transaction (the
+                        // prepare then only says so): that one is the cause to report.
+                        self.drain().await?;
+                        return Err(self.fail(source).await);
+                    }
                 };
                 if self.statements.len() > 10_000 {
                     self.statements.clear();
@@ -994,6 +1013,7 @@ impl Applier {
         };
         let client = self.client.clone();
         let params = q.params;
+        let size: usize = params.iter().map(Param::size).sum();
         let mut fut: InFlight = Box::pin(async move {
             let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                 params.iter().map(Param::as_sql).collect();
@@ -1005,6 +1025,10 @@ impl Applier {
             fut = Box::pin(std::future::ready(r));
         }
         self.inflight.push_back((fut, expect));
+        self.inflight_bytes += size;
+        if self.inflight_bytes > PIPELINE_BYTES {
+            self.drain().await?;
+        }
         while self.inflight.len() > PIPELINE {
             self.await_oldest().await?;
         }
@@ -1090,6 +1114,7 @@ impl Applier {
         while !self.inflight.is_empty() {
             self.await_oldest().await?;
         }
+        self.inflight_bytes = 0;
         Ok(())
     }
 
@@ -1103,6 +1128,7 @@ impl Applier {
         while let Some((fut, _)) = self.inflight.pop_front() {
             let _ = fut.await;
         }
+        self.inflight_bytes = 0;
         if self.in_target_tx {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }

@@ -8,8 +8,18 @@
 //! is committed and flushed and the stream is idle, the server's own position from a keepalive (nothing of
 //! ours lies before it). A crash of the target loses its unflushed commits and their `applied_lsn` together,
 //! and the source still has them.
+//!
+//! A connection can also die silently (a network partition, a stalled proxy: no FIN, no RST, TCP keepalives
+//! answered by a middlebox). Two checks turn that into a transient error, and so into a reconnect:
+//! - the source: we ask for a keepalive every idle second, and the walsender answers even while it decodes
+//!   a large transaction, so no message at all for [`stall_timeout`] means the stream is dead;
+//! - the target: a session that makes no progress for [`stall_timeout`] is checked from a fresh
+//!   connection; unless the apply session is busy with our statement (`pg_stat_activity.state =
+//!   'active'`: a slow statement or a lock wait), it is dead.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -75,7 +85,12 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        match session_once(plan, &stop, &mut report).await {
+        let pulse = Pulse::default();
+        let outcome = tokio::select! {
+            r = session_once(plan, &stop, &mut report, &pulse) => r,
+            e = watchdog(plan, &pulse) => Err(e),
+        };
+        match outcome {
             Ok(()) => return Ok(report),
             Err(e) if transient(&e) && !stop.is_cancelled() => {
                 crate::monitor::count_error(e.kind());
@@ -87,6 +102,7 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
                     crate::error::chain(&e),
                     backoff.as_secs_f64()
                 );
+                note_interruption(plan, &e).await;
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(report),
                     _ = tokio::time::sleep(backoff) => {}
@@ -96,6 +112,136 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
             Err(e) => return Err(e),
         }
     }
+}
+
+/// How long a connection may stay silent before it counts as dead (see the module doc). 30 s, or
+/// `HIKKOSHI_STALL_SECS` (the fault tests shorten it).
+pub fn stall_timeout() -> Duration {
+    let secs = std::env::var("HIKKOSHI_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Signs of life of one streaming session, for the watchdog.
+struct Pulse {
+    /// The last time the streaming loop went round.
+    beat: Mutex<Instant>,
+    /// The backend pid of the apply session on the target (0 until known).
+    apply_pid: AtomicI32,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Pulse {
+            beat: Mutex::new(Instant::now()),
+            apply_pid: AtomicI32::new(0),
+        }
+    }
+}
+
+impl Pulse {
+    fn beat(&self) {
+        *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn since(&self) -> Duration {
+        self.beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Returns when the session has made no progress for [`stall_timeout`] and the target's apply session is
+/// not working on a statement of ours: a connection died without saying so.
+async fn watchdog(plan: &FollowPlan, pulse: &Pulse) -> Error {
+    let limit = stall_timeout();
+    loop {
+        let since = pulse.since();
+        if since < limit {
+            tokio::time::sleep(limit - since).await;
+            continue;
+        }
+        let pid = pulse.apply_pid.load(Ordering::Relaxed);
+        if pid != 0 && apply_session_busy(plan, pid, limit).await {
+            tracing::info!("the target is still working on the apply session's statement");
+            pulse.beat();
+            continue;
+        }
+        return Error::Stalled(format!(
+            "the stream made no progress for {} s and the target's apply session is not working on a \
+             statement: a connection to the source or the target stalled",
+            limit.as_secs()
+        ));
+    }
+}
+
+/// Whether the target answers on a fresh connection that the apply session runs a statement.
+async fn apply_session_busy(plan: &FollowPlan, pid: i32, limit: Duration) -> bool {
+    let probe = async {
+        let c = session::connect(&plan.target, Side::Target).await.ok()?;
+        c.query_opt(
+            "SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .ok()?
+        .and_then(|r| r.get::<_, Option<bool>>(0))
+    };
+    matches!(tokio::time::timeout(limit, probe).await, Ok(Some(true)))
+}
+
+/// Records a transient failure in the event log, for `status` and `/health` (best effort: the target may
+/// be what failed).
+async fn note_interruption(plan: &FollowPlan, e: &Error) {
+    let note = async {
+        let c = session::connect(&plan.target, Side::Target).await.ok()?;
+        crate::state::event(&c, "interrupted", &crate::error::chain(e))
+            .await
+            .ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), note).await;
+}
+
+/// Ends the apply sessions of earlier attempts that the target still runs, and waits until they are gone.
+/// One can outlive its client (a stalled or half-closed connection, statements still queued in its
+/// socket, up to a COMMIT): read before it ends, the applied LSN would be older than its late commit, and
+/// the changes in between would be applied twice. Only one process streams a migration (the migration
+/// lock), so any other apply session on this database is a leftover.
+async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
+    for _ in 0..300 {
+        let left: i64 = match target
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'hikkoshi apply' AND datname = current_database()
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(e) if e.code().is_some_and(|c| c.code() == "42501") => {
+                tracing::warn!(
+                    "cannot end an earlier apply session on the target ({}): if it still commits, \
+                     changes may be applied twice",
+                    crate::error::chain(&e)
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(Error::sql(Side::Target, "ending earlier apply sessions")(e)),
+        };
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Stalled(
+        "an earlier apply session on the target did not end within 30 s of pg_terminate_backend"
+            .into(),
+    ))
 }
 
 fn transient(e: &Error) -> bool {
@@ -219,16 +365,27 @@ async fn session_once(
     plan: &FollowPlan,
     stop: &CancellationToken,
     report: &mut FollowReport,
+    pulse: &Pulse,
 ) -> Result<(), Error> {
     let target = session::connect(&plan.target, Side::Target).await?;
+    // The keepalive settings let the target end this session when its client is gone for good (with the
+    // server defaults, a dead peer can hold its locks for hours).
     target
         .batch_execute(
             "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
              SET synchronous_commit = off; SET datestyle = ISO; SET intervalstyle = postgres;
-             SET default_transaction_read_only = off;",
+             SET default_transaction_read_only = off;
+             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;",
         )
         .await
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
+    let pid: i32 = target
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?
+        .get(0);
+    pulse.apply_pid.store(pid, Ordering::Relaxed);
+    end_earlier_appliers(&target).await?;
     // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
     // statements join their arrays to the table by its key, row by row through the index, whatever the
     // planner guesses of the arrays' length.
@@ -292,6 +449,8 @@ async fn session_once(
     let mut last_record = Instant::now();
     let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
+    // time spent waiting for the source without a single message
+    let mut silent = Duration::ZERO;
     let apply_err = |e: ApplyError| match e {
         ApplyError::Target { what, source } => Error::Sql {
             side: Side::Target,
@@ -307,6 +466,7 @@ async fn session_once(
     };
     applier.start().await.map_err(apply_err)?;
     loop {
+        pulse.beat();
         // Commit when idle or when the batch is old: latency stays low, throughput high.
         let wait = if applier.has_uncommitted() && !applier.inside_source_transaction() {
             Duration::from_millis(5)
@@ -322,6 +482,19 @@ async fn session_once(
             }
             m = tokio::time::timeout(wait, repl.next_stream_message()) => m,
         };
+        match &next {
+            Ok(_) => silent = Duration::ZERO,
+            Err(_) => {
+                silent += wait;
+                if silent >= stall_timeout() {
+                    return Err(Error::Stalled(format!(
+                        "no message from the source for {} s although a keepalive was asked for every \
+                         second: the replication connection stalled",
+                        silent.as_secs()
+                    )));
+                }
+            }
+        }
         match next {
             Ok(Ok(Some(StreamMessage::XLogData {
                 start, end, data, ..
