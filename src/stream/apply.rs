@@ -299,6 +299,8 @@ impl Applier {
     pub async fn start(&mut self) -> Result<(), ApplyError> {
         let now = self.wal_position("pg_current_wal_insert_lsn").await?;
         self.unflushed.push_back((self.applied, now));
+        // usually long flushed: then the stream may confirm the source's position from the first keepalive
+        self.durable().await?;
         Ok(())
     }
 
