@@ -96,14 +96,46 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let src_info = session::resolve(Side::Source, &opts.source)?;
     let tgt_info = session::resolve(Side::Target, &opts.target)?;
     // One process per migration: this session holds the lock for the whole run.
-    let target = session::connect(&tgt_info, Side::Target).await?;
-    if !state::try_lock(&target)
-        .await
-        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
-    {
-        return Err(another_process(&tgt_info));
-    }
-    let mut report = copy_part(opts, &src_info, &tgt_info).await?;
+    let mut target = lock(&tgt_info).await?;
+    // A restart of either server or a dropped connection during the copy: the copy resumes by itself
+    // (copied chunks stay; the rest is copied in a new snapshot), as a second run would.
+    let mut backoff = Duration::from_millis(500);
+    let mut attempts = 0;
+    let mut report = loop {
+        let started = Instant::now();
+        let e = match copy_part(opts, &src_info, &tgt_info).await {
+            Ok(r) => break r,
+            Err(e) => e,
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            (attempts, backoff) = (0, Duration::from_millis(500));
+        }
+        attempts += 1;
+        let passing = matches!(
+            e.kind(),
+            crate::error::Kind::Transient | crate::error::Kind::Connection
+        );
+        if !passing || opts.stop.is_cancelled() || attempts > 8 {
+            return Err(e);
+        }
+        crate::monitor::count_error(e.kind());
+        tracing::warn!(
+            "the copy was interrupted ({}); retrying in {:.1}s, it resumes where it stopped",
+            crate::error::chain(&e),
+            backoff.as_secs_f64()
+        );
+        tokio::select! {
+            _ = opts.stop.cancelled() => return Err(Error::Interrupted),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+        if let Err(e) = relock(&mut target, &tgt_info).await
+            && matches!(e, Error::Blocked(_))
+        {
+            return Err(e);
+        }
+    };
+    relock(&mut target, &tgt_info).await?;
     if !opts.follow {
         return Ok(report);
     }
@@ -147,24 +179,91 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
         }
         _ => forward,
     };
-    let followed = follow_on_own_thread(plan, opts.stop.clone()).await?;
+    // The lock's session can end with a restart of the target: a keeper takes the lock again, and stops
+    // this follower if another process took it in between (never two appliers).
+    let follow_stop = opts.stop.child_token();
+    let keeper_done = CancellationToken::new();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = tokio::spawn(keep_lock(
+        tgt_info.clone(),
+        target,
+        follow_stop.clone(),
+        keeper_done.clone(),
+        lost.clone(),
+    ));
+    let result = follow_then_reverse(plan, reverse, &tgt_info, &follow_stop, &mut report).await;
+    keeper_done.cancel();
+    let _ = keeper.await;
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(another_process(&tgt_info));
+    }
+    result?;
+    Ok(report)
+}
+
+/// The forward stream, then, when a cutover with --reverse ended it, the reverse stream.
+async fn follow_then_reverse(
+    plan: crate::stream::follow::FollowPlan,
+    reverse: crate::stream::follow::FollowPlan,
+    tgt_info: &ConnInfo,
+    stop: &CancellationToken,
+    report: &mut CloneReport,
+) -> Result<(), Error> {
+    let followed = follow_on_own_thread(plan, stop.clone()).await?;
     report.applied_lsn = Some(followed.applied.to_string());
     report.transactions_applied = followed.transactions;
     // A cutover with --reverse ended the forward stream: this process keeps the old source current.
     if followed.ended_by.as_deref() == Some(state::step::SWITCHED)
-        && state::cutover_step(&target)
+        && state::cutover_step(&session::connect(tgt_info, Side::Target).await?)
             .await
             .map_err(Error::sql(Side::Target, "reading the cutover state"))?
             .is_some_and(|(_, reverse)| reverse)
     {
         tracing::info!("cutover done: streaming the new primary's changes back to the old source");
-        let back = follow_on_own_thread(reverse, opts.stop.clone()).await?;
+        let back = follow_on_own_thread(reverse, stop.clone()).await?;
         report.transactions_applied += back.transactions;
         report.ended_by = back.ended_by;
     } else {
         report.ended_by = followed.ended_by;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// Keeps the migration lock until `done`: checks its session every 2 s and, when it has ended, takes the
+/// lock on a new one. When another process holds it by then, sets `lost` and cancels `follow`.
+async fn keep_lock(
+    tgt_info: ConnInfo,
+    mut session: Client,
+    follow: CancellationToken,
+    done: CancellationToken,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let alive = !session.is_closed()
+            && tokio::time::timeout(Duration::from_secs(10), session.simple_query("SELECT 1"))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if alive {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), lock(&tgt_info)).await {
+            Ok(Ok(s)) => {
+                tracing::info!("the migration lock's session had ended: lock taken again");
+                session = s;
+            }
+            Ok(Err(Error::Blocked(why))) => {
+                tracing::error!("{why}: this process stops following");
+                lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                follow.cancel();
+                return;
+            }
+            _ => {} // the target is not back yet
+        }
+    }
 }
 
 /// Runs a follower on a thread of its own: a change goes from the stream to the applier to the target
@@ -183,6 +282,31 @@ pub async fn follow_on_own_thread(
     })
     .await
     .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))?
+}
+
+/// Takes the migration lock again on a new session when its session has ended (a restart of the target,
+/// a dropped connection).
+async fn relock(target: &mut Client, tgt_info: &ConnInfo) -> Result<(), Error> {
+    let alive = !target.is_closed()
+        && tokio::time::timeout(Duration::from_secs(10), target.simple_query("SELECT 1"))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    if !alive {
+        *target = lock(tgt_info).await?;
+    }
+    Ok(())
+}
+
+/// Connects to the target and takes the migration lock, which lives as long as the returned session.
+async fn lock(tgt_info: &ConnInfo) -> Result<Client, Error> {
+    let target = session::connect(tgt_info, Side::Target).await?;
+    if !state::try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(another_process(tgt_info));
+    }
+    Ok(target)
 }
 
 fn another_process(tgt_info: &ConnInfo) -> Error {

@@ -172,6 +172,29 @@ async fn copy_chunk(
     };
     let in_sql = format!("COPY {}{list} FROM STDIN{format}", table.name.quoted());
 
+    // TRUNCATE (like any rewrite: VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE) is not MVCC-safe: a table
+    // rewritten after the snapshot reads as empty, or as its new contents, in it (docs, "Caveats" of MVCC).
+    // Locked first (a rewrite now waits for this worker), its file as the snapshot's catalog names it and
+    // as it is now tell whether that happened: then only a new snapshot can copy it.
+    source
+        .batch_execute(&format!(
+            "LOCK TABLE ONLY {} IN ACCESS SHARE MODE",
+            table.name.quoted()
+        ))
+        .await
+        .map_err(copy_err(Side::Source))?;
+    let rewritten: bool = source
+        .query_one(
+            "SELECT relfilenode <> pg_relation_filenode(oid) FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.name.quoted()],
+        )
+        .await
+        .map_err(copy_err(Side::Source))?
+        .get(0);
+    if rewritten {
+        return Err(Error::Rewritten(chunk.table.clone()));
+    }
+
     let tx = target.transaction().await.map_err(copy_err(Side::Target))?;
     let sink = tx.copy_in(&in_sql).await.map_err(copy_err(Side::Target))?;
     let mut sink = pin!(sink);
@@ -235,6 +258,7 @@ async fn copy_chunk(
     .map_err(copy_err(Side::Target))?;
     tx.commit().await.map_err(copy_err(Side::Target))?;
     failpoint::hit("copy.after-chunk-commit");
+    failpoint::pause("copy.after-chunk-commit", &ctx.cancel).await;
     if let Some(p) = &progress {
         p.chunks_done.fetch_add(1, Ordering::Relaxed);
         p.active.fetch_sub(1, Ordering::Relaxed);

@@ -94,6 +94,15 @@ pub enum Error {
     /// A precondition that stops the run before anything is created; the message carries the fix.
     #[error("{0}")]
     Blocked(String),
+    /// A table was truncated or rewritten on the source after the copy's snapshot: a new snapshot copies it.
+    #[error(
+        "{0} was truncated or rewritten on the source after the copy's snapshot was taken, so that snapshot \
+         cannot copy it"
+    )]
+    Rewritten(QualifiedName),
+    /// A connection stopped answering without closing (a network partition, a stalled proxy).
+    #[error("{0}")]
+    Stalled(String),
     /// SIGINT or SIGTERM arrived before the work was done.
     #[error("interrupted before the clone was complete")]
     Interrupted,
@@ -130,7 +139,7 @@ impl Error {
             },
             Error::Sql { source, .. } | Error::Copy { source, .. } => classify(source),
             Error::Schema(_) | Error::Blocked(_) => Kind::Definite,
-            Error::Interrupted => Kind::Transient,
+            Error::Interrupted | Error::Stalled(_) | Error::Rewritten(_) => Kind::Transient,
         }
     }
 
@@ -185,6 +194,14 @@ impl Error {
                 }
                 _ => None,
             },
+            Error::Rewritten(_) => Some(
+                "the copy resumes by itself in a new snapshot; run the same command again if it stopped"
+                    .into(),
+            ),
+            Error::Stalled(_) => Some(
+                "check the network between here and both servers; run the same command again to resume"
+                    .into(),
+            ),
             Error::Interrupted => Some(
                 "what is copied is kept: run the same command again to resume where it stopped".into(),
             ),

@@ -23,6 +23,7 @@ use crate::status::Status;
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const KEEP: usize = 300;
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 static ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
 
@@ -99,11 +100,19 @@ pub async fn serve(addr: SocketAddr, target_url: String) -> Result<Monitor, Erro
         let (shared, stop) = (shared.clone(), stop.clone());
         async move {
             loop {
-                let read = crate::status::read(&target_url).await;
+                // a stalled connection must not freeze the last answer
+                let read =
+                    tokio::time::timeout(READ_TIMEOUT, crate::status::read(&target_url)).await;
                 {
                     let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
                     match read {
-                        Ok(st) => {
+                        Err(_) => {
+                            s.read_error = Some(format!(
+                                "no answer from the target within {} s",
+                                READ_TIMEOUT.as_secs()
+                            ))
+                        }
+                        Ok(Ok(st)) => {
                             s.history.push_back(sample_of(&st));
                             while s.history.len() > KEEP {
                                 s.history.pop_front();
@@ -111,7 +120,7 @@ pub async fn serve(addr: SocketAddr, target_url: String) -> Result<Monitor, Erro
                             s.status = Some(st);
                             s.read_error = None;
                         }
-                        Err(e) => s.read_error = Some(crate::error::chain(&e)),
+                        Ok(Err(e)) => s.read_error = Some(crate::error::chain(&e)),
                     }
                 }
                 tokio::select! {
@@ -202,6 +211,16 @@ pub fn judge(
         );
     };
     if !stream.follower_running {
+        // the newest event says why, when the follower itself noted an interruption it retries
+        if let Some((at, _, why)) = st.recent_events.first().filter(|e| e.1 == "interrupted") {
+            return (
+                false,
+                format!(
+                    "streaming interrupted since {at} ({why}); the follower reconnects by itself: check the \
+                     network and both servers, and `hikkoshi status`"
+                ),
+            );
+        }
         return (
             false,
             "streaming has stopped: no follower has reported for 10 s. Run `hikkoshi clone --follow` again \

@@ -363,3 +363,140 @@ async fn verify_during_streaming_rechecks_until_the_target_catches_up() {
     assert!(status.success(), "{log}");
     assert_same_rows_and_schema(&src, &tgt).await;
 }
+
+/// The applier folds the changes of a target transaction into net changes per key (`stream::fold`). Every
+/// case where the net form differs from the source's sequence of statements, in single source transactions
+/// (one target transaction each, at least), then a target that drifted: the set-based update names the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn folded_changes_end_exactly_as_on_the_source() {
+    let s = server(15);
+    let t = server(18);
+    let src = create_db(&s, "fold").await;
+    let tgt = create_db(&t, "fold").await;
+    src.batch_execute(
+        "CREATE TABLE kv (id int PRIMARY KEY, v text, doc text);
+         ALTER TABLE kv ALTER doc SET STORAGE EXTERNAL;
+         CREATE TABLE uniq (id int PRIMARY KEY, code text UNIQUE, n int);
+         CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tag text,
+                             no int GENERATED ALWAYS AS IDENTITY (START 100) UNIQUE);
+         CREATE TABLE pair (a int, b text, v int, PRIMARY KEY (a, b));
+         CREATE TABLE part (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE part_eu PARTITION OF part FOR VALUES IN ('eu');
+         CREATE TABLE part_us PARTITION OF part FOR VALUES IN ('us');
+         INSERT INTO kv SELECT i, 'v' || i, repeat(md5(i::text), 400) FROM generate_series(1, 50) i;
+         INSERT INTO uniq SELECT i, 'c' || i, 0 FROM generate_series(1, 10) i;
+         INSERT INTO ident (tag) SELECT 't' || i FROM generate_series(1, 10) i;
+         INSERT INTO pair SELECT i % 5, 'b' || i, i FROM generate_series(1, 20) i;
+         INSERT INTO part SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, i FROM generate_series(1, 20) i;",
+    )
+    .await
+    .unwrap();
+    let mut f = Follower::start(&s, &t, "fold", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let cases = [
+        // inserted, updated and deleted: nothing; a row updated many times with its document untouched
+        "INSERT INTO kv VALUES (100, 'new', 'd'); UPDATE kv SET v = 'newer' WHERE id = 100;
+         DELETE FROM kv WHERE id = 100;
+         UPDATE kv SET v = 'a' WHERE id = 1; UPDATE kv SET v = 'b' WHERE id = 1; UPDATE kv SET v = 'c' WHERE id = 1;",
+        // deleted and inserted again with other values; a document rewritten, then another column
+        "DELETE FROM kv WHERE id = 2; INSERT INTO kv VALUES (2, 'again', 'short');
+         UPDATE kv SET doc = repeat('x', 5000) WHERE id = 3; UPDATE kv SET v = 'after doc' WHERE id = 3;",
+        // keys that move onto each other's places: 5 -> 60, 4 -> 5, 60 -> 4
+        "UPDATE kv SET id = 60 WHERE id = 5; UPDATE kv SET id = 5 WHERE id = 4; UPDATE kv SET id = 4 WHERE id = 60;",
+        // a key change of a row whose document is not sent (unchanged TOAST, row not in this transaction)
+        "UPDATE kv SET id = 70, v = 'moved' WHERE id = 6;",
+        // a key change of a row inserted in the same transaction, then its document left unchanged
+        "INSERT INTO kv VALUES (80, 'w', repeat('y', 6000)); UPDATE kv SET id = 81 WHERE id = 80;
+         UPDATE kv SET v = 'w2' WHERE id = 81;",
+        // a unique column other than the key: values swapped through a spare one (order matters)
+        "UPDATE uniq SET code = 'tmp' WHERE id = 1; UPDATE uniq SET code = 'c1' WHERE id = 2;
+         UPDATE uniq SET code = 'c2' WHERE id = 1; UPDATE uniq SET n = n + 1;",
+        // identity columns: deleted and put back with their old values, updated
+        "DELETE FROM ident WHERE id = 3;
+         INSERT INTO ident (id, tag, no) OVERRIDING SYSTEM VALUE VALUES (3, 'back', 555);
+         UPDATE ident SET tag = 'changed' WHERE id = 4; INSERT INTO ident (tag) VALUES ('eleven');",
+        // a composite key, one part changed; rows moving between partitions
+        "UPDATE pair SET b = b || '!' WHERE a = 1; UPDATE pair SET v = -v WHERE a = 2; DELETE FROM pair WHERE a = 3;
+         UPDATE part SET region = 'us' WHERE id = 2; UPDATE part SET v = v * 10 WHERE region = 'eu';
+         DELETE FROM part WHERE id = 3; INSERT INTO part VALUES (3, 'eu', 33);",
+    ];
+    for case in cases {
+        src.batch_execute(&format!("BEGIN; {case} COMMIT;"))
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    // the same, as many small transactions that share a target transaction
+    for k in 0..200 {
+        src.batch_execute(&format!(
+            "UPDATE kv SET v = 'k{k}' WHERE id = {};
+             INSERT INTO kv VALUES ({}, 'x', NULL) ON CONFLICT (id) DO UPDATE SET v = 'upserted';
+             DELETE FROM kv WHERE id = {};",
+            k % 40 + 7,
+            1000 + k % 13,
+            1000 + (k + 5) % 13,
+        ))
+        .await
+        .unwrap();
+    }
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_same_rows_and_schema(&src, &tgt).await;
+
+    // drift: a row deleted on the target, then updated on the source
+    tgt.batch_execute("DELETE FROM kv WHERE id = 9")
+        .await
+        .unwrap();
+    src.batch_execute("UPDATE kv SET v = 'lost' WHERE id = 9")
+        .await
+        .unwrap();
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "a definite error:\n{log}");
+    assert!(
+        log.contains("public.kv") && log.contains("(id)=(9)") && log.contains("drifted"),
+        "the error names the table and the key:\n{log}"
+    );
+}
+
+/// verify while the source is written for the whole run: the tables being written never settle as a whole,
+/// so their differing rows are settled one by one. Only the row changed on the target is reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_under_constant_writes_reports_only_the_row_that_really_differs() {
+    let s = server(15);
+    let t = server(18);
+    let src = app_source(&s).await;
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start(&s, &t, "app", &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    // the workload never touches event 1
+    tgt.batch_execute(
+        "UPDATE app.events SET occurred_at = occurred_at + interval '1 day' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let (stop, writer) = background_writer(s.url("app"), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (su, tu) = (s.url("app"), t.url("app"));
+    let out = tokio::task::spawn_blocking(move || {
+        hikkoshi(&["verify", "--source", &su, "--target", &tu, "--json"])
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.await.unwrap();
+    assert!(rounds > 0, "the source was written during the verify");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    for table in v["tables"].as_array().unwrap() {
+        if table["table"] == "app.events" {
+            assert_eq!(table["matched"], false, "{table}");
+            assert_eq!(table["changed"], serde_json::json!(["(1)"]), "{table}");
+            assert_eq!(table["missing_on_target"], serde_json::json!([]), "{table}");
+            assert_eq!(table["extra_on_target"], serde_json::json!([]), "{table}");
+        } else {
+            assert_eq!(table["matched"], true, "{table}");
+        }
+    }
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+}

@@ -552,6 +552,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
             .cloned()
             .collect();
+        crate::failpoint::pause("cutover.verify", &opts.stop).await;
         let v = match crate::verify::compare(&old_info, &new_info, tables, &sequences, opts.jobs)
             .await
         {

@@ -24,6 +24,7 @@ use std::task::{Context, Poll};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
+use super::fold::{self, Folded, Key, Unfoldable};
 use super::pgoutput::{
     Begin, Commit, Delete, Insert, Message, OldRow, Relation, Truncate, Tuple, Update, Value,
 };
@@ -92,6 +93,9 @@ pub struct TargetTable {
     /// source cannot change them either).
     pub always_identity: Vec<String>,
     pub window: Window,
+    /// The primary key is the table's only unique or exclusion constraint: its changes may be folded
+    /// (see `fold`).
+    pub foldable: bool,
 }
 
 struct Rel {
@@ -100,6 +104,32 @@ struct Rel {
     columns: Vec<String>,
     key_positions: Vec<usize>,
     identity: char,
+    /// Changes are folded into net changes per key (see `fold`).
+    foldable: bool,
+}
+
+impl Rel {
+    /// The key of a row image (`positions` of the full tuple), when every key value is there.
+    fn key_of(&self, tuple: &Tuple) -> Option<Key> {
+        self.key_positions
+            .iter()
+            .map(|&p| match tuple.0.get(p) {
+                Some(Value::Text(b) | Value::Binary(b)) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Key columns with their SQL types.
+    fn key_columns(&self) -> Vec<(String, String)> {
+        self.key_positions
+            .iter()
+            .map(|&p| {
+                let c = &self.columns[p];
+                (c.clone(), self.table.columns[c].clone())
+            })
+            .collect()
+    }
 }
 
 /// Applies decoded messages to the target.
@@ -110,15 +140,34 @@ pub struct Applier {
     relations: HashMap<u32, Rel>,
     /// Prepared statements by SQL text.
     statements: HashMap<String, Statement>,
+    position_statement: Option<Statement>,
     /// Tables whose `streamed` mark this session has written.
     streamed: std::collections::HashSet<QualifiedName>,
+    /// Folded changes per relation, not yet written (see `fold`).
+    folded: HashMap<u32, Folded>,
+    /// Inserts into tables that cannot be folded, not yet written: one statement per run.
+    runs: HashMap<u32, Vec<Vec<Value>>>,
+    /// Rows and bytes held in `folded` and `runs`.
+    held_rows: usize,
+    held_bytes: usize,
+    /// Changes of different tables may be written in another order than the source's (foreign keys and
+    /// triggers do not run for the applier).
+    reorder: bool,
     /// Statements sent and not yet answered, oldest first, each with what it must affect (Some: a row).
-    inflight: VecDeque<(InFlight, Option<String>)>,
+    inflight: VecDeque<(InFlight, Option<Expect>)>,
+    /// Parameter bytes sent since the pipeline was last empty (an upper bound of what is in flight).
+    inflight_bytes: usize,
     in_target_tx: bool,
     current: Option<Begin>,
     skipping: bool,
     /// End LSN of the last source transaction committed on the target.
     pub applied: Lsn,
+    /// Target commits not yet known to be flushed to the target's disk (the apply session commits with
+    /// `synchronous_commit = off`, as native subscriptions do): (source end LSN, target WAL position after
+    /// the commit). Feedback to the source waits for the flush.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    /// End LSN of the last source transaction durable on the target.
+    durable: Lsn,
     /// End LSN of the last source transaction applied in the open target transaction.
     pending: Option<Lsn>,
     pub txns_in_batch: usize,
@@ -130,24 +179,81 @@ pub struct Applier {
 /// Statements in flight before the oldest is awaited.
 const PIPELINE: usize = 256;
 
+/// Parameter bytes in flight before the pipeline is drained: 256 statements of 2 MB values each would
+/// otherwise hold half a gigabyte (twice: the parameters and the encoded request).
+const PIPELINE_BYTES: usize = 8 << 20;
+
+/// Held changes are written once they are this many rows or bytes: memory stays bounded in a transaction of
+/// any size, and one statement's arrays stay a size the planner joins by index.
+const HOLD_ROWS: usize = 4000;
+const HOLD_BYTES: usize = 8 << 20;
+
 type InFlight = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
-/// A statement being built: SQL text and its parameters (text, or NULL).
+/// A statement being built: SQL text and its parameters.
 #[derive(Default)]
 struct Sql {
     text: String,
-    params: Vec<Option<String>>,
+    params: Vec<Param>,
+}
+
+/// A parameter: one value as text (or NULL), or an array of them (for a set-based statement).
+enum Param {
+    Text(Option<String>),
+    Array(Vec<Option<String>>),
+}
+
+impl Param {
+    fn sql_type(&self) -> Type {
+        match self {
+            Param::Text(_) => Type::TEXT,
+            Param::Array(_) => Type::TEXT_ARRAY,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Param::Text(v) => v.as_ref().map_or(0, |v| v.len()),
+            Param::Array(a) => a.iter().flatten().map(|v| v.len() + 4).sum(),
+        }
+    }
+
+    fn as_sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Param::Text(v) => v,
+            Param::Array(v) => v,
+        }
+    }
 }
 
 impl Sql {
+    fn new(text: impl Into<String>, params: Vec<Option<String>>) -> Sql {
+        Sql {
+            text: text.into(),
+            params: params.into_iter().map(Param::Text).collect(),
+        }
+    }
+
     /// A parameter cast to `sql_type`, as SQL.
     fn param(&mut self, v: &Value, sql_type: &str) -> String {
-        self.params.push(match v {
-            Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            Value::Null | Value::Unchanged => None,
-        });
+        self.params.push(Param::Text(fold::element(v)));
         format!("${}::{sql_type}", self.params.len())
     }
+
+    /// Array parameters, one per column; returns the number of the first.
+    fn arrays(&mut self, columns: Vec<Vec<Option<String>>>) -> usize {
+        let first = self.params.len() + 1;
+        self.params.extend(columns.into_iter().map(Param::Array));
+        first
+    }
+}
+
+/// What a statement must affect: `rows` rows, else the target has drifted. `probe` finds the keys that
+/// are missing on the target, to name them.
+struct Expect {
+    rows: u64,
+    what: String,
+    probe: Option<Sql>,
 }
 
 impl Applier {
@@ -158,24 +264,78 @@ impl Applier {
         source: Client,
         applied: Lsn,
         tables: HashMap<QualifiedName, TargetTable>,
+        reorder: bool,
     ) -> Self {
         Applier {
             client: Arc::new(client),
             source,
             tables,
             relations: HashMap::new(),
+            folded: HashMap::new(),
+            runs: HashMap::new(),
+            held_rows: 0,
+            held_bytes: 0,
+            reorder,
             statements: HashMap::new(),
+            position_statement: None,
             streamed: Default::default(),
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             in_target_tx: false,
             current: None,
             skipping: false,
             applied,
+            unflushed: VecDeque::new(),
+            durable: Lsn::default(),
             pending: None,
             txns_in_batch: 0,
             last_commit_time: 0,
             applied_txns: 0,
         }
+    }
+
+    /// Starts from what the target holds: `applied` is durable once the target's WAL is flushed up to where
+    /// it is now (a restart may come right after an asynchronous commit).
+    pub async fn start(&mut self) -> Result<(), ApplyError> {
+        let now = self.wal_position("pg_current_wal_insert_lsn").await?;
+        self.unflushed.push_back((self.applied, now));
+        // usually long flushed: then the stream may confirm the source's position from the first keepalive
+        self.durable().await?;
+        Ok(())
+    }
+
+    async fn wal_position(&self, function: &str) -> Result<Lsn, ApplyError> {
+        let row = self
+            .client
+            .query_one(&format!("SELECT {function}()::text"), &[])
+            .await
+            .map_err(|source| ApplyError::Target {
+                what: "reading the target's WAL position".into(),
+                source,
+            })?;
+        Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+    }
+
+    /// The end LSN of the last source transaction whose target commit is flushed: what the source may
+    /// forget.
+    pub async fn durable(&mut self) -> Result<Lsn, ApplyError> {
+        if self.unflushed.is_empty() {
+            return Ok(self.durable);
+        }
+        let flushed = self.wal_position("pg_current_wal_flush_lsn").await?;
+        while let Some(&(end, at)) = self.unflushed.front() {
+            if at > flushed {
+                break;
+            }
+            self.durable = self.durable.max(end);
+            self.unflushed.pop_front();
+        }
+        Ok(self.durable)
+    }
+
+    /// Whether every commit is flushed (as of the last `durable`).
+    pub fn all_durable(&self) -> bool {
+        self.unflushed.is_empty()
     }
 
     /// Whether a source transaction is half applied (its Commit not seen yet).
@@ -194,14 +354,7 @@ impl Applier {
                 self.skipping = b.final_lsn < self.applied;
                 self.current = Some(b);
                 if !self.skipping && !self.in_target_tx {
-                    self.send(
-                        Sql {
-                            text: "BEGIN".into(),
-                            params: vec![],
-                        },
-                        None,
-                    )
-                    .await?;
+                    self.send(Sql::new("BEGIN", vec![]), None).await?;
                     self.in_target_tx = true;
                 }
             }
@@ -305,13 +458,24 @@ impl Applier {
                 )));
             }
         }
-        let key_positions = r
+        let key_positions: Vec<usize> = r
             .columns
             .iter()
             .enumerate()
             .filter(|(_, c)| c.key)
             .map(|(i, _)| i)
             .collect();
+        let mut key_names: Vec<&str> = key_positions
+            .iter()
+            .map(|&p| r.columns[p].name.as_str())
+            .collect();
+        key_names.sort();
+        let mut pk: Vec<&str> = table.key.iter().map(|k| k.as_str()).collect();
+        pk.sort();
+        let foldable =
+            self.reorder && table.foldable && r.replica_identity != 'f' && key_names == pk;
+        // changes held under the old description are written with it
+        self.flush_table(r.oid).await?;
         self.relations.insert(
             r.oid,
             Rel {
@@ -319,6 +483,7 @@ impl Applier {
                 columns: r.columns.iter().map(|c| c.name.clone()).collect(),
                 key_positions,
                 identity: r.replica_identity,
+                foldable,
             },
         );
         Ok(())
@@ -333,12 +498,11 @@ impl Applier {
             return Ok(());
         }
         self.send(
-            Sql {
-                text: "UPDATE hikkoshi.tables SET streamed = true WHERE NOT streamed \
-                       AND ((schema_name = $1 AND table_name = $2) OR (root_schema = $1 AND root_name = $2))"
-                    .into(),
-                params: vec![Some(name.schema.clone()), Some(name.name.clone())],
-            },
+            Sql::new(
+                "UPDATE hikkoshi.tables SET streamed = true WHERE NOT streamed \
+                 AND ((schema_name = $1 AND table_name = $2) OR (root_schema = $1 AND root_name = $2))",
+                vec![Some(name.schema.clone()), Some(name.name.clone())],
+            ),
             None,
         )
         .await?;
@@ -376,6 +540,20 @@ impl Applier {
         if skip {
             return Ok(());
         }
+        if !converge {
+            if rel.foldable {
+                if let Some(key) = rel.key_of(&i.new) {
+                    let image = i.new.0.clone();
+                    if self.fold(i.relation, |f| f.insert(key, image)).await? {
+                        return Ok(());
+                    }
+                }
+            } else if !i.new.0.iter().any(|v| matches!(v, Value::Unchanged)) {
+                return self.hold_insert(i.relation, i.new.0).await;
+            }
+        }
+        self.before_direct(i.relation).await?;
+        let rel = self.rel(i.relation)?;
         let mut q = Sql::default();
         let mut cols = Vec::new();
         let mut vals = Vec::new();
@@ -428,6 +606,29 @@ impl Applier {
         if skip {
             return Ok(());
         }
+        if !converge && rel.foldable {
+            let new = rel.key_of(&u.new);
+            let old = match &u.old {
+                None => new.clone(),
+                Some(OldRow::Key(old)) => rel.key_of(old),
+                Some(OldRow::Full(_)) => None,
+            };
+            let image = u.new.0.clone();
+            let folded = match (old, new) {
+                (Some(old), Some(new)) if old == new => {
+                    self.fold(u.relation, |f| f.update(new, image)).await?
+                }
+                (Some(old), Some(new)) => {
+                    self.fold(u.relation, |f| f.rekey(old, new, image)).await?
+                }
+                _ => false,
+            };
+            if folded {
+                return Ok(());
+            }
+        }
+        self.before_direct(u.relation).await?;
+        let rel = self.rel(u.relation)?;
         let target = rel.table.name.quoted();
         let set_cols: Vec<(&String, &Value)> = rel
             .columns
@@ -500,7 +701,11 @@ impl Applier {
             "UPDATE {target} SET {sets} WHERE {}",
             one_row(rel, &target, &condition)
         );
-        let expect = (!converge).then(|| format!("UPDATE of {} {what}", rel.table.name));
+        let expect = (!converge).then(|| Expect {
+            rows: 1,
+            what: format!("an UPDATE of {} {what}", rel.table.name),
+            probe: None,
+        });
         self.send(q, expect).await
     }
 
@@ -510,6 +715,16 @@ impl Applier {
         if skip {
             return Ok(());
         }
+        if !converge
+            && rel.foldable
+            && let OldRow::Key(old) = &d.old
+            && let Some(key) = rel.key_of(old)
+            && self.fold(d.relation, |f| f.delete(key)).await?
+        {
+            return Ok(());
+        }
+        self.before_direct(d.relation).await?;
+        let rel = self.rel(d.relation)?;
         let mut q = Sql::default();
         let (condition, what) = match &d.old {
             OldRow::Full(old) => full_match(&mut q, rel, old),
@@ -520,7 +735,11 @@ impl Applier {
             "DELETE FROM {target} WHERE {}",
             one_row(rel, &target, &condition)
         );
-        let expect = (!converge).then(|| format!("DELETE of {} {what}", rel.table.name));
+        let expect = (!converge).then(|| Expect {
+            rows: 1,
+            what: format!("a DELETE of {} {what}", rel.table.name),
+            probe: None,
+        });
         self.send(q, expect).await
     }
 
@@ -535,6 +754,8 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
+        // CASCADE reaches tables the message may not list
+        self.flush_all().await?;
         let text = format!(
             "TRUNCATE {}{}{}",
             names.join(", "),
@@ -545,27 +766,245 @@ impl Applier {
             },
             if t.cascade { " CASCADE" } else { "" }
         );
-        self.send(
-            Sql {
-                text,
-                params: vec![],
-            },
-            None,
-        )
-        .await
+        self.send(Sql::new(text, vec![]), None).await
+    }
+
+    /// Folds a change into the table's held changes; false when it cannot be folded (the held changes
+    /// are then written, and the change goes on its own after them).
+    async fn fold(
+        &mut self,
+        oid: u32,
+        change: impl FnOnce(&mut Folded) -> Result<(), Unfoldable>,
+    ) -> Result<bool, ApplyError> {
+        if !self.reorder_allows(oid) {
+            self.flush_all().await?;
+        }
+        let folded = self.folded.entry(oid).or_default();
+        let (rows, bytes) = (folded.rows.len(), folded.bytes);
+        if change(folded).is_err() {
+            return Ok(false);
+        }
+        self.held_rows += folded.rows.len() - rows;
+        self.held_bytes += folded.bytes - bytes;
+        self.bound().await?;
+        Ok(true)
+    }
+
+    /// Holds an insert into a table that cannot be folded, to be written with the rest of its run.
+    async fn hold_insert(&mut self, oid: u32, row: Vec<Value>) -> Result<(), ApplyError> {
+        if !self.reorder_allows(oid) {
+            self.flush_all().await?;
+        }
+        self.held_bytes += row
+            .iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len() + 16,
+                _ => 16,
+            })
+            .sum::<usize>();
+        self.held_rows += 1;
+        self.runs.entry(oid).or_default().push(row);
+        self.bound().await
+    }
+
+    /// Whether changes of `oid` may be held while other tables' changes are held too.
+    fn reorder_allows(&self, oid: u32) -> bool {
+        self.reorder
+            || self
+                .folded
+                .keys()
+                .chain(self.runs.keys())
+                .all(|&held| held == oid)
+    }
+
+    /// Writes held changes once they are many or large.
+    async fn bound(&mut self) -> Result<(), ApplyError> {
+        if self.held_rows >= HOLD_ROWS || self.held_bytes >= HOLD_BYTES {
+            self.flush_all().await?;
+        }
+        Ok(())
+    }
+
+    /// Before a change written on its own: the changes held for its table (for every table, when tables
+    /// must keep the source's order) are written first.
+    async fn before_direct(&mut self, oid: u32) -> Result<(), ApplyError> {
+        if self.reorder {
+            self.flush_table(oid).await
+        } else {
+            self.flush_all().await
+        }
+    }
+
+    async fn flush_all(&mut self) -> Result<(), ApplyError> {
+        let mut oids: Vec<u32> = self
+            .folded
+            .keys()
+            .chain(self.runs.keys())
+            .copied()
+            .collect();
+        oids.sort_unstable();
+        oids.dedup();
+        for oid in oids {
+            self.flush_table(oid).await?;
+        }
+        self.held_rows = 0;
+        self.held_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes the changes held for one table: deletes, updates, inserts.
+    async fn flush_table(&mut self, oid: u32) -> Result<(), ApplyError> {
+        let folded = self.folded.remove(&oid).unwrap_or_default();
+        let run = self.runs.remove(&oid).unwrap_or_default();
+        if folded.is_empty() && run.is_empty() {
+            return Ok(());
+        }
+        self.held_rows = self.held_rows.saturating_sub(folded.rows.len() + run.len());
+        self.held_bytes = self.held_bytes.saturating_sub(folded.bytes);
+        let rel = self.rel(oid)?;
+        let target = rel.table.name.quoted();
+        let keys = rel.key_columns();
+        let split = folded.split();
+        let mut statements: Vec<(Sql, Option<Expect>)> = Vec::new();
+        if !split.delete.is_empty() {
+            let n = split.delete.len();
+            let key_arrays = key_arrays(&keys, split.delete.iter());
+            let mut q = Sql::default();
+            let first = q.arrays(key_arrays.clone());
+            q.text = format!(
+                "DELETE FROM {target} AS t USING {} WHERE {}",
+                fold::rows_from(keys.len(), first),
+                fold::key_join(&keys)
+            );
+            let probe = probe(&target, &keys, key_arrays);
+            statements.push((
+                q,
+                Some(Expect {
+                    rows: n as u64,
+                    what: format!("{n} DELETE(s) of {}", rel.table.name),
+                    probe: Some(probe),
+                }),
+            ));
+        }
+        // updates, one statement per set of changed columns (a TOASTed value left unchanged is not set)
+        let mut shapes: HashMap<Vec<usize>, Vec<(Key, Vec<Value>)>> = HashMap::new();
+        for (key, image) in split.update {
+            let shape: Vec<usize> = image
+                .iter()
+                .enumerate()
+                .filter(|(p, v)| {
+                    !matches!(v, Value::Unchanged)
+                        && !rel.key_positions.contains(p)
+                        && !rel.table.always_identity.contains(&rel.columns[*p])
+                })
+                .map(|(p, _)| p)
+                .collect();
+            if !shape.is_empty() {
+                shapes.entry(shape).or_default().push((key, image));
+            }
+        }
+        for (shape, rows) in shapes {
+            let n = rows.len();
+            let key_arrays = key_arrays(&keys, rows.iter().map(|(k, _)| k));
+            let mut arrays = key_arrays.clone();
+            for &p in &shape {
+                arrays.push(rows.iter().map(|(_, img)| fold::element(&img[p])).collect());
+            }
+            let mut q = Sql::default();
+            let first = q.arrays(arrays);
+            let sets: Vec<String> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| {
+                    let c = &rel.columns[p];
+                    format!(
+                        "{} = {}",
+                        quote_ident(c),
+                        fold::cell(keys.len() + i, &rel.table.columns[c])
+                    )
+                })
+                .collect();
+            q.text = format!(
+                "UPDATE {target} AS t SET {} FROM {} WHERE {}",
+                sets.join(", "),
+                fold::rows_from(keys.len() + shape.len(), first),
+                fold::key_join(&keys)
+            );
+            let probe = probe(&target, &keys, key_arrays);
+            statements.push((
+                q,
+                Some(Expect {
+                    rows: n as u64,
+                    what: format!("{n} UPDATE(s) of {}", rel.table.name),
+                    probe: Some(probe),
+                }),
+            ));
+        }
+        // inserts, one statement per set of columns given
+        let mut shapes: Vec<(Vec<usize>, Vec<Vec<Value>>)> = Vec::new();
+        for image in split.insert.into_iter().chain(run) {
+            let shape: Vec<usize> = image
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !matches!(v, Value::Unchanged))
+                .map(|(p, _)| p)
+                .collect();
+            match shapes.iter_mut().find(|(s, _)| *s == shape) {
+                Some((_, rows)) => rows.push(image),
+                None => shapes.push((shape, vec![image])),
+            }
+        }
+        for (shape, rows) in shapes {
+            let arrays: Vec<Vec<Option<String>>> = shape
+                .iter()
+                .map(|&p| rows.iter().map(|img| fold::element(&img[p])).collect())
+                .collect();
+            let mut q = Sql::default();
+            let first = q.arrays(arrays);
+            let cells: Vec<String> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| fold::cell(i, &rel.table.columns[&rel.columns[p]]))
+                .collect();
+            q.text = format!(
+                "INSERT INTO {target} ({}){} SELECT {} FROM {}",
+                shape
+                    .iter()
+                    .map(|&p| quote_ident(&rel.columns[p]))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if rel.table.always_identity.is_empty() {
+                    ""
+                } else {
+                    " OVERRIDING SYSTEM VALUE"
+                },
+                cells.join(", "),
+                fold::rows_from(shape.len(), first)
+            );
+            statements.push((q, None));
+        }
+        for (q, expect) in statements {
+            self.send(q, expect).await?;
+        }
+        Ok(())
     }
 
     /// Sends a statement now (prepared once per shape) and keeps its result for later; waits for the
     /// oldest results when the pipeline is full.
-    async fn send(&mut self, q: Sql, expect: Option<String>) -> Result<(), ApplyError> {
+    async fn send(&mut self, q: Sql, expect: Option<Expect>) -> Result<(), ApplyError> {
         let statement = match self.statements.get(&q.text) {
             Some(s) => s.clone(),
             None => {
-                let types = vec![Type::TEXT; q.params.len()];
+                let types: Vec<Type> = q.params.iter().map(Param::sql_type).collect();
                 let prepared = self.client.prepare_typed(&q.text, &types).await;
                 let s = match prepared {
                     Ok(s) => s,
-                    Err(source) => return Err(self.fail(source).await),
+                    Err(source) => {
+                        // A statement in flight may have failed first and aborted the transaction (the
+                        // prepare then only says so): that one is the cause to report.
+                        self.drain().await?;
+                        return Err(self.fail(source).await);
+                    }
                 };
                 if self.statements.len() > 10_000 {
                     self.statements.clear();
@@ -576,11 +1015,10 @@ impl Applier {
         };
         let client = self.client.clone();
         let params = q.params;
+        let size: usize = params.iter().map(Param::size).sum();
         let mut fut: InFlight = Box::pin(async move {
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                params.iter().map(Param::as_sql).collect();
             client.execute(&statement, &refs).await
         });
         // The first poll hands the request to the connection: statements go out in the order made.
@@ -589,28 +1027,87 @@ impl Applier {
             fut = Box::pin(std::future::ready(r));
         }
         self.inflight.push_back((fut, expect));
+        self.inflight_bytes += size;
+        if self.inflight_bytes > PIPELINE_BYTES {
+            self.drain().await?;
+        }
         while self.inflight.len() > PIPELINE {
             self.await_oldest().await?;
         }
         Ok(())
     }
 
+    /// Sends `SELECT pg_current_wal_insert_lsn()` down the pipeline; its answer is in the returned slot
+    /// once the statements before it are drained.
+    async fn send_position(&mut self) -> Result<Arc<std::sync::Mutex<Option<String>>>, ApplyError> {
+        let statement = match &self.position_statement {
+            Some(s) => s.clone(),
+            None => {
+                let s = match self
+                    .client
+                    .prepare("SELECT pg_current_wal_insert_lsn()::text")
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(source) => return Err(self.fail(source).await),
+                };
+                self.position_statement = Some(s.clone());
+                s
+            }
+        };
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let (client, answer) = (self.client.clone(), slot.clone());
+        let mut fut: InFlight = Box::pin(async move {
+            let row = client.query_one(&statement, &[]).await?;
+            if let Ok(mut a) = answer.lock() {
+                *a = Some(row.get::<_, String>(0));
+            }
+            Ok(1)
+        });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            fut = Box::pin(std::future::ready(r));
+        }
+        self.inflight.push_back((fut, None));
+        Ok(slot)
+    }
+
     async fn await_oldest(&mut self) -> Result<(), ApplyError> {
         let Some((fut, expect)) = self.inflight.pop_front() else {
             return Ok(());
         };
-        match fut.await {
-            Ok(0) if expect.is_some() => {
-                let what = expect.unwrap_or_default();
+        match (fut.await, expect) {
+            (Ok(n), Some(expect)) if n != expect.rows => {
                 self.reset().await;
+                let missing = match expect.probe {
+                    Some(probe) => self.probe(probe).await,
+                    None => String::new(),
+                };
                 Err(ApplyError::Definite(format!(
-                    "{what} found no row on the target: the target has drifted from the source (a row \
-                     changed or deleted there directly?). Nothing of this batch was applied. Compare the \
-                     row on both sides, repair the target, then run again"
+                    "{} found {} of its {} row(s) on the target{missing}: the target has drifted from the \
+                     source (a row changed or deleted there directly?). Nothing of this batch was applied. \
+                     Compare the row on both sides, repair the target, then run again",
+                    expect.what, n, expect.rows
                 )))
             }
-            Ok(_) => Ok(()),
-            Err(source) => Err(self.fail(source).await),
+            (Ok(_), _) => Ok(()),
+            (Err(source), _) => Err(self.fail(source).await),
+        }
+    }
+
+    /// The keys a set-based statement expected and the target lacks (after the rollback), as text.
+    async fn probe(&self, probe: Sql) -> String {
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            probe.params.iter().map(Param::as_sql).collect();
+        match self.client.query(&probe.text, &refs).await {
+            Ok(rows) if !rows.is_empty() => format!(
+                " (missing: {})",
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            _ => String::new(),
         }
     }
 
@@ -619,6 +1116,7 @@ impl Applier {
         while !self.inflight.is_empty() {
             self.await_oldest().await?;
         }
+        self.inflight_bytes = 0;
         Ok(())
     }
 
@@ -632,11 +1130,16 @@ impl Applier {
         while let Some((fut, _)) = self.inflight.pop_front() {
             let _ = fut.await;
         }
+        self.inflight_bytes = 0;
         if self.in_target_tx {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
         self.in_target_tx = false;
         self.pending = None;
+        self.folded.clear();
+        self.runs.clear();
+        self.held_rows = 0;
+        self.held_bytes = 0;
     }
 
     async fn commit_source(&mut self, c: Commit) -> Result<(), ApplyError> {
@@ -653,7 +1156,7 @@ impl Applier {
     }
 
     /// Commits the open target transaction with the applied LSN, if there is one at a source-transaction
-    /// boundary. Returns the LSN now durable on the target.
+    /// boundary. Returns the LSN now applied on the target (durable once `durable` says so).
     pub async fn commit(&mut self) -> Result<Lsn, ApplyError> {
         if self.current.is_some() {
             return Ok(self.applied);
@@ -661,47 +1164,41 @@ impl Applier {
         let Some(end) = self.pending else {
             if self.in_target_tx {
                 // only skipped transactions: nothing to keep
-                self.send(
-                    Sql {
-                        text: "COMMIT".into(),
-                        params: vec![],
-                    },
-                    None,
-                )
-                .await?;
+                self.send(Sql::new("COMMIT", vec![]), None).await?;
                 self.drain().await?;
                 self.in_target_tx = false;
             }
             return Ok(self.applied);
         };
+        self.flush_all().await?;
         let commit_time = (self.last_commit_time as f64 / 1e6) + 946_684_800.0;
         self.send(
-            Sql {
-                text: "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, $1::text::pg_lsn), \
-                       applied_at = now(), last_commit_time = to_timestamp($2::text::float8), \
-                       applied_txns = applied_txns + $3::text::bigint"
-                    .into(),
-                params: vec![
+            Sql::new(
+                "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, $1::text::pg_lsn), \
+                 applied_at = now(), last_commit_time = to_timestamp($2::text::float8), \
+                 applied_txns = applied_txns + $3::text::bigint",
+                vec![
                     Some(end.to_string()),
                     Some(commit_time.to_string()),
                     Some(self.txns_in_batch.to_string()),
                 ],
-            },
+            ),
             None,
         )
         .await?;
-        self.drain().await?;
         crate::failpoint::hit("apply.before-commit");
-        self.send(
-            Sql {
-                text: "COMMIT".into(),
-                params: vec![],
-            },
-            None,
-        )
-        .await?;
+        // COMMIT and the WAL position after it go out behind the batch: one round trip in all
+        self.send(Sql::new("COMMIT", vec![]), None).await?;
+        let position = self.send_position().await?;
         self.drain().await?;
         crate::failpoint::hit("apply.after-commit");
+        let at = position
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default();
+        self.unflushed.push_back((end, at));
         self.in_target_tx = false;
         self.pending = None;
         self.txns_in_batch = 0;
@@ -716,6 +1213,40 @@ impl Applier {
         self.current = None;
         self.txns_in_batch = 0;
     }
+}
+
+/// One text array per key column, over `keys_of` rows.
+fn key_arrays<'a>(
+    keys: &[(String, String)],
+    rows: impl Iterator<Item = &'a Key>,
+) -> Vec<Vec<Option<String>>> {
+    let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); keys.len()];
+    for key in rows {
+        for (a, v) in arrays.iter_mut().zip(key) {
+            a.push(Some(String::from_utf8_lossy(v).into_owned()));
+        }
+    }
+    arrays
+}
+
+/// The query that names the keys of `key_arrays` the target does not have.
+fn probe(target: &str, keys: &[(String, String)], key_arrays: Vec<Vec<Option<String>>>) -> Sql {
+    let mut q = Sql::default();
+    let first = q.arrays(key_arrays);
+    let names: Vec<String> = keys
+        .iter()
+        .map(|(k, _)| crate::ident::display_ident(k))
+        .collect();
+    let values: Vec<String> = (0..keys.len()).map(|i| format!("u.c{i}")).collect();
+    q.text = format!(
+        "SELECT '({})=(' || concat_ws(', ', {}) || ')' FROM {} \
+         WHERE NOT EXISTS (SELECT 1 FROM {target} AS t WHERE {}) LIMIT 5",
+        names.join(", ").replace('\'', "''"),
+        values.join(", "),
+        fold::rows_from(keys.len(), first),
+        fold::key_join(keys)
+    );
+    q
 }
 
 fn describe_failure(source: tokio_postgres::Error) -> ApplyError {

@@ -3,10 +3,23 @@
 //! resume from the LSN recorded in the target; definite ones stop with the reason.
 //!
 //! Feedback to the source (the slot's confirmed flush position) never runs ahead of what the target has
-//! committed: it is the applied LSN, or, when every received change is committed and the stream is idle,
-//! the server's own position from a keepalive (nothing of ours lies before it).
+//! committed and flushed: the applier commits asynchronously (as native subscriptions do) and the feedback
+//! is the applied LSN of the last commit the target's WAL flush has passed, or, when every received change
+//! is committed and flushed and the stream is idle, the server's own position from a keepalive (nothing of
+//! ours lies before it). A crash of the target loses its unflushed commits and their `applied_lsn` together,
+//! and the source still has them.
+//!
+//! A connection can also die silently (a network partition, a stalled proxy: no FIN, no RST, TCP keepalives
+//! answered by a middlebox). Two checks turn that into a transient error, and so into a reconnect:
+//! - the source: we ask for a keepalive every idle second, and the walsender answers even while it decodes
+//!   a large transaction, so no message at all for [`stall_timeout`] means the stream is dead;
+//! - the target: a session that makes no progress for [`stall_timeout`] is checked from a fresh
+//!   connection; unless the apply session is busy with our statement (`pg_stat_activity.state =
+//!   'active'`: a slow statement or a lock wait), it is dead.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -22,10 +35,9 @@ use crate::replication::conn::StreamMessage;
 use crate::replication::{ReplicationConn, ReplicationError};
 use crate::session;
 
-/// Source transactions per target transaction at most. Many small ones share a commit, but a row updated
-/// by every source transaction (a counter, pgbench's branches) leaves one version per update in the target
-/// transaction, and each update walks them all: batches stay short.
-const MAX_BATCH_TXNS: usize = 64;
+/// Source transactions per target transaction at most (and at most 200 ms of them): many small ones share a
+/// commit, and their changes are folded (a row updated by every one of them is written once, see `fold`).
+const MAX_BATCH_TXNS: usize = 1000;
 
 /// Which way a stream runs: the migration's own (source → target), or the reverse stream a cutover with
 /// `--reverse` starts (new primary → old source), which keeps a rollback lossless.
@@ -73,7 +85,12 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        match session_once(plan, &stop, &mut report).await {
+        let pulse = Pulse::default();
+        let outcome = tokio::select! {
+            r = session_once(plan, &stop, &mut report, &pulse) => r,
+            e = watchdog(plan, &pulse) => Err(e),
+        };
+        match outcome {
             Ok(()) => return Ok(report),
             Err(e) if transient(&e) && !stop.is_cancelled() => {
                 crate::monitor::count_error(e.kind());
@@ -85,6 +102,7 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
                     crate::error::chain(&e),
                     backoff.as_secs_f64()
                 );
+                note_interruption(plan, &e).await;
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(report),
                     _ = tokio::time::sleep(backoff) => {}
@@ -94,6 +112,136 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
             Err(e) => return Err(e),
         }
     }
+}
+
+/// How long a connection may stay silent before it counts as dead (see the module doc). 30 s, or
+/// `HIKKOSHI_STALL_SECS` (the fault tests shorten it).
+pub fn stall_timeout() -> Duration {
+    let secs = std::env::var("HIKKOSHI_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Signs of life of one streaming session, for the watchdog.
+struct Pulse {
+    /// The last time the streaming loop went round.
+    beat: Mutex<Instant>,
+    /// The backend pid of the apply session on the target (0 until known).
+    apply_pid: AtomicI32,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Pulse {
+            beat: Mutex::new(Instant::now()),
+            apply_pid: AtomicI32::new(0),
+        }
+    }
+}
+
+impl Pulse {
+    fn beat(&self) {
+        *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn since(&self) -> Duration {
+        self.beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Returns when the session has made no progress for [`stall_timeout`] and the target's apply session is
+/// not working on a statement of ours: a connection died without saying so.
+async fn watchdog(plan: &FollowPlan, pulse: &Pulse) -> Error {
+    let limit = stall_timeout();
+    loop {
+        let since = pulse.since();
+        if since < limit {
+            tokio::time::sleep(limit - since).await;
+            continue;
+        }
+        let pid = pulse.apply_pid.load(Ordering::Relaxed);
+        if pid != 0 && apply_session_busy(plan, pid, limit).await {
+            tracing::info!("the target is still working on the apply session's statement");
+            pulse.beat();
+            continue;
+        }
+        return Error::Stalled(format!(
+            "the stream made no progress for {} s and the target's apply session is not working on a \
+             statement: a connection to the source or the target stalled",
+            limit.as_secs()
+        ));
+    }
+}
+
+/// Whether the target answers on a fresh connection that the apply session runs a statement.
+async fn apply_session_busy(plan: &FollowPlan, pid: i32, limit: Duration) -> bool {
+    let probe = async {
+        let c = session::connect(&plan.target, Side::Target).await.ok()?;
+        c.query_opt(
+            "SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .ok()?
+        .and_then(|r| r.get::<_, Option<bool>>(0))
+    };
+    matches!(tokio::time::timeout(limit, probe).await, Ok(Some(true)))
+}
+
+/// Records a transient failure in the event log, for `status` and `/health` (best effort: the target may
+/// be what failed).
+async fn note_interruption(plan: &FollowPlan, e: &Error) {
+    let note = async {
+        let c = session::connect(&plan.target, Side::Target).await.ok()?;
+        crate::state::event(&c, "interrupted", &crate::error::chain(e))
+            .await
+            .ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), note).await;
+}
+
+/// Ends the apply sessions of earlier attempts that the target still runs, and waits until they are gone.
+/// One can outlive its client (a stalled or half-closed connection, statements still queued in its
+/// socket, up to a COMMIT): read before it ends, the applied LSN would be older than its late commit, and
+/// the changes in between would be applied twice. Only one process streams a migration (the migration
+/// lock), so any other apply session on this database is a leftover.
+async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
+    for _ in 0..300 {
+        let left: i64 = match target
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'hikkoshi apply' AND datname = current_database()
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(e) if e.code().is_some_and(|c| c.code() == "42501") => {
+                tracing::warn!(
+                    "cannot end an earlier apply session on the target ({}): if it still commits, \
+                     changes may be applied twice",
+                    crate::error::chain(&e)
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(Error::sql(Side::Target, "ending earlier apply sessions")(e)),
+        };
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Stalled(
+        "an earlier apply session on the target did not end within 30 s of pg_terminate_backend"
+            .into(),
+    ))
 }
 
 fn transient(e: &Error) -> bool {
@@ -128,6 +276,7 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
             key: Vec::new(),
             always_identity: Vec::new(),
             window: Window::default(),
+            foldable: false,
         });
         let column: String = r.get(2);
         if r.get::<_, bool>(4) {
@@ -151,6 +300,24 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
         if let Some(t) = tables.get_mut(&name) {
             t.key = r.get(2);
+        }
+    }
+    // Tables whose primary key is their only unique or exclusion constraint (see `fold`).
+    let single = target
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             GROUP BY 1, 2
+             HAVING count(*) FILTER (WHERE i.indisprimary) = 1
+                AND count(*) FILTER (WHERE (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary) = 0",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading unique indexes"))?;
+    for r in single {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        if let Some(t) = tables.get_mut(&name) {
+            t.foldable = !t.key.is_empty();
         }
     }
     // Windows: per copied table (a partition's window applies to its root, which the stream names).
@@ -198,26 +365,43 @@ async fn session_once(
     plan: &FollowPlan,
     stop: &CancellationToken,
     report: &mut FollowReport,
+    pulse: &Pulse,
 ) -> Result<(), Error> {
     let target = session::connect(&plan.target, Side::Target).await?;
+    // The keepalive settings let the target end this session when its client is gone for good (with the
+    // server defaults, a dead peer can hold its locks for hours).
     target
         .batch_execute(
             "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
-             SET synchronous_commit = on; SET datestyle = ISO; SET intervalstyle = postgres;
-             SET default_transaction_read_only = off;",
+             SET synchronous_commit = off; SET datestyle = ISO; SET intervalstyle = postgres;
+             SET default_transaction_read_only = off;
+             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;",
         )
         .await
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
-    // Triggers and foreign-key checks ran on the source already (as in native logical replication).
-    if let Err(e) = target
-        .batch_execute("SET session_replication_role = replica")
+    let pid: i32 = target
+        .query_one("SELECT pg_backend_pid()", &[])
         .await
-    {
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?
+        .get(0);
+    pulse.apply_pid.store(pid, Ordering::Relaxed);
+    end_earlier_appliers(&target).await?;
+    // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
+    // statements join their arrays to the table by its key, row by row through the index, whatever the
+    // planner guesses of the arrays' length.
+    target
+        .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
+        .await
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
+    let reorder = target
+        .batch_execute("SET session_replication_role = replica")
+        .await;
+    if let Err(e) = &reorder {
         tracing::warn!(
             "cannot set session_replication_role on the target ({}): triggers will fire for applied \
              changes; grant it with `GRANT SET ON PARAMETER session_replication_role TO <user>` (PostgreSQL \
              15+) or connect as a superuser",
-            crate::error::chain(&e)
+            crate::error::chain(e)
         );
     }
     let row = target
@@ -248,7 +432,7 @@ async fn session_once(
         Direction::Reverse => Some(session::connect(&plan.control, Side::Target).await?),
     };
     let source = session::connect(&plan.source, Side::Source).await?;
-    let mut applier = Applier::new(target, source, applied, tables);
+    let mut applier = Applier::new(target, source, applied, tables, reorder.is_ok());
 
     let mut repl = ReplicationConn::connect(&plan.source)
         .await
@@ -265,6 +449,8 @@ async fn session_once(
     let mut last_record = Instant::now();
     let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
+    // time spent waiting for the source without a single message
+    let mut silent = Duration::ZERO;
     let apply_err = |e: ApplyError| match e {
         ApplyError::Target { what, source } => Error::Sql {
             side: Side::Target,
@@ -278,7 +464,9 @@ async fn session_once(
         },
         e => Error::Blocked(e.to_string()),
     };
+    applier.start().await.map_err(apply_err)?;
     loop {
+        pulse.beat();
         // Commit when idle or when the batch is old: latency stays low, throughput high.
         let wait = if applier.has_uncommitted() && !applier.inside_source_transaction() {
             Duration::from_millis(5)
@@ -294,6 +482,19 @@ async fn session_once(
             }
             m = tokio::time::timeout(wait, repl.next_stream_message()) => m,
         };
+        match &next {
+            Ok(_) => silent = Duration::ZERO,
+            Err(_) => {
+                silent += wait;
+                if silent >= stall_timeout() {
+                    return Err(Error::Stalled(format!(
+                        "no message from the source for {} s although a keepalive was asked for every \
+                         second: the replication connection stalled",
+                        silent.as_secs()
+                    )));
+                }
+            }
+        }
         match next {
             Ok(Ok(Some(StreamMessage::XLogData {
                 start, end, data, ..
@@ -314,19 +515,25 @@ async fn session_once(
                     && (applier.txns_in_batch >= MAX_BATCH_TXNS
                         || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
                 {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
+                    applier.commit().await.map_err(apply_err)?;
                     batch_started = None;
                 }
             }
             Ok(Ok(Some(StreamMessage::Keepalive { end, reply, .. }))) => {
                 server_end = server_end.max(end);
-                if !applier.inside_source_transaction() {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
-                    batch_started = None;
-                    if !applier.has_uncommitted() && received <= end {
-                        // everything sent before `end` is committed on the target
-                        confirmed = confirmed.max(end);
-                    }
+                // The walsender sends one whenever it has caught up, which in a live stream is after
+                // nearly every transaction: batches are not cut here (the idle timer commits them), and
+                // the target is asked for its flush position only when the source asks for an answer.
+                if reply {
+                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
+                }
+                if !applier.inside_source_transaction()
+                    && !applier.has_uncommitted()
+                    && applier.all_durable()
+                    && received <= end
+                {
+                    // everything sent before `end` is committed and flushed on the target
+                    confirmed = confirmed.max(end);
                 }
                 if reply {
                     repl.send_status(received, confirmed, false)
@@ -348,13 +555,14 @@ async fn session_once(
             Err(_) => {
                 // idle: commit what waits
                 if !applier.inside_source_transaction() {
-                    confirmed = confirmed.max(applier.commit().await.map_err(apply_err)?);
+                    applier.commit().await.map_err(apply_err)?;
                     batch_started = None;
                 }
                 // Ask for a keepalive: the walsender answers with how far it has decoded, which moves
                 // our in-sync position past WAL that holds nothing for us (vacuum, other databases), at
                 // once rather than after wal_sender_timeout / 2.
                 if wait >= Duration::from_secs(1) {
+                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
                     repl.send_status(received, confirmed, true)
                         .await
                         .map_err(Error::replication("asking for a keepalive"))?;
@@ -363,12 +571,14 @@ async fn session_once(
             }
         }
         if last_status.elapsed() > Duration::from_secs(5) {
+            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
             repl.send_status(received, confirmed, false)
                 .await
                 .map_err(Error::replication("sending a status update"))?;
             last_status = Instant::now();
         }
         if last_record.elapsed() > Duration::from_secs(1) {
+            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
             let rate = (applier.applied_txns - txns_at_record) as f64
                 / last_record.elapsed().as_secs_f64();
             record(&status, confirmed, server_end, rate).await;
@@ -413,7 +623,16 @@ async fn finish(
     server_end: Lsn,
     report: &mut FollowReport,
 ) -> Result<Lsn, ApplyError> {
-    let done = applier.commit().await?;
+    applier.commit().await?;
+    // the commits are asynchronous: the source may forget only what the target's disk has
+    let mut done = applier.durable().await?;
+    for _ in 0..40 {
+        if applier.all_durable() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        done = applier.durable().await?;
+    }
     applier.abandon().await;
     let _ = repl.send_status(received, done, false).await;
     record(status, done, server_end, 0.0).await;

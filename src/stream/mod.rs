@@ -2,5 +2,6 @@
 //! applier that writes each source transaction to the target exactly once.
 
 pub mod apply;
+pub mod fold;
 pub mod follow;
 pub mod pgoutput;

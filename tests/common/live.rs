@@ -15,10 +15,21 @@ pub struct Follower {
 
 impl Follower {
     pub fn start(s: &LocalServer, t: &LocalServer, db: &str, env: &[(&str, &str)]) -> Follower {
+        Follower::start_between(&s.url(db), &t.url(db), &[], env)
+    }
+
+    /// A following clone between two connection strings (e.g. through a proxy), with more arguments.
+    pub fn start_between(
+        source: &str,
+        target: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Follower {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "hikkoshi-follow-{}-{}.log",
             std::process::id(),
-            t.port
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
@@ -26,14 +37,15 @@ impl Follower {
             "clone",
             "--follow",
             "--source",
-            &s.url(db),
+            source,
             "--target",
-            &t.url(db),
+            target,
             "--jobs",
             "2",
             "--chunk-size",
             "1MB",
         ])
+        .args(extra)
         .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
         .env_remove("HIKKOSHI_FAILPOINT")
         .stdout(Stdio::null())
@@ -45,6 +57,57 @@ impl Follower {
             child: cmd.spawn().unwrap(),
             log,
         }
+    }
+
+    /// Any hikkoshi command in the background, its stderr in a log file.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Follower {
+        static SPAWNED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "hikkoshi-bg-{}-{}.log",
+            std::process::id(),
+            SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
+        cmd.args(args)
+            .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+            .env_remove("HIKKOSHI_FAILPOINT")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Follower {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, `-INT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits up to 60 s until the follower's log shows `needle`; fails if it exits first.
+    pub async fn wait_for_log(&mut self, needle: &str) {
+        for _ in 0..600 {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the follower exited ({s}) before {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the follower never logged {needle:?}:\n{}", self.log());
     }
 
     pub fn log(&self) -> String {
@@ -72,6 +135,14 @@ impl Follower {
     }
 }
 
+/// A test that fails does not leave its follower running.
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Peak resident memory of the follower so far (VmHWM).
 pub fn peak_rss(f: &Follower) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", f.child.id()))
@@ -88,12 +159,17 @@ pub fn peak_rss(f: &Follower) -> u64 {
 
 /// Waits until the follower has applied everything the source wrote so far.
 pub async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
+    wait_in_sync_within(src, tgt, f, 120).await
+}
+
+/// The same, for at most `secs` seconds.
+pub async fn wait_in_sync_within(src: &Client, tgt: &Client, f: &mut Follower, secs: u32) {
     let lsn: String = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
-    for _ in 0..1200 {
+    for _ in 0..secs * 10 {
         if let Ok(Some(status)) = f.child.try_wait() {
             panic!("the follower exited ({status}):\n{}", f.log());
         }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
 pub mod live;
+pub mod proxy;
 
 use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
