@@ -111,11 +111,7 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
             (attempts, backoff) = (0, Duration::from_millis(500));
         }
         attempts += 1;
-        let passing = matches!(
-            e.kind(),
-            crate::error::Kind::Transient | crate::error::Kind::Connection
-        );
-        if !passing || opts.stop.is_cancelled() || attempts > 8 {
+        if !e.retryable() || opts.stop.is_cancelled() || attempts > 8 {
             return Err(e);
         }
         crate::monitor::count_error(e.kind());

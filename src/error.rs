@@ -143,6 +143,27 @@ impl Error {
         }
     }
 
+    /// Whether trying the same step again shortly may succeed without anyone changing anything: a server
+    /// restarting or a dropped connection, but not a refused password, certificate or TLS setting, which
+    /// only a person can fix (retrying those only delays the error).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Connect { source, .. } => connection_may_come_back(source),
+            Error::ConnectTimeout { .. } => true,
+            Error::Replication { source, .. } => match source {
+                ReplicationError::Connect { .. }
+                | ReplicationError::Timeout { .. }
+                | ReplicationError::Io(_) => true,
+                ReplicationError::Server { code, .. } => {
+                    code == "55006" || code.starts_with("57P") || code.starts_with("53")
+                }
+                _ => false,
+            },
+            Error::Blocked(_) => false,
+            e => e.kind() == Kind::Transient,
+        }
+    }
+
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self.kind() {
@@ -241,6 +262,37 @@ fn classify(e: &tokio_postgres::Error) -> Kind {
             }
         }
     }
+}
+
+/// A failed connection attempt that a restart or a network blip explains: the server refusing or
+/// dropping the connection, or saying it is starting or shutting down; not a TLS failure or a refusal of the
+/// credentials or the database.
+fn connection_may_come_back(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let c = db.code().code();
+        return c.starts_with("57P") || c.starts_with("53") || c.starts_with("08");
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+            );
+        }
+        cause = c.source();
+    }
+    e.is_closed()
 }
 
 fn connect_hint(side: Side, endpoint: &str, e: &tokio_postgres::Error) -> String {

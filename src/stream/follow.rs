@@ -245,10 +245,7 @@ async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
 }
 
 fn transient(e: &Error) -> bool {
-    matches!(
-        e.kind(),
-        crate::error::Kind::Transient | crate::error::Kind::Connection
-    ) && !matches!(e, Error::Blocked(_))
+    e.retryable()
 }
 
 /// Loads the target's tables with their convergence windows from the copy's chunk records.
