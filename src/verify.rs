@@ -110,6 +110,8 @@ pub async fn compare(
     let source = open(src_info, Side::Source).await?;
     let target = open(tgt_info, Side::Target).await?;
     let ranges = key_ranges(&target).await?;
+    let record_hash = hash_record_extended(&source, Side::Source).await?
+        && hash_record_extended(&target, Side::Target).await?;
     let workers = jobs.clamp(1, tables.len().max(1));
     let queue = Arc::new(std::sync::Mutex::new(tables));
     let ranges = Arc::new(ranges);
@@ -125,7 +127,7 @@ pub async fn compare(
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let Some(table) = next else { break };
                 let preds = ranges.get(&table.name).cloned().unwrap_or_default();
-                out.push(verify_table(&source, &target, &table, &preds).await?);
+                out.push(verify_table(&source, &target, &table, &preds, record_hash).await?);
             }
             Ok::<_, Error>(out)
         });
@@ -200,18 +202,92 @@ fn row_expr(table: &Table) -> String {
     )
 }
 
+/// Whether the server has `hash_record_extended` (14+).
+async fn hash_record_extended(c: &Client, side: Side) -> Result<bool, Error> {
+    Ok(c.query_one(
+        "SELECT current_setting('server_version_num')::int >= 140000",
+        &[],
+    )
+    .await
+    .map_err(Error::sql(side, "reading the server version"))?
+    .get(0))
+}
+
+/// Column types whose hash function hashes the value itself, the same way on every version and platform
+/// (hash partitioning stores these hashes): a row of only such columns is hashed without turning it into
+/// text, three times faster. Enums (their hash is the label's OID, which differs between databases),
+/// domains, extension types and types without a hash function are hashed through the row's text.
+fn hashed_by_value(sql_type: &str) -> bool {
+    let mut base = String::new();
+    let mut depth = 0;
+    for ch in sql_type.trim_end_matches("[]").chars() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 => base.push(ch),
+            _ => {}
+        }
+    }
+    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+    matches!(
+        base.as_str(),
+        "smallint"
+            | "integer"
+            | "bigint"
+            | "numeric"
+            | "real"
+            | "double precision"
+            | "boolean"
+            | "text"
+            | "character varying"
+            | "character"
+            | "\"char\""
+            | "name"
+            | "bytea"
+            | "date"
+            | "time without time zone"
+            | "time with time zone"
+            | "timestamp without time zone"
+            | "timestamp with time zone"
+            | "interval"
+            | "uuid"
+            | "jsonb"
+            | "inet"
+            | "cidr"
+            | "macaddr"
+            | "macaddr8"
+            | "money"
+            | "oid"
+    )
+}
+
 async fn range_summary(
     c: &Client,
     side: Side,
     table: &Table,
     predicate: Option<&str>,
+    record_hash: bool,
 ) -> Result<(i64, String), Error> {
+    let hash = if record_hash
+        && !table.columns.is_empty()
+        && table.columns.iter().all(|c| hashed_by_value(&c.type_sql))
+    {
+        format!(
+            "hash_record_extended(ROW({}), 0)",
+            table
+                .columns
+                .iter()
+                .map(|c| format!("s.{}", quote_ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        format!("hashtextextended({}, 0)", row_expr(table))
+    };
     let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended({row}, 0)), 0)::text
-         FROM ONLY {} AS s {}",
+        "SELECT count(*), coalesce(sum({hash}), 0)::text FROM ONLY {} AS s {}",
         table.name.quoted(),
         predicate.map(|p| format!("WHERE {p}")).unwrap_or_default(),
-        row = row_expr(table)
     );
     let r = c
         .query_one(&sql, &[])
@@ -226,10 +302,11 @@ async fn summaries(
     target: &Client,
     table: &Table,
     predicate: Option<&str>,
+    record_hash: bool,
 ) -> Result<((i64, String), (i64, String)), Error> {
     tokio::try_join!(
-        range_summary(source, Side::Source, table, predicate),
-        range_summary(target, Side::Target, table, predicate)
+        range_summary(source, Side::Source, table, predicate, record_hash),
+        range_summary(target, Side::Target, table, predicate, record_hash)
     )
 }
 
@@ -272,6 +349,7 @@ async fn verify_table(
     target: &Client,
     table: &Table,
     predicates: &[String],
+    record_hash: bool,
 ) -> Result<TableResult, Error> {
     let preds: Vec<Option<&str>> = if predicates.is_empty() {
         vec![None]
@@ -290,7 +368,7 @@ async fn verify_table(
         unsettled: vec![],
     };
     for p in preds {
-        let (mut s, mut t) = summaries(source, target, table, p).await?;
+        let (mut s, mut t) = summaries(source, target, table, p, record_hash).await?;
         // While a follower streams, the target trails the source: look again once it has caught up with
         // where the source was, until the range settles.
         let mut tries = 0;
@@ -301,7 +379,7 @@ async fn verify_table(
                 .map_err(Error::sql(Side::Source, "reading the WAL position"))?
                 .get(0);
             wait_synced(target, &lsn, Duration::from_secs(30)).await;
-            (s, t) = summaries(source, target, table, p).await?;
+            (s, t) = summaries(source, target, table, p, record_hash).await?;
             tries += 1;
         }
         result.source_rows += s.0;
@@ -602,12 +680,38 @@ impl std::fmt::Display for VerifyReport {
 
 #[cfg(test)]
 mod tests {
-    use super::diff;
+    use super::{diff, hashed_by_value};
 
     fn rows(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn only_value_hashed_types_are_hashed_without_text() {
+        for t in [
+            "integer",
+            "numeric(12,2)",
+            "character varying(20)[]",
+            "timestamp(3) with time zone",
+            "time(6) without time zone",
+            "jsonb",
+            "\"char\"",
+        ] {
+            assert!(hashed_by_value(t), "{t}");
+        }
+        for t in [
+            "json",
+            "vector(3)",
+            "mood",
+            "public.mood[]",
+            "point",
+            "tsvector",
+            "regclass",
+        ] {
+            assert!(!hashed_by_value(t), "{t}");
+        }
     }
 
     #[test]
