@@ -480,12 +480,22 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         .await;
     crate::failpoint::hit("cutover.fenced");
 
-    // 4. Catch up to the marker.
+    // 4. Catch up to the marker. A source of 14+ sends the marker through the stream, and only the applied
+    // position proves it arrived; before 14 the in-sync position has to do.
+    let messages: bool = old
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 140000",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(false);
     loop {
         let done: bool = match new
             .query_one(
-                "SELECT greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn FROM hikkoshi.stream",
-                &[&marker.to_string()],
+                "SELECT CASE WHEN $2 THEN applied_lsn ELSE greatest(applied_lsn, synced_lsn) END
+                        >= $1::text::pg_lsn FROM hikkoshi.stream",
+                &[&marker.to_string(), &messages],
             )
             .await
         {
