@@ -446,6 +446,7 @@ async fn session_once(
     let mut last_record = Instant::now();
     let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
+    let mut last_data = Instant::now();
     // time spent waiting for the source without a single message
     let mut silent = Duration::ZERO;
     let apply_err = |e: ApplyError| match e {
@@ -498,6 +499,7 @@ async fn session_once(
             }))) => {
                 received = received.max(start);
                 server_end = server_end.max(end);
+                last_data = Instant::now();
                 let msg = Message::decode(data).map_err(|e| {
                     Error::Blocked(format!(
                         "undecodable message from the source at {start}: {e}"
@@ -524,7 +526,12 @@ async fn session_once(
                 if reply {
                     confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
                 }
-                if !applier.inside_source_transaction()
+                // Only the answer to our own request, after a second without data, moves the in-sync
+                // position past what we applied: a keepalive in a busy stream (a large transaction being
+                // decoded) was seen to carry a position past a transaction not sent yet.
+                if reply
+                    && last_data.elapsed() > Duration::from_secs(1)
+                    && !applier.inside_source_transaction()
                     && !applier.has_uncommitted()
                     && applier.all_durable()
                     && received <= end
