@@ -579,7 +579,7 @@ async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
     while start.elapsed() < timeout {
         let ok = target
             .query_one(
-                "SELECT coalesce(bool_or(synced_lsn >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
+                "SELECT coalesce(bool_or(greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
                 &[&lsn],
             )
             .await

@@ -447,6 +447,7 @@ async fn session_once(
     let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
     let mut last_data = Instant::now();
+    let mut last_keepalive_end = Lsn::default();
     // time spent waiting for the source without a single message
     let mut silent = Duration::ZERO;
     let apply_err = |e: ApplyError| match e {
@@ -526,10 +527,13 @@ async fn session_once(
                 if reply {
                     confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
                 }
-                // Only the answer to our own request, after a second without data, moves the in-sync
-                // position past what we applied: a keepalive in a busy stream (a large transaction being
-                // decoded) was seen to carry a position past a transaction not sent yet.
-                if reply
+                // The in-sync position moves past what we applied only when the walsender stands still:
+                // two keepalives with the same position and no data for a second. A keepalive in a busy
+                // stream (a large transaction being decoded) was seen to carry a position past a
+                // transaction not sent yet.
+                let still = end == last_keepalive_end;
+                last_keepalive_end = end;
+                if still
                     && last_data.elapsed() > Duration::from_secs(1)
                     && !applier.inside_source_transaction()
                     && !applier.has_uncommitted()
