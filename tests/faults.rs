@@ -108,28 +108,6 @@ async fn target_restarted_during_the_copy_recovers_by_itself() {
     restart_during_the_copy(Side::Target, 18).await;
 }
 
-/// A free local port, for `--listen`.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET over plain HTTP/1.0: (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1.to_string();
-    Some((code, body))
-}
-
 /// Polls `/health` until `ok` holds for its answer (90 s at most).
 async fn wait_for_health(port: u16, ok: impl Fn(u16, &str) -> bool) -> String {
     let mut last = None;
