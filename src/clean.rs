@@ -64,7 +64,7 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
         }
     }
     // the forward stream is hikkoshi_<id>, temporary slots add _<pid>, the reverse stream adds _rev
-    let pattern = format!("^hikkoshi_{}(_[0-9]+|_rev)?$", m.id);
+    let pattern = format!("^hikkoshi_{}(_[0-9]+|_rev|_proof)?$", m.id);
     for (client, side) in [(&source, Side::Source), (&target, Side::Target)] {
         if force {
             cleaned.sessions_ended += end_walsenders(client, side, &pattern).await?;

@@ -75,7 +75,7 @@ pub struct VerifyOptions {
     pub jobs: usize,
 }
 
-const SHOW: usize = 20;
+pub(crate) const SHOW: usize = 20;
 
 /// Compares every selected table and sequence.
 pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
@@ -145,7 +145,7 @@ pub async fn compare(
     })
 }
 
-async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
+pub(crate) async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let c = session::connect(info, side).await?;
     c.batch_execute(
         "SET TimeZone = 'UTC'; SET DateStyle = ISO; SET IntervalStyle = postgres;
@@ -157,7 +157,9 @@ async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
 }
 
 /// Key-range predicates recorded by the copy (they read the same on both servers; ctid ranges do not).
-async fn key_ranges(target: &Client) -> Result<HashMap<QualifiedName, Vec<String>>, Error> {
+pub(crate) async fn key_ranges(
+    target: &Client,
+) -> Result<HashMap<QualifiedName, Vec<String>>, Error> {
     let mut out: HashMap<QualifiedName, Vec<String>> = HashMap::new();
     if !crate::state::exists(target)
         .await
@@ -187,7 +189,7 @@ async fn key_ranges(target: &Client) -> Result<HashMap<QualifiedName, Vec<String
 }
 
 /// The row as text, from the source's column list (generated columns included: both sides compute them).
-fn row_expr(table: &Table) -> String {
+pub(crate) fn row_expr(table: &Table) -> String {
     if table.columns.is_empty() {
         return "'()'".into();
     }
@@ -297,7 +299,7 @@ async fn range_summary(
 }
 
 /// A range's summary on both servers at once.
-async fn summaries(
+pub(crate) async fn summaries(
     source: &Client,
     target: &Client,
     table: &Table,
@@ -518,7 +520,10 @@ async fn rows_by_key(
 }
 
 /// Rows missing on the target, extra on the target, and changed (same key, other content).
-fn diff(a: &[(String, String)], b: &[(String, String)]) -> (Vec<String>, Vec<String>, Vec<String>) {
+pub(crate) fn diff(
+    a: &[(String, String)],
+    b: &[(String, String)],
+) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut count: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for (k, h) in a {
         *count.entry((k, h)).or_default() += 1;
@@ -592,7 +597,7 @@ async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
     }
 }
 
-async fn verify_sequences(
+pub(crate) async fn verify_sequences(
     source: &Client,
     target: &Client,
     names: &[QualifiedName],

@@ -443,6 +443,116 @@ async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
     assert!(status.success(), "{log}");
 }
 
+/// The cutover's own verification, in its two parts (`src/cutover/proof.rs`), under live writes:
+/// - a row edited by hand on the target before the cutover differs in the snapshots hashed before the fence;
+/// - rows edited, deleted and added by hand on the target after those snapshots (while the cutover is held
+///   at `cutover.proved-before-fence`) reach the pause only through the target's key stream;
+/// each time the cutover stops with exit 1 naming the rows, the fence is lifted and the source stays the
+/// primary. Repaired, the cutover goes through, with the first part made before the fence.
+#[tokio::test(flavor = "multi_thread")]
+async fn differences_found_by_the_cutover_are_named_and_undo_it() {
+    let s = server(15);
+    let t = server(18);
+    let (_, tgt, mut follower) = following(&s, &t, 2).await;
+    let switch = switch_file(&s);
+    let writer = App::start(
+        format!("host=127.0.0.1 user=app_writer password={PASSWORD} dbname=app"),
+        switch.clone(),
+        |_| "INSERT INTO app.tickets (note) VALUES ('from the app') RETURNING id".into(),
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (su, tu) = (s.url("app"), t.url("app"));
+    let cutover = ["cutover", "--source", &su, "--target", &tu];
+
+    // 1. edited before the cutover: found in the snapshots
+    tgt.batch_execute("UPDATE app.tickets SET note = 'edited on the target' WHERE id = 7")
+        .await
+        .unwrap();
+    let out = hikkoshi(&cutover);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("different on the target: (7)"),
+        "the edited row is not named:\n{log}"
+    );
+    app_can_write(&s).await.unwrap();
+    assert_eq!(cutover_step(&t).await, "aborted");
+    tgt.batch_execute("UPDATE app.tickets SET note = 'before 7' WHERE id = 7")
+        .await
+        .unwrap();
+
+    // 2. edited, deleted and added after the snapshots: found by the target's key stream
+    let mut held = Follower::spawn(
+        &cutover,
+        &[
+            ("HIKKOSHI_PAUSE", "cutover.proved-before-fence"),
+            ("HIKKOSHI_PAUSE_SECS", "4"),
+        ],
+    );
+    held.wait_for_log("paused at cutover.proved-before-fence")
+        .await;
+    tgt.batch_execute(
+        "UPDATE app.tickets SET note = 'edited later' WHERE id = 8;
+         DELETE FROM app.tickets WHERE id = 9;
+         INSERT INTO app.tickets (id, note) VALUES (900000000, 'only on the target')",
+    )
+    .await
+    .unwrap();
+    let status = held.exits_by_itself().await;
+    let log = held.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    for named in [
+        "different on the target: (8)",
+        "missing on the target: (9)",
+        "only on the target: (900000000)",
+    ] {
+        assert!(log.contains(named), "`{named}` is not reported:\n{log}");
+    }
+    app_can_write(&s).await.unwrap();
+    let src = connect(&s.socket_url("app")).await;
+    let row9 = src
+        .query_one(
+            "SELECT note, created_at::text FROM app.tickets WHERE id = 9",
+            &[],
+        )
+        .await
+        .unwrap();
+    tgt.execute(
+        "INSERT INTO app.tickets (id, note, created_at) VALUES (9, $1, $2::text::timestamptz)",
+        &[&row9.get::<_, String>(0), &row9.get::<_, String>(1)],
+    )
+    .await
+    .unwrap();
+    tgt.batch_execute(
+        "UPDATE app.tickets SET note = 'before 8' WHERE id = 8;
+         DELETE FROM app.tickets WHERE id = 900000000",
+    )
+    .await
+    .unwrap();
+
+    // 3. repaired: the cutover goes through, and proves most of it before the fence
+    let hook = format!("echo \"$HIKKOSHI_NEW_PRIMARY_PORT\" > {}", switch.display());
+    let mut args = cutover.to_vec();
+    args.extend(["--hook", &hook, "--json"]);
+    let out = hikkoshi(&args);
+    assert_success(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["rows_hashed_before_fence"].as_i64().unwrap() >= 500
+            && report["warnings"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    let stats = writer.stop().await;
+    assert!(stats.committed > 20, "{stats:?}");
+    let status = follower.exits_by_itself().await;
+    assert!(status.success(), "{}", follower.log());
+    let src = connect(&s.socket_url("app")).await;
+    assert!(hikkoshi_slots(&src).await.is_empty());
+    assert!(hikkoshi_slots(&tgt).await.is_empty());
+    assert_eq!(publication_count(&tgt).await, 0);
+}
+
 /// Rows identical, sequences on the target at or past the source (a cutover moves them to the source's
 /// position; the target may have handed out more since).
 async fn assert_identical_rows_and_sequences_at_least(src: &Client, tgt: &Client) {

@@ -22,6 +22,7 @@
 
 pub mod fence;
 pub mod hook;
+pub mod proof;
 
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,14 @@ pub struct SwitchReport {
     pub catch_up_seconds: f64,
     /// Moving sequences and verifying.
     pub verify_seconds: f64,
+    /// The first part of the proof, before the fence: hashing the tables in two snapshots (0 when the
+    /// whole proof was made in the pause).
+    pub verify_before_fence_seconds: f64,
+    pub rows_hashed_before_fence: i64,
+    /// The second part, in the pause: rows changed since the snapshots, compared by key, and the tables
+    /// hashed whole (with the reason).
+    pub rows_compared_in_pause: usize,
+    pub tables_hashed_in_pause: Vec<String>,
     pub sequences_moved: usize,
     pub verify: String,
     pub tables_verified: usize,
@@ -139,6 +148,21 @@ impl std::fmt::Display for SwitchReport {
             "  verify:     {} ({} table(s), {} row(s) equal; sequences and verify {:.3}s)",
             self.verify, self.tables_verified, self.rows_verified, self.verify_seconds
         )?;
+        if self.verify_before_fence_seconds > 0.0 {
+            writeln!(
+                f,
+                "              {} row(s) hashed before the fence ({:.3}s); in the pause {} changed row(s) \
+                 compared by key{}",
+                self.rows_hashed_before_fence,
+                self.verify_before_fence_seconds,
+                self.rows_compared_in_pause,
+                if self.tables_hashed_in_pause.is_empty() {
+                    String::new()
+                } else {
+                    format!(", hashed whole: {}", self.tables_hashed_in_pause.join(", "))
+                }
+            )?;
+        }
         for h in &self.hooks {
             writeln!(f, "  hook:       `{}` ok in {:.3}s", h.command, h.seconds)?;
         }
@@ -387,31 +411,94 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         }
     );
     let deadline = Instant::now() + opts.timeout;
+    let proof_publication = format!("hikkoshi_{}_proof", migration.id);
+    let mut resolved = None;
+    let mut proof = None;
     if !resumed_fence {
-        loop {
-            let lag = lag_bytes(&old, old_side, &new, new_side).await?;
-            if lag <= opts.max_lag {
-                break;
+        wait_for_lag(
+            (&old, old_side),
+            (&new, new_side),
+            opts,
+            &mut follower,
+            &follower_stop,
+            deadline,
+        )
+        .await?;
+        if opts.verify != VerifyMode::None {
+            // The first part of the proof, while the application still writes (see `proof`).
+            let r = selected(&migration, &old, old_side).await?;
+            let streamed = streamed_tables(&new).await;
+            let plan = proof::Plan {
+                old: old_info.clone(),
+                new: new_info.clone(),
+                old_side,
+                new_side,
+                old_publication: feeding.publication.clone(),
+                new_publication: proof_publication.clone(),
+                slot: format!("hikkoshi_{}_proof", migration.id),
+                tables: r.tables.clone(),
+                hash: r
+                    .tables
+                    .iter()
+                    .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
+                    .map(|t| t.name.clone())
+                    .collect(),
+                ranges: crate::verify::key_ranges(&ctl).await.unwrap_or_default(),
+                jobs: opts.jobs,
+                wait: opts.timeout.min(Duration::from_secs(30)),
+            };
+            let prepared = tokio::select! {
+                p = proof::prepare(plan, &old, &new) => p,
+                _ = opts.stop.cancelled() => Err(Error::Interrupted),
+            };
+            match prepared {
+                Ok(p) => {
+                    tracing::info!(
+                        "{}: {} row(s) hashed in snapshots before the fence in {:.1}s",
+                        report.step,
+                        p.rows_hashed,
+                        p.seconds
+                    );
+                    report.verify_before_fence_seconds = p.seconds;
+                    report.rows_hashed_before_fence = p.rows_hashed;
+                    proof = Some(p);
+                    crate::failpoint::pause("cutover.proved-before-fence", &opts.stop).await;
+                }
+                Err(e) => {
+                    proof::drop_publication(&new, &proof_publication).await;
+                    if opts.stop.is_cancelled() {
+                        follower_stop.cancel();
+                        return Err(Error::Blocked(format!(
+                            "interrupted before the fence: nothing was fenced, the {old_side} is the \
+                             primary as before"
+                        )));
+                    }
+                    let w = format!(
+                        "the proof could not be prepared before the fence ({}): the tables were hashed in \
+                         the write pause",
+                        crate::error::chain(&e)
+                    );
+                    tracing::warn!("{w}");
+                    report.warnings.push(w);
+                }
             }
-            if let Some(e) = follower_failed(&mut follower).await {
+            resolved = Some(r);
+            // the lag may have grown while the tables were hashed
+            if let Err(e) = wait_for_lag(
+                (&old, old_side),
+                (&new, new_side),
+                opts,
+                &mut follower,
+                &follower_stop,
+                Instant::now() + opts.timeout,
+            )
+            .await
+            {
+                if let Some(p) = proof.take() {
+                    p.abandon(&new).await;
+                }
                 return Err(e);
             }
-            if Instant::now() > deadline || opts.stop.is_cancelled() {
-                follower_stop.cancel();
-                return Err(Error::Blocked(format!(
-                    "the stream's lag ({lag} bytes) did not drop under --max-lag {} within {}s{}: nothing \
-                     was fenced, the {old_side} is the primary as before. Let the follower catch up (see \
-                     `hikkoshi status`) and run the cutover again, or raise --max-lag/--timeout",
-                    opts.max_lag,
-                    opts.timeout.as_secs(),
-                    if opts.stop.is_cancelled() {
-                        " (interrupted)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -446,10 +533,14 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         .await
         .unwrap_or_default();
     let fenced_at = Instant::now();
+    // the catch-up gets its own --timeout (the first part of the proof may have taken longer)
+    let deadline = fenced_at + opts.timeout;
     let undo = Undo {
         way,
         ctl: &ctl,
         old: &old,
+        new: &new,
+        proof_publication: &proof_publication,
         old_side,
         prior: prior.clone(),
         follower_stop: follower_stop.clone(),
@@ -529,17 +620,12 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     let verify_started = Instant::now();
 
     // 5. Sequences, 6. verify.
-    let selection = selection_of(&migration)?;
-    let cat = match Catalog::load(&old).await {
-        Ok(c) => c,
-        Err(e) => {
-            let e = Error::sql(old_side, "reading the catalog")(e);
-            return Err(undo.run(e, None).await);
-        }
-    };
-    let resolved = match resolve(&cat, &selection) {
-        Ok(r) => r,
-        Err(e) => return Err(undo.run(e, None).await),
+    let resolved = match resolved.take() {
+        Some(r) => r,
+        None => match selected(&migration, &old, old_side).await {
+            Ok(r) => r,
+            Err(e) => return Err(undo.run(e, None).await),
+        },
     };
     let sequences = match crate::sequence::existing(&new, new_side, &resolved.sequences).await {
         Ok(s) => s,
@@ -563,14 +649,33 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             .cloned()
             .collect();
         crate::failpoint::pause("cutover.verify", &opts.stop).await;
-        let v = match crate::verify::compare(&old_info, &new_info, tables, &sequences, opts.jobs)
-            .await
-        {
+        let outcome = match proof.take() {
+            Some(p) => p
+                .conclude(
+                    (&old, old_side),
+                    (&new, new_side),
+                    tables,
+                    &sequences,
+                    opts.jobs,
+                    opts.timeout,
+                )
+                .await
+                .map(|(v, pause)| {
+                    report.rows_compared_in_pause = pause.rows_compared;
+                    report.tables_hashed_in_pause = pause.hashed_whole;
+                    v
+                }),
+            None => {
+                crate::verify::compare(&old_info, &new_info, tables, &sequences, opts.jobs).await
+            }
+        };
+        let v = match outcome {
             Ok(v) => v,
             Err(e) => return Err(undo.run(e, None).await),
         };
         report.tables_verified = v.tables.len();
-        report.rows_verified = v.tables.iter().map(|t| t.source_rows).sum();
+        report.rows_verified =
+            report.rows_hashed_before_fence + v.tables.iter().map(|t| t.source_rows).sum::<i64>();
         if !v.equal() {
             let e = Error::Blocked(format!(
                 "the fenced verification found differences, so the {} was not done:\n{v}",
@@ -665,6 +770,8 @@ struct Undo<'a> {
     way: Way,
     ctl: &'a Client,
     old: &'a Client,
+    new: &'a Client,
+    proof_publication: &'a str,
     old_side: Side,
     prior: Option<String>,
     follower_stop: CancellationToken,
@@ -681,6 +788,7 @@ impl Undo<'_> {
         if let Some(plan) = reverse {
             drop_reverse(self.ctl, self.old, plan).await;
         }
+        proof::drop_publication(self.new, self.proof_publication).await;
         let back = match self.way {
             Way::Cutover => step::ABORTED,
             Way::Rollback => step::SWITCHED,
@@ -822,6 +930,55 @@ async fn follower_failed(
         Ok(Err(e)) => Some(e),
         Err(e) => Some(Error::Blocked(format!("the follower failed: {e}"))),
     }
+}
+
+/// Waits until the stream's lag is under `--max-lag`; nothing is fenced yet, so giving up changes nothing.
+async fn wait_for_lag(
+    (old, old_side): (&Client, Side),
+    (new, new_side): (&Client, Side),
+    opts: &CutoverOptions,
+    follower: &mut Option<tokio::task::JoinHandle<Result<FollowReport, Error>>>,
+    follower_stop: &CancellationToken,
+    deadline: Instant,
+) -> Result<(), Error> {
+    loop {
+        let lag = lag_bytes(old, old_side, new, new_side).await?;
+        if lag <= opts.max_lag {
+            return Ok(());
+        }
+        if let Some(e) = follower_failed(follower).await {
+            return Err(e);
+        }
+        if Instant::now() > deadline || opts.stop.is_cancelled() {
+            follower_stop.cancel();
+            return Err(Error::Blocked(format!(
+                "the stream's lag ({lag} bytes) did not drop under --max-lag {} within {}s{}: nothing \
+                 was fenced, the {old_side} is the primary as before. Let the follower catch up (see \
+                 `hikkoshi status`) and run the cutover again, or raise --max-lag/--timeout",
+                opts.max_lag,
+                opts.timeout.as_secs(),
+                if opts.stop.is_cancelled() {
+                    " (interrupted)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The migration's tables and sequences, resolved on the old primary's catalog.
+async fn selected(
+    m: &state::Migration,
+    old: &Client,
+    side: Side,
+) -> Result<crate::plan::Resolved, Error> {
+    let selection = selection_of(m)?;
+    let cat = Catalog::load(old)
+        .await
+        .map_err(Error::sql(side, "reading the catalog"))?;
+    resolve(&cat, &selection)
 }
 
 /// The migration's table selection, as recorded by the clone.

@@ -1,0 +1,863 @@
+//! The cutover's verification in two parts, so that the write pause grows with the rows changed in the last
+//! seconds, not with the size of the tables.
+//!
+//! **Before the fence**, while the application still writes:
+//! 1. a temporary slot is made on the old primary, with an exported snapshot at its consistent point C;
+//! 2. once the new primary has applied past C, a temporary slot is made there too (snapshot at B), over a
+//!    publication of its own (`hikkoshi_<id>_proof`);
+//! 3. the tables are hashed by key range in the two snapshots, as `hikkoshi verify` does, and the keys of
+//!    the rows that differ are kept (a row the source changed between C and B differs here, rightly);
+//! 4. from then on each slot streams the keys of every row its server changes: inserts, updates (with the
+//!    old key when it changed), deletes; a TRUNCATE marks its table.
+//!
+//! **In the pause**, once the new primary has applied everything up to the fence, a logical message on each
+//! server ends its stream, and the rows of the kept keys are compared by key on both servers.
+//!
+//! Why this proves the tables equal: a row whose key neither stream saw, and that did not differ in the
+//! snapshots, is on the old primary as it was at C and on the new one as it was at B, and those were equal.
+//! Every other row is compared directly, after the fence. A row written on the new primary by anyone (the
+//! applier, or someone by hand) is in the new primary's stream, so nothing on the target escapes.
+//!
+//! Tables without a key, tables truncated in between, and keys the stream did not carry (a TOASTed key
+//! left out of an update) are hashed whole in the pause; so is everything when the preparation cannot be
+//! made (a server before 14, no free slot or WAL sender, a long transaction that holds off the slot's
+//! consistent point) or a stream fails.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+
+use crate::catalog::Table;
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::ident::{QualifiedName, quote_ident};
+use crate::lsn::Lsn;
+use crate::replication::conn::StreamMessage;
+use crate::replication::{ReplicationConn, create_with_snapshot};
+use crate::stream::pgoutput::{Message, OldRow, Tuple, Value};
+use crate::verify::{self, TableResult, VerifyReport};
+
+/// The prefix of the logical message that ends a proof stream.
+const PREFIX: &str = "hikkoshi-proof";
+/// Keys kept per table; past this many, the table is hashed whole in the pause.
+const MAX_KEYS: usize = 1_000_000;
+/// Keys looked up per statement in the pause.
+const LOOKUP: usize = 10_000;
+
+/// The tables a relation of the stream feeds (itself, or the partitions of a root), each with the
+/// positions of its key columns in the relation (None when one is missing).
+type Feeds = Vec<(QualifiedName, Option<Vec<usize>>)>;
+
+/// What the preparation needs to know.
+pub struct Plan {
+    pub old: ConnInfo,
+    pub new: ConnInfo,
+    pub old_side: Side,
+    pub new_side: Side,
+    /// The publication that the stream to the new primary reads on the old one.
+    pub old_publication: String,
+    /// Made on the new primary for its own stream of keys.
+    pub new_publication: String,
+    /// Prefix of the two temporary slots' names.
+    pub slot: String,
+    /// Every table of the selection.
+    pub tables: Vec<Table>,
+    /// The tables to hash in the snapshots (the others are as the copy left them on both servers).
+    pub hash: HashSet<QualifiedName>,
+    /// Key-range predicates recorded by the copy.
+    pub ranges: HashMap<QualifiedName, Vec<String>>,
+    pub jobs: usize,
+    /// How long a slot may wait for its consistent point, and the new primary for C.
+    pub wait: Duration,
+}
+
+/// Keys of rows to compare in the pause, per table, and the tables to hash whole (with the reason).
+#[derive(Debug, Default)]
+struct Keys {
+    rows: HashMap<QualifiedName, HashSet<Vec<String>>>,
+    whole: HashMap<QualifiedName, String>,
+}
+
+impl Keys {
+    fn add(&mut self, table: &QualifiedName, key: Vec<String>) {
+        if self.whole.contains_key(table) {
+            return;
+        }
+        let set = self.rows.entry(table.clone()).or_default();
+        set.insert(key);
+        if set.len() > MAX_KEYS {
+            self.whole(table, &format!("more than {MAX_KEYS} rows changed"));
+        }
+    }
+
+    fn whole(&mut self, table: &QualifiedName, why: &str) {
+        self.rows.remove(table);
+        self.whole
+            .entry(table.clone())
+            .or_insert_with(|| why.to_string());
+    }
+
+    fn merge(&mut self, other: Keys) {
+        for (t, why) in other.whole {
+            self.whole(&t, &why);
+        }
+        for (t, set) in other.rows {
+            for k in set {
+                self.add(&t, k);
+            }
+        }
+    }
+}
+
+/// The first part done: the snapshots compared and both streams running.
+pub struct Prepared {
+    old: ConnInfo,
+    new: ConnInfo,
+    new_publication: String,
+    differing: Keys,
+    streams: Vec<JoinHandle<Result<Keys, Error>>>,
+    /// Pairs of sessions (old, new), ready to compare by key in the pause.
+    sessions: Vec<(Client, Client)>,
+    nonce: String,
+    pub tables_hashed: usize,
+    pub rows_hashed: i64,
+    pub seconds: f64,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // the streams' connections close with their tasks, and the temporary slots with them
+        for s in &self.streams {
+            s.abort();
+        }
+    }
+}
+
+/// What the pause's part did.
+#[derive(Debug, Default)]
+pub struct InPause {
+    /// Rows compared by key.
+    pub rows_compared: usize,
+    /// Tables hashed whole, with the reason.
+    pub hashed_whole: Vec<String>,
+}
+
+/// Drops the new primary's proof publication (idempotent; `hikkoshi clean` also removes it).
+pub async fn drop_publication(new: &Client, name: &str) {
+    let _ = new
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+        .await;
+}
+
+/// The first part: slots, snapshots, hashes. An error means the proof must be made in the pause instead
+/// (the caller drops the publication).
+pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared, Error> {
+    let started = Instant::now();
+    for (c, side) in [(old, plan.old_side), (new, plan.new_side)] {
+        let v: i32 = c
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(Error::sql(side, "reading the server version"))?
+            .get(0);
+        if v < 140000 {
+            return Err(Error::Blocked(format!(
+                "the {side} runs PostgreSQL {}, and ending a key stream at the fence needs logical \
+                 messages (14+)",
+                v / 10000
+            )));
+        }
+    }
+    let (old_slot, new_slot) = (format!("{}_o", plan.slot), format!("{}_n", plan.slot));
+    let old_snap = slot(&plan.old, plan.old_side, &old_slot, plan.wait).await?;
+    let old_sessions = import(&plan.old, plan.old_side, &old_snap.snapshot, plan.jobs).await?;
+    wait_applied(new, old_snap.lsn, plan.wait).await;
+
+    // The new primary's publication lists its plain, logged tables with a key (a table without a replica
+    // identity in a publication would refuse deletes).
+    let keyed: Vec<(String, String)> = plan
+        .tables
+        .iter()
+        .filter(|t| !t.key.is_empty())
+        .map(|t| (t.name.schema.clone(), t.name.name.clone()))
+        .collect();
+    let (schemas, names): (Vec<String>, Vec<String>) = keyed.into_iter().unzip();
+    let publishable: Vec<String> = new
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN unnest($1::text[], $2::text[]) AS s(nsp, rel) ON s.nsp = n.nspname AND s.rel = c.relname
+             WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND c.relreplident <> 'n'
+               AND (c.relreplident <> 'd'
+                    OR EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(Error::sql(plan.new_side, "listing tables for the proof's publication"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if publishable.is_empty() {
+        return Err(Error::Blocked("no table with a key to stream".into()));
+    }
+    new.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {p}; CREATE PUBLICATION {p} FOR TABLE {}",
+        publishable.join(", "),
+        p = quote_ident(&plan.new_publication)
+    ))
+    .await
+    .map_err(Error::sql(
+        plan.new_side,
+        "creating the proof's publication",
+    ))?;
+    let new_snap = slot(&plan.new, plan.new_side, &new_slot, plan.wait).await?;
+    let new_sessions = import(&plan.new, plan.new_side, &new_snap.snapshot, plan.jobs).await?;
+
+    // Both snapshots are imported: the slots may stream now.
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let tables = Arc::new(plan.tables.clone());
+    let streams = vec![
+        tokio::spawn(collect(
+            old_snap.conn,
+            old_slot,
+            old_snap.lsn,
+            plan.old_publication.clone(),
+            plan.old_side,
+            tables.clone(),
+            nonce.clone(),
+        )),
+        tokio::spawn(collect(
+            new_snap.conn,
+            new_slot,
+            new_snap.lsn,
+            plan.new_publication.clone(),
+            plan.new_side,
+            tables.clone(),
+            nonce.clone(),
+        )),
+    ];
+    let mut prepared = Prepared {
+        old: plan.old.clone(),
+        new: plan.new.clone(),
+        new_publication: plan.new_publication.clone(),
+        differing: Keys::default(),
+        streams,
+        sessions: Vec::new(),
+        nonce,
+        tables_hashed: 0,
+        rows_hashed: 0,
+        seconds: 0.0,
+    };
+    let to_hash: Vec<Table> = plan
+        .tables
+        .iter()
+        .filter(|t| !t.key.is_empty() && plan.hash.contains(&t.name))
+        .cloned()
+        .collect();
+    prepared.tables_hashed = to_hash.len();
+    let (differing, rows, sessions) =
+        hash_in_snapshots(old_sessions, new_sessions, to_hash, &plan.ranges).await?;
+    prepared.differing = differing;
+    prepared.sessions = sessions;
+    prepared.rows_hashed = rows;
+    prepared.seconds = started.elapsed().as_secs_f64();
+    Ok(prepared)
+}
+
+/// A temporary slot with its exported snapshot, within `wait`.
+async fn slot(
+    info: &ConnInfo,
+    side: Side,
+    name: &str,
+    wait: Duration,
+) -> Result<crate::replication::ExportedSnapshot, Error> {
+    let conn = ReplicationConn::connect(info)
+        .await
+        .map_err(Error::replication(format!(
+            "opening a replication connection to the {side}"
+        )))?;
+    tokio::time::timeout(wait, create_with_snapshot(conn, name, true))
+        .await
+        .map_err(|_| {
+            Error::Blocked(format!(
+                "the {side}'s temporary slot found no consistent point within {}s: a long transaction is \
+                 open there",
+                wait.as_secs()
+            ))
+        })?
+        .map_err(Error::replication(format!(
+            "creating a temporary slot on the {side}"
+        )))
+}
+
+/// `jobs` verify sessions, each in a read-only transaction on `snapshot`.
+async fn import(
+    info: &ConnInfo,
+    side: Side,
+    snapshot: &str,
+    jobs: usize,
+) -> Result<Vec<Client>, Error> {
+    let mut out = Vec::new();
+    for _ in 0..jobs.max(1) {
+        let c = verify::open(info, side).await?;
+        c.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(Error::sql(side, "importing the proof's snapshot"))?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Waits (at most `wait`) until the new primary has applied past `lsn`, so that its snapshot holds every
+/// change the old one's does; a slower applier only makes more rows differ in the snapshots.
+async fn wait_applied(new: &Client, lsn: Lsn, wait: Duration) {
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        let done = new
+            .query_one(
+                "SELECT coalesce(bool_or(applied_lsn >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
+                &[&lsn.to_string()],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true);
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Hashes every range of `tables` in the two snapshots, `sessions` pairs at a time; returns the keys of the
+/// rows that differ, how many rows were hashed (on the old primary), and the sessions, out of their
+/// snapshots and ready for the lookups by key in the pause.
+async fn hash_in_snapshots(
+    old: Vec<Client>,
+    new: Vec<Client>,
+    tables: Vec<Table>,
+    ranges: &HashMap<QualifiedName, Vec<String>>,
+) -> Result<(Keys, i64, Vec<(Client, Client)>), Error> {
+    let mut work: Vec<(Table, Option<String>)> = Vec::new();
+    for t in tables {
+        match ranges.get(&t.name) {
+            Some(preds) if !preds.is_empty() => {
+                for p in preds {
+                    work.push((t.clone(), Some(p.clone())));
+                }
+            }
+            _ => work.push((t, None)),
+        }
+    }
+    let queue = Arc::new(std::sync::Mutex::new(work));
+    let mut set = tokio::task::JoinSet::new();
+    for (o, n) in old.into_iter().zip(new) {
+        let queue = queue.clone();
+        set.spawn(async move {
+            let mut keys = Keys::default();
+            let mut rows = 0;
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some((table, pred)) = next else { break };
+                let (s, t) = verify::summaries(&o, &n, &table, pred.as_deref(), true).await?;
+                rows += s.0;
+                if s != t {
+                    for k in differing_keys(&o, &n, &table, pred.as_deref()).await? {
+                        keys.add(&table.name, k);
+                    }
+                }
+            }
+            // the key lists join the tables through their primary keys, whatever the planner guesses
+            let ready = "COMMIT; SET enable_hashjoin = off; SET enable_mergejoin = off";
+            tokio::try_join!(
+                async {
+                    o.batch_execute(ready)
+                        .await
+                        .map_err(Error::sql(Side::Source, "ending the snapshot"))
+                },
+                async {
+                    n.batch_execute(ready)
+                        .await
+                        .map_err(Error::sql(Side::Target, "ending the snapshot"))
+                }
+            )?;
+            Ok::<_, Error>((keys, rows, (o, n)))
+        });
+    }
+    let mut keys = Keys::default();
+    let mut rows = 0;
+    let mut sessions = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (k, n, pair) = r.map_err(|e| Error::Blocked(format!("a proof task failed: {e}")))??;
+        keys.merge(k);
+        rows += n;
+        sessions.push(pair);
+    }
+    Ok((keys, rows, sessions))
+}
+
+/// The key, as a list of its columns' text.
+fn key_list(table: &Table) -> String {
+    format!(
+        "ARRAY[{}]",
+        table
+            .key
+            .iter()
+            .map(|k| format!("s.{}::text", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// `ROW(key)::text`, which names a row in reports.
+fn key_text(table: &Table) -> String {
+    format!(
+        "ROW({})::text",
+        table
+            .key
+            .iter()
+            .map(|k| format!("s.{}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The keys of the rows of one range that differ between the two sessions.
+async fn differing_keys(
+    old: &Client,
+    new: &Client,
+    table: &Table,
+    predicate: Option<&str>,
+) -> Result<Vec<Vec<String>>, Error> {
+    let sql = format!(
+        "SELECT {}, {}, md5({}) FROM ONLY {} AS s {}",
+        key_text(table),
+        key_list(table),
+        verify::row_expr(table),
+        table.name.quoted(),
+        predicate.map(|p| format!("WHERE {p}")).unwrap_or_default()
+    );
+    let (a, b) = tokio::try_join!(
+        async {
+            old.query(&sql, &[]).await.map_err(Error::sql(
+                Side::Source,
+                format!("listing rows of {}", table.name),
+            ))
+        },
+        async {
+            new.query(&sql, &[]).await.map_err(Error::sql(
+                Side::Target,
+                format!("listing rows of {}", table.name),
+            ))
+        }
+    )?;
+    let index = |rows: &[tokio_postgres::Row]| -> HashMap<String, (Vec<String>, String)> {
+        rows.iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect()
+    };
+    let (a, b) = (index(&a), index(&b));
+    let mut out = Vec::new();
+    for (k, (list, hash)) in &a {
+        if b.get(k).map(|(_, h)| h) != Some(hash) {
+            out.push(list.clone());
+        }
+    }
+    for (k, (list, _)) in &b {
+        if !a.contains_key(k) {
+            out.push(list.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one server's changes from its temporary slot, from `start` until the message carrying `nonce`,
+/// and returns the keys they touched.
+async fn collect(
+    mut conn: ReplicationConn,
+    slot: String,
+    start: Lsn,
+    publication: String,
+    side: Side,
+    tables: Arc<Vec<Table>>,
+    nonce: String,
+) -> Result<Keys, Error> {
+    conn.start_logical(&slot, start, &publication)
+        .await
+        .map_err(Error::replication(format!(
+            "starting the proof's stream on the {side}"
+        )))?;
+    let mut relations: HashMap<u32, Feeds> = HashMap::new();
+    let mut keys = Keys::default();
+    let mut seen = start;
+    let mut last_status = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(1), conn.next_stream_message()).await;
+        match next {
+            Err(_) => {}
+            Ok(Err(e)) => {
+                return Err(Error::replication(format!(
+                    "reading the proof's stream on the {side}"
+                ))(e));
+            }
+            Ok(Ok(None)) => {
+                return Err(Error::Blocked(format!(
+                    "the {side} ended the proof's stream"
+                )));
+            }
+            Ok(Ok(Some(StreamMessage::Keepalive { reply, .. }))) => {
+                if reply {
+                    conn.send_status(seen, seen, false)
+                        .await
+                        .map_err(Error::replication("answering a keepalive"))?;
+                    last_status = Instant::now();
+                }
+            }
+            Ok(Ok(Some(StreamMessage::XLogData {
+                start: at, data, ..
+            }))) => {
+                seen = seen.max(at);
+                let msg = Message::decode(data).map_err(|e| {
+                    Error::Blocked(format!(
+                        "undecodable message in the proof's stream on the {side} at {at}: {e}"
+                    ))
+                })?;
+                match msg {
+                    Message::Relation(r) => {
+                        let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
+                        let targets = tables
+                            .iter()
+                            .filter(|t| {
+                                !t.key.is_empty()
+                                    && (t.name == name || t.root.as_ref() == Some(&name))
+                            })
+                            .map(|t| {
+                                let positions: Option<Vec<usize>> = t
+                                    .key
+                                    .iter()
+                                    .map(|k| r.columns.iter().position(|c| &c.name == k))
+                                    .collect();
+                                (t.name.clone(), positions)
+                            })
+                            .collect();
+                        relations.insert(r.oid, targets);
+                    }
+                    Message::Insert(i) => {
+                        record(&mut keys, relations.get(&i.relation), &i.new, false)
+                    }
+                    Message::Update(u) => {
+                        let old = u.old.as_ref().map(|o| match o {
+                            OldRow::Key(t) | OldRow::Full(t) => t,
+                        });
+                        if let Some(old) = old {
+                            record(&mut keys, relations.get(&u.relation), old, false);
+                        }
+                        // without an old row the key did not change; with one, the old key is recorded
+                        record(&mut keys, relations.get(&u.relation), &u.new, old.is_some());
+                    }
+                    Message::Delete(d) => {
+                        let (OldRow::Key(t) | OldRow::Full(t)) = &d.old;
+                        record(&mut keys, relations.get(&d.relation), t, false);
+                    }
+                    Message::Truncate(t) => {
+                        for rel in &t.relations {
+                            for (name, _) in relations.get(rel).into_iter().flatten() {
+                                keys.whole(name, "truncated while the proof was under way");
+                            }
+                        }
+                    }
+                    Message::Message(m)
+                        if m.prefix == PREFIX && m.content[..] == *nonce.as_bytes() =>
+                    {
+                        conn.close().await;
+                        return Ok(keys);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if last_status.elapsed() > Duration::from_secs(5) {
+            conn.send_status(seen, seen, false)
+                .await
+                .map_err(Error::replication("sending the proof stream's position"))?;
+            last_status = Instant::now();
+        }
+    }
+}
+
+/// Notes the key of `tuple` for every table its relation feeds. `lenient`: a key column that was not sent
+/// is fine (the old row of the same change carried it).
+fn record(keys: &mut Keys, targets: Option<&Feeds>, tuple: &Tuple, lenient: bool) {
+    for (name, positions) in targets.into_iter().flatten() {
+        let Some(positions) = positions else {
+            keys.whole(name, "its key columns are not all in the stream");
+            continue;
+        };
+        let key: Option<Vec<String>> = positions
+            .iter()
+            .map(|&p| match tuple.0.get(p) {
+                Some(Value::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect();
+        match key {
+            Some(k) => keys.add(name, k),
+            None if lenient => {}
+            None => keys.whole(
+                name,
+                "a change did not carry its key (an unchanged TOASTed key)",
+            ),
+        }
+    }
+}
+
+impl Prepared {
+    /// Gives up the proof before the fence (or after a failure): the streams end, the publication goes.
+    pub async fn abandon(self, new: &Client) {
+        drop_publication(new, &self.new_publication).await;
+        drop(self);
+    }
+
+    /// The second part, once the new primary has applied everything up to the fence: ends both streams,
+    /// compares the rows of every kept key, hashes the tables that need it whole, and compares `sequences`.
+    /// `check` are the tables to verify (quick: those the stream changed; full: all).
+    pub async fn conclude(
+        mut self,
+        (old, old_side): (&Client, Side),
+        (new, new_side): (&Client, Side),
+        check: Vec<Table>,
+        sequences: &[QualifiedName],
+        jobs: usize,
+        wait: Duration,
+    ) -> Result<(VerifyReport, InPause), Error> {
+        let started = Instant::now();
+        let mut keys = std::mem::take(&mut self.differing);
+        let streams = std::mem::take(&mut self.streams);
+        let mut failed = None;
+        // Transactional, so that its commit flushes the WAL and the walsender sends it at once; every
+        // transaction that committed before it is sent before it.
+        for (c, side) in [(old, old_side), (new, new_side)] {
+            if let Err(e) = c
+                .execute(
+                    "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+                    &[&PREFIX, &self.nonce],
+                )
+                .await
+            {
+                failed = Some(format!(
+                    "ending the proof's stream on the {side}: {}",
+                    crate::error::chain(&Error::sql(side, "emitting a message")(e))
+                ));
+            }
+        }
+        for s in streams {
+            if failed.is_some() {
+                s.abort();
+                continue;
+            }
+            match tokio::time::timeout(wait, s).await {
+                Ok(Ok(Ok(k))) => keys.merge(k),
+                Ok(Ok(Err(e))) => failed = Some(crate::error::chain(&e)),
+                Ok(Err(e)) => failed = Some(format!("a proof stream failed: {e}")),
+                Err(_) => {
+                    failed = Some(format!(
+                        "a proof stream did not reach the fence within {}s",
+                        wait.as_secs()
+                    ))
+                }
+            }
+        }
+        drop_publication(new, &self.new_publication).await;
+        let mut pause = InPause::default();
+        let mut whole = Vec::new();
+        let mut by_key = Vec::new();
+        for t in check {
+            let why = if let Some(f) = &failed {
+                Some(f.clone())
+            } else if t.key.is_empty() {
+                Some("no key".to_string())
+            } else {
+                keys.whole.get(&t.name).cloned()
+            };
+            match why {
+                Some(why) => {
+                    pause.hashed_whole.push(format!("{} ({why})", t.name));
+                    whole.push(t);
+                }
+                None => {
+                    let k: Vec<Vec<String>> = keys
+                        .rows
+                        .remove(&t.name)
+                        .map(|s| s.into_iter().collect())
+                        .unwrap_or_default();
+                    pause.rows_compared += k.len();
+                    by_key.push((t, k));
+                }
+            }
+        }
+        if let Some(f) = &failed {
+            tracing::warn!("the proof's key streams failed ({f}): hashing the tables whole");
+        }
+        let sessions = std::mem::take(&mut self.sessions);
+        let (hashed, compared) = tokio::try_join!(
+            async {
+                if whole.is_empty() {
+                    Ok(VerifyReport {
+                        tables: vec![],
+                        sequences: verify::verify_sequences(old, new, sequences).await?,
+                        seconds: 0.0,
+                    })
+                } else {
+                    verify::compare(&self.old, &self.new, whole, sequences, jobs).await
+                }
+            },
+            compare_keys(sessions, by_key)
+        )?;
+        let mut report = hashed;
+        report.tables.extend(compared);
+        report.tables.sort_by(|a, b| a.table.cmp(&b.table));
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok((report, pause))
+    }
+}
+
+/// Compares the rows of the given keys, by key, one table at a time on each pair of sessions.
+async fn compare_keys(
+    sessions: Vec<(Client, Client)>,
+    work: Vec<(Table, Vec<Vec<String>>)>,
+) -> Result<Vec<TableResult>, Error> {
+    // a table none of whose rows changed since the snapshots has nothing to compare
+    let (work, untouched): (Vec<_>, Vec<_>) = work.into_iter().partition(|(_, k)| !k.is_empty());
+    let mut out: Vec<TableResult> = untouched
+        .into_iter()
+        .map(|(t, _)| TableResult {
+            table: t.name.to_string(),
+            source_rows: 0,
+            target_rows: 0,
+            ranges: 0,
+            matched: true,
+            missing_on_target: vec![],
+            extra_on_target: vec![],
+            changed: vec![],
+            unsettled: vec![],
+        })
+        .collect();
+    let queue = Arc::new(std::sync::Mutex::new(work));
+    let mut set = tokio::task::JoinSet::new();
+    for (o, n) in sessions {
+        let queue = queue.clone();
+        set.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some((table, keys)) = next else { break };
+                out.push(compare_table_keys(&o, &n, &table, &keys).await?);
+            }
+            Ok::<_, Error>(out)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        out.extend(r.map_err(|e| Error::Blocked(format!("a verify task failed: {e}")))??);
+    }
+    if !queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        return Err(Error::Blocked(
+            "no session was left to compare the changed rows".into(),
+        ));
+    }
+    Ok(out)
+}
+
+async fn compare_table_keys(
+    old: &Client,
+    new: &Client,
+    table: &Table,
+    keys: &[Vec<String>],
+) -> Result<TableResult, Error> {
+    let types: Vec<&str> = table
+        .key
+        .iter()
+        .map(|k| {
+            table
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map(|c| c.type_sql.as_str())
+                .unwrap_or("text")
+        })
+        .collect();
+    let sql = format!(
+        "SELECT {}, md5({}) FROM ONLY {} AS s WHERE ({}) IN (SELECT {} FROM {})",
+        key_text(table),
+        verify::row_expr(table),
+        table.name.quoted(),
+        table
+            .key
+            .iter()
+            .map(|k| format!("s.{}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| crate::stream::fold::cell(i, ty))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::stream::fold::rows_from(types.len(), 1)
+    );
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for part in keys.chunks(LOOKUP) {
+        let columns: Vec<Vec<&str>> = (0..types.len())
+            .map(|i| part.iter().map(|k| k[i].as_str()).collect())
+            .collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let (x, y) = tokio::try_join!(
+            async {
+                old.query(&sql, &params).await.map_err(Error::sql(
+                    Side::Source,
+                    format!("reading rows of {}", table.name),
+                ))
+            },
+            async {
+                new.query(&sql, &params).await.map_err(Error::sql(
+                    Side::Target,
+                    format!("reading rows of {}", table.name),
+                ))
+            }
+        )?;
+        a.extend(
+            x.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))),
+        );
+        b.extend(
+            y.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))),
+        );
+    }
+    let (missing, extra, changed) = verify::diff(&a, &b);
+    let show = |v: Vec<String>| v.into_iter().take(verify::SHOW).collect::<Vec<_>>();
+    Ok(TableResult {
+        table: table.name.to_string(),
+        source_rows: a.len() as i64,
+        target_rows: b.len() as i64,
+        ranges: 0,
+        matched: missing.is_empty() && extra.is_empty() && changed.is_empty(),
+        missing_on_target: show(missing),
+        extra_on_target: show(extra),
+        changed: show(changed),
+        unsettled: vec![],
+    })
+}
