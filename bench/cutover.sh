@@ -9,7 +9,7 @@
 # generator saw. After each run, source and target are compared (pgbench_history row counts and balance sums).
 #
 # usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--keep]
-# Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --examples`.
+# Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --bins --examples`.
 set -euo pipefail
 REPO_DIR=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_NAME=cutover
@@ -35,7 +35,7 @@ HIKKOSHI_BIN=${HIKKOSHI_BIN:-$REPO_DIR/target/release/hikkoshi}
 LOADGEN=$REPO_DIR/target/release/examples/loadgen
 RESULTS_DIR=$REPO_DIR/bench/results
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-[[ -x $HIKKOSHI_BIN && -x $LOADGEN ]] || die "run 'cargo build --release --examples' first"
+[[ -x $HIKKOSHI_BIN && -x $LOADGEN ]] || die "run 'cargo build --release --bins --examples' first"
 
 bench_start
 mkdir -p "$RESULTS_DIR"

@@ -263,14 +263,9 @@ fn hashed_by_value(sql_type: &str) -> bool {
     )
 }
 
-async fn range_summary(
-    c: &Client,
-    side: Side,
-    table: &Table,
-    predicate: Option<&str>,
-    record_hash: bool,
-) -> Result<(i64, String), Error> {
-    let hash = if record_hash
+/// A row's 64-bit hash (see `hashed_by_value`), to be summed over a range.
+pub(crate) fn row_hash(table: &Table, record_hash: bool) -> String {
+    if record_hash
         && !table.columns.is_empty()
         && table.columns.iter().all(|c| hashed_by_value(&c.type_sql))
     {
@@ -285,7 +280,17 @@ async fn range_summary(
         )
     } else {
         format!("hashtextextended({}, 0)", row_expr(table))
-    };
+    }
+}
+
+async fn range_summary(
+    c: &Client,
+    side: Side,
+    table: &Table,
+    predicate: Option<&str>,
+    record_hash: bool,
+) -> Result<(i64, String), Error> {
+    let hash = row_hash(table, record_hash);
     let sql = format!(
         "SELECT count(*), coalesce(sum({hash}), 0)::text FROM ONLY {} AS s {}",
         table.name.quoted(),

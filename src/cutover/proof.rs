@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -113,13 +114,26 @@ impl Keys {
     }
 }
 
+/// What a stream has seen so far: the keys, and the end of the last transaction it received.
+#[derive(Default)]
+struct Collected {
+    keys: std::sync::Mutex<Keys>,
+    progress: AtomicU64,
+}
+
+impl Collected {
+    fn keys(&self) -> std::sync::MutexGuard<'_, Keys> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The first part done: the snapshots compared and both streams running.
 pub struct Prepared {
     old: ConnInfo,
     new: ConnInfo,
     new_publication: String,
     differing: Keys,
-    streams: Vec<JoinHandle<Result<Keys, Error>>>,
+    streams: Vec<(JoinHandle<Result<(), Error>>, Arc<Collected>)>,
     /// Pairs of sessions (old, new), ready to compare by key in the pause.
     sessions: Vec<(Client, Client)>,
     nonce: String,
@@ -131,7 +145,7 @@ pub struct Prepared {
 impl Drop for Prepared {
     fn drop(&mut self) {
         // the streams' connections close with their tasks, and the temporary slots with them
-        for s in &self.streams {
+        for (s, _) in &self.streams {
             s.abort();
         }
     }
@@ -226,25 +240,37 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
             .unwrap_or(0)
     );
     let tables = Arc::new(plan.tables.clone());
+    let (on_old, on_new) = (
+        Arc::new(Collected::default()),
+        Arc::new(Collected::default()),
+    );
     let streams = vec![
-        tokio::spawn(collect(
-            old_snap.conn,
-            old_slot,
-            old_snap.lsn,
-            plan.old_publication.clone(),
-            plan.old_side,
-            tables.clone(),
-            nonce.clone(),
-        )),
-        tokio::spawn(collect(
-            new_snap.conn,
-            new_slot,
-            new_snap.lsn,
-            plan.new_publication.clone(),
-            plan.new_side,
-            tables.clone(),
-            nonce.clone(),
-        )),
+        (
+            tokio::spawn(collect(
+                old_snap.conn,
+                old_slot,
+                old_snap.lsn,
+                plan.old_publication.clone(),
+                plan.old_side,
+                tables.clone(),
+                nonce.clone(),
+                on_old.clone(),
+            )),
+            on_old.clone(),
+        ),
+        (
+            tokio::spawn(collect(
+                new_snap.conn,
+                new_slot,
+                new_snap.lsn,
+                plan.new_publication.clone(),
+                plan.new_side,
+                tables.clone(),
+                nonce.clone(),
+                on_new.clone(),
+            )),
+            on_new,
+        ),
     ];
     let mut prepared = Prepared {
         old: plan.old.clone(),
@@ -264,9 +290,48 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         .filter(|t| !t.key.is_empty() && plan.hash.contains(&t.name))
         .cloned()
         .collect();
+    // The new primary's snapshot holds what it had applied by then, up to some A past C: the rows the old
+    // primary changed between C and A differ in the snapshots. The old primary's stream names them once it
+    // has passed A; they are left out of the hashes (the pause compares them).
+    let applied: Option<Lsn> = match new_sessions.first() {
+        Some(c) => c
+            .query_one("SELECT applied_lsn::text FROM hikkoshi.stream", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| s.parse().ok()),
+        None => None,
+    };
+    let mut excluded = Keys::default();
+    if let Some(a) = applied.filter(|a| *a > old_snap.lsn) {
+        let until = Instant::now() + plan.wait;
+        while on_old.progress.load(Ordering::Relaxed) < a.0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if on_old.progress.load(Ordering::Relaxed) >= a.0 {
+            let seen = on_old.keys();
+            excluded.rows = seen.rows.clone();
+            excluded.whole = seen.whole.clone();
+        }
+    }
+    let to_hash: Vec<Table> = to_hash
+        .into_iter()
+        .filter(|t| !excluded.whole.contains_key(&t.name))
+        .collect();
     prepared.tables_hashed = to_hash.len();
-    let (differing, rows, sessions) =
-        hash_in_snapshots(old_sessions, new_sessions, to_hash, &plan.ranges).await?;
+    let excluded: HashMap<QualifiedName, Vec<Vec<String>>> = excluded
+        .rows
+        .into_iter()
+        .map(|(t, k)| (t, k.into_iter().collect()))
+        .collect();
+    let (differing, rows, sessions) = hash_in_snapshots(
+        old_sessions,
+        new_sessions,
+        to_hash,
+        &plan.ranges,
+        Arc::new(excluded),
+    )
+    .await?;
     prepared.differing = differing;
     prepared.sessions = sessions;
     prepared.rows_hashed = rows;
@@ -349,6 +414,7 @@ async fn hash_in_snapshots(
     new: Vec<Client>,
     tables: Vec<Table>,
     ranges: &HashMap<QualifiedName, Vec<String>>,
+    excluded: Arc<HashMap<QualifiedName, Vec<Vec<String>>>>,
 ) -> Result<(Keys, i64, Vec<(Client, Client)>), Error> {
     let mut work: Vec<(Table, Option<String>)> = Vec::new();
     for t in tables {
@@ -364,14 +430,18 @@ async fn hash_in_snapshots(
     let queue = Arc::new(std::sync::Mutex::new(work));
     let mut set = tokio::task::JoinSet::new();
     for (o, n) in old.into_iter().zip(new) {
-        let queue = queue.clone();
+        let (queue, excluded) = (queue.clone(), excluded.clone());
         set.spawn(async move {
             let mut keys = Keys::default();
             let mut rows = 0;
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let Some((table, pred)) = next else { break };
-                let (s, t) = verify::summaries(&o, &n, &table, pred.as_deref(), true).await?;
+                let skip = excluded.get(&table.name).map(Vec::as_slice).unwrap_or(&[]);
+                let (s, t) = tokio::try_join!(
+                    summary(&o, Side::Source, &table, pred.as_deref(), skip),
+                    summary(&n, Side::Target, &table, pred.as_deref(), skip)
+                )?;
                 rows += s.0;
                 if s != t {
                     for k in differing_keys(&o, &n, &table, pred.as_deref()).await? {
@@ -406,6 +476,86 @@ async fn hash_in_snapshots(
         sessions.push(pair);
     }
     Ok((keys, rows, sessions))
+}
+
+/// Count and hash of one range in a snapshot, without the rows of the `skip` keys.
+async fn summary(
+    c: &Client,
+    side: Side,
+    table: &Table,
+    predicate: Option<&str>,
+    skip: &[Vec<String>],
+) -> Result<(i64, String), Error> {
+    let mut conditions: Vec<String> = predicate.map(|p| format!("({p})")).into_iter().collect();
+    if !skip.is_empty() {
+        conditions.push(format!(
+            "NOT EXISTS (SELECT FROM {} WHERE {})",
+            crate::stream::fold::rows_from(table.key.len(), 1),
+            key_match(table)
+        ));
+    }
+    let sql = format!(
+        "SELECT count(*), coalesce(sum({}), 0)::text FROM ONLY {} AS s {}",
+        verify::row_hash(table, true),
+        table.name.quoted(),
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        }
+    );
+    let columns = key_columns(table, skip);
+    let params: Vec<&(dyn ToSql + Sync)> = if skip.is_empty() {
+        vec![]
+    } else {
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect()
+    };
+    let r = c
+        .query_one(&sql, &params)
+        .await
+        .map_err(Error::sql(side, format!("hashing {}", table.name)))?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// The key columns' SQL types.
+fn key_types(table: &Table) -> Vec<&str> {
+    table
+        .key
+        .iter()
+        .map(|k| {
+            table
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map(|c| c.type_sql.as_str())
+                .unwrap_or("text")
+        })
+        .collect()
+}
+
+/// `s.k1 = u.c0::type AND …`: a row of the table against a row of key arrays.
+fn key_match(table: &Table) -> String {
+    table
+        .key
+        .iter()
+        .zip(key_types(table))
+        .enumerate()
+        .map(|(i, (k, ty))| {
+            format!(
+                "s.{} = {}",
+                quote_ident(k),
+                crate::stream::fold::cell(i, ty)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Keys as one array per key column.
+fn key_columns<'a>(table: &Table, keys: &'a [Vec<String>]) -> Vec<Vec<&'a str>> {
+    (0..table.key.len())
+        .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+        .collect()
 }
 
 /// The key, as a list of its columns' text.
@@ -493,14 +643,14 @@ async fn collect(
     side: Side,
     tables: Arc<Vec<Table>>,
     nonce: String,
-) -> Result<Keys, Error> {
+    collected: Arc<Collected>,
+) -> Result<(), Error> {
     conn.start_logical(&slot, start, &publication)
         .await
         .map_err(Error::replication(format!(
             "starting the proof's stream on the {side}"
         )))?;
     let mut relations: HashMap<u32, Feeds> = HashMap::new();
-    let mut keys = Keys::default();
     let mut seen = start;
     let mut last_status = Instant::now();
     loop {
@@ -534,57 +684,64 @@ async fn collect(
                         "undecodable message in the proof's stream on the {side} at {at}: {e}"
                     ))
                 })?;
-                match msg {
-                    Message::Relation(r) => {
-                        let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
-                        let targets = tables
-                            .iter()
-                            .filter(|t| {
-                                !t.key.is_empty()
-                                    && (t.name == name || t.root.as_ref() == Some(&name))
-                            })
-                            .map(|t| {
-                                let positions: Option<Vec<usize>> = t
-                                    .key
-                                    .iter()
-                                    .map(|k| r.columns.iter().position(|c| &c.name == k))
-                                    .collect();
-                                (t.name.clone(), positions)
-                            })
-                            .collect();
-                        relations.insert(r.oid, targets);
-                    }
-                    Message::Insert(i) => {
-                        record(&mut keys, relations.get(&i.relation), &i.new, false)
-                    }
-                    Message::Update(u) => {
-                        let old = u.old.as_ref().map(|o| match o {
-                            OldRow::Key(t) | OldRow::Full(t) => t,
-                        });
-                        if let Some(old) = old {
-                            record(&mut keys, relations.get(&u.relation), old, false);
+                if let Message::Message(m) = &msg
+                    && m.prefix == PREFIX
+                    && m.content[..] == *nonce.as_bytes()
+                {
+                    conn.close().await;
+                    return Ok(());
+                }
+                {
+                    let mut keys = collected.keys();
+                    match msg {
+                        Message::Relation(r) => {
+                            let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
+                            let targets = tables
+                                .iter()
+                                .filter(|t| {
+                                    !t.key.is_empty()
+                                        && (t.name == name || t.root.as_ref() == Some(&name))
+                                })
+                                .map(|t| {
+                                    let positions: Option<Vec<usize>> = t
+                                        .key
+                                        .iter()
+                                        .map(|k| r.columns.iter().position(|c| &c.name == k))
+                                        .collect();
+                                    (t.name.clone(), positions)
+                                })
+                                .collect();
+                            relations.insert(r.oid, targets);
                         }
-                        // without an old row the key did not change; with one, the old key is recorded
-                        record(&mut keys, relations.get(&u.relation), &u.new, old.is_some());
-                    }
-                    Message::Delete(d) => {
-                        let (OldRow::Key(t) | OldRow::Full(t)) = &d.old;
-                        record(&mut keys, relations.get(&d.relation), t, false);
-                    }
-                    Message::Truncate(t) => {
-                        for rel in &t.relations {
-                            for (name, _) in relations.get(rel).into_iter().flatten() {
-                                keys.whole(name, "truncated while the proof was under way");
+                        Message::Insert(i) => {
+                            record(&mut keys, relations.get(&i.relation), &i.new, false)
+                        }
+                        Message::Update(u) => {
+                            let old = u.old.as_ref().map(|o| match o {
+                                OldRow::Key(t) | OldRow::Full(t) => t,
+                            });
+                            if let Some(old) = old {
+                                record(&mut keys, relations.get(&u.relation), old, false);
+                            }
+                            // without an old row the key did not change; with one, the old key is recorded
+                            record(&mut keys, relations.get(&u.relation), &u.new, old.is_some());
+                        }
+                        Message::Delete(d) => {
+                            let (OldRow::Key(t) | OldRow::Full(t)) = &d.old;
+                            record(&mut keys, relations.get(&d.relation), t, false);
+                        }
+                        Message::Truncate(t) => {
+                            for rel in &t.relations {
+                                for (name, _) in relations.get(rel).into_iter().flatten() {
+                                    keys.whole(name, "truncated while the proof was under way");
+                                }
                             }
                         }
+                        Message::Commit(c) => {
+                            collected.progress.fetch_max(c.end_lsn.0, Ordering::Relaxed);
+                        }
+                        _ => {}
                     }
-                    Message::Message(m)
-                        if m.prefix == PREFIX && m.content[..] == *nonce.as_bytes() =>
-                    {
-                        conn.close().await;
-                        return Ok(keys);
-                    }
-                    _ => {}
                 }
             }
         }
@@ -662,13 +819,13 @@ impl Prepared {
                 ));
             }
         }
-        for s in streams {
+        for (s, collected) in streams {
             if failed.is_some() {
                 s.abort();
                 continue;
             }
             match tokio::time::timeout(wait, s).await {
-                Ok(Ok(Ok(k))) => keys.merge(k),
+                Ok(Ok(Ok(()))) => keys.merge(std::mem::take(&mut *collected.keys())),
                 Ok(Ok(Err(e))) => failed = Some(crate::error::chain(&e)),
                 Ok(Err(e)) => failed = Some(format!("a proof stream failed: {e}")),
                 Err(_) => {
@@ -680,6 +837,10 @@ impl Prepared {
             }
         }
         drop_publication(new, &self.new_publication).await;
+        tracing::info!(
+            "proof: both key streams ended {:.3}s into the pause's part",
+            started.elapsed().as_secs_f64()
+        );
         let mut pause = InPause::default();
         let mut whole = Vec::new();
         let mut by_key = Vec::new();
@@ -711,72 +872,105 @@ impl Prepared {
             tracing::warn!("the proof's key streams failed ({f}): hashing the tables whole");
         }
         let sessions = std::mem::take(&mut self.sessions);
-        let (hashed, compared) = tokio::try_join!(
-            async {
-                if whole.is_empty() {
-                    Ok(VerifyReport {
-                        tables: vec![],
-                        sequences: verify::verify_sequences(old, new, sequences).await?,
-                        seconds: 0.0,
-                    })
-                } else {
-                    verify::compare(&self.old, &self.new, whole, sequences, jobs).await
-                }
-            },
-            compare_keys(sessions, by_key)
+        let work = by_key
+            .into_iter()
+            .map(|(t, k)| (t, Some(k)))
+            .chain(whole.into_iter().map(|t| (t, None)))
+            .collect();
+        let (sequences, (mut compared, different)) = tokio::try_join!(
+            verify::verify_sequences(old, new, sequences),
+            compare_in_pause(sessions, work)
         )?;
-        let mut report = hashed;
-        report.tables.extend(compared);
-        report.tables.sort_by(|a, b| a.table.cmp(&b.table));
-        report.seconds = started.elapsed().as_secs_f64();
+        if !different.is_empty() {
+            // hashed whole and different: locate the rows, as `hikkoshi verify` does
+            let names: HashSet<String> = different.iter().map(|t| t.name.to_string()).collect();
+            compared.retain(|r| !names.contains(&r.table));
+            compared.extend(
+                verify::compare(&self.old, &self.new, different, &[], jobs)
+                    .await?
+                    .tables,
+            );
+        }
+        tracing::info!(
+            "proof: {} row(s) compared by key, {} table(s) hashed whole, {:.3}s into the pause's part",
+            pause.rows_compared,
+            pause.hashed_whole.len(),
+            started.elapsed().as_secs_f64()
+        );
+        compared.sort_by(|a, b| a.table.cmp(&b.table));
+        let report = VerifyReport {
+            tables: compared,
+            sequences,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         Ok((report, pause))
     }
 }
 
-/// Compares the rows of the given keys, by key, one table at a time on each pair of sessions.
-async fn compare_keys(
+/// The pause's comparisons, one table at a time on each pair of sessions: the rows of the given keys, by
+/// key, or (None) the whole table's count and hash. Returns the results, and the tables hashed whole that
+/// differ (their rows are yet to be located).
+async fn compare_in_pause(
     sessions: Vec<(Client, Client)>,
-    work: Vec<(Table, Vec<Vec<String>>)>,
-) -> Result<Vec<TableResult>, Error> {
-    // a table none of whose rows changed since the snapshots has nothing to compare
-    let (work, untouched): (Vec<_>, Vec<_>) = work.into_iter().partition(|(_, k)| !k.is_empty());
-    let mut out: Vec<TableResult> = untouched
-        .into_iter()
-        .map(|(t, _)| TableResult {
-            table: t.name.to_string(),
-            source_rows: 0,
-            target_rows: 0,
-            ranges: 0,
-            matched: true,
-            missing_on_target: vec![],
-            extra_on_target: vec![],
-            changed: vec![],
-            unsettled: vec![],
-        })
-        .collect();
+    work: Vec<(Table, Option<Vec<Vec<String>>>)>,
+) -> Result<(Vec<TableResult>, Vec<Table>), Error> {
     let queue = Arc::new(std::sync::Mutex::new(work));
     let mut set = tokio::task::JoinSet::new();
     for (o, n) in sessions {
         let queue = queue.clone();
         set.spawn(async move {
             let mut out = Vec::new();
+            let mut different = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let Some((table, keys)) = next else { break };
-                out.push(compare_table_keys(&o, &n, &table, &keys).await?);
+                match keys {
+                    Some(keys) => out.push(compare_table_keys(&o, &n, &table, &keys).await?),
+                    None => {
+                        let (s, t) = tokio::try_join!(
+                            summary(&o, Side::Source, &table, None, &[]),
+                            summary(&n, Side::Target, &table, None, &[])
+                        )?;
+                        let mut r = matched(&table);
+                        (r.source_rows, r.target_rows, r.ranges) = (s.0, t.0, 1);
+                        out.push(r);
+                        if s != t {
+                            different.push(table);
+                        }
+                    }
+                }
             }
-            Ok::<_, Error>(out)
+            Ok::<_, Error>((out, different))
         });
     }
+    let mut out = Vec::new();
+    let mut different = Vec::new();
     while let Some(r) = set.join_next().await {
-        out.extend(r.map_err(|e| Error::Blocked(format!("a verify task failed: {e}")))??);
+        let (o, d) = r.map_err(|e| Error::Blocked(format!("a verify task failed: {e}")))??;
+        out.extend(o);
+        different.extend(d);
     }
     if !queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
         return Err(Error::Blocked(
             "no session was left to compare the changed rows".into(),
         ));
     }
-    Ok(out)
+    Ok((out, different))
+}
+
+/// A table found equal, with no rows counted yet.
+fn matched(table: &Table) -> TableResult {
+    TableResult {
+        table: table.name.to_string(),
+        source_rows: 0,
+        target_rows: 0,
+        ranges: 0,
+        matched: true,
+        missing_on_target: vec![],
+        extra_on_target: vec![],
+        changed: vec![],
+        unsettled: vec![],
+    }
 }
 
 async fn compare_table_keys(
@@ -785,18 +979,11 @@ async fn compare_table_keys(
     table: &Table,
     keys: &[Vec<String>],
 ) -> Result<TableResult, Error> {
-    let types: Vec<&str> = table
-        .key
-        .iter()
-        .map(|k| {
-            table
-                .columns
-                .iter()
-                .find(|c| &c.name == k)
-                .map(|c| c.type_sql.as_str())
-                .unwrap_or("text")
-        })
-        .collect();
+    if keys.is_empty() {
+        // none of its rows changed since the snapshots
+        return Ok(matched(table));
+    }
+    let types = key_types(table);
     let sql = format!(
         "SELECT {}, md5({}) FROM ONLY {} AS s WHERE ({}) IN (SELECT {} FROM {})",
         key_text(table),
@@ -819,9 +1006,7 @@ async fn compare_table_keys(
     let mut a = Vec::new();
     let mut b = Vec::new();
     for part in keys.chunks(LOOKUP) {
-        let columns: Vec<Vec<&str>> = (0..types.len())
-            .map(|i| part.iter().map(|k| k[i].as_str()).collect())
-            .collect();
+        let columns = key_columns(table, part);
         let params: Vec<&(dyn ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         let (x, y) = tokio::try_join!(
@@ -860,4 +1045,77 @@ async fn compare_table_keys(
         changed: show(changed),
         unsettled: vec![],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn name(t: &str) -> QualifiedName {
+        QualifiedName::new("app", t)
+    }
+
+    fn tuple(values: &[Option<&str>]) -> Tuple {
+        Tuple(
+            values
+                .iter()
+                .map(|v| match v {
+                    Some("<unchanged>") => Value::Unchanged,
+                    Some(s) => Value::Text(Bytes::copy_from_slice(s.as_bytes())),
+                    None => Value::Null,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn keys_are_read_from_their_columns_and_a_missing_one_makes_the_table_whole() {
+        // a root feeding two partitions keyed (tenant, id), in the relation's columns 2 and 0
+        let feeds: Feeds = vec![
+            (name("p1"), Some(vec![2, 0])),
+            (name("p2"), Some(vec![2, 0])),
+            (name("odd"), None),
+        ];
+        let mut keys = Keys::default();
+        record(
+            &mut keys,
+            Some(&feeds),
+            &tuple(&[Some("7"), Some("x"), Some("t1")]),
+            false,
+        );
+        let want: HashSet<Vec<String>> = [vec!["t1".to_string(), "7".to_string()]].into();
+        assert_eq!(keys.rows[&name("p1")], want);
+        assert_eq!(keys.rows[&name("p2")], want);
+        assert!(keys.whole.contains_key(&name("odd")));
+        // an unchanged TOASTed key: fine when the old row carried it, else the table is hashed whole
+        let unsent = tuple(&[Some("<unchanged>"), Some("y"), Some("t1")]);
+        record(&mut keys, Some(&feeds[..1].to_vec()), &unsent, true);
+        assert_eq!(keys.rows[&name("p1")].len(), 1);
+        record(&mut keys, Some(&feeds[..1].to_vec()), &unsent, false);
+        assert!(keys.whole.contains_key(&name("p1")) && !keys.rows.contains_key(&name("p1")));
+        // once whole, a table takes no more keys; a relation we do not verify is ignored
+        record(
+            &mut keys,
+            Some(&feeds[..1].to_vec()),
+            &tuple(&[Some("8"), None, Some("t2")]),
+            false,
+        );
+        assert!(!keys.rows.contains_key(&name("p1")));
+        record(&mut keys, None, &tuple(&[Some("1")]), false);
+    }
+
+    #[test]
+    fn merging_keeps_every_key_and_whole_wins() {
+        let mut a = Keys::default();
+        a.add(&name("t"), vec!["1".into()]);
+        a.add(&name("u"), vec!["1".into()]);
+        let mut b = Keys::default();
+        b.add(&name("t"), vec!["2".into()]);
+        b.whole(&name("u"), "truncated");
+        a.merge(b);
+        assert_eq!(a.rows[&name("t")].len(), 2);
+        assert!(!a.rows.contains_key(&name("u")));
+        assert_eq!(a.whole[&name("u")], "truncated");
+    }
 }
