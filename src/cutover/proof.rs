@@ -127,13 +127,16 @@ impl Collected {
     }
 }
 
+/// A task reading a proof stream.
+type Stream = JoinHandle<Result<(), Error>>;
+
 /// The first part done: the snapshots compared and both streams running.
 pub struct Prepared {
     old: ConnInfo,
     new: ConnInfo,
     new_publication: String,
     differing: Keys,
-    streams: Vec<(JoinHandle<Result<(), Error>>, Arc<Collected>)>,
+    streams: Vec<(Stream, Arc<Collected>)>,
     /// Pairs of sessions (old, new), ready to compare by key in the pause.
     sessions: Vec<(Client, Client)>,
     nonce: String,
@@ -188,7 +191,8 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
     let (old_slot, new_slot) = (format!("{}_o", plan.slot), format!("{}_n", plan.slot));
     let old_snap = slot(&plan.old, plan.old_side, &old_slot, plan.wait).await?;
     let old_sessions = import(&plan.old, plan.old_side, &old_snap.snapshot, plan.jobs).await?;
-    wait_applied(new, old_snap.lsn, plan.wait).await;
+    let consistent = old_snap.lsn;
+    wait_applied(new, old_snap.lsn, plan.wait.min(Duration::from_secs(5))).await;
 
     // The new primary's publication lists its plain, logged tables with a key (a table without a replica
     // identity in a publication would refuse deletes).
@@ -247,11 +251,8 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
     let streams = vec![
         (
             tokio::spawn(collect(
-                old_snap.conn,
-                old_slot,
-                old_snap.lsn,
-                plan.old_publication.clone(),
-                plan.old_side,
+                old_snap,
+                (plan.old_publication.clone(), plan.old_side),
                 tables.clone(),
                 nonce.clone(),
                 on_old.clone(),
@@ -260,11 +261,8 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         ),
         (
             tokio::spawn(collect(
-                new_snap.conn,
-                new_slot,
-                new_snap.lsn,
-                plan.new_publication.clone(),
-                plan.new_side,
+                new_snap,
+                (plan.new_publication.clone(), plan.new_side),
                 tables.clone(),
                 nonce.clone(),
                 on_new.clone(),
@@ -303,7 +301,7 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         None => None,
     };
     let mut excluded = Keys::default();
-    if let Some(a) = applied.filter(|a| *a > old_snap.lsn) {
+    if let Some(a) = applied.filter(|a| *a > consistent) {
         let until = Instant::now() + plan.wait;
         while on_old.progress.load(Ordering::Relaxed) < a.0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -386,14 +384,16 @@ async fn import(
     Ok(out)
 }
 
-/// Waits (at most `wait`) until the new primary has applied past `lsn`, so that its snapshot holds every
-/// change the old one's does; a slower applier only makes more rows differ in the snapshots.
+/// Waits (at most `wait`) until the new primary has applied past `lsn` (or is in sync past it, when the
+/// old primary is idle), so that its snapshot holds every change the old one's does; a slower applier only
+/// makes more rows differ in the snapshots.
 async fn wait_applied(new: &Client, lsn: Lsn, wait: Duration) {
     let until = Instant::now() + wait;
     while Instant::now() < until {
         let done = new
             .query_one(
-                "SELECT coalesce(bool_or(applied_lsn >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
+                "SELECT coalesce(bool_or(greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn), false)
+                 FROM hikkoshi.stream",
                 &[&lsn.to_string()],
             )
             .await
@@ -633,19 +633,17 @@ async fn differing_keys(
     Ok(out)
 }
 
-/// Reads one server's changes from its temporary slot, from `start` until the message carrying `nonce`,
-/// and returns the keys they touched.
+/// Reads one server's changes from its temporary slot, from the slot's snapshot until the message
+/// carrying `nonce`, into `collected`.
 async fn collect(
-    mut conn: ReplicationConn,
-    slot: String,
-    start: Lsn,
-    publication: String,
-    side: Side,
+    snap: crate::replication::ExportedSnapshot,
+    (publication, side): (String, Side),
     tables: Arc<Vec<Table>>,
     nonce: String,
     collected: Arc<Collected>,
 ) -> Result<(), Error> {
-    conn.start_logical(&slot, start, &publication)
+    let (mut conn, start) = (snap.conn, snap.lsn);
+    conn.start_logical(&snap.slot, start, &publication)
         .await
         .map_err(Error::replication(format!(
             "starting the proof's stream on the {side}"
