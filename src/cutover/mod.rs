@@ -4,13 +4,17 @@
 //! Both are the same walk, in opposite directions (cutover: source → target; rollback: target → source over
 //! the reverse stream that `cutover --reverse` started):
 //! 1. Refuse early: the clone must be complete and streaming, the slot healthy, the fence possible.
-//! 2. Wait until the stream's lag is under `--max-lag`.
+//! 2. Wait until the stream's lag is under `--max-lag`. Unless `--verify none`, make the first part of the
+//!    proof while the application still writes (see `proof`: the tables hashed in snapshots of both
+//!    servers, and a stream of the keys each server changes from then on), and wait for the lag again.
 //! 3. Fence writes on the old primary (see `fence`); emit a logical message, the fence marker, and note its
 //!    LSN. The write pause starts here.
 //! 4. Wait until the new primary has applied everything up to the marker. Whoever streams does the work: a
 //!    running `clone --follow` (it holds the migration lock), or, when none runs, a follower of our own.
 //! 5. Move every sequence (owned, identity, standalone) to the old primary's position.
-//! 6. Verify: quick (the tables the stream changed since the copy), full, or none. Fenced, it is exact.
+//! 6. Verify (quick: the tables the stream changed since the copy; full: all; or none), fenced, so exactly:
+//!    the second part of the proof compares the rows changed since the snapshots, by key. When the first
+//!    part could not be made, the tables are hashed whole here.
 //! 7. With `--reverse`: a publication and slot on the new primary, and stream state on the old one, so that
 //!    what is written on the new primary from now on can flow back.
 //! 8. Run the hooks (the user's switch). The write pause ends here.

@@ -317,6 +317,12 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         .filter(|t| !excluded.whole.contains_key(&t.name))
         .collect();
     prepared.tables_hashed = to_hash.len();
+    tracing::info!(
+        "proof: hashing {} table(s) in snapshots of both servers before the fence ({} row(s) changed \
+         meanwhile left for the pause); the application keeps writing",
+        to_hash.len(),
+        excluded.rows.values().map(HashSet::len).sum::<usize>()
+    );
     let excluded: HashMap<QualifiedName, Vec<Vec<String>>> = excluded
         .rows
         .into_iter()
