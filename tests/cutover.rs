@@ -446,7 +446,8 @@ async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
 /// The cutover's own verification, in its two parts (`src/cutover/proof.rs`), under live writes:
 /// - a row edited by hand on the target before the cutover differs in the snapshots hashed before the fence;
 /// - rows edited, deleted and added by hand on the target after those snapshots (while the cutover is held
-///   at `cutover.proved-before-fence`) reach the pause only through the target's key stream;
+///   at `cutover.proved-before-fence`) reach the pause only through the target's key stream, also in a
+///   table the stream never changed (which `--verify quick` would otherwise take as copied);
 /// each time the cutover stops with exit 1 naming the rows, the fence is lifted and the source stays the
 /// primary. Repaired, the cutover goes through, with the first part made before the fence.
 #[tokio::test(flavor = "multi_thread")]
@@ -495,7 +496,8 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     tgt.batch_execute(
         "UPDATE app.tickets SET note = 'edited later' WHERE id = 8;
          DELETE FROM app.tickets WHERE id = 9;
-         INSERT INTO app.tickets (id, note) VALUES (900000000, 'only on the target')",
+         INSERT INTO app.tickets (id, note) VALUES (900000000, 'only on the target');
+         UPDATE app.customers SET notes = 'edited on the target' WHERE id = 3",
     )
     .await
     .unwrap();
@@ -509,6 +511,11 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     ] {
         assert!(log.contains(named), "`{named}` is not reported:\n{log}");
     }
+    let customers = log.find("app.customers").map(|i| &log[i..]).unwrap_or("");
+    assert!(
+        customers.contains("different on the target: (3)"),
+        "the customer edited on the target is not reported:\n{log}"
+    );
     app_can_write(&s).await.unwrap();
     let src = connect(&s.socket_url("app")).await;
     let row9 = src
@@ -527,6 +534,17 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     tgt.batch_execute(
         "UPDATE app.tickets SET note = 'before 8' WHERE id = 8;
          DELETE FROM app.tickets WHERE id = 900000000",
+    )
+    .await
+    .unwrap();
+    let notes: Option<String> = src
+        .query_one("SELECT notes FROM app.customers WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tgt.execute(
+        "UPDATE app.customers SET notes = $1 WHERE id = 3",
+        &[&notes],
     )
     .await
     .unwrap();

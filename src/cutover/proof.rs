@@ -135,6 +135,8 @@ pub struct Prepared {
     old: ConnInfo,
     new: ConnInfo,
     new_publication: String,
+    /// Every table of the selection.
+    tables: Vec<Table>,
     differing: Keys,
     streams: Vec<(Stream, Arc<Collected>)>,
     /// Pairs of sessions (old, new), ready to compare by key in the pause.
@@ -203,9 +205,9 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         .map(|t| (t.name.schema.clone(), t.name.name.clone()))
         .collect();
     let (schemas, names): (Vec<String>, Vec<String>) = keyed.into_iter().unzip();
-    let publishable: Vec<String> = new
+    let publishable: Vec<QualifiedName> = new
         .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c
              JOIN pg_namespace n ON n.oid = c.relnamespace
              JOIN unnest($1::text[], $2::text[]) AS s(nsp, rel) ON s.nsp = n.nspname AND s.rel = c.relname
              WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND c.relreplident <> 'n'
@@ -216,14 +218,28 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         .await
         .map_err(Error::sql(plan.new_side, "listing tables for the proof's publication"))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
     if publishable.is_empty() {
         return Err(Error::Blocked("no table with a key to stream".into()));
     }
+    // a table whose changes on the new primary cannot be streamed is hashed whole in the pause
+    let mut unstreamable = Keys::default();
+    for t in plan.tables.iter().filter(|t| !t.key.is_empty()) {
+        if !publishable.contains(&t.name) {
+            unstreamable.whole(
+                &t.name,
+                &format!("the {} cannot stream its changes", plan.new_side),
+            );
+        }
+    }
     new.batch_execute(&format!(
         "DROP PUBLICATION IF EXISTS {p}; CREATE PUBLICATION {p} FOR TABLE {}",
-        publishable.join(", "),
+        publishable
+            .iter()
+            .map(QualifiedName::quoted)
+            .collect::<Vec<_>>()
+            .join(", "),
         p = quote_ident(&plan.new_publication)
     ))
     .await
@@ -274,6 +290,7 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         old: plan.old.clone(),
         new: plan.new.clone(),
         new_publication: plan.new_publication.clone(),
+        tables: plan.tables.clone(),
         differing: Keys::default(),
         streams,
         sessions: Vec::new(),
@@ -312,6 +329,7 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
             excluded.whole = seen.whole.clone();
         }
     }
+    excluded.merge(unstreamable);
     let to_hash: Vec<Table> = to_hash
         .into_iter()
         .filter(|t| !excluded.whole.contains_key(&t.name))
@@ -323,6 +341,7 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
         to_hash.len(),
         excluded.rows.values().map(HashSet::len).sum::<usize>()
     );
+    let excluded_whole = excluded.whole.clone();
     let excluded: HashMap<QualifiedName, Vec<Vec<String>>> = excluded
         .rows
         .into_iter()
@@ -337,6 +356,9 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
     )
     .await?;
     prepared.differing = differing;
+    for (t, why) in &excluded_whole {
+        prepared.differing.whole(t, why);
+    }
     prepared.sessions = sessions;
     prepared.rows_hashed = rows;
     prepared.seconds = started.elapsed().as_secs_f64();
@@ -848,6 +870,19 @@ impl Prepared {
         let mut pause = InPause::default();
         let mut whole = Vec::new();
         let mut by_key = Vec::new();
+        // A table outside `check` (quick: not changed by the stream) whose rows changed on either server
+        // in the meantime is compared too: those are the rows that may differ.
+        let mut check = check;
+        let touched: Vec<Table> = self
+            .tables
+            .iter()
+            .filter(|t| {
+                (keys.rows.contains_key(&t.name) || keys.whole.contains_key(&t.name))
+                    && !check.iter().any(|c| c.name == t.name)
+            })
+            .cloned()
+            .collect();
+        check.extend(touched);
         for t in check {
             let why = if let Some(f) = &failed {
                 Some(f.clone())
