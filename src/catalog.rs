@@ -42,6 +42,20 @@ pub struct Column {
 }
 
 impl Table {
+    /// The primary key's columns' SQL types, in key order.
+    pub fn key_types(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|k| {
+                self.columns
+                    .iter()
+                    .find(|c| &c.name == k)
+                    .map(|c| c.type_sql.as_str())
+                    .unwrap_or("text")
+            })
+            .collect()
+    }
+
     /// Whether every column can travel in binary COPY format.
     pub fn binary_portable(&self) -> bool {
         self.columns.iter().all(|c| c.binary_portable)

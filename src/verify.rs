@@ -204,6 +204,19 @@ pub(crate) fn row_expr(table: &Table) -> String {
     )
 }
 
+/// `ROW(key)::text`: how a row is named in reports (tables with a key).
+pub(crate) fn key_text(table: &Table) -> String {
+    format!(
+        "ROW({})::text",
+        table
+            .key
+            .iter()
+            .map(|k| format!("s.{}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// Whether the server has `hash_record_extended` (14+).
 async fn hash_record_extended(c: &Client, side: Side) -> Result<bool, Error> {
     Ok(c.query_one(
@@ -327,15 +340,7 @@ async fn range_rows(
     let key = if table.key.is_empty() {
         format!("md5({})", row_expr(table))
     } else {
-        format!(
-            "ROW({})::text",
-            table
-                .key
-                .iter()
-                .map(|k| format!("s.{}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        key_text(table)
     };
     let sql = format!(
         "SELECT {key}, md5({row}) FROM ONLY {} AS s {}",
@@ -501,15 +506,7 @@ async fn rows_by_key(
             table.name.quoted()
         )
     } else {
-        let key = format!(
-            "ROW({})::text",
-            table
-                .key
-                .iter()
-                .map(|k| format!("s.{}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let key = key_text(table);
         format!(
             "SELECT {key}, md5({row}) FROM ONLY {} AS s WHERE {key} = ANY($1::text[])",
             table.name.quoted(),

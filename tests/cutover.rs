@@ -467,21 +467,7 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     let cutover = ["cutover", "--source", &su, "--target", &tu];
 
     // 1. edited before the cutover: found in the snapshots
-    tgt.batch_execute("UPDATE app.tickets SET note = 'edited on the target' WHERE id = 7")
-        .await
-        .unwrap();
-    let out = hikkoshi(&cutover);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
-    assert!(
-        log.contains("different on the target: (7)"),
-        "the edited row is not named:\n{log}"
-    );
-    app_can_write(&s).await.unwrap();
-    assert_eq!(cutover_step(&t).await, "aborted");
-    tgt.batch_execute("UPDATE app.tickets SET note = 'before 7' WHERE id = 7")
-        .await
-        .unwrap();
+    edited_row_stops_the_cutover(&s, &t, &tgt, &cutover).await;
 
     // 2. edited, deleted and added after the snapshots: found by the target's key stream
     let mut held = Follower::spawn(
@@ -590,21 +576,11 @@ async fn without_decoding_on_the_target_the_cutover_verifies_in_the_pause() {
     let cutover = [
         "cutover", "--source", &su, "--target", &tu, "--verify", "full", "--json",
     ];
-    tgt.batch_execute("UPDATE app.tickets SET note = 'edited on the target' WHERE id = 7")
-        .await
-        .unwrap();
-    let out = hikkoshi(&cutover);
-    let log = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    let log = edited_row_stops_the_cutover(&s, &t, &tgt, &cutover).await;
     assert!(
-        log.contains("could not be prepared before the fence")
-            && log.contains("different on the target: (7)"),
+        log.contains("could not be prepared before the fence"),
         "{log}"
     );
-    app_can_write(&s).await.unwrap();
-    tgt.batch_execute("UPDATE app.tickets SET note = 'before 7' WHERE id = 7")
-        .await
-        .unwrap();
     let out = hikkoshi(&cutover);
     assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -626,6 +602,32 @@ async fn without_decoding_on_the_target_the_cutover_verifies_in_the_pause() {
         follower.log()
     );
     assert_eq!(publication_count(&tgt).await, 0);
+}
+
+/// Ticket 7 edited by hand on the target makes `cutover` (run with `args`) stop with exit 1 and name it;
+/// the source stays the primary; the ticket is then put back. Returns the cutover's output.
+async fn edited_row_stops_the_cutover(
+    s: &LocalServer,
+    t: &LocalServer,
+    tgt: &Client,
+    args: &[&str],
+) -> String {
+    tgt.batch_execute("UPDATE app.tickets SET note = 'edited on the target' WHERE id = 7")
+        .await
+        .unwrap();
+    let out = hikkoshi(args);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("different on the target: (7)"),
+        "the edited row is not named:\n{log}"
+    );
+    app_can_write(s).await.unwrap();
+    assert_eq!(cutover_step(t).await, "aborted");
+    tgt.batch_execute("UPDATE app.tickets SET note = 'before 7' WHERE id = 7")
+        .await
+        .unwrap();
+    log
 }
 
 /// Rows identical, sequences on the target at or past the source (a cutover moves them to the source's

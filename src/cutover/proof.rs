@@ -545,28 +545,12 @@ async fn summary(
     Ok((r.get(0), r.get(1)))
 }
 
-/// The key columns' SQL types.
-fn key_types(table: &Table) -> Vec<&str> {
-    table
-        .key
-        .iter()
-        .map(|k| {
-            table
-                .columns
-                .iter()
-                .find(|c| &c.name == k)
-                .map(|c| c.type_sql.as_str())
-                .unwrap_or("text")
-        })
-        .collect()
-}
-
 /// `s.k1 = u.c0::type AND …`: a row of the table against a row of key arrays.
 fn key_match(table: &Table) -> String {
     table
         .key
         .iter()
-        .zip(key_types(table))
+        .zip(table.key_types())
         .enumerate()
         .map(|(i, (k, ty))| {
             format!(
@@ -599,19 +583,6 @@ fn key_list(table: &Table) -> String {
     )
 }
 
-/// `ROW(key)::text`, which names a row in reports.
-fn key_text(table: &Table) -> String {
-    format!(
-        "ROW({})::text",
-        table
-            .key
-            .iter()
-            .map(|k| format!("s.{}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
 /// The keys of the rows of one range that differ between the two sessions.
 async fn differing_keys(
     old: &Client,
@@ -621,7 +592,7 @@ async fn differing_keys(
 ) -> Result<Vec<Vec<String>>, Error> {
     let sql = format!(
         "SELECT {}, {}, md5({}) FROM ONLY {} AS s {}",
-        key_text(table),
+        verify::key_text(table),
         key_list(table),
         verify::row_expr(table),
         table.name.quoted(),
@@ -1022,10 +993,10 @@ async fn compare_table_keys(
         // none of its rows changed since the snapshots
         return Ok(matched(table));
     }
-    let types = key_types(table);
+    let types = table.key_types();
     let sql = format!(
         "SELECT {}, md5({}) FROM ONLY {} AS s WHERE ({}) IN (SELECT {} FROM {})",
-        key_text(table),
+        verify::key_text(table),
         verify::row_expr(table),
         table.name.quoted(),
         table

@@ -75,18 +75,7 @@ pub fn key_chunks(table: &Table, n: usize, sample: &[Vec<String>]) -> Vec<ChunkS
     if bounds.is_empty() {
         return vec![whole(table)];
     }
-    let types: Vec<&str> = table
-        .key
-        .iter()
-        .map(|k| {
-            table
-                .columns
-                .iter()
-                .find(|c| &c.name == k)
-                .map(|c| c.type_sql.as_str())
-                .unwrap_or("text")
-        })
-        .collect();
+    let types = table.key_types();
     let cols = format!(
         "({})",
         table
