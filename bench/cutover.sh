@@ -6,7 +6,8 @@
 # several clients that reconnect after errors and follow a switch file, which pgbench cannot) writes through
 # the cutover. The cutover's hook rewrites the switch file. Reported, per run: the pause hikkoshi measured
 # (fence -> hooks done) with its parts, and the longest gap between two successful commits that the load
-# generator saw. After each run, source and target are compared (pgbench_history row counts and balance sums).
+# generator saw. After each run, the source's pgbench_history rows must all be on the target (counted up to the
+# source's last mtime; the target has the load's later rows too); the run fails otherwise.
 #
 # usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--keep]
 # Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --bins --examples`.
@@ -73,10 +74,14 @@ for run in $(seq 1 "$RUNS"); do
     wait "$follower" || true
     pause=$(grep -o '"write_pause_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
     gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$run.json" | awk '{print $2}')
+    before=$(grep -o '"verify_before_fence_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    compared=$(grep -o '"rows_compared_in_pause": [0-9]*' "$WORK/cutover-$run.json" | awk '{print $2}')
     # the source's rows must all be on the target (the target has the load's later rows too)
     s=$(src_psql "$db" -At -c "SELECT count(*) FROM pgbench_history")
-    t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= (SELECT max(mtime) FROM pgbench_history) ")
-    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s; history rows source $s, target $t"
+    last=$(src_psql "$db" -At -c "SELECT max(mtime) FROM pgbench_history")
+    t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= '$last'")
+    [[ $s == "$t" ]] || die "run $run: the source has $s history rows up to $last, the target $t"
+    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause); history rows source $s, target $t"
     ((run > 1)) && echo "," >>"$out"
     printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
         "$run" "$SCALE" "$RATE" "$VERIFY" "$pause" "$gap" "$(cat "$WORK/cutover-$run.json")" "$(cat "$WORK/load-$run.json")" >>"$out"
