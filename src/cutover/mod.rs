@@ -429,63 +429,22 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         )
         .await?;
         if opts.verify != VerifyMode::None {
-            // The first part of the proof, while the application still writes (see `proof`).
-            let r = selected(&migration, &old, old_side).await?;
-            let streamed = streamed_tables(&new).await;
-            let plan = proof::Plan {
-                old: old_info.clone(),
-                new: new_info.clone(),
-                old_side,
-                new_side,
-                old_publication: feeding.publication.clone(),
-                new_publication: proof_publication.clone(),
-                slot: format!("hikkoshi_{}_proof", migration.id),
-                tables: r.tables.clone(),
-                hash: r
-                    .tables
-                    .iter()
-                    .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
-                    .map(|t| t.name.clone())
-                    .collect(),
-                ranges: crate::verify::key_ranges(&ctl).await.unwrap_or_default(),
-                jobs: opts.jobs,
-                wait: opts.timeout.min(Duration::from_secs(30)),
+            let pair = Pair {
+                old: (&old, old_side, &old_info),
+                new: (&new, new_side, &new_info),
             };
-            let prepared = tokio::select! {
-                p = proof::prepare(plan, &old, &new) => p,
-                _ = opts.stop.cancelled() => Err(Error::Interrupted),
-            };
-            match prepared {
-                Ok(p) => {
-                    tracing::info!(
-                        "{}: {} row(s) hashed in snapshots before the fence in {:.1}s",
-                        report.step,
-                        p.rows_hashed,
-                        p.seconds
-                    );
-                    report.verify_before_fence_seconds = p.seconds;
-                    report.rows_hashed_before_fence = p.rows_hashed;
-                    proof = Some(p);
-                    crate::failpoint::pause("cutover.proved-before-fence", &opts.stop).await;
-                }
-                Err(e) => {
-                    proof::drop_publication(&new, &proof_publication).await;
-                    if opts.stop.is_cancelled() {
-                        follower_stop.cancel();
-                        return Err(Error::Blocked(format!(
-                            "interrupted before the fence: nothing was fenced, the {old_side} is the \
-                             primary as before"
-                        )));
-                    }
-                    let w = format!(
-                        "the proof could not be prepared before the fence ({}): the tables were hashed in \
-                         the write pause",
-                        crate::error::chain(&e)
-                    );
-                    tracing::warn!("{w}");
-                    report.warnings.push(w);
-                }
-            }
+            let (r, p) = prove_before_fence(
+                opts,
+                &pair,
+                &migration,
+                &ctl,
+                &feeding,
+                &proof_publication,
+                &mut report,
+            )
+            .await
+            .inspect_err(|_| follower_stop.cancel())?;
+            proof = p;
             resolved = Some(r);
             // the lag may have grown while the tables were hashed
             if let Err(e) = wait_for_lag(
@@ -933,6 +892,83 @@ async fn follower_failed(
         )),
         Ok(Err(e)) => Some(e),
         Err(e) => Some(Error::Blocked(format!("the follower failed: {e}"))),
+    }
+}
+
+/// The two servers of a switch, each with its side and connection info: the old primary and the new one.
+struct Pair<'a> {
+    old: (&'a Client, Side, &'a ConnInfo),
+    new: (&'a Client, Side, &'a ConnInfo),
+}
+
+/// The first part of the proof, while the application still writes (see `proof`). Returns the selection
+/// and the prepared proof, or no proof (with a warning in the report) when it could not be made: then the
+/// tables are hashed in the pause.
+async fn prove_before_fence(
+    opts: &CutoverOptions,
+    pair: &Pair<'_>,
+    migration: &state::Migration,
+    ctl: &Client,
+    feeding: &FollowPlan,
+    proof_publication: &str,
+    report: &mut SwitchReport,
+) -> Result<(crate::plan::Resolved, Option<proof::Prepared>), Error> {
+    let ((old, old_side, old_info), (new, new_side, new_info)) = (pair.old, pair.new);
+    let r = selected(migration, old, old_side).await?;
+    let streamed = streamed_tables(new).await;
+    let plan = proof::Plan {
+        old: old_info.clone(),
+        new: new_info.clone(),
+        old_side,
+        new_side,
+        old_publication: feeding.publication.clone(),
+        new_publication: proof_publication.to_string(),
+        slot: format!("hikkoshi_{}_proof", migration.id),
+        tables: r.tables.clone(),
+        hash: r
+            .tables
+            .iter()
+            .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
+            .map(|t| t.name.clone())
+            .collect(),
+        ranges: crate::verify::key_ranges(ctl).await.unwrap_or_default(),
+        jobs: opts.jobs,
+        wait: opts.timeout.min(Duration::from_secs(30)),
+    };
+    let prepared = tokio::select! {
+        p = proof::prepare(plan, old, new) => p,
+        _ = opts.stop.cancelled() => Err(Error::Interrupted),
+    };
+    match prepared {
+        Ok(p) => {
+            tracing::info!(
+                "{}: {} row(s) hashed in snapshots before the fence in {:.1}s",
+                report.step,
+                p.rows_hashed,
+                p.seconds
+            );
+            report.verify_before_fence_seconds = p.seconds;
+            report.rows_hashed_before_fence = p.rows_hashed;
+            crate::failpoint::pause("cutover.proved-before-fence", &opts.stop).await;
+            Ok((r, Some(p)))
+        }
+        Err(e) => {
+            proof::drop_publication(new, proof_publication).await;
+            if opts.stop.is_cancelled() {
+                return Err(Error::Blocked(format!(
+                    "interrupted before the fence: nothing was fenced, the {old_side} is the primary as \
+                     before"
+                )));
+            }
+            let w = format!(
+                "the proof could not be prepared before the fence ({}): the tables were hashed in the \
+                 write pause",
+                crate::error::chain(&e)
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+            Ok((r, None))
+        }
     }
 }
 
