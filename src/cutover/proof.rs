@@ -39,7 +39,7 @@ use crate::ident::{QualifiedName, quote_ident};
 use crate::lsn::Lsn;
 use crate::replication::conn::StreamMessage;
 use crate::replication::{ReplicationConn, create_with_snapshot};
-use crate::stream::pgoutput::{Message, OldRow, Tuple, Value};
+use crate::stream::pgoutput::{Message, OldRow, Relation, Tuple, Value};
 use crate::verify::{self, TableResult, VerifyReport};
 
 /// The prefix of the logical message that ends a proof stream.
@@ -692,23 +692,7 @@ async fn collect(
                     let mut keys = collected.keys();
                     match msg {
                         Message::Relation(r) => {
-                            let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
-                            let targets = tables
-                                .iter()
-                                .filter(|t| {
-                                    !t.key.is_empty()
-                                        && (t.name == name || t.root.as_ref() == Some(&name))
-                                })
-                                .map(|t| {
-                                    let positions: Option<Vec<usize>> = t
-                                        .key
-                                        .iter()
-                                        .map(|k| r.columns.iter().position(|c| &c.name == k))
-                                        .collect();
-                                    (t.name.clone(), positions)
-                                })
-                                .collect();
-                            relations.insert(r.oid, targets);
+                            relations.insert(r.oid, feeds(&tables, &r));
                         }
                         Message::Insert(i) => {
                             record(&mut keys, relations.get(&i.relation), &i.new, false)
@@ -749,6 +733,24 @@ async fn collect(
             last_status = Instant::now();
         }
     }
+}
+
+/// The tables with a key that a relation of the stream feeds: itself, or, for the root of a partitioned
+/// table (a publication that publishes through the root), each of its partitions.
+fn feeds(tables: &[Table], r: &Relation) -> Feeds {
+    let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
+    tables
+        .iter()
+        .filter(|t| !t.key.is_empty() && (t.name == name || t.root.as_ref() == Some(&name)))
+        .map(|t| {
+            let positions: Option<Vec<usize>> = t
+                .key
+                .iter()
+                .map(|k| r.columns.iter().position(|c| &c.name == k))
+                .collect();
+            (t.name.clone(), positions)
+        })
+        .collect()
 }
 
 /// Notes the key of `tuple` for every table its relation feeds. `lenient`: a key column that was not sent
@@ -1113,6 +1115,73 @@ mod tests {
         );
         assert!(!keys.rows.contains_key(&name("p1")));
         record(&mut keys, None, &tuple(&[Some("1")]), false);
+    }
+
+    fn table(name: &str, root: Option<&str>, key: &[&str]) -> Table {
+        Table {
+            name: QualifiedName::new("app", name),
+            root: root.map(|r| QualifiedName::new("app", r)),
+            columns: vec![],
+            key: key.iter().map(|k| k.to_string()).collect(),
+            replica_identity: 'd',
+            bytes: 0,
+            pages: 0,
+            rows_estimate: 0.0,
+            unlogged: false,
+        }
+    }
+
+    fn relation(name: &str, columns: &[&str]) -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "app".into(),
+            name: name.into(),
+            replica_identity: 'd',
+            columns: columns
+                .iter()
+                .map(|c| crate::stream::pgoutput::RelationColumn {
+                    key: false,
+                    name: c.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_root_feeds_its_partitions_and_a_table_itself() {
+        let tables = vec![
+            table("m_2024_01", Some("m"), &["sensor", "taken_on"]),
+            table("m_2024_02", Some("m"), &["sensor", "taken_on"]),
+            table("t", None, &["id"]),
+            table("log", None, &[]),
+        ];
+        // the root, as a publication through the root sends it: both partitions, keys by name
+        let root = feeds(&tables, &relation("m", &["value", "taken_on", "sensor"]));
+        assert_eq!(
+            root,
+            vec![
+                (name("m_2024_01"), Some(vec![2, 1])),
+                (name("m_2024_02"), Some(vec![2, 1])),
+            ]
+        );
+        // a partition, as the new primary's own publication sends it
+        assert_eq!(
+            feeds(
+                &tables,
+                &relation("m_2024_02", &["sensor", "taken_on", "value"])
+            ),
+            vec![(name("m_2024_02"), Some(vec![0, 1]))]
+        );
+        // a key column missing from the relation: the table is marked, not silently skipped
+        assert_eq!(
+            feeds(&tables, &relation("t", &["note"])),
+            vec![(name("t"), None)]
+        );
+        // tables without a key (hashed whole anyway) and unknown relations feed nothing
+        assert!(feeds(&tables, &relation("log", &["a"])).is_empty());
+        assert!(feeds(&tables, &relation("other", &["id"])).is_empty());
     }
 
     #[test]
