@@ -148,6 +148,9 @@ pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
     extensions(&mut r, source, target).await?;
     encodings(&mut r, source, target).await?;
     target_state(&mut r, source, target, i.tables).await?;
+    if i.follow {
+        cutover_proof(&mut r, (source_major, target_major), target).await?;
+    }
     if i.measure {
         estimate(&mut r, source, i.tables).await;
     }
@@ -682,6 +685,65 @@ async fn encodings(r: &mut Report, source: &Client, target: &Client) -> Result<(
             None,
             format!("both {sc}/{sk}"),
             None,
+        );
+    }
+    Ok(())
+}
+
+/// Whether `cutover` can verify before its write fence (see docs/cutover.md, "The proof in two parts"):
+/// both servers 14+, and the target able to stream its own changes. Without it the cutover still works, but
+/// hashes the streamed tables inside its write pause.
+async fn cutover_proof(
+    r: &mut Report,
+    (source_major, target_major): (u32, u32),
+    target: &Client,
+) -> Result<(), Error> {
+    let row = target
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
+                    OR EXISTS (SELECT 1 FROM pg_auth_members m
+                               JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
+                               WHERE g.rolname = 'rds_replication' AND u.rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "reading replication settings"))?;
+    let (wal_level, can_replicate): (String, bool) = (row.get(0), row.get(1));
+    let mut missing = Vec::new();
+    if source_major < 14 || target_major < 14 {
+        missing.push(format!(
+            "PostgreSQL 14 or later on both servers (source {source_major}, target {target_major})"
+        ));
+    }
+    if wal_level != "logical" {
+        missing.push(format!(
+            "wal_level = logical on the target (it is {wal_level}; RDS: rds.logical_replication = 1)"
+        ));
+    }
+    if !can_replicate {
+        missing.push(
+            "the REPLICATION attribute for this role on the target (RDS: GRANT rds_replication)"
+                .into(),
+        );
+    }
+    if missing.is_empty() {
+        r.add(
+            Level::Ok,
+            "cutover proof",
+            Some(Side::Target),
+            "the cutover can hash the tables before its write fence and compare only the rows changed \
+             since inside it",
+            None,
+        );
+    } else {
+        r.add(
+            Level::Warning,
+            "cutover proof",
+            Some(Side::Target),
+            "the cutover will hash the streamed tables inside its write pause (seconds per GB), not \
+             before its fence",
+            Some(format!("for a sub-second pause: {}", missing.join("; "))),
         );
     }
     Ok(())

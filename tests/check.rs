@@ -42,6 +42,7 @@ async fn a_ready_pair_passes_and_nothing_is_created() {
         "encoding",
         "target",
         "size",
+        "cutover proof",
     ] {
         assert!(f.iter().any(|x| x["check"] == c), "{c} was checked: {f:?}");
     }
@@ -75,7 +76,13 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
             ..Default::default()
         },
     );
-    let t = server(15);
+    let t = server_with(
+        15,
+        ServerOptions {
+            conf: vec!["wal_level = replica".into()],
+            ..Default::default()
+        },
+    );
     let src = create_db(&s, "app").await;
     src.batch_execute(
         "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE logs (at timestamptz, line text);
@@ -137,6 +144,16 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
     assert!(
         f.iter()
             .any(|x| x["check"] == "max_slot_wal_keep_size" && x["level"] == "warning"),
+        "{f:?}"
+    );
+    // a target that cannot stream its own changes: the cutover would verify inside its pause
+    assert!(
+        f.iter().any(|x| x["check"] == "cutover proof"
+            && x["level"] == "warning"
+            && x["fix"]
+                .as_str()
+                .unwrap_or("")
+                .contains("wal_level = logical on the target")),
         "{f:?}"
     );
     assert!(
