@@ -317,7 +317,7 @@ async fn range_summary(
 }
 
 /// A range's summary on both servers at once.
-pub(crate) async fn summaries(
+async fn summaries(
     source: &Client,
     target: &Client,
     table: &Table,

@@ -626,6 +626,14 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
                 .map(|(v, pause)| {
                     report.rows_compared_in_pause = pause.rows_compared;
                     report.tables_hashed_in_pause = pause.hashed_whole;
+                    if let Some(why) = pause.streams_failed {
+                        // the first part's hashes did not count: everything was hashed here
+                        report.rows_hashed_before_fence = 0;
+                        report.warnings.push(format!(
+                            "the proof's key streams failed ({why}): the tables were hashed in the \
+                             write pause"
+                        ));
+                    }
                     v
                 }),
             None => {

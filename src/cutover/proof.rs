@@ -5,23 +5,26 @@
 //! 1. a temporary slot is made on the old primary, with an exported snapshot at its consistent point C;
 //! 2. once the new primary has applied past C, a temporary slot is made there too (snapshot at B), over a
 //!    publication of its own (`hikkoshi_<id>_proof`);
-//! 3. the tables are hashed by key range in the two snapshots, as `hikkoshi verify` does, and the keys of
-//!    the rows that differ are kept (a row the source changed between C and B differs here, rightly);
-//! 4. from then on each slot streams the keys of every row its server changes: inserts, updates (with the
-//!    old key when it changed), deletes; a TRUNCATE marks its table.
+//! 3. from then on each slot streams the keys of every row its server changes: inserts, updates (with the
+//!    old key when it changed), deletes; a TRUNCATE marks its table;
+//! 4. the new primary's snapshot holds the old one's changes up to its `applied_lsn` A, a little past C:
+//!    the keys the old primary's stream saw up to A are left out of the hashes (they are compared later);
+//! 5. the tables are hashed by key range in the two snapshots, as `hikkoshi verify` does, and the keys of
+//!    the rows of a range that still differs are kept.
 //!
 //! **In the pause**, once the new primary has applied everything up to the fence, a logical message on each
-//! server ends its stream, and the rows of the kept keys are compared by key on both servers.
+//! server ends its stream, and the rows of all kept keys are compared by key on both servers, also in
+//! tables that `--verify quick` leaves out (the stream had not changed them) when a server changed them.
 //!
 //! Why this proves the tables equal: a row whose key neither stream saw, and that did not differ in the
 //! snapshots, is on the old primary as it was at C and on the new one as it was at B, and those were equal.
 //! Every other row is compared directly, after the fence. A row written on the new primary by anyone (the
 //! applier, or someone by hand) is in the new primary's stream, so nothing on the target escapes.
 //!
-//! Tables without a key, tables truncated in between, and keys the stream did not carry (a TOASTed key
-//! left out of an update) are hashed whole in the pause; so is everything when the preparation cannot be
-//! made (a server before 14, no free slot or WAL sender, a long transaction that holds off the slot's
-//! consistent point) or a stream fails.
+//! Tables without a key, tables the new primary cannot publish, tables truncated in between, and keys the
+//! stream did not carry (a TOASTed key left out of an update) are hashed whole in the pause; so is
+//! everything when the preparation cannot be made (a server before 14, no free slot or WAL sender, a long
+//! transaction that holds off the slot's consistent point) or a stream fails.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -163,6 +166,8 @@ pub struct InPause {
     pub rows_compared: usize,
     /// Tables hashed whole, with the reason.
     pub hashed_whole: Vec<String>,
+    /// Why the streams' keys could not be used (then every table was hashed whole).
+    pub streams_failed: Option<String>,
 }
 
 /// Drops the new primary's proof publication (idempotent; `hikkoshi clean` also removes it).
@@ -883,6 +888,7 @@ impl Prepared {
         if let Some(f) = &failed {
             tracing::warn!("the proof's key streams failed ({f}): hashing the tables whole");
         }
+        pause.streams_failed = failed;
         let sessions = std::mem::take(&mut self.sessions);
         let work = by_key
             .into_iter()
