@@ -51,6 +51,8 @@ const PREFIX: &str = "hikkoshi-proof";
 const MAX_KEYS: usize = 1_000_000;
 /// Keys looked up per statement in the pause.
 const LOOKUP: usize = 10_000;
+/// Fewer keys of one table than this are looked up by one session pair.
+const SHARE: usize = 2_000;
 
 /// The tables a relation of the stream feeds (itself, or the partitions of a root), each with the
 /// positions of its key columns in the relation (None when one is missing).
@@ -890,15 +892,27 @@ impl Prepared {
         }
         pause.streams_failed = failed;
         let sessions = std::mem::take(&mut self.sessions);
-        let work = by_key
-            .into_iter()
-            .map(|(t, k)| (t, Some(k)))
-            .chain(whole.into_iter().map(|t| (t, None)))
-            .collect();
-        let (sequences, (mut compared, different)) = tokio::try_join!(
+        // many keys of one table are shared out among the session pairs
+        let share = pause
+            .rows_compared
+            .div_ceil(sessions.len().max(1))
+            .max(SHARE);
+        let mut work: Vec<(Table, Option<Vec<Vec<String>>>)> = Vec::new();
+        for (t, k) in by_key {
+            if k.len() <= share {
+                work.push((t, Some(k)));
+            } else {
+                for part in k.chunks(share) {
+                    work.push((t.clone(), Some(part.to_vec())));
+                }
+            }
+        }
+        work.extend(whole.into_iter().map(|t| (t, None)));
+        let (sequences, (compared, different)) = tokio::try_join!(
             verify::verify_sequences(old, new, sequences),
             compare_in_pause(sessions, work)
         )?;
+        let mut compared = merge_parts(compared);
         if !different.is_empty() {
             // hashed whole and different: locate the rows, as `hikkoshi verify` does
             let names: HashSet<String> = different.iter().map(|t| t.name.to_string()).collect();
@@ -974,6 +988,30 @@ async fn compare_in_pause(
         ));
     }
     Ok((out, different))
+}
+
+/// One result per table, from the results of its parts (keys shared out among session pairs).
+fn merge_parts(parts: Vec<TableResult>) -> Vec<TableResult> {
+    let mut out: Vec<TableResult> = Vec::new();
+    for p in parts {
+        let Some(r) = out.iter_mut().find(|r| r.table == p.table) else {
+            out.push(p);
+            continue;
+        };
+        r.source_rows += p.source_rows;
+        r.target_rows += p.target_rows;
+        r.matched &= p.matched;
+        for (dst, src) in [
+            (&mut r.missing_on_target, p.missing_on_target),
+            (&mut r.extra_on_target, p.extra_on_target),
+            (&mut r.changed, p.changed),
+        ] {
+            dst.extend(src);
+            dst.sort();
+            dst.truncate(verify::SHOW);
+        }
+    }
+    out
 }
 
 /// A table found equal, with no rows counted yet.
@@ -1188,6 +1226,26 @@ mod tests {
         // tables without a key (hashed whole anyway) and unknown relations feed nothing
         assert!(feeds(&tables, &relation("log", &["a"])).is_empty());
         assert!(feeds(&tables, &relation("other", &["id"])).is_empty());
+    }
+
+    #[test]
+    fn the_parts_of_a_table_make_one_result() {
+        let part = |rows: i64, changed: &[&str]| TableResult {
+            changed: changed.iter().map(|c| c.to_string()).collect(),
+            matched: changed.is_empty(),
+            source_rows: rows,
+            target_rows: rows,
+            ..matched(&table("t", None, &["id"]))
+        };
+        let merged = merge_parts(vec![
+            part(3, &[]),
+            matched(&table("u", None, &["id"])),
+            part(2, &["(9)"]),
+        ]);
+        assert_eq!(merged.len(), 2);
+        let t = merged.iter().find(|r| r.table == "app.t").unwrap();
+        assert_eq!((t.source_rows, t.matched), (5, false));
+        assert_eq!(t.changed, vec!["(9)".to_string()]);
     }
 
     #[test]
