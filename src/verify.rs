@@ -188,6 +188,15 @@ pub(crate) async fn key_ranges(
     Ok(out)
 }
 
+/// `s.a, s.b, …`: columns of the table aliased `s`, as every verify statement reads it.
+pub(crate) fn s_columns<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|n| format!("s.{}", quote_ident(n)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The row as text, from the source's column list (generated columns included: both sides compute them).
 pub(crate) fn row_expr(table: &Table) -> String {
     if table.columns.is_empty() {
@@ -195,12 +204,7 @@ pub(crate) fn row_expr(table: &Table) -> String {
     }
     format!(
         "ROW({})::text",
-        table
-            .columns
-            .iter()
-            .map(|c| format!("s.{}", quote_ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        s_columns(table.columns.iter().map(|c| c.name.as_str()))
     )
 }
 
@@ -208,12 +212,7 @@ pub(crate) fn row_expr(table: &Table) -> String {
 pub(crate) fn key_text(table: &Table) -> String {
     format!(
         "ROW({})::text",
-        table
-            .key
-            .iter()
-            .map(|k| format!("s.{}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        s_columns(table.key.iter().map(String::as_str))
     )
 }
 
@@ -284,16 +283,25 @@ pub(crate) fn row_hash(table: &Table, record_hash: bool) -> String {
     {
         format!(
             "hash_record_extended(ROW({}), 0)",
-            table
-                .columns
-                .iter()
-                .map(|c| format!("s.{}", quote_ident(&c.name)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            s_columns(table.columns.iter().map(|c| c.name.as_str()))
         )
     } else {
         format!("hashtextextended({}, 0)", row_expr(table))
     }
+}
+
+/// Row count and summed row hash of the table's rows that meet every one of `conditions`.
+pub(crate) fn summary_sql(table: &Table, record_hash: bool, conditions: Vec<String>) -> String {
+    format!(
+        "SELECT count(*), coalesce(sum({}), 0)::text FROM ONLY {} AS s {}",
+        row_hash(table, record_hash),
+        table.name.quoted(),
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE ({})", conditions.join(") AND ("))
+        }
+    )
 }
 
 async fn range_summary(
@@ -303,11 +311,10 @@ async fn range_summary(
     predicate: Option<&str>,
     record_hash: bool,
 ) -> Result<(i64, String), Error> {
-    let hash = row_hash(table, record_hash);
-    let sql = format!(
-        "SELECT count(*), coalesce(sum({hash}), 0)::text FROM ONLY {} AS s {}",
-        table.name.quoted(),
-        predicate.map(|p| format!("WHERE {p}")).unwrap_or_default(),
+    let sql = summary_sql(
+        table,
+        record_hash,
+        predicate.map(String::from).into_iter().collect(),
     );
     let r = c
         .query_one(&sql, &[])
@@ -581,7 +588,8 @@ async fn follower_running(target: &Client) -> bool {
         .unwrap_or(false)
 }
 
-async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
+/// Waits (at most `timeout`) until the stream's applied or in-sync position has passed `lsn`.
+pub(crate) async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
     let start = Instant::now();
     while start.elapsed() < timeout {
         let ok = target

@@ -201,7 +201,14 @@ pub async fn prepare(plan: Plan, old: &Client, new: &Client) -> Result<Prepared,
     let old_snap = slot(&plan.old, plan.old_side, &old_slot, plan.wait).await?;
     let old_sessions = import(&plan.old, plan.old_side, &old_snap.snapshot, plan.jobs).await?;
     let consistent = old_snap.lsn;
-    wait_applied(new, old_snap.lsn, plan.wait.min(Duration::from_secs(5))).await;
+    // so that the new primary's snapshot holds every change the old one's does (a slower applier only
+    // makes more rows differ in the snapshots)
+    verify::wait_synced(
+        new,
+        &old_snap.lsn.to_string(),
+        plan.wait.min(Duration::from_secs(5)),
+    )
+    .await;
 
     // The new primary's publication lists its plain, logged tables with a key (a table without a replica
     // identity in a publication would refuse deletes).
@@ -419,28 +426,6 @@ async fn import(
     Ok(out)
 }
 
-/// Waits (at most `wait`) until the new primary has applied past `lsn` (or is in sync past it, when the
-/// old primary is idle), so that its snapshot holds every change the old one's does; a slower applier only
-/// makes more rows differ in the snapshots.
-async fn wait_applied(new: &Client, lsn: Lsn, wait: Duration) {
-    let until = Instant::now() + wait;
-    while Instant::now() < until {
-        let done = new
-            .query_one(
-                "SELECT coalesce(bool_or(greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn), false)
-                 FROM hikkoshi.stream",
-                &[&lsn.to_string()],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(true);
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Hashes every range of `tables` in the two snapshots, `sessions` pairs at a time; returns the keys of the
 /// rows that differ, how many rows were hashed (on the old primary), and the sessions, out of their
 /// snapshots and ready for the lookups by key in the pause.
@@ -521,7 +506,7 @@ async fn summary(
     predicate: Option<&str>,
     skip: &[Vec<String>],
 ) -> Result<(i64, String), Error> {
-    let mut conditions: Vec<String> = predicate.map(|p| format!("({p})")).into_iter().collect();
+    let mut conditions: Vec<String> = predicate.map(String::from).into_iter().collect();
     if !skip.is_empty() {
         conditions.push(format!(
             "NOT EXISTS (SELECT FROM {} WHERE {})",
@@ -529,16 +514,7 @@ async fn summary(
             key_match(table)
         ));
     }
-    let sql = format!(
-        "SELECT count(*), coalesce(sum({}), 0)::text FROM ONLY {} AS s {}",
-        verify::row_hash(table, true),
-        table.name.quoted(),
-        if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        }
-    );
+    let sql = verify::summary_sql(table, true, conditions);
     let columns = key_columns(table, skip);
     let params: Vec<&(dyn ToSql + Sync)> = if skip.is_empty() {
         vec![]
@@ -1045,12 +1021,7 @@ async fn compare_table_keys(
         verify::key_text(table),
         verify::row_expr(table),
         table.name.quoted(),
-        table
-            .key
-            .iter()
-            .map(|k| format!("s.{}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        verify::s_columns(table.key.iter().map(String::as_str)),
         types
             .iter()
             .enumerate()
