@@ -732,6 +732,8 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     if let Err(w) = drop_stream(&old, old_side, &feeding.slot, &feeding.publication).await {
         report.warnings.push(w);
     }
+    // the proof's streams ended in the pause; their publication goes now, outside it
+    proof::drop_publication(&new, &proof_publication).await;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -771,7 +771,8 @@ impl Prepared {
 
     /// The second part, once the new primary has applied everything up to the fence: ends both streams,
     /// compares the rows of every kept key, hashes the tables that need it whole, and compares `sequences`.
-    /// `check` are the tables to verify (quick: those the stream changed; full: all).
+    /// `check` are the tables to verify (quick: those the stream changed; full: all). The caller drops the
+    /// publication afterwards, outside the pause.
     pub async fn conclude(
         mut self,
         (old, old_side): (&Client, Side),
@@ -818,7 +819,6 @@ impl Prepared {
                 }
             }
         }
-        drop_publication(new, &self.new_publication).await;
         tracing::info!(
             "proof: both key streams ended {:.3}s into the pause's part",
             started.elapsed().as_secs_f64()
