@@ -86,7 +86,7 @@ pub struct Catalog {
 }
 
 /// Schemas that are never user data.
-const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi') \
+const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
 
 /// Excludes relations that belong to an extension (CREATE EXTENSION makes them on the target).

@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use crate::catalog::{Catalog, Table};
 use crate::error::{Error, Side};
+use crate::ident::QualifiedName;
 use crate::plan::{Selection, resolve};
 use crate::progress::{human_bytes, human_duration};
 use crate::schema::DumpTools;
@@ -150,6 +151,7 @@ pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
     target_state(&mut r, source, target, i.tables).await?;
     if i.follow {
         cutover_proof(&mut r, (source_major, target_major), target).await?;
+        write_fence(&mut r, source, i.tables).await?;
     }
     if i.measure {
         estimate(&mut r, source, i.tables).await;
@@ -745,6 +747,39 @@ async fn cutover_proof(
              before its fence",
             Some(format!("for a sub-second pause: {}", missing.join("; "))),
         );
+    }
+    Ok(())
+}
+
+/// Whether `cutover` can fence the source's writes (see `cutover::fence`): the trigger right on every
+/// selected table, and whether it can also end the application's sessions (faster, not needed).
+async fn write_fence(r: &mut Report, source: &Client, tables: &[Table]) -> Result<(), Error> {
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    let relations = crate::cutover::fence::relations(source, Side::Source, &names).await?;
+    match crate::cutover::fence::preflight(source, Side::Source, &relations).await {
+        Ok(warnings) => {
+            r.add(
+                Level::Ok,
+                "write fence",
+                Some(Side::Source),
+                format!(
+                    "the cutover can refuse writes on the {} selected table(s) and their partitions for                      every role and session (a statement trigger)",
+                    relations.len()
+                ),
+                None,
+            );
+            for w in warnings {
+                r.add(Level::Warning, "write fence", Some(Side::Source), w, None);
+            }
+        }
+        Err(Error::Blocked(why)) => r.add(
+            Level::Warning,
+            "write fence",
+            Some(Side::Source),
+            format!("the cutover will refuse until this is fixed: {why}"),
+            None,
+        ),
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `hikkoshi clean`: removes what hikkoshi made for a migration — its slots and publications (the forward
-//! stream's on the source, a reverse stream's on the target) and the `hikkoshi` state schema on both. The
-//! copied tables stay, and so does a cutover's write fence, which only `rollback` or the operator lifts.
-//! Running it twice is harmless. It refuses while a hikkoshi process works on the migration, unless
+//! stream's on the source, a reverse stream's on the target), the `hikkoshi` state schema on both, and a
+//! cutover's write fence wherever one stands (the old primary accepts writes again: the report says so).
+//! The copied tables stay. Running it twice is harmless. It refuses while a hikkoshi process works on the migration, unless
 //! `force`, which ends that process's sessions first.
 
 use tokio_postgres::Client;
@@ -18,6 +18,10 @@ pub struct Cleaned {
     pub state_schema: bool,
     /// Sessions of a running hikkoshi process ended by --force.
     pub sessions_ended: usize,
+    /// The servers (`source`, `target`) whose write fence was lifted: they accept writes again.
+    pub fences_lifted: Vec<String>,
+    /// What could not be removed, with what to do.
+    pub warnings: Vec<String>,
 }
 
 pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Cleaned, Error> {
@@ -36,6 +40,7 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
         .await
         .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?
     else {
+        lift_fences(&source, &target, &mut cleaned).await?;
         return Ok(cleaned);
     };
     if !state::try_lock(&target)
@@ -72,6 +77,7 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
         }
         drop_streams(client, side, &pattern, &mut cleaned).await?;
     }
+    lift_fences(&source, &target, &mut cleaned).await?;
     let _ = source
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await;
@@ -81,6 +87,23 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
         .map_err(Error::sql(Side::Target, "dropping the hikkoshi schema"))?;
     cleaned.state_schema = true;
     Ok(cleaned)
+}
+
+/// Lifts a cutover's write fence on either server (see `cutover::fence`).
+async fn lift_fences(source: &Client, target: &Client, cleaned: &mut Cleaned) -> Result<(), Error> {
+    for (client, side) in [(source, Side::Source), (target, Side::Target)] {
+        let raised = crate::cutover::fence::is_raised(client).await;
+        let _ = client
+            .batch_execute("SET client_min_messages = warning")
+            .await;
+        cleaned
+            .warnings
+            .extend(crate::cutover::fence::lift(client, side).await?);
+        if raised {
+            cleaned.fences_lifted.push(side.to_string());
+        }
+    }
+    Ok(())
 }
 
 async fn drop_streams(

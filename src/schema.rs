@@ -393,7 +393,8 @@ async fn existing_post_data(client: &Client) -> Result<Vec<String>, tokio_postgr
              SELECT 'TRIGGER ' || n.nspname || ' ' || t.relname || ' ' || g.tgname || ' '
              FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid
              JOIN pg_namespace n ON n.oid = t.relnamespace
-             WHERE NOT g.tgisinternal AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             WHERE NOT g.tgisinternal AND g.tgname <> 'hikkoshi_fence'
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
              UNION ALL
              SELECT 'POLICY ' || n.nspname || ' ' || t.relname || ' ' || p.polname || ' '
              FROM pg_policy p JOIN pg_class t ON t.oid = p.polrelid

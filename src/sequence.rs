@@ -74,6 +74,22 @@ pub async fn existing(
         .collect())
 }
 
+/// The sequences whose position on `client`'s server is now past `read`, with their new positions.
+pub async fn advanced(
+    client: &Client,
+    side: Side,
+    read: &[Position],
+) -> Result<Vec<Position>, Error> {
+    let names: Vec<QualifiedName> = read.iter().map(|p| p.name.clone()).collect();
+    let now = self::read(client, side, &names).await?;
+    Ok(now
+        .into_iter()
+        .zip(read)
+        .filter(|(n, r)| (n.last_value, n.is_called) > (r.last_value, r.is_called))
+        .map(|(n, _)| n)
+        .collect())
+}
+
 /// Sets every position on the target.
 pub async fn apply(client: &Client, positions: &[Position]) -> Result<(), Error> {
     for batch in positions.chunks(200) {

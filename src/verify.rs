@@ -92,10 +92,20 @@ pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
         &src_info,
         &tgt_info,
         resolved.tables,
-        &resolved.sequences,
+        SourceSequences::ReadNow(&resolved.sequences),
         opts.jobs,
     )
     .await
+}
+
+/// The source positions that the target's sequences must be at or past.
+#[derive(Clone, Copy, Debug)]
+pub enum SourceSequences<'a> {
+    /// Read from the source now (`hikkoshi verify`).
+    ReadNow(&'a [QualifiedName]),
+    /// Read once a cutover's fence held. A `nextval` on the fenced old primary after that hands out a
+    /// value that no row there can hold (the fence refuses the row), so it does not count.
+    Fenced(&'a [crate::sequence::Position]),
 }
 
 /// Compares `tables` and `sequences` between two servers, `jobs` tables at a time.
@@ -103,7 +113,7 @@ pub async fn compare(
     src_info: &ConnInfo,
     tgt_info: &ConnInfo,
     tables: Vec<Table>,
-    sequences: &[QualifiedName],
+    sequences: SourceSequences<'_>,
     jobs: usize,
 ) -> Result<VerifyReport, Error> {
     let started = Instant::now();
@@ -610,9 +620,16 @@ pub(crate) async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
 pub(crate) async fn verify_sequences(
     source: &Client,
     target: &Client,
-    names: &[QualifiedName],
+    sequences: SourceSequences<'_>,
 ) -> Result<Vec<SequenceResult>, Error> {
-    let src = crate::sequence::read(source, Side::Source, names).await?;
+    let src = match sequences {
+        SourceSequences::ReadNow(names) => {
+            crate::sequence::read(source, Side::Source, names).await?
+        }
+        SourceSequences::Fenced(positions) => positions.to_vec(),
+    };
+    let names: Vec<QualifiedName> = src.iter().map(|p| p.name.clone()).collect();
+    let names = &names[..];
     let on_target = crate::sequence::existing(target, Side::Target, names).await?;
     let tgt: HashMap<QualifiedName, crate::sequence::Position> =
         crate::sequence::read(target, Side::Target, &on_target)

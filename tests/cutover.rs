@@ -129,7 +129,7 @@ async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
         report["fence_means"]
             .as_str()
             .unwrap()
-            .contains("default_transaction_read_only"),
+            .contains("trigger hikkoshi_fence refuses writes"),
         "{report}"
     );
     assert!(report["write_pause_seconds"].as_f64().unwrap() > 0.0);
@@ -424,8 +424,13 @@ async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
     let tgt = connect(&t.socket_url("app")).await;
     let mut follower = Follower::start(&s, &t, "app", &[]);
     wait_in_sync(&src, &tgt, &mut follower).await;
-    // a role whose own setting would override the database's read-only default
+    // a role whose own setting turns its sessions read-write no longer weakens the fence
     src.batch_execute("ALTER ROLE app_writer SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    // an application transaction that wrote and stays open: the fence waits for it, then gives up
+    let open = connect(&app_url(&s)).await;
+    open.batch_execute("BEGIN; INSERT INTO app.tickets (note) VALUES ('open')")
         .await
         .unwrap();
     let out = hikkoshi(&[
@@ -434,13 +439,33 @@ async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
         &s.url("app"),
         "--target",
         &t.url("app"),
+        "--timeout",
+        "3",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("app_writer"), "{}", text(&out));
-    assert!(text(&out).contains("Nothing was changed"), "{}", text(&out));
+    assert!(text(&out).contains("Nothing was fenced"), "{}", text(&out));
+    // the open transaction can still commit: nothing was fenced
+    open.batch_execute("COMMIT").await.unwrap();
     app_can_write(&s).await.unwrap();
+    assert!(
+        !fence_triggers_left(&src).await,
+        "the fence's triggers stayed"
+    );
     let (status, log) = follower.stop();
     assert!(status.success(), "{log}");
+}
+
+/// Whether any of the fence's triggers is still on a table.
+async fn fence_triggers_left(c: &Client) -> bool {
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'hikkoshi_fence')
+                OR to_regnamespace('hikkoshi_fence') IS NOT NULL",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// The cutover's own verification, in its two parts (`src/cutover/proof.rs`), under live writes:
@@ -680,4 +705,191 @@ async fn assert_sequences_at_least(src: &Client, tgt: &Client) {
             ts[name]
         );
     }
+}
+
+/// A file the application reads to find its database, under its own name (several applications in one
+/// test), pointing at `server`.
+fn named_switch_file(server: &LocalServer, name: &str) -> PathBuf {
+    let f = std::env::temp_dir().join(format!(
+        "hikkoshi-switch-{}-{}-{name}",
+        std::process::id(),
+        server.port
+    ));
+    std::fs::write(&f, server.port.to_string()).unwrap();
+    f
+}
+
+/// An application session that turns itself read-write before every transaction, as drivers and pools do
+/// when the application marks work as read-write, and reconnects after any error.
+fn read_write_app(user: &str, switch: PathBuf) -> App {
+    App::start(
+        format!("host=127.0.0.1 user={user} password={PASSWORD} dbname=app"),
+        switch,
+        |_| {
+            "SET default_transaction_read_only = off;
+             SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE;
+             BEGIN READ WRITE;
+             INSERT INTO app.tickets (note) VALUES ('read-write') RETURNING id;
+             COMMIT"
+                .into()
+        },
+        Duration::from_millis(2),
+    )
+}
+
+/// Every ticket on the old primary is on the new one, and so is every ticket the application was told was
+/// committed, wherever it wrote it; no id was handed out twice.
+async fn assert_no_ticket_lost(old: &Client, new: &Client, acknowledged: &[i64]) {
+    let (on_old, on_new) = (ticket_ids(old).await, ticket_ids(new).await);
+    for id in &on_old {
+        assert!(
+            on_new.binary_search(id).is_ok(),
+            "ticket {id} is on the old primary only"
+        );
+    }
+    let mut acked = acknowledged.to_vec();
+    acked.sort();
+    acked.dedup();
+    assert_eq!(
+        acked.len(),
+        acknowledged.len(),
+        "an id was handed out twice"
+    );
+    for id in &acked {
+        assert!(
+            on_new.binary_search(id).is_ok(),
+            "ticket {id} acknowledged but not on the new primary"
+        );
+    }
+}
+
+async fn ticket_ids(c: &Client) -> Vec<i64> {
+    c.query("SELECT id FROM app.tickets ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Errors the application got from the fence: SQLSTATE 25006, naming the new primary.
+fn assert_fence_named(errors: &[String], new_primary: &LocalServer) {
+    let wanted = format!("127.0.0.1:{}/app", new_primary.port);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("25006") && e.contains(&wanted)),
+        "no fence error naming {wanted}: {errors:?}"
+    );
+}
+
+/// Drivers and pools that turn their sessions read-write (`SET default_transaction_read_only = off`,
+/// `SET SESSION CHARACTERISTICS … READ WRITE`, `BEGIN READ WRITE`) and reconnect after being ended keep
+/// writing through the cutover: none of their commits may stay on the old primary only, and the errors they
+/// get name the new primary. A session that only calls `nextval` on the old primary, before and after the
+/// fence, does not make the fenced verification fail, and the new primary hands out fresh keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_that_turn_themselves_read_write_cannot_write_past_the_fence() {
+    let s = server(15);
+    let t = server(18);
+    let (_, _, mut follower) = following(&s, &t, 0).await;
+    let switch = named_switch_file(&s, "rw");
+    let writer = read_write_app("app_writer", switch.clone());
+    let numbers = App::start(
+        format!("host=127.0.0.1 user=app_writer password={PASSWORD} dbname=app"),
+        named_switch_file(&s, "nextval"),
+        |_| "SELECT nextval('app.tickets_id_seq')".into(),
+        Duration::from_millis(1),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = hikkoshi(&[
+        "cutover",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--hook",
+        &format!("echo {} > {}", t.port, switch.display()),
+        "--json",
+    ]);
+    assert_success(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stats, taken) = (writer.stop().await, numbers.stop().await);
+    eprintln!(
+        "{report:#}
+read-write app: {stats:?}"
+    );
+    assert!(
+        stats.committed > 50,
+        "the application hardly wrote: {stats:?}"
+    );
+    assert!(taken.committed > 50, "nextval hardly ran: {taken:?}");
+    assert!(
+        report["tables_fenced"].as_u64().unwrap() >= 10,
+        "{report:#}"
+    );
+    assert!(
+        follower.exits_by_itself().await.success(),
+        "the follower did not end"
+    );
+    // (the fence ended every other session, these tests' own too)
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&t.socket_url("app")).await;
+    assert_no_ticket_lost(&src, &tgt, &stats.ids).await;
+    // the old primary still refuses, also a session that says it is read-write, also the tables' owner
+    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    let owner = src
+        .batch_execute(
+            "SET default_transaction_read_only = off; BEGIN READ WRITE;
+             UPDATE app.orders SET total = total + 1; COMMIT",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(owner.code().unwrap().code(), "25006", "{owner}");
+    src.batch_execute("ROLLBACK").await.unwrap();
+    let mut both = stats.errors.clone();
+    both.push(owner.as_db_error().unwrap().message().to_string());
+    assert_fence_named(&both, &t);
+    assert!(
+        src.batch_execute("TRUNCATE app.tickets").await.is_err(),
+        "TRUNCATE passed the fence"
+    );
+    // the new primary's sequence is past every key the old one stored, and past what it handed out
+    // before the hooks
+    let top: i64 = tgt
+        .query_one("SELECT last_value FROM app.tickets_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(top >= *ticket_ids(&src).await.last().unwrap());
+    tgt.batch_execute("INSERT INTO app.tickets (note) VALUES ('on the new primary')")
+        .await
+        .unwrap();
+    let diff = hikkoshi(&[
+        "verify",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+        "--exclude",
+        "app.tickets",
+    ]);
+    assert_success(&diff);
+    // clean lifts the fence, and says so
+    let out = hikkoshi(&[
+        "clean",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_success(&out);
+    assert!(
+        text(&out).contains("lifted the cutover's write fence on the source"),
+        "{}",
+        text(&out)
+    );
+    assert!(!fence_triggers_left(&src).await);
+    app_can_write(&s).await.unwrap();
 }

@@ -1,92 +1,184 @@
-//! The write fence: how the old primary stops taking writes from every application role, not only the one
-//! hikkoshi connects as.
+//! The write fence: how the old primary refuses every write to the migrated tables, from every role and
+//! every session, whatever the session did to itself.
 //!
-//! `ALTER DATABASE … SET default_transaction_read_only = on` makes every new session of every role
-//! read-only (PostgreSQL applies database settings at session start; docs: ALTER DATABASE, and "Client
-//! Connection Defaults"). Sessions already connected keep their old default, so every other client session
-//! of the database is ended with `pg_terminate_backend` (and waited for until it has exited): its open
-//! transaction rolls back, and the pool reconnects read-only. hikkoshi's own sessions say
-//! `default_transaction_read_only = off` for themselves.
+//! A default such as `ALTER DATABASE … SET default_transaction_read_only = on` is no fence: a session can
+//! say `SET default_transaction_read_only = off` or `BEGIN READ WRITE` (drivers and pools do), and sessions
+//! connected before it keep their old default. The fence is a statement-level trigger instead, on every
+//! fenced table (each selected table, its partitions and its partitioned ancestors):
 //!
-//! A role-level setting of `default_transaction_read_only` overrides the database's, and a session the
-//! fence cannot end could go on writing: either makes the fence unsound, so the cutover refuses (before
-//! fencing) or undoes the fence, and says what to change.
+//! ```text
+//! BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE … FOR EACH STATEMENT EXECUTE FUNCTION hikkoshi_fence.refuse()
+//! ```
+//!
+//! Statement triggers fire for every role, the table's owner included, for COPY FROM, INSERT … ON
+//! CONFLICT and MERGE (docs: CREATE TRIGGER, "Overview of Trigger Behavior"); they do not fire under
+//! `session_replication_role = replica`, so hikkoshi's own reverse stream, applying as a replica, passes
+//! (and so does its apply session when it could not set that role: it says `hikkoshi.fence_pass`).
+//!
+//! It goes up in two steps, so that the write pause does not grow with the number of tables:
+//! 1. **Arm**, before the pause: the triggers are created, one table per transaction (a `CREATE TRIGGER`
+//!    waits for the transactions that wrote the table and holds one lock at a time, so it cannot deadlock
+//!    with the application). An armed trigger lets writes pass: it takes the shared transaction-level
+//!    advisory lock `(hikf, 1)` and reads the flag, the sequence `hikkoshi_fence.up` (set when `is_called`).
+//! 2. **Raise**, in the pause: the flag is set, then the fence takes the same advisory lock exclusively and
+//!    lets it go at once.
+//!
+//! Why no write can commit after the raise (and so after the marker that follows it):
+//! - A sequence is read outside MVCC (`pg_sequence_last_value` reads the page): once `setval` returns,
+//!   every later trigger call sees the flag, also in a REPEATABLE READ transaction whose snapshot is older.
+//! - A transaction that wrote a fenced table before the raise went through the trigger after the arm (the
+//!   arm's `CREATE TRIGGER` waited for every writer before it), so it holds the shared advisory lock until
+//!   it ends; the exclusive lock is granted only once every such transaction has committed or aborted.
+//! - A trigger call that takes its shared lock after the exclusive request queues behind it, and then reads
+//!   the flag, which is up.
+//!
+//! Sessions are also ended (`pg_terminate_backend`) where the fence's role may: pools then reconnect at
+//! once and find out. Correctness does not depend on it: where the role may not (no `pg_signal_backend`),
+//! the fence warns and holds all the same. The fence stays after the cutover's point of no return; `rollback`
+//! or `clean` lifts it (the flag first, so writes pass at once; then the triggers and the schema).
+//!
+//! A superuser can still bypass it (`session_replication_role = replica`, `ALTER TABLE … DISABLE
+//! TRIGGER`); tables outside the selection are not fenced; `nextval` is not a write (see `sequence`).
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Side};
-use crate::ident::quote_ident;
+use crate::ident::{QualifiedName, quote_literal};
 
-/// What the fence did.
+/// The schema that holds the fence's flag and function on a fenced server.
+pub const SCHEMA: &str = "hikkoshi_fence";
+/// The trigger's name on every fenced table.
+pub const TRIGGER: &str = "hikkoshi_fence";
+/// The setting by which hikkoshi's own apply sessions pass the fence (`SET hikkoshi.fence_pass = <token>`).
+pub const PASS_SETTING: &str = "hikkoshi.fence_pass";
+/// The advisory lock the triggers share and the raise takes exclusively ("hikf", 1).
+const LOCK: (i32, i32) = (0x6869_6b66, 1);
+/// How long one `CREATE TRIGGER` or `DROP TRIGGER` may wait for the application's writers before it is
+/// tried again (it makes the application's writers of that table wait behind it meanwhile).
+const TABLE_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// Statements in flight at once on the one session that arms or lifts the fence.
+const PIPELINE: usize = 64;
+
+/// What the fence did, for the report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Fence {
-    /// The means, in words, for the report.
+    /// The means, in words.
     pub means: String,
     /// Sessions ended, as `role (n)`.
     pub sessions_ended: Vec<String>,
+    /// What the fence could not do, and its fix (it holds without it).
+    pub warnings: Vec<String>,
 }
 
-/// The database-level value of `default_transaction_read_only` before the fence (`None`: not set), to put
-/// back when unfencing.
-pub async fn prior_setting(client: &Client, side: Side) -> Result<Option<String>, Error> {
+/// Who the fence sends the application to.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    /// `cutover` or `rollback`.
+    pub step: String,
+    pub migration_id: String,
+    /// `host:port/dbname` of the new primary: never a password, nor even a user.
+    pub new_primary: String,
+    /// The value of `hikkoshi.fence_pass` that lets hikkoshi's own apply sessions through.
+    pub pass: String,
+}
+
+/// The relations to fence, as `regclass` text: the selected tables, their partitions and their partitioned
+/// ancestors (a statement on a parent fires the parent's statement triggers, one on a partition the
+/// partition's). `pg_partition_tree` and `pg_partition_ancestors` return nothing for a table outside any
+/// partition tree, hence the table itself.
+pub async fn relations(
+    client: &Client,
+    side: Side,
+    tables: &[QualifiedName],
+) -> Result<Vec<String>, Error> {
+    let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     Ok(client
-        .query_one(
-            "SELECT (SELECT c FROM pg_db_role_setting s, unnest(s.setconfig) c
-                     WHERE s.setdatabase = d.oid AND s.setrole = 0
-                       AND c LIKE 'default\\_transaction\\_read\\_only=%')
-             FROM pg_database d WHERE d.datname = current_database()",
-            &[],
+        .query(
+            "WITH sel AS (SELECT to_regclass(n) AS r FROM unnest($1::text[]) n)
+             SELECT DISTINCT c.oid::regclass::text
+             FROM sel CROSS JOIN LATERAL (
+                 SELECT sel.r AS relid
+                 UNION SELECT relid FROM pg_partition_tree(sel.r)
+                 UNION SELECT relid FROM pg_partition_ancestors(sel.r)) p
+             JOIN pg_class c ON c.oid = p.relid
+             WHERE sel.r IS NOT NULL AND c.relkind IN ('r', 'p')
+             ORDER BY 1",
+            &[&names],
         )
         .await
-        .map_err(Error::sql(side, "reading the database's settings"))?
-        .get(0))
+        .map_err(Error::sql(side, "listing the tables to fence"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
-/// Refuses, before anything changes, when the fence could not hold: no right to alter the database, a
-/// role-level setting that would override it, prepared transactions that could commit later.
-pub async fn preflight(client: &Client, side: Side) -> Result<(), Error> {
+/// Refuses, before anything changes, when the fence could not hold: no trigger right on a table, no
+/// PL/pgSQL, no right to create its schema, prepared transactions that could commit later. Returns the
+/// warnings for what only slows the switch (sessions the role may not end).
+pub async fn preflight(
+    client: &Client,
+    side: Side,
+    relations: &[String],
+) -> Result<Vec<String>, Error> {
     let row = client
         .query_one(
             "SELECT current_user::text, current_database()::text,
-                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-                    OR pg_has_role(current_user, d.datdba, 'MEMBER')
-             FROM pg_database d WHERE d.datname = current_database()",
-            &[],
+                    EXISTS (SELECT 1 FROM pg_language WHERE lanname = 'plpgsql'),
+                    has_database_privilege(current_database(), 'CREATE')
+                      OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1
+                                 AND pg_has_role(nspowner, 'USAGE')),
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                    pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')",
+            &[&SCHEMA],
         )
         .await
         .map_err(Error::sql(side, "checking the right to fence writes"))?;
-    let (user, db, may_alter): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
-    if !may_alter {
+    let (user, db): (String, String) = (row.get(0), row.get(1));
+    let (plpgsql, may_create, superuser, may_signal): (bool, bool, bool, bool) =
+        (row.get(2), row.get(3), row.get(4), row.get(5));
+    let role = crate::ident::quote_ident(&user);
+    if !plpgsql {
         return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: role {user} neither owns database {db} nor is a superuser, \
-             so it cannot make the database read-only for the application's roles. Run the cutover as the \
-             database owner or a superuser (or `ALTER DATABASE {} OWNER TO {}`). Nothing was changed",
-            quote_ident(&db),
-            quote_ident(&user)
+            "cannot fence writes on the {side}: database {db} has no PL/pgSQL, which the fence's trigger \
+             is written in. Run `CREATE EXTENSION plpgsql` there and the cutover again. Nothing was changed"
         )));
     }
-    let overriding: Vec<String> = client
+    if !may_create {
+        return Err(Error::Blocked(format!(
+            "cannot fence writes on the {side}: role {user} may not create the schema {SCHEMA} that holds \
+             the fence. Run `GRANT CREATE ON DATABASE {} TO {role}` (as the database owner) and the cutover \
+             again. Nothing was changed",
+            crate::ident::quote_ident(&db)
+        )));
+    }
+    let denied: Vec<String> = client
         .query(
-            "SELECT r.rolname::text FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
-             WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
-               AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c
-                           WHERE c LIKE 'default\\_transaction\\_read\\_only=%')
-             ORDER BY 1",
-            &[],
+            "SELECT r FROM unnest($1::text[]) r WHERE NOT has_table_privilege(r::regclass, 'TRIGGER')",
+            &[&relations],
         )
         .await
-        .map_err(Error::sql(side, "reading role settings"))?
+        .map_err(Error::sql(side, "checking the trigger right on the tables"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
-    if !overriding.is_empty() {
+    if !denied.is_empty() {
+        let shown: Vec<&str> = denied.iter().take(10).map(String::as_str).collect();
         return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: role(s) {} set default_transaction_read_only themselves, \
-             which overrides the database's setting, so their sessions would stay writable. Remove it \
-             (`ALTER ROLE <role> RESET default_transaction_read_only`, and `… IN DATABASE {} RESET …` \
-             where set per database) and run the cutover again. Nothing was changed",
-            overriding.join(", "),
-            quote_ident(&db)
+            "cannot fence writes on the {side}: role {user} may not create triggers on {} table(s) ({}{}), \
+             so it could not stop the application's writes there. Grant it, as each table's owner: `GRANT \
+             TRIGGER ON ALL TABLES IN SCHEMA <schema> TO {role}` (or make {role} a member of the owning \
+             role), or run the cutover as the owner. Nothing was changed",
+            denied.len(),
+            shown.join(", "),
+            if denied.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
         )));
     }
     let prepared: i64 = client
@@ -104,25 +196,274 @@ pub async fn preflight(client: &Client, side: Side) -> Result<(), Error> {
              PREPARED them and run the cutover again. Nothing was changed"
         )));
     }
-    Ok(())
+    let mut warnings = Vec::new();
+    if let Some(w) = signal_warning(&user, superuser, may_signal) {
+        warnings.push(format!("on the {side}: {w}"));
+    }
+    Ok(warnings)
 }
 
-/// Fences writes: the database read-only for new sessions, every other client session ended. Undoes itself
-/// if a session cannot be ended.
-pub async fn fence(client: &Client, side: Side, prior: Option<&str>) -> Result<Fence, Error> {
-    let db: String = client
-        .query_one("SELECT current_database()::text", &[])
+/// What the role cannot end, and the fix; `None` when it may end every application session.
+pub fn signal_warning(user: &str, superuser: bool, may_signal: bool) -> Option<String> {
+    let role = crate::ident::quote_ident(user);
+    if superuser {
+        None
+    } else if may_signal {
+        Some(format!(
+            "role {user} cannot end superusers' sessions at the fence; the fence refuses their writes \
+             all the same"
+        ))
+    } else {
+        Some(format!(
+            "role {user} cannot end other roles' sessions at the fence (it is not a member of \
+             pg_signal_backend): the fence refuses their writes all the same, but pools find out only at \
+             their next write, so the switch is slower. `GRANT pg_signal_backend TO {role}` (RDS's \
+             rds_superuser and Neon's neon_superuser have it)"
+        ))
+    }
+}
+
+/// Arms the fence before the pause: schema, flag (down), function and a trigger on every relation that
+/// lacks one. Idempotent. Each `CREATE TRIGGER` commits on its own; one whose table stays locked by the
+/// application's writers is tried again until `deadline`, and then named.
+pub async fn arm(
+    client: &Client,
+    side: Side,
+    relations: &[String],
+    notice: &Notice,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let message = format!(
+        "hikkoshi: the {} of migration {} moved the primary to {}; this database refuses writes",
+        notice.step, notice.migration_id, notice.new_primary
+    );
+    let hint = format!(
+        "Connect to {} (the new primary). `hikkoshi rollback` or `hikkoshi clean` lifts this fence.",
+        notice.new_primary
+    );
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+         CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.up;
+         CREATE OR REPLACE FUNCTION {SCHEMA}.refuse() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $hikkoshi$
+         BEGIN
+             IF current_setting({pass_setting}, true) = {pass} THEN
+                 RETURN NULL;
+             END IF;
+             PERFORM pg_advisory_xact_lock_shared({k1}, {k2});
+             IF pg_sequence_last_value({flag}) IS NOT NULL THEN
+                 RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction', MESSAGE = {message},
+                     HINT = {hint};
+             END IF;
+             RETURN NULL;
+         END
+         $hikkoshi$;",
+        pass_setting = quote_literal(PASS_SETTING),
+        pass = quote_literal(&notice.pass),
+        k1 = LOCK.0,
+        k2 = LOCK.1,
+        flag = quote_literal(&format!("{SCHEMA}.up")),
+        message = quote_literal(&message),
+        hint = quote_literal(&hint),
+    );
+    client
+        .batch_execute(&sql)
         .await
-        .map_err(Error::sql(side, "reading the database name"))?
-        .get(0);
+        .map_err(Error::sql(side, "creating the fence's function"))?;
+    let mut todo = unfenced(client, side, relations).await?;
+    // Each trigger commits on its own; the marker's synchronous commit flushes them all later.
     client
         .batch_execute(&format!(
-            "ALTER DATABASE {} SET default_transaction_read_only = on",
-            quote_ident(&db)
+            "SET synchronous_commit = off; SET lock_timeout = {}",
+            TABLE_LOCK_WAIT.as_millis()
         ))
         .await
-        .map_err(Error::sql(side, "making the database read-only"))?;
-    // Listed after the ALTER committed: every session not in the list started read-only.
+        .map_err(Error::sql(side, "preparing to arm the fence"))?;
+    let outcome = async {
+        while !todo.is_empty() {
+            let waited = per_table(client, &todo, |r| {
+                format!(
+                    "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse()"
+                )
+            })
+            .await
+            .map_err(Error::sql(side, "creating the fence's triggers"))?;
+            if !waited.is_empty() && Instant::now() > deadline {
+                let holders = writers_holding(client, &waited).await;
+                return Err(Error::Blocked(format!(
+                    "cannot fence writes on the {side}: the application kept {} table(s) locked ({}) \
+                     longer than the cutover's --timeout, so the fence could not be armed there{holders}. \
+                     Nothing was fenced: the {side} is the primary as before. End those transactions, or \
+                     raise --timeout, and run the cutover again",
+                    waited.len(),
+                    waited.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            todo = waited;
+        }
+        Ok(())
+    }
+    .await;
+    let _ = client
+        .batch_execute("RESET lock_timeout; SET synchronous_commit = on")
+        .await;
+    outcome
+}
+
+/// The relations that do not have the fence's trigger yet.
+async fn unfenced(client: &Client, side: Side, relations: &[String]) -> Result<Vec<String>, Error> {
+    Ok(client
+        .query(
+            "SELECT r FROM unnest($1::text[]) WITH ORDINALITY u(r, i)
+             WHERE NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = r::regclass AND tgname = $2)
+             ORDER BY i",
+            &[&relations, &TRIGGER],
+        )
+        .await
+        .map_err(Error::sql(side, "reading the fence's triggers"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Runs one statement per relation, each in its own transaction, pipelined; returns the relations whose
+/// statement gave up waiting for a lock (to be tried again). Any other error stops.
+async fn per_table(
+    client: &Client,
+    relations: &[String],
+    sql: impl Fn(&str) -> String,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut waited = Vec::new();
+    for batch in relations.chunks(PIPELINE) {
+        let statements: Vec<String> = batch.iter().map(|r| sql(r)).collect();
+        let results = join_all(statements.iter().map(|s| client.batch_execute(s))).await;
+        for (r, result) in batch.iter().zip(results) {
+            match result {
+                // duplicate_object: made meanwhile by another run
+                Ok(()) => {}
+                Err(e) if e.code().is_some_and(|c| c.code() == "42710") => {}
+                // lock_not_available, deadlock_detected: the application's writers were first
+                Err(e)
+                    if e.code()
+                        .is_some_and(|c| ["55P03", "40P01"].contains(&c.code())) =>
+                {
+                    waited.push(r.clone())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(waited)
+}
+
+/// The sessions whose transactions write to `relations`, for an error message.
+async fn writers_holding(client: &Client, relations: &[String]) -> String {
+    let rows = client
+        .query(
+            "SELECT DISTINCT a.pid, coalesce(a.usename::text, '?'), coalesce(a.state, '?'),
+                    coalesce(to_char(a.xact_start, 'HH24:MI:SS'), '?')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
+               AND l.relation = ANY (SELECT r::regclass FROM unnest($1::text[]) r)
+               AND a.pid <> pg_backend_pid()
+             ORDER BY 1 LIMIT 10",
+            &[&relations],
+        )
+        .await
+        .unwrap_or_default();
+    sessions_text(&rows)
+}
+
+fn sessions_text(rows: &[tokio_postgres::Row]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "pid {} ({}, {}, in a transaction since {})",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3)
+            )
+        })
+        .collect();
+    format!(": {}", list.join("; "))
+}
+
+/// Raises the armed fence, in the pause: the flag up, the other sessions ended where the role may, then
+/// every transaction that wrote a fenced table waited for (at most `wait`). On an error the caller lifts
+/// the fence.
+pub async fn raise(client: &Client, side: Side, wait: Duration) -> Result<Fence, Error> {
+    client
+        .batch_execute(&format!("SELECT setval('{SCHEMA}.up', 1, true)"))
+        .await
+        .map_err(Error::sql(side, "raising the write fence"))?;
+    let (ended, warnings) = end_sessions(client, side).await?;
+    // Every transaction that passed a trigger before the flag went up holds the lock shared.
+    let until = Instant::now() + wait;
+    loop {
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let r = client
+            .batch_execute(&format!(
+                "SET lock_timeout = {}; SELECT pg_advisory_lock({k1}, {k2}); \
+                 SELECT pg_advisory_unlock({k1}, {k2}); RESET lock_timeout",
+                left.as_millis(),
+                k1 = LOCK.0,
+                k2 = LOCK.1
+            ))
+            .await;
+        match r {
+            Ok(()) => break,
+            // a deadlock through a lock outside the fence: the other side was chosen to wait, try again
+            Err(e) if e.code().is_some_and(|c| c.code() == "40P01") && Instant::now() < until => {}
+            Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => {
+                let _ = client.batch_execute("RESET lock_timeout").await;
+                let holders = client
+                    .query(
+                        "SELECT DISTINCT a.pid, coalesce(a.usename::text, '?'), coalesce(a.state, '?'),
+                                coalesce(to_char(a.xact_start, 'HH24:MI:SS'), '?')
+                         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int::oid
+                           AND l.objid = $2::int::oid AND l.objsubid = 2
+                         ORDER BY 1 LIMIT 10",
+                        &[&LOCK.0, &LOCK.1],
+                    )
+                    .await
+                    .unwrap_or_default();
+                return Err(Error::Blocked(format!(
+                    "the fence on the {side} waited {}s for transactions that wrote before it to end, and \
+                     they did not{}. End them (`SELECT pg_terminate_backend(<pid>)`; granting the cutover's \
+                     role pg_signal_backend lets it do so itself) and run the cutover again",
+                    wait.as_secs(),
+                    sessions_text(&holders)
+                )));
+            }
+            Err(e) => return Err(Error::sql(side, "waiting for the writers before the fence")(e)),
+        }
+    }
+    let total: usize = ended.values().sum();
+    Ok(Fence {
+        means: format!(
+            "trigger {TRIGGER} refuses writes on every migrated table for every role (flag \
+             {SCHEMA}.up); {total} other session(s) ended with pg_terminate_backend"
+        ),
+        sessions_ended: ended.iter().map(|(r, n)| format!("{r} ({n})")).collect(),
+        warnings,
+    })
+}
+
+/// Ends the other client sessions of the database where the role may; the ones it may not are warned
+/// about (the fence holds without it).
+async fn end_sessions(
+    client: &Client,
+    side: Side,
+) -> Result<(BTreeMap<String, usize>, Vec<String>), Error> {
     let sessions = client
         .query(
             "SELECT pid, coalesce(usename::text, '?') FROM pg_stat_activity
@@ -133,81 +474,151 @@ pub async fn fence(client: &Client, side: Side, prior: Option<&str>) -> Result<F
         )
         .await
         .map_err(Error::sql(side, "listing the database's sessions"))?;
-    // Signal them all first, then wait for them together (pg_terminate_backend's own wait polls slowly).
-    let mut ended: std::collections::BTreeMap<String, usize> = Default::default();
-    let mut refused: Vec<String> = Vec::new();
+    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     for s in &sessions {
         let (pid, role): (i32, String) = (s.get(0), s.get(1));
         match client
             .query_one("SELECT pg_terminate_backend($1)", &[&pid])
             .await
         {
-            Ok(_) => *ended.entry(role).or_default() += 1,
+            Ok(r) if r.get::<_, bool>(0) => *ended.entry(role).or_default() += 1,
+            Ok(_) => {} // gone already
             Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => {
-                refused.push(format!("{role} (pid {pid})"))
+                *refused.entry(role).or_default() += 1
             }
             Err(e) => return Err(Error::sql(side, "ending a session")(e)),
         }
     }
-    let pids: Vec<i32> = sessions.iter().map(|s| s.get::<_, i32>(0)).collect();
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let survivors = loop {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                &[&pids],
-            )
+    let mut warnings = Vec::new();
+    if !refused.is_empty() {
+        let user: String = client
+            .query_one("SELECT current_user::text", &[])
             .await
-            .map_err(Error::sql(side, "checking that the sessions ended"))?
-            .get(0);
-        if n as usize <= refused.len() || std::time::Instant::now() > until {
-            break n - refused.len() as i64;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    };
-    if !refused.is_empty() || survivors > 0 {
-        unfence(client, side, prior).await?;
-        return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: {} session(s) could not be ended{}{}, so they could go on \
-             writing. The fence was undone; the {side} is the primary as before. Grant the cutover's role \
-             pg_signal_backend (`GRANT pg_signal_backend TO <role>`), or run it as a superuser to end \
-             superusers' sessions",
-            refused.len() as i64 + survivors,
-            if refused.is_empty() { "" } else { ": " },
-            refused.join(", ")
-        )));
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        let list: Vec<String> = refused.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+        warnings.push(format!(
+            "the fence on the {side} could not end {} session(s) of other roles: {}; their writes are \
+             refused by the fence, and their pools reconnect when they find out. `GRANT pg_signal_backend \
+             TO {}` lets the next switch end them at once",
+            refused.values().sum::<usize>(),
+            list.join(", "),
+            crate::ident::quote_ident(&user)
+        ));
     }
-    let total: usize = ended.values().sum();
-    Ok(Fence {
-        means: format!(
-            "ALTER DATABASE {} SET default_transaction_read_only = on; {total} other session(s) ended \
-             with pg_terminate_backend",
-            quote_ident(&db)
-        ),
-        sessions_ended: ended.iter().map(|(r, n)| format!("{r} ({n})")).collect(),
-    })
+    Ok((ended, warnings))
 }
 
-/// Puts the database's `default_transaction_read_only` back as it was before the fence.
-pub async fn unfence(client: &Client, side: Side, prior: Option<&str>) -> Result<(), Error> {
-    let db: String = client
-        .query_one("SELECT current_database()::text", &[])
+/// Whether a fence is up on this server (flag set).
+pub async fn is_raised(client: &Client) -> bool {
+    client
+        .query_one(
+            &format!(
+                "SELECT to_regclass('{SCHEMA}.up') IS NOT NULL
+                        AND pg_sequence_last_value(to_regclass('{SCHEMA}.up')) IS NOT NULL"
+            ),
+            &[],
+        )
         .await
-        .map_err(Error::sql(side, "reading the database name"))?
+        .map(|r| r.get(0))
+        .unwrap_or(false)
+}
+
+/// Lifts the fence: the flag first (writes pass at once), then the triggers, one table per transaction,
+/// then the schema. Returns warnings for triggers left behind (harmless: the flag is down; `clean`
+/// removes them). Nothing to lift is fine.
+pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
+    let exists: bool = client
+        .query_one(
+            &format!("SELECT to_regnamespace('{SCHEMA}') IS NOT NULL"),
+            &[],
+        )
+        .await
+        .map_err(Error::sql(side, "looking for the write fence"))?
         .get(0);
-    let sql = match prior.and_then(|p| p.split_once('=')) {
-        Some((_, value)) => format!(
-            "ALTER DATABASE {} SET default_transaction_read_only = {}",
-            quote_ident(&db),
-            crate::ident::quote_literal(value)
-        ),
-        None => format!(
-            "ALTER DATABASE {} RESET default_transaction_read_only",
-            quote_ident(&db)
-        ),
-    };
-    client.batch_execute(&sql).await.map_err(Error::sql(
-        side,
-        "lifting the write fence (run `ALTER DATABASE … RESET default_transaction_read_only` by hand)",
-    ))
+    if !exists {
+        return Ok(Vec::new());
+    }
+    client
+        .batch_execute(&format!(
+            "SELECT setval(c.oid::regclass, 1, false) FROM pg_class c
+             WHERE c.oid = to_regclass('{SCHEMA}.up')"
+        ))
+        .await
+        .map_err(Error::sql(
+            side,
+            "lifting the write fence (run `SELECT setval('hikkoshi_fence.up', 1, false)` by hand)",
+        ))?;
+    let fenced: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT t.tgrelid::regclass::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                 WHERE p.pronamespace = to_regnamespace('{SCHEMA}') AND t.tgname = $1"
+            ),
+            &[&TRIGGER],
+        )
+        .await
+        .map_err(Error::sql(side, "listing the fence's triggers"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let _ = client
+        .batch_execute(&format!(
+            "SET synchronous_commit = off; SET lock_timeout = {}",
+            TABLE_LOCK_WAIT.as_millis()
+        ))
+        .await;
+    let mut left = fenced;
+    for _ in 0..3 {
+        if left.is_empty() {
+            break;
+        }
+        left = per_table(client, &left, |r| {
+            format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {r}")
+        })
+        .await
+        .map_err(Error::sql(side, "dropping the fence's triggers"))?;
+    }
+    let mut warnings = Vec::new();
+    if left.is_empty() {
+        if let Err(e) = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+            .await
+        {
+            warnings.push(format!(
+                "the fence on the {side} is lifted, but its schema {SCHEMA} stayed ({}): `hikkoshi clean` \
+                 removes it",
+                crate::error::chain(&e)
+            ));
+        }
+    } else {
+        warnings.push(format!(
+            "the fence on the {side} is lifted (writes pass), but its trigger stayed on {} busy table(s) \
+             ({}): `hikkoshi clean` removes them",
+            left.len(),
+            left.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let _ = client
+        .batch_execute("RESET lock_timeout; SET synchronous_commit = on")
+        .await;
+    Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_that_may_not_signal_is_told_the_grant() {
+        assert_eq!(signal_warning("admin", true, false), None);
+        let w = signal_warning("mig rator", false, false).unwrap();
+        assert!(
+            w.contains("GRANT pg_signal_backend TO \"mig rator\""),
+            "{w}"
+        );
+        let w = signal_warning("migrator", false, true).unwrap();
+        assert!(w.contains("superusers' sessions"), "{w}");
+    }
 }

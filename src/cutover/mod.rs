@@ -89,8 +89,12 @@ pub struct SwitchReport {
     pub fence_lsn: String,
     /// Lag when the fence went up.
     pub lag_bytes_at_fence: i64,
-    /// Making the database read-only and ending the other sessions.
+    /// Raising the fence (in the pause): the flag, ending the other sessions, waiting for the writers.
     pub fence_seconds: f64,
+    /// Arming the fence before the pause: a trigger on each fenced table.
+    pub fence_arm_seconds: f64,
+    /// Tables (with partitions and partitioned parents) under the fence.
+    pub tables_fenced: usize,
     /// From the fence until the new primary had applied everything.
     pub catch_up_seconds: f64,
     /// Moving sequences and verifying.
@@ -133,7 +137,11 @@ impl std::fmt::Display for SwitchReport {
             "{} of migration {} done: {} is the primary",
             self.step, self.migration_id, self.new_primary
         )?;
-        writeln!(f, "  fence:      {}", self.fence_means)?;
+        writeln!(
+            f,
+            "  fence:      {} ({} table(s), armed in {:.3}s before the pause)",
+            self.fence_means, self.tables_fenced, self.fence_arm_seconds
+        )?;
         if !self.sessions_ended.is_empty() {
             writeln!(
                 f,
@@ -222,7 +230,7 @@ async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let c = session::connect(info, side).await?;
     c.batch_execute(
         "SET application_name = 'hikkoshi cutover'; SET default_transaction_read_only = off;
-         SET statement_timeout = 0; SET synchronous_commit = on",
+         SET statement_timeout = 0; SET synchronous_commit = on; SET client_min_messages = warning",
     )
     .await
     .map_err(Error::sql(side, "preparing a session"))?;
@@ -267,20 +275,10 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         .await
         .map_err(Error::sql(Side::Target, "updating the state schema"))?;
     let recorded = ctl
-        .query_opt(
-            "SELECT step, reverse, source_prior, target_prior FROM hikkoshi.cutover",
-            &[],
-        )
+        .query_opt("SELECT step, reverse FROM hikkoshi.cutover", &[])
         .await
         .map_err(Error::sql(Side::Target, "reading the cutover state"))?
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                r.get::<_, bool>(1),
-                r.get::<_, Option<String>>(2),
-                r.get::<_, Option<String>>(3),
-            )
-        });
+        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)));
     let forward = FollowPlan {
         source: src_info.clone(),
         target: tgt_info.clone(),
@@ -339,8 +337,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             match step_now {
                 Some(step::FENCED) => {
                     // a cutover died after fencing: lift its fence, nothing else was done
-                    let prior = recorded.as_ref().and_then(|r| r.2.clone());
-                    fence::unfence(&src, Side::Source, prior.as_deref()).await?;
+                    report.warnings = fence::lift(&src, Side::Source).await?;
                     drop_reverse(&ctl, &src, &reverse_plan(&forward)).await;
                     set_step(&ctl, step::ABORTED, "rollback undid an interrupted cutover").await?;
                     report.undid_interrupted_cutover = true;
@@ -387,8 +384,22 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         (way, step_now),
         (Way::Cutover, Some(step::FENCED)) | (Way::Rollback, Some(step::ROLLING_BACK))
     );
+    let mut resolved = Some(selected(&migration, &old, old_side).await?);
+    let fenced_relations = fence::relations(
+        &old,
+        old_side,
+        &resolved
+            .as_ref()
+            .map(|r| r.tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    )
+    .await?;
     if !resumed_fence {
-        fence::preflight(&old, old_side).await?;
+        let warnings = fence::preflight(&old, old_side, &fenced_relations).await?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        report.warnings.extend(warnings);
     }
     if way == Way::Cutover && opts.reverse {
         reverse_preflight(&new).await?;
@@ -416,7 +427,6 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     );
     let deadline = Instant::now() + opts.timeout;
     let proof_publication = format!("hikkoshi_{}_proof", migration.id);
-    let mut resolved = None;
     let mut proof = None;
     if !resumed_fence {
         wait_for_lag(
@@ -433,9 +443,13 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
                 old: (&old, old_side, &old_info),
                 new: (&new, new_side, &new_info),
             };
-            let (r, p) = prove_before_fence(
+            proof = prove_before_fence(
                 opts,
                 &pair,
+                resolved
+                    .as_ref()
+                    .map(|r| r.tables.clone())
+                    .unwrap_or_default(),
                 &migration,
                 &ctl,
                 &feeding,
@@ -444,8 +458,6 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             )
             .await
             .inspect_err(|_| follower_stop.cancel())?;
-            proof = p;
-            resolved = Some(r);
             // the lag may have grown while the tables were hashed
             if let Err(e) = wait_for_lag(
                 (&old, old_side),
@@ -465,28 +477,56 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         }
     }
 
-    // 3. Fence. The step is recorded first, so that a crash from here on is found by the next run.
-    let prior = match (way, &recorded) {
-        (Way::Cutover, Some(r)) if resumed_fence => r.2.clone(),
-        (Way::Rollback, Some(r)) if resumed_fence => r.3.clone(),
-        _ => fence::prior_setting(&old, old_side).await?,
+    // 3. Fence: armed before the pause (the triggers, one table at a time, letting writes pass), raised
+    // in it. The step is recorded before the raise, so that a crash from here on is found by the next run.
+    let notice = fence::Notice {
+        step: report.step.clone(),
+        migration_id: migration.id.clone(),
+        new_primary: format!(
+            "{}:{}/{}",
+            new_info.host(),
+            new_info.port(),
+            new_info.dbname()
+        ),
+        pass: feeding.fence_pass().to_string(),
     };
+    let armed = Instant::now();
+    if let Err(e) = fence::arm(
+        &old,
+        old_side,
+        &fenced_relations,
+        &notice,
+        Instant::now() + opts.timeout,
+    )
+    .await
+    {
+        follower_stop.cancel();
+        if let Some(p) = proof.take() {
+            p.abandon(&new).await;
+        }
+        if !resumed_fence {
+            let _ = fence::lift(&old, old_side).await;
+        }
+        return Err(e);
+    }
+    report.fence_arm_seconds = armed.elapsed().as_secs_f64();
+    report.tables_fenced = fenced_relations.len();
     match way {
         Way::Cutover => {
             ctl.execute(
-                "INSERT INTO hikkoshi.cutover (step, reverse, source_prior, started_at)
-                 VALUES ($1, $2, $3, now())
-                 ON CONFLICT (one) DO UPDATE SET step = $1, reverse = $2, source_prior = $3,
+                "INSERT INTO hikkoshi.cutover (step, reverse, started_at)
+                 VALUES ($1, $2, now())
+                 ON CONFLICT (one) DO UPDATE SET step = $1, reverse = $2,
                      started_at = now(), finished_at = NULL, message = NULL",
-                &[&step::FENCED, &opts.reverse, &prior],
+                &[&step::FENCED, &opts.reverse],
             )
             .await
             .map_err(Error::sql(Side::Target, "recording the cutover"))?;
         }
         Way::Rollback => {
             ctl.execute(
-                "UPDATE hikkoshi.cutover SET step = $1, target_prior = $2, message = NULL",
-                &[&step::ROLLING_BACK, &prior],
+                "UPDATE hikkoshi.cutover SET step = $1, message = NULL",
+                &[&step::ROLLING_BACK],
             )
             .await
             .map_err(Error::sql(Side::Target, "recording the rollback"))?;
@@ -505,16 +545,19 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         new: &new,
         proof_publication: &proof_publication,
         old_side,
-        prior: prior.clone(),
         follower_stop: follower_stop.clone(),
     };
-    let f = match fence::fence(&old, old_side, prior.as_deref()).await {
+    let f = match fence::raise(&old, old_side, opts.timeout).await {
         Ok(f) => f,
         Err(e) => return Err(undo.run(e, None).await),
     };
     report.fence_seconds = fenced_at.elapsed().as_secs_f64();
     report.fence_means = f.means.clone();
     report.sessions_ended = f.sessions_ended.clone();
+    for w in &f.warnings {
+        tracing::warn!("{w}");
+    }
+    report.warnings.extend(f.warnings);
     report.lag_bytes_at_fence = lag_before;
     tracing::info!(
         "{}: writes fenced on the {old_side} ({})",
@@ -582,7 +625,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
     let verify_started = Instant::now();
 
-    // 5. Sequences, 6. verify.
+    // 5. Sequences, read now that the fence holds, 6. verify.
     let resolved = match resolved.take() {
         Some(r) => r,
         None => match selected(&migration, &old, old_side).await {
@@ -594,15 +637,14 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         Ok(s) => s,
         Err(e) => return Err(undo.run(e, None).await),
     };
-    match crate::sequence::read(&old, old_side, &sequences).await {
-        Ok(positions) => {
-            if let Err(e) = crate::sequence::apply(&new, &positions).await {
-                return Err(undo.run(e, None).await);
-            }
-            report.sequences_moved = positions.len();
-        }
+    let positions = match crate::sequence::read(&old, old_side, &sequences).await {
+        Ok(positions) => positions,
         Err(e) => return Err(undo.run(e, None).await),
+    };
+    if let Err(e) = crate::sequence::apply(&new, &positions).await {
+        return Err(undo.run(e, None).await);
     }
+    report.sequences_moved = positions.len();
     if opts.verify != VerifyMode::None {
         let streamed = streamed_tables(&new).await;
         let tables: Vec<_> = resolved
@@ -618,7 +660,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
                     (&old, old_side),
                     (&new, new_side),
                     tables,
-                    &sequences,
+                    crate::verify::SourceSequences::Fenced(&positions),
                     opts.jobs,
                     opts.timeout,
                 )
@@ -637,7 +679,14 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
                     v
                 }),
             None => {
-                crate::verify::compare(&old_info, &new_info, tables, &sequences, opts.jobs).await
+                crate::verify::compare(
+                    &old_info,
+                    &new_info,
+                    tables,
+                    crate::verify::SourceSequences::Fenced(&positions),
+                    opts.jobs,
+                )
+                .await
             }
         };
         let v = match outcome {
@@ -665,6 +714,23 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             return Err(undo.run(e, reverse.as_ref()).await);
         }
         report.reverse_slot = Some(plan.slot.clone());
+    }
+
+    // `nextval` on the fenced old primary is no write: a session may still take values there. The new
+    // primary takes no writes before the hooks, so whatever moved since the read above moves again now.
+    match crate::sequence::advanced(&old, old_side, &positions).await {
+        Ok(moved) if !moved.is_empty() => {
+            if let Err(e) = crate::sequence::apply(&new, &moved).await {
+                return Err(undo.run(e, reverse.as_ref()).await);
+            }
+            report.warnings.push(format!(
+                "{} sequence(s) advanced on the {old_side} after the fence (nextval without a row, e.g. {}):                  moved again before the hooks; values the {old_side} hands out after this are in no row                  of it",
+                moved.len(),
+                moved[0].name
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(undo.run(e, reverse.as_ref()).await),
     }
 
     // 8. The user's switch.
@@ -717,12 +783,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     .await;
     if way == Way::Rollback {
         // the source is the primary again
-        fence::unfence(
-            &new,
-            new_side,
-            recorded.as_ref().and_then(|r| r.2.as_deref()),
-        )
-        .await?;
+        report.warnings.extend(fence::lift(&new, new_side).await?);
     }
     follower_stop.cancel();
     if let Some(handle) = follower.take() {
@@ -746,7 +807,6 @@ struct Undo<'a> {
     new: &'a Client,
     proof_publication: &'a str,
     old_side: Side,
-    prior: Option<String>,
     follower_stop: CancellationToken,
 }
 
@@ -755,8 +815,9 @@ impl Undo<'_> {
     /// error to report (with the undo's own failure, if any, added).
     async fn run(self, e: Error, reverse: Option<&FollowPlan>) -> Error {
         let mut failed = Vec::new();
-        if let Err(u) = fence::unfence(self.old, self.old_side, self.prior.as_deref()).await {
-            failed.push(crate::error::chain(&u));
+        match fence::lift(self.old, self.old_side).await {
+            Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+            Err(u) => failed.push(crate::error::chain(&u)),
         }
         if let Some(plan) = reverse {
             drop_reverse(self.ctl, self.old, plan).await;
@@ -774,9 +835,9 @@ impl Undo<'_> {
             e
         } else {
             Error::Blocked(format!(
-                "{why}; and lifting the write fence failed too ({}): the {} is still read-only. Run \
-                 `hikkoshi rollback` to lift it, or `ALTER DATABASE <db> RESET default_transaction_read_only` \
-                 on it",
+                "{why}; and lifting the write fence failed too ({}): the {} still refuses writes. Run \
+                 `hikkoshi rollback` (or `hikkoshi clean`) to lift it, or `SELECT setval('hikkoshi_fence.up', \
+                 1, false)` on it",
                 failed.join("; "),
                 self.old_side
             ))
@@ -917,14 +978,14 @@ struct Pair<'a> {
 async fn prove_before_fence(
     opts: &CutoverOptions,
     pair: &Pair<'_>,
+    tables: Vec<crate::catalog::Table>,
     migration: &state::Migration,
     ctl: &Client,
     feeding: &FollowPlan,
     proof_publication: &str,
     report: &mut SwitchReport,
-) -> Result<(crate::plan::Resolved, Option<proof::Prepared>), Error> {
+) -> Result<Option<proof::Prepared>, Error> {
     let ((old, old_side, old_info), (new, new_side, new_info)) = (pair.old, pair.new);
-    let r = selected(migration, old, old_side).await?;
     let streamed = streamed_tables(new).await;
     let plan = proof::Plan {
         old: old_info.clone(),
@@ -934,9 +995,8 @@ async fn prove_before_fence(
         old_publication: feeding.publication.clone(),
         new_publication: proof_publication.to_string(),
         slot: format!("hikkoshi_{}_proof", migration.id),
-        tables: r.tables.clone(),
-        hash: r
-            .tables
+        tables: tables.clone(),
+        hash: tables
             .iter()
             .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
             .map(|t| t.name.clone())
@@ -960,7 +1020,7 @@ async fn prove_before_fence(
             report.verify_before_fence_seconds = p.seconds;
             report.rows_hashed_before_fence = p.rows_hashed;
             crate::failpoint::pause("cutover.proved-before-fence", &opts.stop).await;
-            Ok((r, Some(p)))
+            Ok(Some(p))
         }
         Err(e) => {
             proof::drop_publication(new, proof_publication).await;
@@ -977,7 +1037,7 @@ async fn prove_before_fence(
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok((r, None))
+            Ok(None)
         }
     }
 }

@@ -778,7 +778,7 @@ impl Prepared {
         (old, old_side): (&Client, Side),
         (new, new_side): (&Client, Side),
         check: Vec<Table>,
-        sequences: &[QualifiedName],
+        sequences: verify::SourceSequences<'_>,
         jobs: usize,
         wait: Duration,
     ) -> Result<(VerifyReport, InPause), Error> {
@@ -894,9 +894,15 @@ impl Prepared {
             let names: HashSet<String> = different.iter().map(|t| t.name.to_string()).collect();
             compared.retain(|r| !names.contains(&r.table));
             compared.extend(
-                verify::compare(&self.old, &self.new, different, &[], jobs)
-                    .await?
-                    .tables,
+                verify::compare(
+                    &self.old,
+                    &self.new,
+                    different,
+                    verify::SourceSequences::ReadNow(&[]),
+                    jobs,
+                )
+                .await?
+                .tables,
             );
         }
         tracing::info!(

@@ -19,6 +19,8 @@ pub struct AppStats {
     pub longest_gap: Duration,
     /// The first column of each transaction's first returned row (e.g. `INSERT … RETURNING id`), in order.
     pub ids: Vec<i64>,
+    /// The distinct server errors it got, as `SQLSTATE: message` (at most 20).
+    pub errors: Vec<String>,
 }
 
 /// A running application.
@@ -28,6 +30,7 @@ pub struct App {
     failed: Arc<AtomicU64>,
     longest_gap_us: Arc<AtomicU64>,
     ids: Arc<Mutex<Vec<i64>>>,
+    errors: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,12 +49,14 @@ impl App {
         let failed = Arc::new(AtomicU64::new(0));
         let longest_gap_us = Arc::new(AtomicU64::new(0));
         let ids = Arc::new(Mutex::new(Vec::new()));
-        let (s, c, f, g, i) = (
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let (s, c, f, g, i, e) = (
             stop.clone(),
             committed.clone(),
             failed.clone(),
             longest_gap_us.clone(),
             ids.clone(),
+            errors.clone(),
         );
         let task = tokio::spawn(async move {
             let mut last_ok = Instant::now();
@@ -84,8 +89,15 @@ impl App {
                             }
                             tokio::time::sleep(pause).await;
                         }
-                        Err(_) => {
+                        Err(err) => {
                             f.fetch_add(1, Ordering::Relaxed);
+                            if let Some(db) = err.as_db_error() {
+                                let text = format!("{}: {}", db.code().code(), db.message());
+                                let mut seen = e.lock().unwrap_or_else(|e| e.into_inner());
+                                if seen.len() < 20 && !seen.contains(&text) {
+                                    seen.push(text);
+                                }
+                            }
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             break;
                         }
@@ -99,6 +111,7 @@ impl App {
             failed,
             longest_gap_us,
             ids,
+            errors,
             task,
         }
     }
@@ -117,6 +130,7 @@ impl App {
             failed: self.failed.load(Ordering::Relaxed),
             longest_gap: Duration::from_micros(self.longest_gap_us.load(Ordering::Relaxed)),
             ids: std::mem::take(&mut *self.ids.lock().unwrap_or_else(|e| e.into_inner())),
+            errors: std::mem::take(&mut *self.errors.lock().unwrap_or_else(|e| e.into_inner())),
         }
     }
 }

@@ -59,6 +59,14 @@ pub struct FollowPlan {
     pub publication: String,
 }
 
+impl FollowPlan {
+    /// The value of `hikkoshi.fence_pass` that lets this migration's apply sessions through a write fence
+    /// (see `cutover::fence`): the forward stream's slot name, which both directions share.
+    pub fn fence_pass(&self) -> &str {
+        self.slot.strip_suffix("_rev").unwrap_or(&self.slot)
+    }
+}
+
 /// How the follower ended.
 #[derive(Debug, Default)]
 pub struct FollowReport {
@@ -382,6 +390,15 @@ async fn session_once(
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?
         .get(0);
     pulse.apply_pid.store(pid, Ordering::Relaxed);
+    // a reverse stream applies on a fenced old primary (a replica session passes the fence anyway)
+    target
+        .batch_execute(&format!(
+            "SET {} = {}",
+            crate::cutover::fence::PASS_SETTING,
+            crate::ident::quote_literal(plan.fence_pass())
+        ))
+        .await
+        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
     end_earlier_appliers(&target).await?;
     // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
     // statements join their arrays to the table by its key, row by row through the index, whatever the

@@ -106,7 +106,7 @@ pub async fn user_tables(c: &Client) -> Vec<String> {
     c.query(
         "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')
            AND n.nspname NOT LIKE 'pg\\_toast%'
          ORDER BY 1",
         &[],
@@ -144,7 +144,7 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
                                ORDER BY coalesce(r.rolname, 'PUBLIC'), a.privilege_type)
              FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
              LEFT JOIN pg_roles r ON r.oid = a.grantee
-             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'public')
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence', 'public')
                AND n.nspname NOT LIKE 'pg\\_%' AND a.grantee <> n.nspowner
              GROUP BY n.nspname
              UNION ALL
@@ -154,21 +154,21 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              CROSS JOIN LATERAL aclexplode(c.relacl) a
              LEFT JOIN pg_roles r ON r.oid = a.grantee
-             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')
                AND n.nspname NOT LIKE 'pg\\_%' AND a.grantee <> c.relowner AND a.privilege_type <> 'MAINTAIN'
              GROUP BY 1",
         ),
         (
             "index",
             "SELECT schemaname || '.' || indexname, indexdef FROM pg_indexes
-             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')",
         ),
         (
             "constraint",
             "SELECT n.nspname || '.' || t.relname || '.' || c.conname, pg_get_constraintdef(c.oid)
              FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
              JOIN pg_namespace n ON n.oid = t.relnamespace
-             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')
                AND c.contype <> 'n' -- PostgreSQL 18 lists NOT NULL here too; columns cover it",
         ),
         (
@@ -176,7 +176,7 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
             "SELECT n.nspname || '.' || t.relname || '.' || g.tgname, pg_get_triggerdef(g.oid)
              FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid
              JOIN pg_namespace n ON n.oid = t.relnamespace
-             WHERE NOT g.tgisinternal AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+             WHERE NOT g.tgisinternal AND g.tgname <> 'hikkoshi_fence' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')",
         ),
         (
             "publication",
@@ -195,7 +195,7 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
             "SELECT n.nspname || '.' || c.relname, c.relkind::text || c.relpersistence::text
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')",
         ),
         (
             "column",
@@ -207,7 +207,7 @@ pub async fn schema_facts(c: &Client) -> BTreeMap<String, String> {
              JOIN pg_namespace n ON n.oid = c.relnamespace
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')",
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')",
         ),
     ];
     for (kind, q) in queries {
@@ -232,7 +232,7 @@ pub async fn sequences(c: &Client) -> BTreeMap<String, (i64, bool)> {
         .query(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'S' AND n.nspname NOT IN ('hikkoshi')",
+             WHERE c.relkind = 'S' AND n.nspname NOT IN ('hikkoshi', 'hikkoshi_fence')",
             &[],
         )
         .await
