@@ -198,7 +198,7 @@ pub async fn preflight(
     }
     let mut warnings = Vec::new();
     if let Some(w) = signal_warning(&user, superuser, may_signal) {
-        warnings.push(format!("on the {side}: {w}"));
+        warnings.push(w);
     }
     Ok(warnings)
 }
