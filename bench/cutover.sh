@@ -9,7 +9,10 @@
 # generator saw. After each run, the source's pgbench_history rows must all be on the target (counted up to the
 # source's last mtime; the target has the load's later rows too); the run fails otherwise.
 #
-# usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--keep]
+# --tables N adds N small keyed tables (10 rows each) to the database, to measure what the write fence costs
+# with many tables: it is armed before the pause (fence_arm_seconds) and raised in it (fence_seconds).
+#
+# usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--tables 0] [--keep]
 # Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --bins --examples`.
 set -euo pipefail
 REPO_DIR=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,15 +20,16 @@ BENCH_NAME=cutover
 # shellcheck source=bench/lib.sh
 source "$REPO_DIR/bench/lib.sh"
 
-SCALE=10 RATE=1000 RUNS=3 VERIFY=quick KEEP=0 CLIENTS=8
+SCALE=10 RATE=1000 RUNS=3 VERIFY=quick KEEP=0 CLIENTS=8 TABLES=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --scale) SCALE=$2; shift 2 ;;
         --rate) RATE=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --verify) VERIFY=$2; shift 2 ;;
+        --tables) TABLES=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -49,6 +53,11 @@ for run in $(seq 1 "$RUNS"); do
     as_pg "$PG15_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$SRC_PORT" -U postgres "$db" >/dev/null 2>&1
     # pgbench_history has no key: the stream needs a replica identity
     src_psql "$db" -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+    if ((TABLES > 0)); then
+        src_psql "$db" -q -c "DO \$\$ BEGIN FOR i IN 1..$TABLES LOOP
+            EXECUTE format('CREATE TABLE extra_%s (id int PRIMARY KEY, v text); INSERT INTO extra_%s
+                SELECT g, md5(g::text) FROM generate_series(1, 10) g', i, i); END LOOP; END \$\$"
+    fi
     switch=$WORK/switch-$run stopfile=$WORK/stop-$run
     echo "$SRC_PORT" >"$switch"
     rm -f "$stopfile"
@@ -76,15 +85,18 @@ for run in $(seq 1 "$RUNS"); do
     gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$run.json" | awk '{print $2}')
     before=$(grep -o '"verify_before_fence_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
     compared=$(grep -o '"rows_compared_in_pause": [0-9]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    fence=$(grep -o '"fence_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    armed=$(grep -o '"fence_arm_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    fenced=$(grep -o '"tables_fenced": [0-9]*' "$WORK/cutover-$run.json" | awk '{print $2}')
     # the source's rows must all be on the target (the target has the load's later rows too)
     s=$(src_psql "$db" -At -c "SELECT count(*) FROM pgbench_history")
     last=$(src_psql "$db" -At -c "SELECT max(mtime) FROM pgbench_history")
     t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= '$last'")
     [[ $s == "$t" ]] || die "run $run: the source has $s history rows up to $last, the target $t"
-    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause); history rows source $s, target $t"
+    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause; fence on $fenced tables: armed in ${armed}s before the pause, raised in ${fence}s); history rows source $s, target $t"
     ((run > 1)) && echo "," >>"$out"
-    printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
-        "$run" "$SCALE" "$RATE" "$VERIFY" "$pause" "$gap" "$(cat "$WORK/cutover-$run.json")" "$(cat "$WORK/load-$run.json")" >>"$out"
+    printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "extra_tables": %d, "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
+        "$run" "$SCALE" "$RATE" "$VERIFY" "$TABLES" "$pause" "$gap" "$(cat "$WORK/cutover-$run.json")" "$(cat "$WORK/load-$run.json")" >>"$out"
 done
 echo "]" >>"$out"
 log "results: $out"

@@ -403,7 +403,7 @@ async fn verify_table(
         let mut tries = 0;
         while s != t && tries < 5 && follower_running(target).await {
             let lsn: String = source
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
                 .await
                 .map_err(Error::sql(Side::Source, "reading the WAL position"))?
                 .get(0);
@@ -475,7 +475,7 @@ async fn settle(
         }
         let before = rows_by_key(source, Side::Source, table, &keys).await?;
         let lsn: String = source
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(Error::sql(Side::Source, "reading the WAL position"))?
             .get(0);

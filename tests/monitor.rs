@@ -109,7 +109,7 @@ async fn metrics_parse_and_health_follows_the_stream() {
 
     // the follower dies: `status --listen`, from anywhere, says streaming stopped
     let lsn: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);

@@ -4,10 +4,9 @@
 //!
 //! Feedback to the source (the slot's confirmed flush position) never runs ahead of what the target has
 //! committed and flushed: the applier commits asynchronously (as native subscriptions do) and the feedback
-//! is the applied LSN of the last commit the target's WAL flush has passed, or, when every received change
-//! is committed and flushed and the stream is idle, the server's own position from a keepalive (nothing of
-//! ours lies before it). A crash of the target loses its unflushed commits and their `applied_lsn` together,
-//! and the source still has them.
+//! is the applied LSN of the last commit the target's WAL flush has passed, or a keepalive's position once
+//! every commit received before it is flushed (`confirm` says why that is safe). A crash of the target
+//! loses its unflushed commits and their `applied_lsn` together, and the source still has them.
 //!
 //! A connection can also die silently (a network partition, a stalled proxy: no FIN, no RST, TCP keepalives
 //! answered by a middlebox). Two checks turn that into a transient error, and so into a reconnect:
@@ -26,6 +25,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{Applier, ApplyError, TargetTable, Window};
+use super::confirm::Confirm;
 use super::pgoutput::Message;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
@@ -463,8 +463,7 @@ async fn session_once(
     let mut last_record = Instant::now();
     let mut txns_at_record = 0;
     let mut batch_started: Option<Instant> = None;
-    let mut last_data = Instant::now();
-    let mut last_keepalive_end = Lsn::default();
+    let mut rule = Confirm::new(applied);
     // time spent waiting for the source without a single message
     let mut silent = Duration::ZERO;
     let apply_err = |e: ApplyError| match e {
@@ -517,7 +516,6 @@ async fn session_once(
             }))) => {
                 received = received.max(start);
                 server_end = server_end.max(end);
-                last_data = Instant::now();
                 let msg = Message::decode(data).map_err(|e| {
                     Error::Blocked(format!(
                         "undecodable message from the source at {start}: {e}"
@@ -525,6 +523,9 @@ async fn session_once(
                 })?;
                 if matches!(msg, Message::Begin(_)) && batch_started.is_none() {
                     batch_started = Some(Instant::now());
+                }
+                if let Message::Commit(c) = &msg {
+                    rule.commit_received(c.end_lsn);
                 }
                 let is_commit = matches!(msg, Message::Commit(_));
                 applier.handle(msg).await.map_err(apply_err)?;
@@ -541,26 +542,10 @@ async fn session_once(
                 // The walsender sends one whenever it has caught up, which in a live stream is after
                 // nearly every transaction: batches are not cut here (the idle timer commits them), and
                 // the target is asked for its flush position only when the source asks for an answer.
+                rule.keepalive(end);
                 if reply {
-                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
-                }
-                // The in-sync position moves past what we applied only when the walsender stands still:
-                // two keepalives with the same position and no data for a second. A keepalive in a busy
-                // stream (a large transaction being decoded) was seen to carry a position past a
-                // transaction not sent yet.
-                let still = end == last_keepalive_end;
-                last_keepalive_end = end;
-                if still
-                    && last_data.elapsed() > Duration::from_secs(1)
-                    && !applier.inside_source_transaction()
-                    && !applier.has_uncommitted()
-                    && applier.all_durable()
-                    && received <= end
-                {
-                    // everything sent before `end` is committed and flushed on the target
-                    confirmed = confirmed.max(end);
-                }
-                if reply {
+                    confirmed = confirmed
+                        .max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
                     repl.send_status(received, confirmed, false)
                         .await
                         .map_err(Error::replication("answering a keepalive"))?;
@@ -587,7 +572,8 @@ async fn session_once(
                 // our in-sync position past WAL that holds nothing for us (vacuum, other databases), at
                 // once rather than after wal_sender_timeout / 2.
                 if wait >= Duration::from_secs(1) {
-                    confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
+                    confirmed = confirmed
+                        .max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
                     repl.send_status(received, confirmed, true)
                         .await
                         .map_err(Error::replication("asking for a keepalive"))?;
@@ -596,14 +582,16 @@ async fn session_once(
             }
         }
         if last_status.elapsed() > Duration::from_secs(5) {
-            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
+            confirmed =
+                confirmed.max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
             repl.send_status(received, confirmed, false)
                 .await
                 .map_err(Error::replication("sending a status update"))?;
             last_status = Instant::now();
         }
         if last_record.elapsed() > Duration::from_secs(1) {
-            confirmed = confirmed.max(applier.durable().await.map_err(apply_err)?);
+            confirmed =
+                confirmed.max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
             let rate = (applier.applied_txns - txns_at_record) as f64
                 / last_record.elapsed().as_secs_f64();
             record(&status, confirmed, server_end, rate).await;

@@ -2,6 +2,7 @@
 //! applier that writes each source transaction to the target exactly once.
 
 pub mod apply;
+pub mod confirm;
 pub mod fold;
 pub mod follow;
 pub mod pgoutput;

@@ -165,7 +165,7 @@ pub async fn wait_in_sync(src: &Client, tgt: &Client, f: &mut Follower) {
 /// The same, for at most `secs` seconds.
 pub async fn wait_in_sync_within(src: &Client, tgt: &Client, f: &mut Follower, secs: u32) {
     let lsn: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
