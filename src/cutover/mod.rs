@@ -450,7 +450,6 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
                     .as_ref()
                     .map(|r| r.tables.clone())
                     .unwrap_or_default(),
-                &migration,
                 &ctl,
                 &feeding,
                 &proof_publication,
@@ -979,7 +978,6 @@ async fn prove_before_fence(
     opts: &CutoverOptions,
     pair: &Pair<'_>,
     tables: Vec<crate::catalog::Table>,
-    migration: &state::Migration,
     ctl: &Client,
     feeding: &FollowPlan,
     proof_publication: &str,
@@ -994,7 +992,8 @@ async fn prove_before_fence(
         new_side,
         old_publication: feeding.publication.clone(),
         new_publication: proof_publication.to_string(),
-        slot: format!("hikkoshi_{}_proof", migration.id),
+        // the proof's slots share its publication's name, hikkoshi_<id>_proof
+        slot: proof_publication.to_string(),
         tables: tables.clone(),
         hash: tables
             .iter()
