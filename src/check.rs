@@ -756,30 +756,35 @@ async fn cutover_proof(
 async fn write_fence(r: &mut Report, source: &Client, tables: &[Table]) -> Result<(), Error> {
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
     let relations = crate::cutover::fence::relations(source, Side::Source, &names).await?;
-    match crate::cutover::fence::preflight(source, Side::Source, &relations).await {
-        Ok(warnings) => {
-            r.add(
-                Level::Ok,
-                "write fence",
-                Some(Side::Source),
-                format!(
-                    "the cutover can refuse writes on the {} selected table(s) and their partitions for                      every role and session (a statement trigger)",
-                    relations.len()
-                ),
-                None,
-            );
-            for w in warnings {
-                r.add(Level::Warning, "write fence", Some(Side::Source), w, None);
-            }
-        }
-        Err(Error::Blocked(why)) => r.add(
+    let found = crate::cutover::fence::preflight(source, Side::Source, &relations).await?;
+    match found.refusal {
+        None => r.add(
+            Level::Ok,
+            "write fence",
+            Some(Side::Source),
+            format!(
+                "the cutover can refuse writes on the {} selected table(s) and their partitions for every \
+                 role and session (a statement trigger)",
+                relations.len()
+            ),
+            None,
+        ),
+        Some(c) => r.add(
             Level::Warning,
             "write fence",
             Some(Side::Source),
-            format!("the cutover will refuse until this is fixed: {why}"),
-            None,
+            format!("the cutover will refuse until this is fixed: {}", c.problem),
+            Some(c.fix),
         ),
-        Err(e) => return Err(e),
+    }
+    for w in found.warnings {
+        r.add(
+            Level::Warning,
+            "write fence",
+            Some(Side::Source),
+            w.problem,
+            Some(w.fix),
+        );
     }
     Ok(())
 }

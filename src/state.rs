@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS hikkoshi.stream (
     rate_tps         double precision
 );
 ALTER TABLE hikkoshi.tables ADD COLUMN IF NOT EXISTS streamed boolean NOT NULL DEFAULT false;
+ALTER TABLE hikkoshi.stream ADD COLUMN IF NOT EXISTS stall_seconds integer;
+ALTER TABLE hikkoshi.stream ADD COLUMN IF NOT EXISTS sender_timeout_ms bigint;
 CREATE TABLE IF NOT EXISTS hikkoshi.cutover (
     one              boolean PRIMARY KEY DEFAULT true CHECK (one),
     step             text NOT NULL,

@@ -48,6 +48,10 @@ pub struct StreamStatus {
     pub apply_rate_tps: f64,
     /// A follower holds the migration lock and reported within the last 10 s.
     pub follower_running: bool,
+    /// How long the source may stay silent before the follower reconnects (from its wal_sender_timeout).
+    pub stall_limit_seconds: Option<i32>,
+    /// The source's wal_sender_timeout in milliseconds, as the follower read it.
+    pub source_wal_sender_timeout_ms: Option<i64>,
 }
 
 /// The whole picture.
@@ -121,7 +125,8 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
                              ELSE greatest(extract(epoch FROM now() - last_commit_time), 0) END::float8,
                         applied_txns, coalesce(rate_tps, 0),
                         coalesce(seen_at > now() - interval '10 seconds', false)
-                        AND EXISTS ({})
+                        AND EXISTS ({}),
+                        stall_seconds, sender_timeout_ms
                  FROM hikkoshi.stream",
                 crate::state::lock_holders_sql()
             ),
@@ -139,6 +144,8 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
             transactions_applied: r.get(6),
             apply_rate_tps: r.get(7),
             follower_running: r.get(8),
+            stall_limit_seconds: r.get(9),
+            source_wal_sender_timeout_ms: r.get(10),
         });
     let events = client
         .query(
@@ -242,6 +249,15 @@ impl std::fmt::Display for Status {
                 st.transactions_applied,
                 st.apply_rate_tps
             )?;
+            if let (Some(stall), Some(timeout)) =
+                (st.stall_limit_seconds, st.source_wal_sender_timeout_ms)
+            {
+                writeln!(
+                    f,
+                    "  a silent source counts as stalled after {stall}s (its wal_sender_timeout is {}s)",
+                    timeout as f64 / 1000.0
+                )?;
+            }
         }
         if let Some(c) = &self.cutover {
             writeln!(

@@ -25,6 +25,8 @@
 //!     `cutover_cancelled_during_a_hook` (SIGINT, SIGTERM and --timeout), plus
 //!     `cutover::a_failing_hook_undoes_the_fence_and_the_source_stays_primary`.
 //!
+//! 13. A long, silent replay (2 M rows outside the publication, spilled): `a_long_silent_replay_completes_without_reconnecting`.
+//!
 //! Found by the soak: `a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot`.
 //!
 //! The randomized mix of all of these is `tests/soak.rs`.
@@ -645,6 +647,75 @@ async fn a_million_row_transaction_and_2mb_values_stay_in_bounded_memory() {
         .get(0);
     assert_eq!(n, 1_000_001);
     assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+/// A long, silent replay: a 2 M-row transaction on a table outside the publication (the walsender decodes
+/// and spills it with `logical_decoding_work_mem = 64kB`, then replays it at commit and sends nothing of
+/// it), then 2 MB values, with the source's `wal_sender_timeout` at 2 minutes. While it replays, the
+/// walsender reads our keepalive requests and answers only about every minute. The follower must wait for
+/// it (its stall limit follows `wal_sender_timeout`: 4 minutes here) and not reconnect and restart the
+/// replay, and `status` shows the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_silent_replay_completes_without_reconnecting() {
+    let s = server_with(
+        15,
+        hikkoshi::localserver::ServerOptions {
+            conf: vec![
+                "logical_decoding_work_mem = '64kB'".into(),
+                "wal_sender_timeout = '2min'".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let t = server(18);
+    let src = create_db(&s, "app").await;
+    src.batch_execute(
+        "CREATE TABLE outside (id bigint PRIMARY KEY, pad text NOT NULL);
+         CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);",
+    )
+    .await
+    .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let mut f = Follower::start_between(
+        &s.url("app"),
+        &t.url("app"),
+        &["--exclude", "public.outside"],
+        &[],
+    );
+    wait_in_sync(&src, &tgt, &mut f).await;
+    src.batch_execute(
+        "INSERT INTO outside SELECT i, md5(i::text) FROM generate_series(1, 2000000) i;
+         INSERT INTO blobs SELECT b, (SELECT string_agg(md5(random()::text || g::text || b::text), '')
+                                      FROM generate_series(1, 65536) g)
+         FROM generate_series(1, 50) b;",
+    )
+    .await
+    .unwrap();
+    wait_in_sync_within(&src, &tgt, &mut f, 540).await;
+    let status = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    assert_success(&status);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(st["stream"]["stall_limit_seconds"], 240, "{st:#}");
+    assert_eq!(
+        st["stream"]["source_wal_sender_timeout_ms"], 120000,
+        "{st:#}"
+    );
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains("reconnecting"),
+        "the follower gave up on the replay and restarted it:\n{log}"
+    );
+    let n: i64 = tgt
+        .query_one("SELECT count(*) FROM blobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    assert_eq!(
+        rows_of(&src, "public.blobs").await,
+        rows_of(&tgt, "public.blobs").await
+    );
 }
 
 /// A tmpfs of a given size, owned by the user the servers run as; unmounted when dropped.

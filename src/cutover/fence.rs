@@ -116,14 +116,46 @@ pub async fn relations(
         .collect())
 }
 
-/// Refuses, before anything changes, when the fence could not hold: no trigger right on a table, no
-/// PL/pgSQL, no right to create its schema, prepared transactions that could commit later. Returns the
-/// warnings for what only slows the switch (sessions the role may not end).
+/// Something about the fence, with what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Concern {
+    pub problem: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Concern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}. {}", self.problem, self.fix)
+    }
+}
+
+/// What the preflight found: a reason the fence could not hold, and what would only slow the switch.
+#[derive(Clone, Debug, Default)]
+pub struct Preflight {
+    pub refusal: Option<Concern>,
+    pub warnings: Vec<Concern>,
+}
+
+impl Preflight {
+    /// The refusal as the cutover's error (nothing was changed yet), or the warnings as text.
+    pub fn into_result(self, side: Side) -> Result<Vec<String>, Error> {
+        match self.refusal {
+            Some(c) => Err(Error::Blocked(format!(
+                "cannot fence writes on the {side}: {c}. Nothing was changed"
+            ))),
+            None => Ok(self.warnings.iter().map(|w| w.to_string()).collect()),
+        }
+    }
+}
+
+/// Looks, before anything changes, for what would keep the fence from holding: no trigger right on a
+/// table, no PL/pgSQL, no right to create its schema, prepared transactions that could commit later; and
+/// for what only slows the switch (sessions the role may not end).
 pub async fn preflight(
     client: &Client,
     side: Side,
     relations: &[String],
-) -> Result<Vec<String>, Error> {
+) -> Result<Preflight, Error> {
     let row = client
         .query_one(
             "SELECT current_user::text, current_database()::text,
@@ -141,19 +173,28 @@ pub async fn preflight(
     let (plpgsql, may_create, superuser, may_signal): (bool, bool, bool, bool) =
         (row.get(2), row.get(3), row.get(4), row.get(5));
     let role = crate::ident::quote_ident(&user);
+    let mut found = Preflight::default();
+    if let Some(w) = signal_warning(&user, superuser, may_signal) {
+        found.warnings.push(w);
+    }
     if !plpgsql {
-        return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: database {db} has no PL/pgSQL, which the fence's trigger \
-             is written in. Run `CREATE EXTENSION plpgsql` there and the cutover again. Nothing was changed"
-        )));
+        found.refusal = Some(Concern {
+            problem: format!(
+                "database {db} has no PL/pgSQL, which the fence's trigger is written in"
+            ),
+            fix: "Run `CREATE EXTENSION plpgsql` there, then the cutover".into(),
+        });
+        return Ok(found);
     }
     if !may_create {
-        return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: role {user} may not create the schema {SCHEMA} that holds \
-             the fence. Run `GRANT CREATE ON DATABASE {} TO {role}` (as the database owner) and the cutover \
-             again. Nothing was changed",
-            crate::ident::quote_ident(&db)
-        )));
+        found.refusal = Some(Concern {
+            problem: format!("role {user} may not create the schema {SCHEMA} that holds the fence"),
+            fix: format!(
+                "Run `GRANT CREATE ON DATABASE {} TO {role}` as the database owner, then the cutover",
+                crate::ident::quote_ident(&db)
+            ),
+        });
+        return Ok(found);
     }
     let denied: Vec<String> = client
         .query(
@@ -167,19 +208,24 @@ pub async fn preflight(
         .collect();
     if !denied.is_empty() {
         let shown: Vec<&str> = denied.iter().take(10).map(String::as_str).collect();
-        return Err(Error::Blocked(format!(
-            "cannot fence writes on the {side}: role {user} may not create triggers on {} table(s) ({}{}), \
-             so it could not stop the application's writes there. Grant it, as each table's owner: `GRANT \
-             TRIGGER ON ALL TABLES IN SCHEMA <schema> TO {role}` (or make {role} a member of the owning \
-             role), or run the cutover as the owner. Nothing was changed",
-            denied.len(),
-            shown.join(", "),
-            if denied.len() > shown.len() {
-                ", …"
-            } else {
-                ""
-            }
-        )));
+        found.refusal = Some(Concern {
+            problem: format!(
+                "role {user} may not create triggers on {} table(s) ({}{}), so it could not stop the \
+                 application's writes there",
+                denied.len(),
+                shown.join(", "),
+                if denied.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ),
+            fix: format!(
+                "As each table's owner: `GRANT TRIGGER ON ALL TABLES IN SCHEMA <schema> TO {role}` (or make \
+                 {role} a member of the owning role), or run the cutover as the owner"
+            ),
+        });
+        return Ok(found);
     }
     let prepared: i64 = client
         .query_one(
@@ -190,36 +236,41 @@ pub async fn preflight(
         .map_err(Error::sql(side, "looking for prepared transactions"))?
         .get(0);
     if prepared > 0 {
-        return Err(Error::Blocked(format!(
-            "the {side} has {prepared} prepared transaction(s) in database {db} (pg_prepared_xacts): they \
-             could commit after the fence and their writes would be lost. COMMIT PREPARED or ROLLBACK \
-             PREPARED them and run the cutover again. Nothing was changed"
-        )));
+        found.refusal = Some(Concern {
+            problem: format!(
+                "database {db} has {prepared} prepared transaction(s) (pg_prepared_xacts): they could \
+                 commit after the fence and their writes would be lost"
+            ),
+            fix: "COMMIT PREPARED or ROLLBACK PREPARED them, then run the cutover".into(),
+        });
     }
-    let mut warnings = Vec::new();
-    if let Some(w) = signal_warning(&user, superuser, may_signal) {
-        warnings.push(w);
-    }
-    Ok(warnings)
+    Ok(found)
 }
 
 /// What the role cannot end, and the fix; `None` when it may end every application session.
-pub fn signal_warning(user: &str, superuser: bool, may_signal: bool) -> Option<String> {
+pub fn signal_warning(user: &str, superuser: bool, may_signal: bool) -> Option<Concern> {
     let role = crate::ident::quote_ident(user);
     if superuser {
         None
     } else if may_signal {
-        Some(format!(
-            "role {user} cannot end superusers' sessions at the fence; the fence refuses their writes \
-             all the same"
-        ))
+        Some(Concern {
+            problem: format!(
+                "role {user} cannot end superusers' sessions at the fence; the fence refuses their writes \
+                 all the same"
+            ),
+            fix: "To end them too, run the cutover as a superuser".into(),
+        })
     } else {
-        Some(format!(
-            "role {user} cannot end other roles' sessions at the fence (it is not a member of \
-             pg_signal_backend): the fence refuses their writes all the same, but pools find out only at \
-             their next write, so the switch is slower. `GRANT pg_signal_backend TO {role}` (RDS's \
-             rds_superuser and Neon's neon_superuser have it)"
-        ))
+        Some(Concern {
+            problem: format!(
+                "role {user} cannot end other roles' sessions at the fence (it is not a member of \
+                 pg_signal_backend): the fence refuses their writes all the same, but pools find out only \
+                 at their next write, so the switch is slower"
+            ),
+            fix: format!(
+                "`GRANT pg_signal_backend TO {role}` (RDS's rds_superuser and Neon's neon_superuser have it)"
+            ),
+        })
     }
 }
 
@@ -615,10 +666,10 @@ mod tests {
         assert_eq!(signal_warning("admin", true, false), None);
         let w = signal_warning("mig rator", false, false).unwrap();
         assert!(
-            w.contains("GRANT pg_signal_backend TO \"mig rator\""),
+            w.fix.contains("GRANT pg_signal_backend TO \"mig rator\""),
             "{w}"
         );
         let w = signal_warning("migrator", false, true).unwrap();
-        assert!(w.contains("superusers' sessions"), "{w}");
+        assert!(w.problem.contains("superusers' sessions"), "{w}");
     }
 }

@@ -395,7 +395,9 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     )
     .await?;
     if !resumed_fence {
-        let warnings = fence::preflight(&old, old_side, &fenced_relations).await?;
+        let warnings = fence::preflight(&old, old_side, &fenced_relations)
+            .await?
+            .into_result(old_side)?;
         for w in &warnings {
             tracing::warn!("{w}");
         }

@@ -10,8 +10,12 @@
 //!
 //! A connection can also die silently (a network partition, a stalled proxy: no FIN, no RST, TCP keepalives
 //! answered by a middlebox). Two checks turn that into a transient error, and so into a reconnect:
-//! - the source: we ask for a keepalive every idle second, and the walsender answers even while it decodes
-//!   a large transaction, so no message at all for [`stall_timeout`] means the stream is dead;
+//! - the source: we ask for a keepalive every idle second. The walsender answers at once when it waits for
+//!   WAL, but while it replays a large transaction it reads our requests, and sends a keepalive, only about
+//!   every `wal_sender_timeout / 2` (PostgreSQL 15 sends nothing else through a run of changes we do not
+//!   get, or of TOAST chunks). So the source may stay silent for [`stall_limit`], derived from its
+//!   `wal_sender_timeout`, before the stream counts as dead: a shorter limit would reconnect in the middle
+//!   of such a replay and restart it, again and again;
 //! - the target: a session that makes no progress for [`stall_timeout`] is checked from a fresh
 //!   connection; unless the apply session is busy with our statement (`pg_stat_activity.state =
 //!   'active'`: a slow statement or a lock wait), it is dead.
@@ -122,15 +126,37 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
     }
 }
 
-/// How long a connection may stay silent before it counts as dead (see the module doc). 30 s, or
-/// `HIKKOSHI_STALL_SECS` (the fault tests shorten it).
+/// How long the target's apply session may make no progress before it counts as dead (see the module
+/// doc). 30 s, or `HIKKOSHI_STALL_SECS` (the fault tests shorten it).
 pub fn stall_timeout() -> Duration {
-    let secs = std::env::var("HIKKOSHI_STALL_SECS")
+    stall_override().unwrap_or(Duration::from_secs(30))
+}
+
+fn stall_override() -> Option<Duration> {
+    std::env::var("HIKKOSHI_STALL_SECS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .filter(|s| *s > 0)
-        .unwrap_or(30);
-    Duration::from_secs(secs)
+        .map(Duration::from_secs)
+}
+
+/// How long the source may send nothing at all before the stream counts as dead, given its
+/// `wal_sender_timeout` in milliseconds (0: disabled): twice that (a replaying walsender sends a keepalive
+/// about every half of it), at least 30 s; 5 minutes when the timeout is disabled (the walsender then sends
+/// nothing while it replays). `HIKKOSHI_STALL_SECS` overrides it.
+pub fn stall_limit(wal_sender_timeout_ms: i64) -> Duration {
+    if let Some(d) = stall_override() {
+        return d;
+    }
+    source_stall_limit(wal_sender_timeout_ms)
+}
+
+fn source_stall_limit(wal_sender_timeout_ms: i64) -> Duration {
+    if wal_sender_timeout_ms <= 0 {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_millis(wal_sender_timeout_ms as u64 * 2).max(Duration::from_secs(30))
+    }
 }
 
 /// Signs of life of one streaming session, for the watchdog.
@@ -446,6 +472,21 @@ async fn session_once(
         Direction::Reverse => Some(session::connect(&plan.control, Side::Target).await?),
     };
     let source = session::connect(&plan.source, Side::Source).await?;
+    let sender_timeout: i64 = source
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(60_000);
+    let stall = stall_limit(sender_timeout);
+    let _ = status
+        .execute(
+            "UPDATE hikkoshi.stream SET stall_seconds = $1, sender_timeout_ms = $2",
+            &[&(stall.as_secs() as i32), &sender_timeout],
+        )
+        .await;
     let mut applier = Applier::new(target, source, applied, tables, reorder.is_ok());
 
     let mut repl = ReplicationConn::connect(&plan.source)
@@ -501,11 +542,13 @@ async fn session_once(
             Ok(_) => silent = Duration::ZERO,
             Err(_) => {
                 silent += wait;
-                if silent >= stall_timeout() {
+                if silent >= stall {
                     return Err(Error::Stalled(format!(
                         "no message from the source for {} s although a keepalive was asked for every \
-                         second: the replication connection stalled",
-                        silent.as_secs()
+                         second (the limit is twice the source's wal_sender_timeout of {} ms, at least \
+                         30 s): the replication connection stalled",
+                        silent.as_secs(),
+                        sender_timeout
                     )));
                 }
             }
@@ -679,4 +722,17 @@ fn slot_error(e: ReplicationError, slot: &str) -> Error {
         _ => return Error::replication("streaming changes")(e),
     };
     Error::Blocked(what)
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    #[test]
+    fn the_stall_limit_follows_wal_sender_timeout() {
+        assert_eq!(source_stall_limit(60_000), Duration::from_secs(120));
+        assert_eq!(source_stall_limit(5_000), Duration::from_secs(30));
+        assert_eq!(source_stall_limit(600_000), Duration::from_secs(1200));
+        assert_eq!(source_stall_limit(0), Duration::from_secs(300));
+    }
 }
