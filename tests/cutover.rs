@@ -893,8 +893,9 @@ read-write app: {stats:?}"
     app_can_write(&s).await.unwrap();
 }
 
-/// The managed-server shape (RDS, Neon): the source's migrating role owns the database and its tables and
-/// has REPLICATION, but is neither superuser nor a member of pg_signal_backend, so it cannot end the
+/// The managed-server shape (RDS, Neon) on both sides: the source's migrating role owns the database and
+/// its tables and has REPLICATION; the target's admin has CREATEDB and REPLICATION and may set
+/// session_replication_role; neither is superuser nor a member of pg_signal_backend, so neither can end the
 /// application's sessions. `check` and the cutover say so, with the grant; the cutover still succeeds while
 /// the application (another role, turning itself read-write) writes, because the fence refuses its writes.
 /// The rollback fences the new primary the same way and brings everything back; the reverse stream, which
@@ -919,11 +920,16 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     let admin = connect(&t.socket_url("postgres")).await;
     admin
         .batch_execute(&format!(
-            "CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}'"
+            "CREATE ROLE tadmin LOGIN CREATEDB REPLICATION PASSWORD '{PASSWORD}';
+             GRANT SET ON PARAMETER session_replication_role TO tadmin;
+             CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}';"
         ))
         .await
         .unwrap();
-    admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app OWNER tadmin")
+        .await
+        .unwrap();
     let source = format!(
         "host=127.0.0.1 port={} user=migrator password={PASSWORD} dbname=app sslmode=disable",
         s.port
@@ -936,14 +942,17 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     .await
     .unwrap();
     src.batch_execute(TICKETS).await.unwrap();
-    let target = t.url("app");
+    let target = format!(
+        "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
+        t.port
+    );
     let check = hikkoshi(&["check", "--source", &source, "--target", &target]);
     assert!(
         text(&check).contains("GRANT pg_signal_backend TO \"migrator\""),
         "{}",
         text(&check)
     );
-    let tgt = connect(&t.socket_url("app")).await;
+    let tgt = connect(&target).await;
     let mut follower = Follower::start_between(&source, &target, &[], &[]);
     wait_in_sync(&src, &tgt, &mut follower).await;
     // (grants are not carried yet: issue 14)
@@ -1003,6 +1012,11 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
         &format!("echo {} > {}", s.port, switch.display()),
     ]);
     assert_success(&out);
+    assert!(
+        text(&out).contains("GRANT pg_signal_backend TO \"tadmin\""),
+        "{}",
+        text(&out)
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = writer.stop().await;
     eprintln!("application: {stats:?}");
