@@ -68,9 +68,7 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
-    // the forward stream is hikkoshi_<id>, temporary slots add _<pid>, the reverse stream adds _rev, the
-    // cutover's proof publication _proof (its temporary slots go with their sessions)
-    let pattern = format!("^hikkoshi_{}(_[0-9]+|_rev|_proof)?$", m.id);
+    let pattern = crate::stream::names::pattern(&m.id);
     for (client, side) in [(&source, Side::Source), (&target, Side::Target)] {
         if force {
             cleaned.sessions_ended += end_walsenders(client, side, &pattern).await?;

@@ -156,7 +156,7 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
         slot,
         publication,
     };
-    let reverse = crate::cutover::reverse_plan(&forward);
+    let reverse = forward.reverse();
     let plan = match cutover.as_ref().map(|(s, r)| (s.as_str(), *r)) {
         Some((state::step::SWITCHED, true)) => reverse.clone(),
         Some((state::step::SWITCHED, false)) => {
@@ -205,7 +205,7 @@ async fn follow_then_reverse(
     stop: &CancellationToken,
     report: &mut CloneReport,
 ) -> Result<(), Error> {
-    let followed = follow_on_own_thread(plan, stop.clone()).await?;
+    let followed = crate::stream::follow::run_on_own_thread(plan, stop.clone()).await?;
     report.applied_lsn = Some(followed.applied.to_string());
     report.transactions_applied = followed.transactions;
     // A cutover with --reverse ended the forward stream: this process keeps the old source current.
@@ -216,7 +216,7 @@ async fn follow_then_reverse(
             .is_some_and(|(_, reverse)| reverse)
     {
         tracing::info!("cutover done: streaming the new primary's changes back to the old source");
-        let back = follow_on_own_thread(reverse, stop.clone()).await?;
+        let back = crate::stream::follow::run_on_own_thread(reverse, stop.clone()).await?;
         report.transactions_applied += back.transactions;
         report.ended_by = back.ended_by;
     } else {
@@ -260,24 +260,6 @@ async fn keep_lock(
             _ => {} // the target is not back yet
         }
     }
-}
-
-/// Runs a follower on a thread of its own: a change goes from the stream to the applier to the target
-/// connection without waking another thread (cross-thread wake-ups cost more CPU than the work itself,
-/// measured with bench/stream.sh).
-pub async fn follow_on_own_thread(
-    plan: crate::stream::follow::FollowPlan,
-    stop: CancellationToken,
-) -> Result<crate::stream::follow::FollowReport, Error> {
-    tokio::task::spawn_blocking(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Blocked(format!("cannot start the follower's runtime: {e}")))?;
-        runtime.block_on(crate::stream::follow::run(&plan, stop))
-    })
-    .await
-    .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))?
 }
 
 /// Takes the migration lock again on a new session when its session has ended (a restart of the target,
@@ -422,7 +404,7 @@ async fn copy_part(
         .await
         .map_err(Error::replication("opening a replication connection"))?;
     let fresh_follow = existing.is_none() && opts.follow;
-    let publication = format!("hikkoshi_{migration_id}");
+    let publication = crate::stream::names::stream(&migration_id);
     if fresh_follow {
         // The publication must exist before the slot: pgoutput reads it as of each change's time.
         create_publication(&source, &publication, &resolved.tables).await?;
@@ -432,7 +414,7 @@ async fn copy_part(
     let slot_name = if fresh_follow {
         publication.clone()
     } else {
-        format!("hikkoshi_{}_{}", migration_id, std::process::id())
+        crate::stream::names::temporary_slot(&migration_id, std::process::id())
     };
     let snap = match replication::create_with_snapshot(repl, &slot_name, !fresh_follow).await {
         Ok(s) => s,
@@ -592,7 +574,7 @@ async fn copy_part(
                 jobs: opts.jobs,
                 keep_owners,
                 maintenance_work_mem: &opts.maintenance_work_mem,
-                own_publication: &format!("hikkoshi_{migration_id}"),
+                own_publication: &crate::stream::names::stream(&migration_id),
             },
         )
         .await?;

@@ -1,5 +1,23 @@
 //! hikkoshi moves a live PostgreSQL database to another server. The modules follow the pipeline in
 //! DESIGN.md: `check` → `plan` → `schema` → `copy` → `stream` → `cutover`, with `state` kept in the target.
+//!
+//! A map for a newcomer (start with DESIGN.md, then `clone::run` and `cutover::cutover`):
+//!
+//! | stage | where | what to read first |
+//! |---|---|---|
+//! | preflight | `check` | `check::evaluate`: every finding with its fix; `check::support` for version pairs |
+//! | plan | `plan/` (`select`, `chunk`), `catalog` | `plan::resolve`: the selection against the catalog |
+//! | schema | `schema/` (`script` for older targets) | pre-data before the rows, post-data after |
+//! | copy | `clone`, `copy`, `replication/` (`slot`: exported snapshots) | `clone::run`, the whole command |
+//! | stream | `stream/`: `pgoutput/` (decode), `apply` + `fold` (apply), `follow` (the follower's loop and lifecycle), `confirm` (which position may be confirmed), `names` (every slot and publication name) | `stream::follow::run` |
+//! | verify | `verify`, `cutover/proof` (the two-part proof around the fence) | `verify::compare` |
+//! | cutover | `cutover/`: `mod` (the walk and its undo), `fence` (the write fence), `hook` | `cutover::cutover` |
+//! | state | `state` (the `hikkoshi` schema in the target), `status`, `monitor` | `state::DDL` |
+//! | clean | `clean` | `clean::run` |
+//! | around | `conninfo`, `session`, `tls` (connections), `error` (kinds, exit codes, hints), `lsn`, `ident`, `sequence`, `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse` | |
+//!
+//! Commands depend on `stream`, `state` and the modules around them, never on each other: `cutover` runs a
+//! follower through `stream::follow`, not through `clone`.
 
 pub mod catalog;
 pub mod check;

@@ -53,8 +53,8 @@ use crate::ident::{QualifiedName, quote_literal};
 pub const SCHEMA: &str = "hikkoshi_fence";
 /// The trigger's name on every fenced table.
 pub const TRIGGER: &str = "hikkoshi_fence";
-/// The setting by which hikkoshi's own apply sessions pass the fence (`SET hikkoshi.fence_pass = <token>`).
-pub const PASS_SETTING: &str = "hikkoshi.fence_pass";
+/// The setting by which hikkoshi's own apply sessions pass the fence.
+pub use crate::stream::names::FENCE_PASS_SETTING as PASS_SETTING;
 /// The advisory lock the triggers share and the raise takes exclusively ("hikf", 1).
 const LOCK: (i32, i32) = (0x6869_6b66, 1);
 /// How long one `CREATE TRIGGER` or `DROP TRIGGER` may wait for the application's writers before it is

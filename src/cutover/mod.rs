@@ -197,21 +197,57 @@ impl std::fmt::Display for SwitchReport {
 }
 
 /// Which way a switch goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Cutover,
     Rollback,
 }
 
-/// The reverse stream of a migration whose forward stream is `forward`.
-pub fn reverse_plan(forward: &FollowPlan) -> FollowPlan {
-    FollowPlan {
-        source: forward.target.clone(),
-        target: forward.source.clone(),
-        control: forward.target.clone(),
-        direction: Direction::Reverse,
-        slot: format!("{}_rev", forward.slot),
-        publication: format!("{}_rev", forward.publication),
+/// What a switch does, given what the target recorded.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    /// Nothing to do, or nothing allowed: the reason, with what to do instead.
+    Refuse(String),
+    /// A rollback of a cutover that died after its fence: lift the fence, nothing else was done.
+    UndoInterrupted,
+    /// The whole walk.
+    Walk,
+    /// A run died after raising its fence: arm and raise again (both idempotent) and go on from there.
+    Resume,
+}
+
+/// Decides from the recorded cutover step (and whether that cutover took `--reverse`) and the clone's phase.
+fn decide(way: Way, recorded: Option<(&str, bool)>, phase: state::Phase) -> Decision {
+    let refuse = |why: &str| Decision::Refuse(why.to_string());
+    match (way, recorded) {
+        (Way::Cutover, Some((step::SWITCHED, _))) => refuse(
+            "this migration was cut over already: the target is the primary. `hikkoshi rollback` switches \
+             back (after a cutover with --reverse)",
+        ),
+        (Way::Cutover, Some((step::ROLLING_BACK | step::ROLLED_BACK, _))) => refuse(
+            "this migration was rolled back: to migrate again, `hikkoshi clean` and clone again",
+        ),
+        (Way::Cutover, _) if phase != state::Phase::Done => Decision::Refuse(format!(
+            "the clone is not complete (phase {}): keep `hikkoshi clone --follow` running until every \
+             table is copied and streaming, then cut over",
+            phase.as_str()
+        )),
+        (Way::Cutover, Some((step::FENCED, _))) => Decision::Resume,
+        (Way::Cutover, _) => Decision::Walk,
+        (Way::Rollback, Some((step::FENCED, _))) => Decision::UndoInterrupted,
+        (Way::Rollback, Some((step::SWITCHED, true))) => Decision::Walk,
+        (Way::Rollback, Some((step::ROLLING_BACK, true))) => Decision::Resume,
+        (Way::Rollback, Some((step::SWITCHED, false))) => refuse(
+            "this cutover was made without --reverse: no stream kept the target's writes for the source, so \
+             a rollback would lose them. Copy them back by hand, or clone the target into the source as a \
+             new migration",
+        ),
+        (Way::Rollback, Some((step::ROLLED_BACK, _))) => {
+            refuse("this migration was rolled back already: the source is the primary")
+        }
+        (Way::Rollback, _) => {
+            refuse("there is no cutover to roll back: the source is still the primary")
+        }
     }
 }
 
@@ -299,80 +335,39 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     };
 
     // Where we stand, and what this run must do.
-    let step_now = recorded.as_ref().map(|r| r.0.as_str());
+    let decision = decide(
+        way,
+        recorded.as_ref().map(|(s, r)| (s.as_str(), *r)),
+        migration.phase,
+    );
+    let resumed_fence = match decision {
+        Decision::Refuse(why) => return Err(Error::Blocked(why)),
+        Decision::UndoInterrupted => {
+            report.warnings = fence::lift(&src, Side::Source).await?;
+            drop_reverse(&ctl, &src, &forward.reverse()).await;
+            set_step(&ctl, step::ABORTED, "rollback undid an interrupted cutover").await?;
+            report.undid_interrupted_cutover = true;
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        Decision::Walk => false,
+        Decision::Resume => true,
+    };
     let (old_info, new_info, old_side, new_side, feeding) = match way {
-        Way::Cutover => {
-            match step_now {
-                Some(step::SWITCHED) => {
-                    return Err(Error::Blocked(
-                        "this migration was cut over already: the target is the primary. `hikkoshi \
-                         rollback` switches back (after a cutover with --reverse)"
-                            .into(),
-                    ));
-                }
-                Some(step::ROLLING_BACK | step::ROLLED_BACK) => {
-                    return Err(Error::Blocked(
-                        "this migration was rolled back: to migrate again, `hikkoshi clean` and clone again"
-                            .into(),
-                    ));
-                }
-                _ => {}
-            }
-            if migration.phase != state::Phase::Done {
-                return Err(Error::Blocked(format!(
-                    "the clone is not complete (phase {}): keep `hikkoshi clone --follow` running until \
-                     every table is copied and streaming, then cut over",
-                    migration.phase.as_str()
-                )));
-            }
-            (
-                src_info.clone(),
-                tgt_info.clone(),
-                Side::Source,
-                Side::Target,
-                forward,
-            )
-        }
-        Way::Rollback => {
-            match step_now {
-                Some(step::FENCED) => {
-                    // a cutover died after fencing: lift its fence, nothing else was done
-                    report.warnings = fence::lift(&src, Side::Source).await?;
-                    drop_reverse(&ctl, &src, &reverse_plan(&forward)).await;
-                    set_step(&ctl, step::ABORTED, "rollback undid an interrupted cutover").await?;
-                    report.undid_interrupted_cutover = true;
-                    report.seconds = started.elapsed().as_secs_f64();
-                    return Ok(report);
-                }
-                Some(step::SWITCHED | step::ROLLING_BACK)
-                    if recorded.as_ref().is_some_and(|r| r.1) => {}
-                Some(step::SWITCHED) => {
-                    return Err(Error::Blocked(
-                        "this cutover was made without --reverse: no stream kept the target's writes for the \
-                         source, so a rollback would lose them. Copy them back by hand, or clone the target \
-                         into the source as a new migration"
-                            .into(),
-                    ));
-                }
-                Some(step::ROLLED_BACK) => {
-                    return Err(Error::Blocked(
-                        "this migration was rolled back already: the source is the primary".into(),
-                    ));
-                }
-                _ => {
-                    return Err(Error::Blocked(
-                        "there is no cutover to roll back: the source is still the primary".into(),
-                    ));
-                }
-            }
-            (
-                tgt_info.clone(),
-                src_info.clone(),
-                Side::Target,
-                Side::Source,
-                reverse_plan(&forward),
-            )
-        }
+        Way::Cutover => (
+            src_info.clone(),
+            tgt_info.clone(),
+            Side::Source,
+            Side::Target,
+            forward,
+        ),
+        Way::Rollback => (
+            tgt_info.clone(),
+            src_info.clone(),
+            Side::Target,
+            Side::Source,
+            forward.reverse(),
+        ),
     };
     report.new_primary = new_info.to_string();
     let old = open(&old_info, old_side).await?;
@@ -380,10 +375,6 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
 
     // 1. Refuse early.
     slot_healthy(&old, old_side, &feeding.slot).await?;
-    let resumed_fence = matches!(
-        (way, step_now),
-        (Way::Cutover, Some(step::FENCED)) | (Way::Rollback, Some(step::ROLLING_BACK))
-    );
     let mut resolved = Some(selected(&migration, &old, old_side).await?);
     let fenced_relations = fence::relations(
         &old,
@@ -413,7 +404,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         .map_err(Error::sql(Side::Target, "taking the migration lock"))?;
     let follower_stop = CancellationToken::new();
     let mut follower = ours.then(|| {
-        tokio::spawn(crate::clone::follow_on_own_thread(
+        tokio::spawn(crate::stream::follow::run_on_own_thread(
             feeding.clone(),
             follower_stop.clone(),
         ))
@@ -428,7 +419,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
         }
     );
     let deadline = Instant::now() + opts.timeout;
-    let proof_publication = format!("hikkoshi_{}_proof", migration.id);
+    let proof_publication = crate::stream::names::proof(&migration.id);
     let mut proof = None;
     if !resumed_fence {
         wait_for_lag(
@@ -715,7 +706,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     report.verify_seconds = verify_started.elapsed().as_secs_f64();
 
     // 7. The reverse stream, before the application can write on the new primary.
-    let reverse = (way == Way::Cutover && opts.reverse).then(|| reverse_plan(&feeding));
+    let reverse = (way == Way::Cutover && opts.reverse).then(|| feeding.reverse());
     if let Some(plan) = &reverse {
         if let Err(e) = setup_reverse(&ctl, &old, &new, &feeding, plan).await {
             return Err(undo.run(e, reverse.as_ref()).await);
@@ -1278,4 +1269,65 @@ async fn set_step(ctl: &Client, to: &str, why: &str) -> Result<(), Error> {
     .map_err(Error::sql(Side::Target, "recording the cutover step"))?;
     let _ = state::event(ctl, "cutover", why).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+    use crate::state::Phase;
+
+    #[test]
+    fn a_cutover_walks_resumes_or_refuses_by_the_recorded_step() {
+        assert_eq!(decide(Way::Cutover, None, Phase::Done), Decision::Walk);
+        assert_eq!(
+            decide(Way::Cutover, Some((step::ABORTED, false)), Phase::Done),
+            Decision::Walk
+        );
+        assert_eq!(
+            decide(Way::Cutover, Some((step::FENCED, false)), Phase::Done),
+            Decision::Resume
+        );
+        for s in [step::SWITCHED, step::ROLLING_BACK, step::ROLLED_BACK] {
+            assert!(matches!(
+                decide(Way::Cutover, Some((s, true)), Phase::Done),
+                Decision::Refuse(_)
+            ));
+        }
+        let Decision::Refuse(why) = decide(Way::Cutover, None, Phase::Copy) else {
+            panic!("an incomplete clone was cut over");
+        };
+        assert!(why.contains("not complete"), "{why}");
+    }
+
+    #[test]
+    fn a_rollback_needs_a_reverse_stream_and_undoes_an_interrupted_cutover() {
+        assert_eq!(
+            decide(Way::Rollback, Some((step::FENCED, false)), Phase::Done),
+            Decision::UndoInterrupted
+        );
+        assert_eq!(
+            decide(Way::Rollback, Some((step::SWITCHED, true)), Phase::Done),
+            Decision::Walk
+        );
+        assert_eq!(
+            decide(Way::Rollback, Some((step::ROLLING_BACK, true)), Phase::Done),
+            Decision::Resume
+        );
+        let Decision::Refuse(why) =
+            decide(Way::Rollback, Some((step::SWITCHED, false)), Phase::Done)
+        else {
+            panic!("a rollback without a reverse stream went ahead");
+        };
+        assert!(why.contains("without --reverse"), "{why}");
+        for r in [
+            None,
+            Some((step::ABORTED, false)),
+            Some((step::ROLLED_BACK, true)),
+        ] {
+            assert!(matches!(
+                decide(Way::Rollback, r, Phase::Done),
+                Decision::Refuse(_)
+            ));
+        }
+    }
 }

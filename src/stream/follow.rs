@@ -67,8 +67,39 @@ impl FollowPlan {
     /// The value of `hikkoshi.fence_pass` that lets this migration's apply sessions through a write fence
     /// (see `cutover::fence`): the forward stream's slot name, which both directions share.
     pub fn fence_pass(&self) -> &str {
-        self.slot.strip_suffix("_rev").unwrap_or(&self.slot)
+        super::names::forward_of(&self.slot)
     }
+
+    /// The reverse stream of a migration whose forward stream this is: from the new primary back to the
+    /// old one, which a `cutover --reverse` starts so that a rollback loses nothing.
+    pub fn reverse(&self) -> FollowPlan {
+        FollowPlan {
+            source: self.target.clone(),
+            target: self.source.clone(),
+            control: self.target.clone(),
+            direction: Direction::Reverse,
+            slot: super::names::reverse(&self.slot),
+            publication: super::names::reverse(&self.publication),
+        }
+    }
+}
+
+/// Runs a follower on a thread of its own: a change goes from the stream to the applier to the target
+/// connection without waking another thread (cross-thread wake-ups cost more CPU than the work itself,
+/// measured with bench/stream.sh).
+pub async fn run_on_own_thread(
+    plan: FollowPlan,
+    stop: CancellationToken,
+) -> Result<FollowReport, Error> {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Blocked(format!("cannot start the follower's runtime: {e}")))?;
+        runtime.block_on(run(&plan, stop))
+    })
+    .await
+    .map_err(|e| Error::Blocked(format!("the follower stopped unexpectedly: {e}")))?
 }
 
 /// How the follower ended.
@@ -420,7 +451,7 @@ async fn session_once(
     target
         .batch_execute(&format!(
             "SET {} = {}",
-            crate::cutover::fence::PASS_SETTING,
+            super::names::FENCE_PASS_SETTING,
             crate::ident::quote_literal(plan.fence_pass())
         ))
         .await

@@ -5,4 +5,5 @@ pub mod apply;
 pub mod confirm;
 pub mod fold;
 pub mod follow;
+pub mod names;
 pub mod pgoutput;

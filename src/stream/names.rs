@@ -1,0 +1,80 @@
+//! Every name hikkoshi gives a replication slot or a publication, in one place: `clone` makes them,
+//! `cutover` adds its own, `clean` finds them all by one pattern.
+//!
+//! - `hikkoshi_<id>`: the migration's stream — its slot on the source and its publication (same name);
+//! - `hikkoshi_<id>_<pid>`: a temporary slot a resumed or plain clone takes for its snapshot;
+//! - `hikkoshi_<id>_rev`: the reverse stream a `cutover --reverse` starts on the new primary;
+//! - `hikkoshi_<id>_proof`: the cutover proof's publication on the new primary, and the prefix of its two
+//!   temporary slots.
+
+/// The setting by which hikkoshi's own apply sessions pass a cutover's write fence (`SET
+/// hikkoshi.fence_pass = <the forward stream's name>`, see `cutover::fence`).
+pub const FENCE_PASS_SETTING: &str = "hikkoshi.fence_pass";
+
+/// The migration's stream: slot and publication on the source.
+pub fn stream(migration_id: &str) -> String {
+    format!("hikkoshi_{migration_id}")
+}
+
+/// A temporary slot of the process `pid`, for a snapshot.
+pub fn temporary_slot(migration_id: &str, pid: u32) -> String {
+    format!("hikkoshi_{migration_id}_{pid}")
+}
+
+/// The reverse stream of a forward stream's slot or publication.
+pub fn reverse(forward: &str) -> String {
+    format!("{forward}_rev")
+}
+
+/// The forward stream's name, given either stream's name (what both directions' apply sessions share).
+pub fn forward_of(name: &str) -> &str {
+    name.strip_suffix("_rev").unwrap_or(name)
+}
+
+/// The cutover proof's publication (and its slots' prefix).
+pub fn proof(migration_id: &str) -> String {
+    format!("hikkoshi_{migration_id}_proof")
+}
+
+/// A regular expression for every slot and publication of a migration (`clean`); its temporary proof
+/// slots go with their sessions.
+pub fn pattern(migration_id: &str) -> String {
+    format!("^hikkoshi_{migration_id}(_[0-9]+|_rev|_proof)?$")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_matches_the_clean_pattern_and_nothing_else_does() {
+        let id = "3f9c2a1b";
+        let re = pattern(id);
+        let matches = |n: &str| {
+            // the pattern is simple enough to check by hand: anchored, one optional suffix
+            let body = n.strip_prefix(&format!("hikkoshi_{id}"));
+            let ok = match body {
+                Some("") | Some("_rev") | Some("_proof") => true,
+                Some(rest) => {
+                    rest.len() > 1
+                        && rest.starts_with('_')
+                        && rest[1..].chars().all(|c| c.is_ascii_digit())
+                }
+                None => false,
+            };
+            assert!(re.starts_with('^') && re.ends_with('$'));
+            ok
+        };
+        for n in [
+            stream(id),
+            temporary_slot(id, 4242),
+            reverse(&stream(id)),
+            proof(id),
+        ] {
+            assert!(matches(&n), "{n}");
+        }
+        assert!(!matches("hikkoshi_other"));
+        assert_eq!(forward_of(&reverse(&stream(id))), stream(id));
+        assert_eq!(forward_of(&stream(id)), stream(id));
+    }
+}
