@@ -12,7 +12,9 @@
 //!
 //! Running the same command again resumes: done phases are skipped, copied chunks stay, and chunks of a
 //! table split by `ctid` restart as a whole (page ranges do not partition the rows of two different
-//! snapshots).
+//! snapshots), as do the partitions of a half-copied partition tree not split by key throughout (the
+//! stream names only the root, so one window must serve the whole tree; see docs/stream.md, "Resumed
+//! copies").
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -789,20 +791,34 @@ async fn copy_phase(
         .await
         .map_err(sql("resetting interrupted chunks"))?;
     // Page ranges of two different snapshots do not partition the rows: a ctid-split table that was left
-    // half copied starts over.
+    // half copied starts over. So does a partition tree left half copied, unless every partition is split
+    // by key: the stream names only the root, so one window (one snapshot, or convergence by key) must
+    // serve all its partitions.
     let partial = target
         .query(
-            "SELECT t.schema_name, t.table_name FROM hikkoshi.tables t
-             WHERE t.chunk_method = 'ctid'
-               AND EXISTS (SELECT 1 FROM hikkoshi.chunks c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state = 'copied')
-               AND EXISTS (SELECT 1 FROM hikkoshi.chunks c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state <> 'copied')",
+            "WITH chunk AS (
+                 SELECT c.state, t.schema_name, t.table_name,
+                        coalesce(t.root_schema, t.schema_name) AS rs, coalesce(t.root_name, t.table_name) AS rn
+                 FROM hikkoshi.chunks c JOIN hikkoshi.tables t USING (schema_name, table_name)),
+             tree AS (
+                 SELECT coalesce(root_schema, schema_name) AS rs, coalesce(root_name, table_name) AS rn,
+                        bool_and(chunk_method = 'key') AS by_key
+                 FROM hikkoshi.tables GROUP BY 1, 2)
+             SELECT t.schema_name, t.table_name FROM hikkoshi.tables t
+             WHERE (t.chunk_method = 'ctid'
+                    AND EXISTS (SELECT 1 FROM chunk c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state = 'copied')
+                    AND EXISTS (SELECT 1 FROM chunk c WHERE (c.schema_name, c.table_name) = (t.schema_name, t.table_name) AND c.state <> 'copied'))
+                OR (t.root_name IS NOT NULL
+                    AND EXISTS (SELECT 1 FROM tree r WHERE (r.rs, r.rn) = (t.root_schema, t.root_name) AND NOT r.by_key)
+                    AND EXISTS (SELECT 1 FROM chunk c WHERE (c.rs, c.rn) = (t.root_schema, t.root_name) AND c.state = 'copied')
+                    AND EXISTS (SELECT 1 FROM chunk c WHERE (c.rs, c.rn) = (t.root_schema, t.root_name) AND c.state <> 'copied'))",
             &[],
         )
         .await
         .map_err(sql("finding half-copied tables"))?;
     for r in partial {
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        tracing::info!(table = %name, "restarting a half-copied table split by ctid");
+        tracing::info!(table = %name, "restarting a half-copied table split by ctid, or a partition of a half-copied tree");
         target
             .batch_execute(&format!(
                 "BEGIN; TRUNCATE ONLY {q};

@@ -153,36 +153,7 @@ async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
     // every row the source committed is on the target, once; the target has the app's later rows too
     let src = connect(&s.socket_url("app")).await;
     let tgt = connect(&t.socket_url("app")).await;
-    let on_source: Vec<i64> = src
-        .query("SELECT id FROM app.tickets ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let on_target: Vec<i64> = tgt
-        .query("SELECT id FROM app.tickets ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for id in &on_source {
-        assert!(
-            on_target.binary_search(id).is_ok(),
-            "ticket {id} lost in the cutover"
-        );
-    }
-    let mut written = stats.ids.clone();
-    written.sort();
-    written.dedup();
-    assert_eq!(written.len(), stats.ids.len(), "an id was handed out twice");
-    for id in &written {
-        assert!(
-            on_target.binary_search(id).is_ok(),
-            "ticket {id} acknowledged but not on the new primary"
-        );
-    }
+    assert_no_ticket_lost(&src, &tgt, &stats.ids).await;
     // the other tables are identical (the app only wrote tickets after the switch)
     let diff = hikkoshi(&[
         "verify",
@@ -853,6 +824,23 @@ read-write app: {stats:?}"
     assert!(
         src.batch_execute("TRUNCATE app.tickets").await.is_err(),
         "TRUNCATE passed the fence"
+    );
+    let copied = async {
+        use futures_util::SinkExt;
+        let sink = src
+            .copy_in::<_, bytes::Bytes>("COPY app.tickets (note) FROM STDIN")
+            .await?;
+        let mut sink = Box::pin(sink);
+        sink.send(bytes::Bytes::from_static(b"copied past the fence\n"))
+            .await?;
+        sink.as_mut().finish().await
+    }
+    .await;
+    let copy_error = copied.expect_err("COPY FROM passed the fence");
+    assert_eq!(
+        copy_error.code().map(|c| c.code()),
+        Some("25006"),
+        "{copy_error}"
     );
     // the new primary's sequence is past every key the old one stored, and past what it handed out
     // before the hooks

@@ -137,3 +137,42 @@ async fn from_18_to_18_with_hnsw_and_virtual_generated_columns() {
     );
     migrate(18, 18, &extra, None).await;
 }
+
+/// A source before 13 is refused up front, by `check` and by `clone`, with the reason and the way out; the
+/// target is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_before_13_is_refused_with_the_reason() {
+    let s = server(12);
+    let t = server(18);
+    let src = create_db(&s, "app").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let tgt = create_db(&t, "app").await;
+    let check = hikkoshi(&[
+        "check",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("the source runs PostgreSQL 12")
+            && text(&check).contains("pg_upgrade"),
+        "{}",
+        text(&check)
+    );
+    let clone = hikkoshi(&[
+        "clone",
+        "--follow",
+        "--source",
+        &s.url("app"),
+        "--target",
+        &t.url("app"),
+    ]);
+    assert_eq!(clone.status.code(), Some(1), "{}", text(&clone));
+    assert!(text(&clone).contains("PostgreSQL 12"), "{}", text(&clone));
+    assert!(user_tables(&tgt).await.is_empty());
+    assert!(!has_state(&tgt).await);
+}
