@@ -144,6 +144,10 @@ pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
     let source_major = i.catalog.major_version() as u32;
 
     versions(&mut r, source_major, target_major, i.pg_bin);
+    if support(source_major, target_major).0 == Level::Blocker {
+        // the other checks read settings and catalogs such a server may not have
+        return Ok(r);
+    }
     source_settings(&mut r, source, i.follow).await?;
     tables(&mut r, source, i.tables, i.follow).await?;
     extensions(&mut r, source, target).await?;

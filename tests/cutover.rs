@@ -825,9 +825,10 @@ read-write app: {stats:?}"
         src.batch_execute("TRUNCATE app.tickets").await.is_err(),
         "TRUNCATE passed the fence"
     );
+    let copier = connect(&s.socket_url("app")).await;
     let copied = async {
         use futures_util::SinkExt;
-        let sink = src
+        let sink = copier
             .copy_in::<_, bytes::Bytes>("COPY app.tickets (note) FROM STDIN")
             .await?;
         let mut sink = Box::pin(sink);
