@@ -7,11 +7,12 @@
 //! 2. Wait until the stream's lag is under `--max-lag`. Unless `--verify none`, make the first part of the
 //!    proof while the application still writes (see `proof`: the tables hashed in snapshots of both
 //!    servers, and a stream of the keys each server changes from then on), and wait for the lag again.
-//! 3. Fence writes on the old primary (see `fence`); emit a logical message, the fence marker, and note its
-//!    LSN. The write pause starts here.
+//! 3. Fence writes on the old primary (see `fence`): its triggers are armed before the pause, raised in
+//!    it; emit a logical message, the fence marker, and note its LSN. The write pause starts at the raise.
 //! 4. Wait until the new primary has applied everything up to the marker. Whoever streams does the work: a
 //!    running `clone --follow` (it holds the migration lock), or, when none runs, a follower of our own.
-//! 5. Move every sequence (owned, identity, standalone) to the old primary's position.
+//! 5. Move every sequence (owned, identity, standalone) to the old primary's position, read once the fence
+//!    holds (verification compares against that read; a later `nextval` there stores no row).
 //! 6. Verify (quick: the tables the stream changed since the copy; full: all; or none), fenced, so exactly:
 //!    the second part of the proof compares the rows changed since the snapshots, by key. When the first
 //!    part could not be made, the tables are hashed whole here.
