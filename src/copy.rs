@@ -233,7 +233,7 @@ async fn copy_chunk(
             Ordering::Relaxed,
         );
     }
-    failpoint::hit("copy.before-chunk-commit");
+    failpoint::hit(failpoint::COPY_BEFORE_CHUNK_COMMIT);
     tx.execute(
         "UPDATE hikkoshi.chunks SET state = 'copied', rows_copied = $4, bytes_copied = $5,
                 snapshot_lsn = $6::text::pg_lsn, finished_at = now()
@@ -257,8 +257,8 @@ async fn copy_chunk(
     .await
     .map_err(copy_err(Side::Target))?;
     tx.commit().await.map_err(copy_err(Side::Target))?;
-    failpoint::hit("copy.after-chunk-commit");
-    failpoint::pause("copy.after-chunk-commit", &ctx.cancel).await;
+    failpoint::hit(failpoint::COPY_AFTER_CHUNK_COMMIT);
+    failpoint::pause(failpoint::COPY_AFTER_CHUNK_COMMIT, &ctx.cancel).await;
     if let Some(p) = &progress {
         p.chunks_done.fetch_add(1, Ordering::Relaxed);
         p.active.fetch_sub(1, Ordering::Relaxed);

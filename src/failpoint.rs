@@ -9,6 +9,29 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The failpoints and pauses, by name: the code hits them, the tests arm them (`name` or `name:N`).
+/// The applier committed a batch on the target, before it noted the commit's WAL position.
+pub const APPLY_AFTER_COMMIT: &str = "apply.after-commit";
+/// The applier wrote a batch and its applied LSN, before its COMMIT.
+pub const APPLY_BEFORE_COMMIT: &str = "apply.before-commit";
+/// A chunk's rows and its state committed on the target.
+pub const COPY_AFTER_CHUNK_COMMIT: &str = "copy.after-chunk-commit";
+/// A chunk's rows written, before their commit.
+pub const COPY_BEFORE_CHUNK_COMMIT: &str = "copy.before-chunk-commit";
+/// The fence is raised and its marker written, before the catch-up.
+pub const CUTOVER_FENCED: &str = "cutover.fenced";
+/// The hooks ran, before the step is recorded as done.
+pub const CUTOVER_POINT_OF_NO_RETURN: &str = "cutover.point-of-no-return";
+/// The first part of the proof is made, before the fence.
+pub const CUTOVER_PROVED_BEFORE_FENCE: &str = "cutover.proved-before-fence";
+/// In the pause, before the verification.
+pub const CUTOVER_VERIFY: &str = "cutover.verify";
+
+/// `name:N`: the N-th time the point is reached.
+pub fn nth(name: &str, n: u32) -> String {
+    format!("{name}:{n}")
+}
+
 struct Armed {
     name: String,
     nth: u64,

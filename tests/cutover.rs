@@ -4,6 +4,8 @@
 
 mod common;
 
+use hikkoshi::failpoint;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -328,7 +330,7 @@ async fn a_cutover_killed_after_the_fence_is_finished_by_running_it_again() {
         "--target",
         &t.url("app"),
     ];
-    let out = hikkoshi_env(&args, &[("HIKKOSHI_FAILPOINT", "cutover.fenced")]);
+    let out = hikkoshi_env(&args, &[("HIKKOSHI_FAILPOINT", failpoint::CUTOVER_FENCED)]);
     assert!(!out.status.success(), "the failpoint did not fire");
     // killed while fenced: the source is read-only, and says so to the application
     assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
@@ -354,7 +356,7 @@ async fn rollback_of_a_cutover_killed_after_the_fence_lifts_the_fence() {
             "--target",
             &t.url("app"),
         ],
-        &[("HIKKOSHI_FAILPOINT", "cutover.fenced")],
+        &[("HIKKOSHI_FAILPOINT", failpoint::CUTOVER_FENCED)],
     );
     assert!(!out.status.success());
     assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
@@ -468,7 +470,7 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     let mut held = Follower::spawn(
         &cutover,
         &[
-            ("HIKKOSHI_PAUSE", "cutover.proved-before-fence"),
+            ("HIKKOSHI_PAUSE", failpoint::CUTOVER_PROVED_BEFORE_FENCE),
             ("HIKKOSHI_PAUSE_SECS", "4"),
         ],
     );
@@ -540,7 +542,7 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     let mut held = Follower::spawn(
         &args,
         &[
-            ("HIKKOSHI_PAUSE", "cutover.proved-before-fence"),
+            ("HIKKOSHI_PAUSE", failpoint::CUTOVER_PROVED_BEFORE_FENCE),
             ("HIKKOSHI_PAUSE_SECS", "4"),
         ],
     );

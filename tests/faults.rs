@@ -33,6 +33,8 @@
 
 mod common;
 
+use hikkoshi::failpoint;
+
 use std::time::Duration;
 
 use common::live::*;
@@ -60,7 +62,10 @@ async fn restart_during_the_copy(side: Side, major_source: u32) {
         &t,
         "app",
         &[
-            ("HIKKOSHI_PAUSE", "copy.after-chunk-commit:3"),
+            (
+                "HIKKOSHI_PAUSE",
+                &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 3),
+            ),
             ("HIKKOSHI_PAUSE_SECS", "3"),
         ],
     );
@@ -548,7 +553,7 @@ async fn cutover_cancelled_during_verify() {
             &t,
             &["--verify", "full"],
             &[
-                ("HIKKOSHI_PAUSE", "cutover.verify"),
+                ("HIKKOSHI_PAUSE", failpoint::CUTOVER_VERIFY),
                 ("HIKKOSHI_PAUSE_SECS", "600"),
             ],
             "paused at cutover.verify",
@@ -858,7 +863,10 @@ async fn a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot() {
             "1MB",
         ],
         &[
-            ("HIKKOSHI_PAUSE", "copy.after-chunk-commit:2"),
+            (
+                "HIKKOSHI_PAUSE",
+                &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 2),
+            ),
             ("HIKKOSHI_PAUSE_SECS", "3"),
         ],
     );

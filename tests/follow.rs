@@ -3,6 +3,8 @@
 
 mod common;
 
+use hikkoshi::failpoint;
+
 use std::time::Duration;
 
 use common::live::*;
@@ -75,11 +77,12 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, _) = f.stop();
     assert!(status.success());
-    for (n, failpoint) in ["apply.before-commit:3", "apply.after-commit:3"]
-        .iter()
-        .enumerate()
-    {
-        let mut f = Follower::start(&s, &t, "app", &[("HIKKOSHI_FAILPOINT", failpoint)]);
+    let points = [
+        failpoint::nth(failpoint::APPLY_BEFORE_COMMIT, 3),
+        failpoint::nth(failpoint::APPLY_AFTER_COMMIT, 3),
+    ];
+    for (n, point) in points.iter().enumerate() {
+        let mut f = Follower::start(&s, &t, "app", &[("HIKKOSHI_FAILPOINT", point)]);
         // write in small bursts until the failpoint (the third commit on the target) kills the follower
         let mut k = n as i32 * 1000;
         let status = loop {
@@ -97,7 +100,7 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
         };
         assert!(
             !status.success(),
-            "{failpoint} killed the follower:\n{}",
+            "{point} killed the follower:\n{}",
             f.log()
         );
         assert!(f.log().contains("failpoint"), "{}", f.log());
@@ -186,7 +189,10 @@ async fn a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream(
         &s,
         &t,
         "app",
-        &[("HIKKOSHI_FAILPOINT", "copy.after-chunk-commit:12")],
+        &[(
+            "HIKKOSHI_FAILPOINT",
+            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 12),
+        )],
     );
     let status = f.child.wait().unwrap();
     assert!(
@@ -525,7 +531,10 @@ async fn a_half_copied_partition_tree_resumes_without_doubling_rows() {
         &s,
         &t,
         "app",
-        &[("HIKKOSHI_FAILPOINT", "copy.after-chunk-commit:2")],
+        &[(
+            "HIKKOSHI_FAILPOINT",
+            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 2),
+        )],
     );
     assert!(
         !f.child.wait().unwrap().success(),

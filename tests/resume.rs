@@ -2,6 +2,8 @@
 
 mod common;
 
+use hikkoshi::failpoint;
+
 use common::*;
 
 async fn loaded_pair() -> (
@@ -97,12 +99,12 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resume_after_crash_right_after_a_chunk_commit_doubles_nothing() {
-    crash_at_then_resume("copy.after-chunk-commit:5").await;
+    crash_at_then_resume(&failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resume_after_crash_between_copy_and_commit_loses_nothing() {
-    crash_at_then_resume("copy.before-chunk-commit:4").await;
+    crash_at_then_resume(&failpoint::nth(failpoint::COPY_BEFORE_CHUNK_COMMIT, 4)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -568,7 +568,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             &[&marker.to_string(), &f.means],
         )
         .await;
-    crate::failpoint::hit("cutover.fenced");
+    crate::failpoint::hit(crate::failpoint::CUTOVER_FENCED);
 
     // 4. Catch up to the marker. A source of 14+ sends the marker through the stream, and only the applied
     // position proves it arrived; before 14 the in-sync position has to do.
@@ -652,7 +652,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
             .cloned()
             .collect();
-        crate::failpoint::pause("cutover.verify", &opts.stop).await;
+        crate::failpoint::pause(crate::failpoint::CUTOVER_VERIFY, &opts.stop).await;
         let outcome = match proof.take() {
             Some(p) => p
                 .conclude(
@@ -760,7 +760,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
 
     // 9. The point of no return: from here on, everything runs to completion.
     report.write_pause_seconds = fenced_at.elapsed().as_secs_f64();
-    crate::failpoint::hit("cutover.point-of-no-return");
+    crate::failpoint::hit(crate::failpoint::CUTOVER_POINT_OF_NO_RETURN);
     let done_step = match way {
         Way::Cutover => step::SWITCHED,
         Way::Rollback => step::ROLLED_BACK,
@@ -1018,7 +1018,8 @@ async fn prove_before_fence(
             );
             report.verify_before_fence_seconds = p.seconds;
             report.rows_hashed_before_fence = p.rows_hashed;
-            crate::failpoint::pause("cutover.proved-before-fence", &opts.stop).await;
+            crate::failpoint::pause(crate::failpoint::CUTOVER_PROVED_BEFORE_FENCE, &opts.stop)
+                .await;
             Ok(Some(p))
         }
         Err(e) => {

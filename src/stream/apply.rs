@@ -1186,12 +1186,12 @@ impl Applier {
             None,
         )
         .await?;
-        crate::failpoint::hit("apply.before-commit");
+        crate::failpoint::hit(crate::failpoint::APPLY_BEFORE_COMMIT);
         // COMMIT and the WAL position after it go out behind the batch: one round trip in all
         self.send(Sql::new("COMMIT", vec![]), None).await?;
         let position = self.send_position().await?;
         self.drain().await?;
-        crate::failpoint::hit("apply.after-commit");
+        crate::failpoint::hit(crate::failpoint::APPLY_AFTER_COMMIT);
         let at = position
             .lock()
             .ok()
