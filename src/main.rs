@@ -588,8 +588,8 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             );
             for side in &c.fences_lifted {
                 println!(
-                    "lifted the cutover's write fence on the {side}: it accepts writes again (a rollback \
-                     would have too; after a cutover the application belongs on the other server)"
+                    "lifted the cutover's write fence on the {side}: it accepts writes again (after a \
+                     cutover, the application belongs on the other server)"
                 );
             }
             for w in &c.warnings {
