@@ -74,10 +74,7 @@ async fn migrate(
     let src = connect(&s.socket_url("app")).await;
     let tgt = connect(&t.socket_url("app")).await;
     assert_same_rows_and_schema(&src, &tgt).await;
-    let (ss, ts) = (sequences(&src).await, sequences(&tgt).await);
-    for (name, pos) in &ss {
-        assert!(ts[name] >= *pos, "sequence {name} behind");
-    }
+    assert_sequences_at_least(&src, &tgt).await;
     let verify = hikkoshi(&[
         "verify",
         "--source",

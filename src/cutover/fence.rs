@@ -322,44 +322,34 @@ pub async fn arm(
         .await
         .map_err(Error::sql(side, "creating the fence's function"))?;
     let mut todo = unfenced(client, side, relations).await?;
-    // Each trigger commits on its own; the marker's synchronous commit flushes them all later.
-    client
-        .batch_execute(&format!(
-            "SET synchronous_commit = off; SET lock_timeout = {}",
-            TABLE_LOCK_WAIT.as_millis()
-        ))
-        .await
-        .map_err(Error::sql(side, "preparing to arm the fence"))?;
-    let outcome = async {
-        while !todo.is_empty() {
-            let waited = per_table(client, &todo, |r| {
-                format!(
-                    "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} \
+    while !todo.is_empty() {
+        let waited = per_table(client, &todo, |r| {
+            format!(
+                "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} \
                      FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse()"
-                )
-            })
-            .await
-            .map_err(Error::sql(side, "creating the fence's triggers"))?;
-            if !waited.is_empty() && Instant::now() > deadline {
-                let holders = writers_holding(client, &waited).await;
-                return Err(Error::Blocked(format!(
-                    "cannot fence writes on the {side}: the application kept {} table(s) locked ({}) \
+            )
+        })
+        .await
+        .map_err(Error::sql(side, "creating the fence's triggers"))?;
+        if !waited.is_empty() && Instant::now() > deadline {
+            let holders = writers_holding(client, &waited).await;
+            return Err(Error::Blocked(format!(
+                "cannot fence writes on the {side}: the application kept {} table(s) locked ({}) \
                      longer than the cutover's --timeout, so the fence could not be armed there{holders}. \
                      Nothing was fenced: the {side} is the primary as before. End those transactions, or \
                      raise --timeout, and run the cutover again",
-                    waited.len(),
-                    waited.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-                )));
-            }
-            todo = waited;
+                waited.len(),
+                waited
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
-        Ok(())
+        todo = waited;
     }
-    .await;
-    let _ = client
-        .batch_execute("RESET lock_timeout; SET synchronous_commit = on")
-        .await;
-    outcome
+    Ok(())
 }
 
 /// The relations that do not have the fence's trigger yet.
@@ -379,8 +369,29 @@ async fn unfenced(client: &Client, side: Side, relations: &[String]) -> Result<V
 }
 
 /// Runs one statement per relation, each in its own transaction, pipelined; returns the relations whose
-/// statement gave up waiting for a lock (to be tried again). Any other error stops.
+/// statement gave up waiting for a lock (after `TABLE_LOCK_WAIT`, to be tried again). Any other error
+/// stops. The commits are asynchronous: the fence marker's synchronous commit flushes them all later.
 async fn per_table(
+    client: &Client,
+    relations: &[String],
+    sql: impl Fn(&str) -> String,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "SET synchronous_commit = off; SET lock_timeout = {}",
+            TABLE_LOCK_WAIT.as_millis()
+        ))
+        .await?;
+    let waited = each_in_own_transaction(client, relations, sql).await;
+    let reset = client
+        .batch_execute("RESET lock_timeout; SET synchronous_commit = on")
+        .await;
+    let waited = waited?;
+    reset?;
+    Ok(waited)
+}
+
+async fn each_in_own_transaction(
     client: &Client,
     relations: &[String],
     sql: impl Fn(&str) -> String,
@@ -614,12 +625,6 @@ pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let _ = client
-        .batch_execute(&format!(
-            "SET synchronous_commit = off; SET lock_timeout = {}",
-            TABLE_LOCK_WAIT.as_millis()
-        ))
-        .await;
     let mut left = fenced;
     for _ in 0..3 {
         if left.is_empty() {
@@ -633,14 +638,19 @@ pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
     }
     let mut warnings = Vec::new();
     if left.is_empty() {
-        if let Err(e) = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-            .await
-        {
+        let dropped = per_table(client, &[SCHEMA.to_string()], |s| {
+            format!("DROP SCHEMA IF EXISTS {s} CASCADE")
+        })
+        .await;
+        let why = match dropped {
+            Ok(busy) if busy.is_empty() => None,
+            Ok(_) => Some("its tables stayed locked".to_string()),
+            Err(e) => Some(crate::error::chain(&e)),
+        };
+        if let Some(why) = why {
             warnings.push(format!(
-                "the fence on the {side} is lifted, but its schema {SCHEMA} stayed ({}): `hikkoshi clean` \
-                 removes it",
-                crate::error::chain(&e)
+                "the fence on the {side} is lifted, but its schema {SCHEMA} stayed ({why}): `hikkoshi \
+                 clean` removes it"
             ));
         }
     } else {
@@ -651,9 +661,6 @@ pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
             left.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ));
     }
-    let _ = client
-        .batch_execute("RESET lock_timeout; SET synchronous_commit = on")
-        .await;
     Ok(warnings)
 }
 

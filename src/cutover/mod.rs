@@ -376,14 +376,15 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
 
     // 1. Refuse early.
     slot_healthy(&old, old_side, &feeding.slot).await?;
-    let mut resolved = Some(selected(&migration, &old, old_side).await?);
+    let resolved = selected(&migration, &old, old_side).await?;
     let fenced_relations = fence::relations(
         &old,
         old_side,
         &resolved
-            .as_ref()
-            .map(|r| r.tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>())
-            .unwrap_or_default(),
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>(),
     )
     .await?;
     if !resumed_fence {
@@ -440,10 +441,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
             proof = prove_before_fence(
                 opts,
                 &pair,
-                resolved
-                    .as_ref()
-                    .map(|r| r.tables.clone())
-                    .unwrap_or_default(),
+                resolved.tables.clone(),
                 &ctl,
                 &feeding,
                 &proof_publication,
@@ -625,13 +623,6 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     let verify_started = Instant::now();
 
     // 5. Sequences, read now that the fence holds, 6. verify.
-    let resolved = match resolved.take() {
-        Some(r) => r,
-        None => match selected(&migration, &old, old_side).await {
-            Ok(r) => r,
-            Err(e) => return Err(undo.run(e, None).await),
-        },
-    };
     let sequences = match crate::sequence::existing(&new, new_side, &resolved.sequences).await {
         Ok(s) => s,
         Err(e) => return Err(undo.run(e, None).await),

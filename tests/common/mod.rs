@@ -52,6 +52,18 @@ pub async fn create_db(server: &LocalServer, name: &str) -> Client {
     connect(&server.socket_url(name)).await
 }
 
+/// Every sequence of the source is on the target at or past the source's position.
+pub async fn assert_sequences_at_least(src: &Client, tgt: &Client) {
+    let (ss, ts) = (sequences(src).await, sequences(tgt).await);
+    for (name, pos) in &ss {
+        assert!(
+            ts[name] >= *pos,
+            "sequence {name} behind: {:?} < {pos:?}",
+            ts[name]
+        );
+    }
+}
+
 /// Runs the hikkoshi binary.
 pub fn hikkoshi(args: &[&str]) -> Output {
     hikkoshi_env(args, &[])
