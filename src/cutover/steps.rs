@@ -1,0 +1,628 @@
+//! The steps of a switch, in the order `switch` takes them (the module doc of `cutover` says why each is
+//! there). A `Switch` holds both servers, the stream that feeds the new primary and what has been done so
+//! far; each step is one method. Every step after the fence is raised runs inside `fenced`, so a failure
+//! there is undone from one place (`undo`): the fence lifted, a reverse stream removed, the step recorded.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::decide::Way;
+use super::servers::{
+    Server, drop_stream, fence_marker, follower_failed, lag_bytes, selected, set_step,
+    slot_healthy, streamed_tables,
+};
+use super::{CutoverOptions, SwitchReport, VerifyMode, fence, hook, proof, reverse};
+use crate::error::{Error, Side};
+use crate::ident::QualifiedName;
+use crate::plan::Resolved;
+use crate::sequence::Position;
+use crate::state::{self, step};
+use crate::stream::follow::{FollowPlan, FollowReport};
+
+/// A switch under way.
+pub(super) struct Switch<'a> {
+    pub(super) opts: &'a CutoverOptions,
+    pub(super) way: Way,
+    /// The session that records the state (on the target, whichever way).
+    pub(super) ctl: Client,
+    /// The primary until now, and the primary after the switch.
+    pub(super) old: Server,
+    pub(super) new: Server,
+    /// The stream that feeds the new primary.
+    pub(super) feeding: FollowPlan,
+    pub(super) migration: state::Migration,
+    pub(super) report: SwitchReport,
+    /// The migration's tables and sequences, and the relations the fence covers.
+    resolved: Resolved,
+    fenced_relations: Vec<String>,
+    /// Our own follower, when no `clone --follow` runs.
+    follower: Option<JoinHandle<Result<FollowReport, Error>>>,
+    follower_stop: CancellationToken,
+    proof_publication: String,
+    proof: Option<proof::Prepared>,
+    /// The reverse stream, once this run started setting it up (the undo removes it).
+    reverse: Option<FollowPlan>,
+}
+
+impl<'a> Switch<'a> {
+    /// Opens both servers and resolves the selection on the old primary.
+    pub(super) async fn open(
+        opts: &'a CutoverOptions,
+        way: Way,
+        ctl: Client,
+        (old, new): (Server, Server),
+        feeding: FollowPlan,
+        migration: state::Migration,
+        mut report: SwitchReport,
+    ) -> Result<Switch<'a>, Error> {
+        report.new_primary = new.info.to_string();
+        let resolved = selected(&migration, &old.client, old.side).await?;
+        let proof_publication = crate::stream::names::proof(&migration.id);
+        Ok(Switch {
+            opts,
+            way,
+            ctl,
+            old,
+            new,
+            feeding,
+            migration,
+            report,
+            resolved,
+            fenced_relations: Vec::new(),
+            follower: None,
+            follower_stop: CancellationToken::new(),
+            proof_publication,
+            proof: None,
+            reverse: None,
+        })
+    }
+
+    /// Step 1: Refuse early: a broken slot, a fence that cannot hold, a new primary that cannot keep a reverse
+    /// slot. Nothing is changed yet.
+    pub(super) async fn refuse_early(&mut self, resumed_fence: bool) -> Result<(), Error> {
+        let (old, old_side) = self.old.at();
+        slot_healthy(old, old_side, &self.feeding.slot).await?;
+        let tables: Vec<QualifiedName> = self
+            .resolved
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        self.fenced_relations = fence::relations(old, old_side, &tables).await?;
+        if !resumed_fence {
+            let warnings = fence::preflight(old, old_side, &self.fenced_relations)
+                .await?
+                .into_result(old_side)?;
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            self.report.warnings.extend(warnings);
+        }
+        if self.way == Way::Cutover && self.opts.reverse {
+            reverse::preflight(&self.new.client).await?;
+        }
+        Ok(())
+    }
+
+    /// Step 2: Whoever streams does the catch-up: a running `clone --follow` (it holds the migration lock), or
+    /// a follower of our own. Then, unless resuming a raised fence, wait for the lag and make the first
+    /// part of the proof while the application still writes.
+    pub(super) async fn catch_up(&mut self, resumed_fence: bool) -> Result<(), Error> {
+        let ours = state::try_lock(&self.ctl)
+            .await
+            .map_err(Error::sql(Side::Target, "taking the migration lock"))?;
+        self.follower = ours.then(|| {
+            tokio::spawn(crate::stream::follow::run_on_own_thread(
+                self.feeding.clone(),
+                self.follower_stop.clone(),
+            ))
+        });
+        tracing::info!(
+            "{}: {} streams the changes",
+            self.report.step,
+            if ours {
+                "this process"
+            } else {
+                "the running `hikkoshi clone --follow`"
+            }
+        );
+        if resumed_fence {
+            return Ok(());
+        }
+        self.wait_for_lag(Instant::now() + self.opts.timeout)
+            .await?;
+        if self.opts.verify == VerifyMode::None {
+            return Ok(());
+        }
+        self.proof = self
+            .prove_before_fence()
+            .await
+            .inspect_err(|_| self.follower_stop.cancel())?;
+        // the lag may have grown while the tables were hashed
+        if let Err(e) = self.wait_for_lag(Instant::now() + self.opts.timeout).await {
+            if let Some(p) = self.proof.take() {
+                p.abandon(&self.new.client).await;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Step 3a: Arms the fence before the pause (the triggers, one table at a time, letting writes pass), then
+    /// records the step, so that a crash from the raise on is found by the next run.
+    pub(super) async fn arm_fence(&mut self, resumed_fence: bool) -> Result<(), Error> {
+        let notice = fence::Notice {
+            step: self.report.step.clone(),
+            migration_id: self.migration.id.clone(),
+            new_primary: format!(
+                "{}:{}/{}",
+                self.new.info.host(),
+                self.new.info.port(),
+                self.new.info.dbname()
+            ),
+            pass: self.feeding.fence_pass().to_string(),
+        };
+        let (old, old_side) = self.old.at();
+        let armed = Instant::now();
+        let deadline = Instant::now() + self.opts.timeout;
+        if let Err(e) = fence::arm(old, old_side, &self.fenced_relations, &notice, deadline).await {
+            self.follower_stop.cancel();
+            if let Some(p) = self.proof.take() {
+                p.abandon(&self.new.client).await;
+            }
+            if !resumed_fence {
+                let _ = fence::lift(old, old_side).await;
+            }
+            return Err(e);
+        }
+        self.report.fence_arm_seconds = armed.elapsed().as_secs_f64();
+        self.report.tables_fenced = self.fenced_relations.len();
+        match self.way {
+            Way::Cutover => {
+                self.ctl
+                    .execute(
+                        "INSERT INTO hikkoshi.cutover (step, reverse, started_at)
+                         VALUES ($1, $2, now())
+                         ON CONFLICT (one) DO UPDATE SET step = $1, reverse = $2,
+                             started_at = now(), finished_at = NULL, message = NULL",
+                        &[&step::FENCED, &self.opts.reverse],
+                    )
+                    .await
+                    .map_err(Error::sql(Side::Target, "recording the cutover"))?;
+            }
+            Way::Rollback => {
+                self.ctl
+                    .execute(
+                        "UPDATE hikkoshi.cutover SET step = $1, message = NULL",
+                        &[&step::ROLLING_BACK],
+                    )
+                    .await
+                    .map_err(Error::sql(Side::Target, "recording the rollback"))?;
+            }
+        }
+        self.report.lag_bytes_at_fence = lag_bytes(self.old.at(), self.new.at())
+            .await
+            .unwrap_or_default();
+        Ok(())
+    }
+
+    /// Steps 3b–8: everything in the write pause, from the raise to the hooks. A failure is undone here, in one
+    /// place; the pause ends with the hooks.
+    pub(super) async fn fenced(&mut self, fenced_at: Instant) -> Result<(), Error> {
+        match self.in_pause(fenced_at).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.undo(e).await),
+        }
+    }
+
+    async fn in_pause(&mut self, fenced_at: Instant) -> Result<(), Error> {
+        self.raise_fence(fenced_at).await?;
+        crate::failpoint::hit(crate::failpoint::CUTOVER_FENCED);
+        // the catch-up gets its own --timeout (the first part of the proof may have taken longer)
+        self.wait_for_marker(fenced_at + self.opts.timeout).await?;
+        self.report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
+        let verify_started = Instant::now();
+        let positions = self.move_sequences().await?;
+        self.verify(&positions).await?;
+        self.report.verify_seconds = verify_started.elapsed().as_secs_f64();
+        if self.way == Way::Cutover && self.opts.reverse {
+            self.set_up_reverse().await?;
+        }
+        self.move_sequences_again(&positions).await?;
+        self.run_hooks().await
+    }
+
+    /// Step 3b: Raises the fence (the pause starts), then writes the marker behind the last write.
+    async fn raise_fence(&mut self, fenced_at: Instant) -> Result<(), Error> {
+        let (old, old_side) = self.old.at();
+        let f = fence::raise(old, old_side, self.opts.timeout).await?;
+        self.report.fence_seconds = fenced_at.elapsed().as_secs_f64();
+        self.report.fence_means = f.means.clone();
+        self.report.sessions_ended = f.sessions_ended.clone();
+        for w in &f.warnings {
+            tracing::warn!("{w}");
+        }
+        self.report.warnings.extend(f.warnings);
+        tracing::info!(
+            "{}: writes fenced on the {old_side} ({})",
+            self.report.step,
+            f.means
+        );
+        let marker = fence_marker(old, old_side, &self.migration.id).await?;
+        self.report.fence_lsn = marker.to_string();
+        let _ = self
+            .ctl
+            .execute(
+                "UPDATE hikkoshi.cutover SET fence_lsn = $1::text::pg_lsn, fence_means = $2, fenced_at = now()",
+                &[&marker.to_string(), &f.means],
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Step 4: Catches up to the marker. A source of 14+ sends the marker through the stream, and only the
+    /// applied position proves it arrived; before 14 the in-sync position has to do.
+    async fn wait_for_marker(&mut self, deadline: Instant) -> Result<(), Error> {
+        let (old_side, new_side) = (self.old.side, self.new.side);
+        let marker = self.report.fence_lsn.clone();
+        let old_version: i32 = self
+            .old
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let messages = old_version >= 140000;
+        if !messages {
+            self.report.warnings.push(format!(
+                "the {old_side} runs PostgreSQL {}, whose pgoutput carries no logical messages (14+): the \
+                 catch-up waited for the stream's confirmed position to pass the fence marker, not for the \
+                 marker itself",
+                old_version / 10000
+            ));
+        }
+        loop {
+            let done: bool = self
+                .new
+                .client
+                .query_one(
+                    "SELECT CASE WHEN $2 THEN applied_lsn ELSE greatest(applied_lsn, synced_lsn) END
+                            >= $1::text::pg_lsn FROM hikkoshi.stream",
+                    &[&marker, &messages],
+                )
+                .await
+                .map_err(Error::sql(new_side, "reading the applied position"))?
+                .get(0);
+            if done {
+                return Ok(());
+            }
+            if let Some(e) = follower_failed(&mut self.follower).await {
+                return Err(e);
+            }
+            if Instant::now() > deadline || self.opts.stop.is_cancelled() {
+                return Err(Error::Blocked(format!(
+                    "the {new_side} did not apply everything up to the fence (LSN {marker}) within {}s{}",
+                    self.opts.timeout.as_secs(),
+                    interrupted(&self.opts.stop)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Step 5: Every sequence to the old primary's position, read now that the fence holds.
+    async fn move_sequences(&mut self) -> Result<Vec<Position>, Error> {
+        let (new, new_side) = self.new.at();
+        let (old, old_side) = self.old.at();
+        let sequences = crate::sequence::existing(new, new_side, &self.resolved.sequences).await?;
+        let positions = crate::sequence::read(old, old_side, &sequences).await?;
+        crate::sequence::apply(new, &positions).await?;
+        self.report.sequences_moved = positions.len();
+        Ok(positions)
+    }
+
+    /// Step 6: Verifies, fenced, so exactly: the second part of the proof, or the tables hashed whole.
+    async fn verify(&mut self, positions: &[Position]) -> Result<(), Error> {
+        if self.opts.verify == VerifyMode::None {
+            return Ok(());
+        }
+        let opts = self.opts;
+        let streamed = streamed_tables(&self.new.client).await;
+        let tables: Vec<_> = self
+            .resolved
+            .tables
+            .iter()
+            .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
+            .cloned()
+            .collect();
+        crate::failpoint::pause(crate::failpoint::CUTOVER_VERIFY, &opts.stop).await;
+        let sequences = crate::verify::SourceSequences::Fenced(positions);
+        let v = match self.proof.take() {
+            Some(p) => {
+                let (v, pause) = p
+                    .conclude(
+                        self.old.at(),
+                        self.new.at(),
+                        tables,
+                        sequences,
+                        opts.jobs,
+                        opts.timeout,
+                    )
+                    .await?;
+                self.report.rows_compared_in_pause = pause.rows_compared;
+                self.report.tables_hashed_in_pause = pause.hashed_whole;
+                if let Some(why) = pause.streams_failed {
+                    // the first part's hashes did not count: everything was hashed here
+                    self.report.rows_hashed_before_fence = 0;
+                    self.report.warnings.push(format!(
+                        "the proof's key streams failed ({why}): the tables were hashed in the write pause"
+                    ));
+                }
+                v
+            }
+            None => {
+                crate::verify::compare(&self.old.info, &self.new.info, tables, sequences, opts.jobs)
+                    .await?
+            }
+        };
+        self.report.tables_verified = v.tables.len();
+        self.report.rows_verified = self.report.rows_hashed_before_fence
+            + v.tables.iter().map(|t| t.source_rows).sum::<i64>();
+        if !v.equal() {
+            return Err(Error::Blocked(format!(
+                "the fenced verification found differences, so the {} was not done:\n{v}",
+                self.report.step
+            )));
+        }
+        Ok(())
+    }
+
+    /// Step 7: The reverse stream, before the application can write on the new primary.
+    async fn set_up_reverse(&mut self) -> Result<(), Error> {
+        let plan = self.feeding.reverse();
+        self.reverse = Some(plan.clone());
+        reverse::set_up(
+            &self.ctl,
+            &self.old.client,
+            &self.new.client,
+            &self.feeding,
+            &plan,
+        )
+        .await?;
+        self.report.reverse_slot = Some(plan.slot);
+        Ok(())
+    }
+
+    /// `nextval` on the fenced old primary is no write: a session may still take values there. The new
+    /// primary takes no writes before the hooks, so whatever moved since the read moves again now.
+    async fn move_sequences_again(&mut self, positions: &[Position]) -> Result<(), Error> {
+        let old_side = self.old.side;
+        let moved = crate::sequence::advanced(&self.old.client, old_side, positions).await?;
+        if moved.is_empty() {
+            return Ok(());
+        }
+        crate::sequence::apply(&self.new.client, &moved).await?;
+        self.report.warnings.push(format!(
+            "{} sequence(s) advanced on the {old_side} after the fence (nextval without a row, e.g. {}): \
+             moved again before the hooks; values the {old_side} hands out after this are in no row of it",
+            moved.len(),
+            moved[0].name
+        ));
+        Ok(())
+    }
+
+    /// Step 8: The user's switch. The write pause ends here.
+    async fn run_hooks(&mut self) -> Result<(), Error> {
+        let opts = self.opts;
+        let (step_name, fence_lsn) = (self.report.step.clone(), self.report.fence_lsn.clone());
+        let ctx = hook::HookContext {
+            step: &step_name,
+            migration_id: &self.migration.id,
+            fence_lsn: &fence_lsn,
+            new_primary: &self.new.info,
+            old_primary: &self.old.info,
+        };
+        for h in &opts.hooks {
+            match hook::run(h, &ctx, opts.timeout, &opts.stop).await {
+                Ok(run) => self.report.hooks.push(run),
+                Err(why) => {
+                    return Err(Error::Blocked(format!(
+                        "{why}: the {} was undone",
+                        self.report.step
+                    )));
+                }
+            }
+        }
+        if opts.stop.is_cancelled() {
+            return Err(Error::Blocked(format!(
+                "the {} was interrupted before its end",
+                self.report.step
+            )));
+        }
+        Ok(())
+    }
+
+    /// Step 9: The point of no return: from here on, everything runs to completion.
+    pub(super) async fn point_of_no_return(&mut self, fenced_at: Instant) -> Result<(), Error> {
+        self.report.write_pause_seconds = fenced_at.elapsed().as_secs_f64();
+        crate::failpoint::hit(crate::failpoint::CUTOVER_POINT_OF_NO_RETURN);
+        let done_step = match self.way {
+            Way::Cutover => step::SWITCHED,
+            Way::Rollback => step::ROLLED_BACK,
+        };
+        self.ctl
+            .execute(
+                "UPDATE hikkoshi.cutover SET step = $1, finished_at = now(), pause_seconds = $2",
+                &[&done_step, &self.report.write_pause_seconds],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "recording the end of the cutover"))?;
+        let _ = state::event(
+            &self.ctl,
+            &self.report.step,
+            &format!(
+                "{} done: write pause {:.3}s, fence at {}",
+                self.report.step, self.report.write_pause_seconds, self.report.fence_lsn
+            ),
+        )
+        .await;
+        if self.way == Way::Rollback {
+            // the source is the primary again
+            let (new, new_side) = self.new.at();
+            self.report
+                .warnings
+                .extend(fence::lift(new, new_side).await?);
+        }
+        self.follower_stop.cancel();
+        if let Some(handle) = self.follower.take() {
+            let _ = handle.await;
+        }
+        // The stream that fed the new primary is over: its slot would hold WAL on the old one for ever.
+        let (old, old_side) = self.old.at();
+        if let Err(w) =
+            drop_stream(old, old_side, &self.feeding.slot, &self.feeding.publication).await
+        {
+            self.report.warnings.push(w);
+        }
+        // the proof's streams ended in the pause; their publication goes now, outside it
+        proof::drop_publication(&self.new.client, &self.proof_publication).await;
+        Ok(())
+    }
+
+    /// Before the point of no return: lifts the fence, removes a reverse stream set up by this run, records
+    /// the step, and returns the error to report (with the undo's own failure, if any, added).
+    async fn undo(&mut self, e: Error) -> Error {
+        let (old, old_side) = self.old.at();
+        let mut failed = Vec::new();
+        match fence::lift(old, old_side).await {
+            Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+            Err(u) => failed.push(crate::error::chain(&u)),
+        }
+        if let Some(plan) = &self.reverse {
+            reverse::drop(&self.ctl, old, plan).await;
+        }
+        proof::drop_publication(&self.new.client, &self.proof_publication).await;
+        let back = match self.way {
+            Way::Cutover => step::ABORTED,
+            Way::Rollback => step::SWITCHED,
+        };
+        let why = crate::error::chain(&e);
+        let _ = set_step(&self.ctl, back, &format!("undone: {why}")).await;
+        self.follower_stop.cancel();
+        if failed.is_empty() {
+            tracing::warn!("undone: the {old_side} is writable again");
+            e
+        } else {
+            Error::Blocked(format!(
+                "{why}; and lifting the write fence failed too ({}): the {old_side} still refuses writes. \
+                 Run `hikkoshi rollback` (or `hikkoshi clean`) to lift it, or `SELECT \
+                 setval('hikkoshi_fence.up', 1, false)` on it",
+                failed.join("; ")
+            ))
+        }
+    }
+
+    /// Waits until the stream's lag is under `--max-lag`; nothing is fenced yet, so giving up changes
+    /// nothing.
+    async fn wait_for_lag(&mut self, deadline: Instant) -> Result<(), Error> {
+        let opts = self.opts;
+        loop {
+            let lag = lag_bytes(self.old.at(), self.new.at()).await?;
+            if lag <= opts.max_lag {
+                return Ok(());
+            }
+            if let Some(e) = follower_failed(&mut self.follower).await {
+                return Err(e);
+            }
+            if Instant::now() > deadline || opts.stop.is_cancelled() {
+                self.follower_stop.cancel();
+                return Err(Error::Blocked(format!(
+                    "the stream's lag ({lag} bytes) did not drop under --max-lag {} within {}s{}: nothing \
+                     was fenced, the {} is the primary as before. Let the follower catch up (see \
+                     `hikkoshi status`) and run the cutover again, or raise --max-lag/--timeout",
+                    opts.max_lag,
+                    opts.timeout.as_secs(),
+                    interrupted(&opts.stop),
+                    self.old.side
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The first part of the proof, while the application still writes (see `proof`). No proof (with a
+    /// warning in the report) when it could not be made: then the tables are hashed in the pause.
+    async fn prove_before_fence(&mut self) -> Result<Option<proof::Prepared>, Error> {
+        let opts = self.opts;
+        let streamed = streamed_tables(&self.new.client).await;
+        let tables = self.resolved.tables.clone();
+        let plan = proof::Plan {
+            old: self.old.info.clone(),
+            new: self.new.info.clone(),
+            old_side: self.old.side,
+            new_side: self.new.side,
+            old_publication: self.feeding.publication.clone(),
+            new_publication: self.proof_publication.clone(),
+            // the proof's slots share its publication's name, hikkoshi_<id>_proof
+            slot: self.proof_publication.clone(),
+            hash: tables
+                .iter()
+                .filter(|t| opts.verify == VerifyMode::Full || streamed.contains(&t.name))
+                .map(|t| t.name.clone())
+                .collect(),
+            tables,
+            ranges: crate::verify::key_ranges(&self.ctl)
+                .await
+                .unwrap_or_default(),
+            jobs: opts.jobs,
+            wait: opts.timeout.min(Duration::from_secs(30)),
+        };
+        let prepared = tokio::select! {
+            p = proof::prepare(plan, &self.old.client, &self.new.client) => p,
+            _ = opts.stop.cancelled() => Err(Error::Interrupted),
+        };
+        match prepared {
+            Ok(p) => {
+                tracing::info!(
+                    "{}: {} row(s) hashed in snapshots before the fence in {:.1}s",
+                    self.report.step,
+                    p.rows_hashed,
+                    p.seconds
+                );
+                self.report.verify_before_fence_seconds = p.seconds;
+                self.report.rows_hashed_before_fence = p.rows_hashed;
+                crate::failpoint::pause(crate::failpoint::CUTOVER_PROVED_BEFORE_FENCE, &opts.stop)
+                    .await;
+                Ok(Some(p))
+            }
+            Err(e) => {
+                proof::drop_publication(&self.new.client, &self.proof_publication).await;
+                if opts.stop.is_cancelled() {
+                    return Err(Error::Blocked(format!(
+                        "interrupted before the fence: nothing was fenced, the {} is the primary as before",
+                        self.old.side
+                    )));
+                }
+                let w = format!(
+                    "the proof could not be prepared before the fence ({}): the tables were hashed in the \
+                     write pause",
+                    crate::error::chain(&e)
+                );
+                tracing::warn!("{w}");
+                self.report.warnings.push(w);
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn interrupted(stop: &CancellationToken) -> &'static str {
+    if stop.is_cancelled() {
+        " (interrupted)"
+    } else {
+        ""
+    }
+}
