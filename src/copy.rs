@@ -109,23 +109,16 @@ struct Claimed {
 
 /// Takes the largest pending chunk (largest first keeps the workers' finish times close).
 async fn claim(target: &Client) -> Result<Option<Claimed>, Error> {
-    let row = target
-        .query_opt(
-            "UPDATE hikkoshi.chunks c SET state = 'copying', started_at = now()
-             FROM (SELECT schema_name, table_name, chunk_no FROM hikkoshi.chunks
-                   WHERE state = 'pending'
-                   ORDER BY est_bytes DESC, schema_name, table_name, chunk_no
-                   LIMIT 1 FOR UPDATE SKIP LOCKED) p
-             WHERE (c.schema_name, c.table_name, c.chunk_no) = (p.schema_name, p.table_name, p.chunk_no)
-             RETURNING c.schema_name, c.table_name, c.chunk_no, c.predicate",
-            &[],
-        )
+    let claimed = crate::state::copy::claim_chunk(target)
         .await
-        .map_err(Error::sql(Side::Target, "claiming a chunk in hikkoshi.chunks"))?;
-    Ok(row.map(|r| Claimed {
-        table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-        no: r.get(2),
-        predicate: r.get(3),
+        .map_err(Error::sql(
+            Side::Target,
+            "claiming a chunk in hikkoshi.chunks",
+        ))?;
+    Ok(claimed.map(|(table, no, predicate)| Claimed {
+        table,
+        no,
+        predicate,
     }))
 }
 
@@ -234,25 +227,11 @@ async fn copy_chunk(
         );
     }
     failpoint::hit(failpoint::COPY_BEFORE_CHUNK_COMMIT);
-    tx.execute(
-        "UPDATE hikkoshi.chunks SET state = 'copied', rows_copied = $4, bytes_copied = $5,
-                snapshot_lsn = $6::text::pg_lsn, finished_at = now()
-         WHERE schema_name = $1 AND table_name = $2 AND chunk_no = $3",
-        &[
-            &chunk.table.schema,
-            &chunk.table.name,
-            &chunk.no,
-            &(rows as i64),
-            &(bytes as i64),
-            &ctx.snapshot_lsn.to_string(),
-        ],
-    )
-    .await
-    .map_err(copy_err(Side::Target))?;
-    tx.execute(
-        "UPDATE hikkoshi.tables SET state = 'copying'
-         WHERE schema_name = $1 AND table_name = $2 AND state = 'pending'",
-        &[&chunk.table.schema, &chunk.table.name],
+    crate::state::copy::mark_chunk_copied(
+        &tx,
+        (&chunk.table, chunk.no),
+        (rows as i64, bytes as i64),
+        ctx.snapshot_lsn,
     )
     .await
     .map_err(copy_err(Side::Target))?;

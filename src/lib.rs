@@ -19,6 +19,7 @@
 //! Commands depend on `stream`, `state` and the modules around them, never on each other: `cutover` runs a
 //! follower through `stream::follow`, not through `clone`.
 
+pub mod backoff;
 pub mod catalog;
 pub mod check;
 pub mod clean;

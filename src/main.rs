@@ -446,7 +446,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 match &report.applied_lsn {
                     Some(_) if report.ended_by.is_some() => println!(
                         "the stream ended because the migration's {} is done: {} transaction(s) applied",
-                        report.ended_by.as_deref().unwrap_or_default(),
+                        report.ended_by.map(|s| s.as_str()).unwrap_or_default(),
                         report.transactions_applied
                     ),
                     Some(lsn) => println!(

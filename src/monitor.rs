@@ -196,7 +196,8 @@ pub fn judge(
         return (false, format!("hikkoshi stopped with an error: {e}"));
     }
     if let Some(c) = &st.cutover
-        && (c.step == crate::state::step::SWITCHED || c.step == crate::state::step::ROLLED_BACK)
+        && (c.step == crate::state::Step::Switched.as_str()
+            || c.step == crate::state::Step::RolledBack.as_str())
     {
         return (true, c.step.clone());
     }

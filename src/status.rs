@@ -158,7 +158,7 @@ pub async fn read(target_url: &str) -> Result<Status, Error> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let cutover = match state::cutover_step(&client)
+    let cutover = match state::cutover::recorded(&client)
         .await
         .map_err(sql("reading hikkoshi.cutover"))?
     {

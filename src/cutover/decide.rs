@@ -2,7 +2,7 @@
 //! case is a unit test (a crash at any step must lead the next run to finish or undo it, never to walk
 //! twice).
 
-use crate::state::{self, step};
+use crate::state::{self, Step};
 
 /// Which way a switch goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,14 +25,14 @@ pub(super) enum Decision {
 }
 
 /// Decides from the recorded cutover step (and whether that cutover took `--reverse`) and the clone's phase.
-pub(super) fn decide(way: Way, recorded: Option<(&str, bool)>, phase: state::Phase) -> Decision {
+pub(super) fn decide(way: Way, recorded: Option<(Step, bool)>, phase: state::Phase) -> Decision {
     let refuse = |why: &str| Decision::Refuse(why.to_string());
     match (way, recorded) {
-        (Way::Cutover, Some((step::SWITCHED, _))) => refuse(
+        (Way::Cutover, Some((Step::Switched, _))) => refuse(
             "this migration was cut over already: the target is the primary. `hikkoshi rollback` switches \
              back (after a cutover with --reverse)",
         ),
-        (Way::Cutover, Some((step::ROLLING_BACK | step::ROLLED_BACK, _))) => refuse(
+        (Way::Cutover, Some((Step::RollingBack | Step::RolledBack, _))) => refuse(
             "this migration was rolled back: to migrate again, `hikkoshi clean` and clone again",
         ),
         (Way::Cutover, _) if phase != state::Phase::Done => Decision::Refuse(format!(
@@ -40,17 +40,17 @@ pub(super) fn decide(way: Way, recorded: Option<(&str, bool)>, phase: state::Pha
              table is copied and streaming, then cut over",
             phase.as_str()
         )),
-        (Way::Cutover, Some((step::FENCED, _))) => Decision::Resume,
+        (Way::Cutover, Some((Step::Fenced, _))) => Decision::Resume,
         (Way::Cutover, _) => Decision::Walk,
-        (Way::Rollback, Some((step::FENCED, _))) => Decision::UndoInterrupted,
-        (Way::Rollback, Some((step::SWITCHED, true))) => Decision::Walk,
-        (Way::Rollback, Some((step::ROLLING_BACK, true))) => Decision::Resume,
-        (Way::Rollback, Some((step::SWITCHED, false))) => refuse(
+        (Way::Rollback, Some((Step::Fenced, _))) => Decision::UndoInterrupted,
+        (Way::Rollback, Some((Step::Switched, true))) => Decision::Walk,
+        (Way::Rollback, Some((Step::RollingBack, true))) => Decision::Resume,
+        (Way::Rollback, Some((Step::Switched, false))) => refuse(
             "this cutover was made without --reverse: no stream kept the target's writes for the source, so \
              a rollback would lose them. Copy them back by hand, or clone the target into the source as a \
              new migration",
         ),
-        (Way::Rollback, Some((step::ROLLED_BACK, _))) => {
+        (Way::Rollback, Some((Step::RolledBack, _))) => {
             refuse("this migration was rolled back already: the source is the primary")
         }
         (Way::Rollback, _) => {
@@ -68,14 +68,14 @@ mod tests {
     fn a_cutover_walks_resumes_or_refuses_by_the_recorded_step() {
         assert_eq!(decide(Way::Cutover, None, Phase::Done), Decision::Walk);
         assert_eq!(
-            decide(Way::Cutover, Some((step::ABORTED, false)), Phase::Done),
+            decide(Way::Cutover, Some((Step::Aborted, false)), Phase::Done),
             Decision::Walk
         );
         assert_eq!(
-            decide(Way::Cutover, Some((step::FENCED, false)), Phase::Done),
+            decide(Way::Cutover, Some((Step::Fenced, false)), Phase::Done),
             Decision::Resume
         );
-        for s in [step::SWITCHED, step::ROLLING_BACK, step::ROLLED_BACK] {
+        for s in [Step::Switched, Step::RollingBack, Step::RolledBack] {
             assert!(matches!(
                 decide(Way::Cutover, Some((s, true)), Phase::Done),
                 Decision::Refuse(_)
@@ -90,27 +90,27 @@ mod tests {
     #[test]
     fn a_rollback_needs_a_reverse_stream_and_undoes_an_interrupted_cutover() {
         assert_eq!(
-            decide(Way::Rollback, Some((step::FENCED, false)), Phase::Done),
+            decide(Way::Rollback, Some((Step::Fenced, false)), Phase::Done),
             Decision::UndoInterrupted
         );
         assert_eq!(
-            decide(Way::Rollback, Some((step::SWITCHED, true)), Phase::Done),
+            decide(Way::Rollback, Some((Step::Switched, true)), Phase::Done),
             Decision::Walk
         );
         assert_eq!(
-            decide(Way::Rollback, Some((step::ROLLING_BACK, true)), Phase::Done),
+            decide(Way::Rollback, Some((Step::RollingBack, true)), Phase::Done),
             Decision::Resume
         );
         let Decision::Refuse(why) =
-            decide(Way::Rollback, Some((step::SWITCHED, false)), Phase::Done)
+            decide(Way::Rollback, Some((Step::Switched, false)), Phase::Done)
         else {
             panic!("a rollback without a reverse stream went ahead");
         };
         assert!(why.contains("without --reverse"), "{why}");
         for r in [
             None,
-            Some((step::ABORTED, false)),
-            Some((step::ROLLED_BACK, true)),
+            Some((Step::Aborted, false)),
+            Some((Step::RolledBack, true)),
         ] {
             assert!(matches!(
                 decide(Way::Rollback, r, Phase::Done),

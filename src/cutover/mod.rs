@@ -49,7 +49,7 @@ use self::steps::Switch;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::session;
-use crate::state::{self, step};
+use crate::state::{self, Step};
 use crate::stream::follow::{Direction, FollowPlan};
 
 /// Another advisory key: one cutover or rollback at a time ("hikc").
@@ -265,11 +265,9 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     state::create(&ctl)
         .await
         .map_err(Error::sql(Side::Target, "updating the state schema"))?;
-    let recorded = ctl
-        .query_opt("SELECT step, reverse FROM hikkoshi.cutover", &[])
+    let recorded = state::cutover::recorded(&ctl)
         .await
-        .map_err(Error::sql(Side::Target, "reading the cutover state"))?
-        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)));
+        .map_err(Error::sql(Side::Target, "reading the cutover state"))?;
     let forward = FollowPlan {
         source: src_info.clone(),
         target: tgt_info.clone(),
@@ -290,17 +288,15 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     };
 
     // Where we stand, and what this run must do.
-    let decision = decide(
-        way,
-        recorded.as_ref().map(|(s, r)| (s.as_str(), *r)),
-        migration.phase,
-    );
+    let decision = decide(way, recorded, migration.phase);
     let resumed_fence = match decision {
         Decision::Refuse(why) => return Err(Error::Blocked(why)),
         Decision::UndoInterrupted => {
             report.warnings = fence::lift(&src, Side::Source).await?;
             reverse::drop(&ctl, &src, &forward.reverse()).await;
-            servers::set_step(&ctl, step::ABORTED, "rollback undid an interrupted cutover").await?;
+            state::cutover::set_step(&ctl, Step::Aborted, "rollback undid an interrupted cutover")
+                .await
+                .map_err(Error::sql(Side::Target, "recording the cutover step"))?;
             report.undid_interrupted_cutover = true;
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);

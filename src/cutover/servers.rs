@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use crate::catalog::Catalog;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
-use crate::ident::{QualifiedName, quote_ident};
+use crate::ident::quote_ident;
 use crate::lsn::Lsn;
 use crate::plan::{Resolved, Selection, resolve};
 use crate::state;
@@ -141,21 +141,6 @@ fn selection_of(m: &state::Migration) -> Result<Selection, Error> {
     Selection::parse(&list("include"), &list("exclude")).map_err(|e| Error::Usage(format!("{e}")))
 }
 
-/// Tables the stream changed since the copy, as the applier marked them on the downstream server.
-pub(super) async fn streamed_tables(new: &Client) -> std::collections::HashSet<QualifiedName> {
-    new.query(
-        "SELECT schema_name, table_name FROM hikkoshi.tables WHERE streamed",
-        &[],
-    )
-    .await
-    .map(|rows| {
-        rows.iter()
-            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
 /// Drops a finished stream's slot and publication on its upstream, once its follower has let go of it.
 pub(super) async fn drop_stream(
     upstream: &Client,
@@ -203,15 +188,4 @@ pub(super) async fn drop_stream(
                 crate::error::chain(&e)
             )
         })
-}
-
-pub(super) async fn set_step(ctl: &Client, to: &str, why: &str) -> Result<(), Error> {
-    ctl.execute(
-        "UPDATE hikkoshi.cutover SET step = $1, message = $2",
-        &[&to, &why],
-    )
-    .await
-    .map_err(Error::sql(Side::Target, "recording the cutover step"))?;
-    let _ = state::event(ctl, "cutover", why).await;
-    Ok(())
 }

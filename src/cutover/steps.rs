@@ -11,15 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::decide::Way;
 use super::servers::{
-    Server, drop_stream, fence_marker, follower_failed, lag_bytes, selected, set_step,
-    slot_healthy, streamed_tables,
+    Server, drop_stream, fence_marker, follower_failed, lag_bytes, selected, slot_healthy,
 };
 use super::{CutoverOptions, SwitchReport, VerifyMode, fence, hook, proof, reverse};
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
 use crate::plan::Resolved;
 use crate::sequence::Position;
-use crate::state::{self, step};
+use crate::state::{self, Step};
 use crate::stream::follow::{FollowPlan, FollowReport};
 
 /// A switch under way.
@@ -181,27 +180,12 @@ impl<'a> Switch<'a> {
         self.report.fence_arm_seconds = armed.elapsed().as_secs_f64();
         self.report.tables_fenced = self.fenced_relations.len();
         match self.way {
-            Way::Cutover => {
-                self.ctl
-                    .execute(
-                        "INSERT INTO hikkoshi.cutover (step, reverse, started_at)
-                         VALUES ($1, $2, now())
-                         ON CONFLICT (one) DO UPDATE SET step = $1, reverse = $2,
-                             started_at = now(), finished_at = NULL, message = NULL",
-                        &[&step::FENCED, &self.opts.reverse],
-                    )
-                    .await
-                    .map_err(Error::sql(Side::Target, "recording the cutover"))?;
-            }
-            Way::Rollback => {
-                self.ctl
-                    .execute(
-                        "UPDATE hikkoshi.cutover SET step = $1, message = NULL",
-                        &[&step::ROLLING_BACK],
-                    )
-                    .await
-                    .map_err(Error::sql(Side::Target, "recording the rollback"))?;
-            }
+            Way::Cutover => state::cutover::record_fenced(&self.ctl, self.opts.reverse)
+                .await
+                .map_err(Error::sql(Side::Target, "recording the cutover"))?,
+            Way::Rollback => state::cutover::record_rolling_back(&self.ctl)
+                .await
+                .map_err(Error::sql(Side::Target, "recording the rollback"))?,
         }
         self.report.lag_bytes_at_fence = lag_bytes(self.old.at(), self.new.at())
             .await
@@ -253,13 +237,7 @@ impl<'a> Switch<'a> {
         );
         let marker = fence_marker(old, old_side, &self.migration.id).await?;
         self.report.fence_lsn = marker.to_string();
-        let _ = self
-            .ctl
-            .execute(
-                "UPDATE hikkoshi.cutover SET fence_lsn = $1::text::pg_lsn, fence_means = $2, fenced_at = now()",
-                &[&marker.to_string(), &f.means],
-            )
-            .await;
+        let _ = state::cutover::record_fence(&self.ctl, &self.report.fence_lsn, &f.means).await;
         Ok(())
     }
 
@@ -330,7 +308,7 @@ impl<'a> Switch<'a> {
             return Ok(());
         }
         let opts = self.opts;
-        let streamed = streamed_tables(&self.new.client).await;
+        let streamed = state::copy::streamed_tables(&self.new.client).await;
         let tables: Vec<_> = self
             .resolved
             .tables
@@ -450,14 +428,10 @@ impl<'a> Switch<'a> {
         self.report.write_pause_seconds = fenced_at.elapsed().as_secs_f64();
         crate::failpoint::hit(crate::failpoint::CUTOVER_POINT_OF_NO_RETURN);
         let done_step = match self.way {
-            Way::Cutover => step::SWITCHED,
-            Way::Rollback => step::ROLLED_BACK,
+            Way::Cutover => Step::Switched,
+            Way::Rollback => Step::RolledBack,
         };
-        self.ctl
-            .execute(
-                "UPDATE hikkoshi.cutover SET step = $1, finished_at = now(), pause_seconds = $2",
-                &[&done_step, &self.report.write_pause_seconds],
-            )
+        state::cutover::record_done(&self.ctl, done_step, self.report.write_pause_seconds)
             .await
             .map_err(Error::sql(Side::Target, "recording the end of the cutover"))?;
         let _ = state::event(
@@ -506,11 +480,11 @@ impl<'a> Switch<'a> {
         }
         proof::drop_publication(&self.new.client, &self.proof_publication).await;
         let back = match self.way {
-            Way::Cutover => step::ABORTED,
-            Way::Rollback => step::SWITCHED,
+            Way::Cutover => Step::Aborted,
+            Way::Rollback => Step::Switched,
         };
         let why = crate::error::chain(&e);
-        let _ = set_step(&self.ctl, back, &format!("undone: {why}")).await;
+        let _ = state::cutover::set_step(&self.ctl, back, &format!("undone: {why}")).await;
         self.follower_stop.cancel();
         if failed.is_empty() {
             tracing::warn!("undone: the {old_side} is writable again");
@@ -557,7 +531,7 @@ impl<'a> Switch<'a> {
     /// warning in the report) when it could not be made: then the tables are hashed in the pause.
     async fn prove_before_fence(&mut self) -> Result<Option<proof::Prepared>, Error> {
         let opts = self.opts;
-        let streamed = streamed_tables(&self.new.client).await;
+        let streamed = state::copy::streamed_tables(&self.new.client).await;
         let tables = self.resolved.tables.clone();
         let plan = proof::Plan {
             old: self.old.info.clone(),

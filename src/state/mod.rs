@@ -1,30 +1,22 @@
 //! Migration state, kept in the target database in schema `hikkoshi`, so that any machine that reaches the
 //! target can resume or inspect the migration.
 //!
-//! Tables move through `pending → copying → copied → indexed → streaming` (the last set by a follower); chunks through `pending → copying → copied`.
-//! A chunk's rows and its `copied` mark commit in one target transaction, so a crash anywhere leaves either
-//! both or neither: a rerun copies exactly the chunks that are not marked. `copying` only says a worker
-//! claimed the chunk; on start, a run (holding the migration lock) turns leftover claims back to `pending`.
+//! Every statement on `hikkoshi.*` that records or reads where the migration stands lives here, one file per
+//! record: `copy` (tables and chunks), `cutover` (the cutover's step), `lock` (the migration lock); the
+//! migration, its stream and its event log here. (The applier's own bookkeeping, written in the same
+//! target transaction as the data it covers, is in `stream::apply`.)
+
+pub mod copy;
+pub mod cutover;
+pub mod lock;
 
 use tokio_postgres::Client;
 
-use crate::ident::QualifiedName;
+pub use copy::{ChunkState, ChunkStatus, TableState, TableStatus, chunks, tables};
+pub use cutover::Step;
+pub use lock::{LOCK_KEY, lock_holders_sql, try_lock};
+
 use crate::lsn::Lsn;
-
-/// The advisory lock key that makes one process at a time the owner of a migration ("hiks").
-pub const LOCK_KEY: i64 = 0x6869_6b73;
-
-/// SQL listing the backends that hold the migration lock in the current database (a bigint advisory key
-/// shows in pg_locks as classid = high 32 bits, objid = low 32 bits, objsubid = 1).
-pub fn lock_holders_sql() -> String {
-    format!(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
-           AND classid = {} AND objid = {} AND objsubid = 1
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        LOCK_KEY >> 32,
-        LOCK_KEY & 0xffff_ffff
-    )
-}
 
 const DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS hikkoshi;
@@ -141,27 +133,6 @@ pub struct Migration {
     pub options: serde_json::Value,
 }
 
-/// A table as recorded in the state.
-#[derive(Clone, Debug)]
-pub struct TableState {
-    pub name: QualifiedName,
-    pub state: String,
-    pub copy_format: String,
-    pub chunk_method: Option<String>,
-}
-
-/// A chunk as recorded in the state.
-#[derive(Clone, Debug)]
-pub struct ChunkState {
-    pub table: QualifiedName,
-    pub no: i32,
-    pub predicate: Option<String>,
-    pub state: String,
-    pub est_bytes: i64,
-    pub rows: Option<i64>,
-    pub bytes: Option<i64>,
-}
-
 /// Whether the target has hikkoshi state at all.
 pub async fn exists(client: &Client) -> Result<bool, tokio_postgres::Error> {
     Ok(client
@@ -234,55 +205,6 @@ pub async fn event(
     Ok(())
 }
 
-/// Tries to become the one process working on this migration; the lock lives as long as `client`'s session.
-pub async fn try_lock(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
-        .await?
-        .get(0))
-}
-
-pub async fn tables(client: &Client) -> Result<Vec<TableState>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT schema_name, table_name, state, copy_format, chunk_method
-             FROM hikkoshi.tables ORDER BY schema_name, table_name",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| TableState {
-            name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            state: r.get(2),
-            copy_format: r.get(3),
-            chunk_method: r.get(4),
-        })
-        .collect())
-}
-
-pub async fn chunks(client: &Client) -> Result<Vec<ChunkState>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT schema_name, table_name, chunk_no, predicate, state, est_bytes, rows_copied, bytes_copied
-             FROM hikkoshi.chunks ORDER BY schema_name, table_name, chunk_no",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ChunkState {
-            table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            no: r.get(2),
-            predicate: r.get(3),
-            state: r.get(4),
-            est_bytes: r.get(5),
-            rows: r.get(6),
-            bytes: r.get(7),
-        })
-        .collect())
-}
-
 /// Records the slot and publication a following clone streams from (once, when they are created).
 pub async fn insert_stream(
     client: &Client,
@@ -306,37 +228,6 @@ pub async fn stream_names(
 ) -> Result<Option<(String, String)>, tokio_postgres::Error> {
     Ok(client
         .query_opt("SELECT slot_name, publication FROM hikkoshi.stream", &[])
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
-}
-
-/// Steps of a cutover as recorded in `hikkoshi.cutover` on the migration's target.
-pub mod step {
-    /// The source is being fenced or is fenced; the target catches up.
-    pub const FENCED: &str = "fenced";
-    /// Given up before the point of no return: the source is the primary again.
-    pub const ABORTED: &str = "aborted";
-    /// Done: the target is the primary; the forward stream has ended.
-    pub const SWITCHED: &str = "switched";
-    /// A rollback has fenced the target and waits for the old source to catch up.
-    pub const ROLLING_BACK: &str = "rolling-back";
-    /// Rolled back: the old source is the primary again; the reverse stream has ended.
-    pub const ROLLED_BACK: &str = "rolled-back";
-}
-
-/// The recorded cutover: its step and whether it keeps a reverse stream.
-pub async fn cutover_step(
-    client: &Client,
-) -> Result<Option<(String, bool)>, tokio_postgres::Error> {
-    if !client
-        .query_one("SELECT to_regclass('hikkoshi.cutover') IS NOT NULL", &[])
-        .await?
-        .get::<_, bool>(0)
-    {
-        return Ok(None);
-    }
-    Ok(client
-        .query_opt("SELECT step, reverse FROM hikkoshi.cutover", &[])
         .await?
         .map(|r| (r.get(0), r.get(1))))
 }

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::{Applier, ApplyError, TargetTable, Window};
 use super::confirm::Confirm;
 use super::pgoutput::Message;
+use crate::backoff::Backoff;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
@@ -108,24 +109,13 @@ pub struct FollowReport {
     pub applied: Lsn,
     pub transactions: u64,
     /// The cutover step that ended the stream, when a cutover (or rollback) ended it rather than a signal.
-    pub ended_by: Option<String>,
-}
-
-/// Whether the recorded cutover step ends a stream running in `direction`.
-fn ends(direction: Direction, step: &str) -> bool {
-    use crate::state::step;
-    match direction {
-        Direction::Forward => {
-            [step::SWITCHED, step::ROLLING_BACK, step::ROLLED_BACK].contains(&step)
-        }
-        Direction::Reverse => step == step::ROLLED_BACK,
-    }
+    pub ended_by: Option<crate::state::Step>,
 }
 
 /// Streams until `stop` is cancelled. Reconnects after transient failures.
 pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowReport, Error> {
     let mut report = FollowReport::default();
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(None);
     loop {
         let started = Instant::now();
         let pulse = Pulse::default();
@@ -137,20 +127,17 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
             Ok(()) => return Ok(report),
             Err(e) if transient(&e) && !stop.is_cancelled() => {
                 crate::monitor::count_error(e.kind());
-                if started.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(500);
-                }
+                let wait = backoff.next(started).unwrap_or(Duration::from_secs(15));
                 tracing::warn!(
                     "streaming interrupted ({}); reconnecting in {:.1}s",
                     crate::error::chain(&e),
-                    backoff.as_secs_f64()
+                    wait.as_secs_f64()
                 );
                 note_interruption(plan, &e).await;
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(report),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(15));
             }
             Err(e) => return Err(e),
         }
@@ -487,9 +474,7 @@ async fn session_once(
     let status = session::connect(&plan.target, Side::Target).await?;
     if plan.direction == Direction::Forward {
         // copied and indexed: from here on the tables move with the stream
-        let _ = status
-            .batch_execute("UPDATE hikkoshi.tables SET state = 'streaming' WHERE state = 'indexed'")
-            .await;
+        let _ = crate::state::copy::mark_tables_streaming(&status).await;
     }
     // a reverse stream writes its records on the fenced old source
     status
@@ -673,11 +658,12 @@ async fn session_once(
             last_record = Instant::now();
             // A cutover that reached its point of no return (or a finished rollback) ends this stream:
             // everything up to the fence is applied, and the other side is the primary now.
-            let step = crate::state::cutover_step(control.as_ref().unwrap_or(&status))
+            let step = crate::state::cutover::recorded(control.as_ref().unwrap_or(&status))
                 .await
                 .ok()
                 .flatten();
-            if let Some((step, _)) = step.filter(|(s, _)| ends(plan.direction, s)) {
+            let forward = plan.direction == Direction::Forward;
+            if let Some((step, _)) = step.filter(|(s, _)| s.ends_stream(forward)) {
                 let done = finish(
                     &mut applier,
                     &mut repl,

@@ -1,0 +1,195 @@
+//! What the clone makes and fixes around the copy: the stream's publication, the undo of a slot made by a
+//! run that failed before it began, materialized views, statistics.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::catalog::Table;
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::ident::QualifiedName;
+use crate::replication;
+use crate::session;
+
+pub(super) async fn create_publication(
+    source: &Client,
+    name: &str,
+    tables: &[Table],
+) -> Result<(), Error> {
+    let mut names: Vec<String> = tables
+        .iter()
+        .map(|t| t.root.as_ref().unwrap_or(&t.name).quoted())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Err(Error::Usage(
+            "--follow needs at least one selected table".into(),
+        ));
+    }
+    let via_root = source
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 130000",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading the server version"))?
+        .get::<_, bool>(0);
+    source
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}{}",
+            crate::ident::quote_ident(name),
+            names.join(", "),
+            if via_root {
+                " WITH (publish_via_partition_root = true)"
+            } else {
+                ""
+            }
+        ))
+        .await
+        .map_err(Error::sql(Side::Source, "creating the publication"))
+}
+
+/// Drops the slot (on the session that made it) and the publication of a following clone that failed
+/// before it began.
+pub(super) async fn undo_slot(
+    snap: replication::ExportedSnapshot,
+    source: &Client,
+    publication: &str,
+) {
+    let mut conn = snap.conn;
+    if let Err(e) = conn
+        .simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            crate::ident::quote_ident(&snap.slot)
+        ))
+        .await
+    {
+        tracing::warn!(
+            "could not drop slot {} ({}): `hikkoshi clean` or pg_drop_replication_slot removes it",
+            snap.slot,
+            crate::error::chain(&e)
+        );
+    }
+    conn.close().await;
+    drop_publication(source, publication).await;
+}
+
+pub(super) async fn drop_publication(source: &Client, name: &str) {
+    let _ = source
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            crate::ident::quote_ident(name)
+        ))
+        .await;
+}
+
+pub(super) async fn all_tables_exist(target: &Client, tables: &[Table]) -> Result<bool, Error> {
+    let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    Ok(target
+        .query_one(
+            "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest($1::text[]) n",
+            &[&names],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "checking for tables"))?
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(true))
+}
+
+/// Roles that own objects in the archive on the source and do not exist on the target. The owner column of
+/// `pg_restore --list` is empty for some entries (extensions), so a word there is a role only if the source
+/// has that role.
+pub(super) async fn missing_roles(
+    source: &Client,
+    target: &Client,
+    owners: &HashSet<String>,
+) -> Result<Vec<String>, Error> {
+    let owners: Vec<&String> = owners.iter().collect();
+    let owners: Vec<String> = source
+        .query(
+            "SELECT o FROM unnest($1::text[]) o WHERE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = o)",
+            &[&owners],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "checking roles"))?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let rows = target
+        .query(
+            "SELECT o FROM unnest($1::text[]) o WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = o)
+             ORDER BY o",
+            &[&owners],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "checking roles"))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Fills the materialized views that are populated on the source (the schema creates them empty).
+pub(super) async fn refresh_matviews(
+    source: &Client,
+    target: &Client,
+    matviews: &[QualifiedName],
+) -> Result<(), Error> {
+    for m in matviews {
+        let populated: Option<bool> = source
+            .query_opt(
+                "SELECT relispopulated FROM pg_class WHERE oid = to_regclass($1)",
+                &[&m.quoted()],
+            )
+            .await
+            .map_err(Error::sql(Side::Source, "reading materialized views"))?
+            .map(|r| r.get(0));
+        let exists: bool = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&m.quoted()])
+            .await
+            .map_err(Error::sql(Side::Target, "reading materialized views"))?
+            .get(0);
+        if populated == Some(true) && exists {
+            target
+                .batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", m.quoted()))
+                .await
+                .map_err(Error::sql(
+                    Side::Target,
+                    format!("refreshing materialized view {m}"),
+                ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gathers planner statistics on the copied tables, `jobs` at a time, so the new server plans well at once.
+pub(super) async fn analyze(
+    tgt_info: &ConnInfo,
+    tables: &[Table],
+    jobs: usize,
+) -> Result<(), Error> {
+    let queue = Arc::new(std::sync::Mutex::new(
+        tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+    ));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..jobs.max(1).min(tables.len().max(1)) {
+        let queue = queue.clone();
+        let info = tgt_info.clone();
+        set.spawn(async move {
+            let client = session::connect(&info, Side::Target).await?;
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(t) = next else { break };
+                client
+                    .batch_execute(&format!("ANALYZE {}", t.quoted()))
+                    .await
+                    .map_err(Error::sql(Side::Target, format!("analyzing {t}")))?;
+            }
+            Ok::<(), Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| Error::Blocked(format!("an analyze task failed: {e}")))??;
+    }
+    Ok(())
+}

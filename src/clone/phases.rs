@@ -1,0 +1,486 @@
+//! One run of the copy (the caller holds the migration lock and retries transient failures): decide from
+//! what the target recorded, take the snapshot, dump the schema, then each phase not yet done — pre-data,
+//! the chunks, post-data — recording each on the target as it ends.
+
+use std::time::Instant;
+
+use tokio_postgres::Client;
+
+use super::objects::{
+    all_tables_exist, analyze, create_publication, drop_publication, missing_roles,
+    refresh_matviews, undo_slot,
+};
+use super::{CloneOptions, CloneReport, chunks};
+use crate::catalog::Catalog;
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::plan::{Resolved, Selection, resolve};
+use crate::replication::{self, ExportedSnapshot, ReplicationConn};
+use crate::schema::{self, DumpFilter, DumpTools};
+use crate::sequence;
+use crate::session;
+use crate::state::{self, Migration, Phase};
+
+/// What the target recorded leaves to do.
+enum Begun<'a> {
+    /// The clone is complete already.
+    Done(CloneReport),
+    /// This run, from this phase.
+    Run(Box<Run<'a>>, Phase),
+}
+
+/// One run: both sessions, the selection, and what the target recorded before it.
+struct Run<'a> {
+    opts: &'a CloneOptions,
+    src_info: &'a ConnInfo,
+    tgt_info: &'a ConnInfo,
+    source: Client,
+    target: Client,
+    resolved: Resolved,
+    existing: Option<Migration>,
+    migration_id: String,
+    options_json: serde_json::Value,
+    tools: DumpTools,
+    report: CloneReport,
+}
+
+/// Copies (or resumes copying) schema, rows, indexes and sequences. The caller holds the migration lock.
+pub(super) async fn copy_part(
+    opts: &CloneOptions,
+    src_info: &ConnInfo,
+    tgt_info: &ConnInfo,
+) -> Result<CloneReport, Error> {
+    let started = Instant::now();
+    let (mut run, mut phase) = match Run::begin(opts, src_info, tgt_info, started).await? {
+        Begun::Done(report) => return Ok(report),
+        Begun::Run(run, phase) => (*run, phase),
+    };
+    let snap = run.snapshot().await?;
+    // Schema archive and the last checks. A fresh following clone made a slot and a publication already:
+    // if anything fails before the state records them, they are dropped again.
+    let (archive, keep_owners) = match run.dump_schema(&snap).await {
+        Ok(p) => p,
+        Err(e) => {
+            if run.fresh_follow() {
+                undo_slot(snap, &run.source, &run.publication()).await;
+            }
+            return Err(e);
+        }
+    };
+    // Every check is done: from here on the target holds state that a rerun resumes from.
+    run.record_start(&snap, phase).await?;
+    if phase == Phase::Schema {
+        if let Err(e) = run.pre_data(&archive, keep_owners).await {
+            if run.existing.is_none() {
+                // nothing of the schema stayed: dropping our state leaves the target as it was
+                let _ = run
+                    .target
+                    .batch_execute("DROP SCHEMA hikkoshi CASCADE")
+                    .await;
+                if run.fresh_follow() {
+                    undo_slot(snap, &run.source, &run.publication()).await;
+                }
+            }
+            return Err(e);
+        }
+        phase = Phase::Copy;
+    }
+    if phase == Phase::Copy {
+        run.copy(&snap).await?;
+        phase = Phase::PostData;
+    }
+    let snapshot_lsn = snap.lsn;
+    snap.conn.close().await;
+    if phase == Phase::PostData {
+        run.post_data(&archive, keep_owners, snapshot_lsn).await?;
+    }
+    run.report.seconds = started.elapsed().as_secs_f64();
+    Ok(run.report)
+}
+
+impl<'a> Run<'a> {
+    /// Reads the selection and what the target recorded. A new migration passes `check`'s preflight first,
+    /// before anything is created anywhere; a recorded one must have been started the same way.
+    async fn begin(
+        opts: &'a CloneOptions,
+        src_info: &'a ConnInfo,
+        tgt_info: &'a ConnInfo,
+        started: Instant,
+    ) -> Result<Begun<'a>, Error> {
+        let selection = Selection::parse(&opts.include, &opts.exclude)
+            .map_err(|e| Error::Usage(format!("{e}")))?;
+        let source = session::connect(src_info, Side::Source).await?;
+        let target = session::connect(tgt_info, Side::Target).await?;
+        let cat = Catalog::load(&source)
+            .await
+            .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
+        let resolved = resolve(&cat, &selection)?;
+        let target_version: i32 = target
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(Error::sql(Side::Target, "reading the server version"))?
+            .get(0);
+        let existing = state::load(&target)
+            .await
+            .map_err(Error::sql(Side::Target, "reading hikkoshi state"))?;
+        let mut report = CloneReport {
+            tables: resolved.tables.iter().map(|t| t.name.to_string()).collect(),
+            ..Default::default()
+        };
+        let options_json = serde_json::json!({
+            "include": opts.include,
+            "exclude": opts.exclude,
+            "follow": opts.follow,
+        });
+        let (migration_id, phase) = match &existing {
+            Some(m) if m.phase == Phase::Done => {
+                report.migration_id = m.id.clone();
+                report.already_done = true;
+                report.seconds = started.elapsed().as_secs_f64();
+                return Ok(Begun::Done(report));
+            }
+            Some(m) => {
+                resumable(m, opts, &options_json)?;
+                report.resumed = true;
+                (m.id.clone(), m.phase)
+            }
+            None => {
+                preflight(opts, &source, &target, &cat, &resolved, &mut report).await?;
+                (super::new_migration_id(), Phase::Schema)
+            }
+        };
+        report.migration_id = migration_id.clone();
+        let tools = DumpTools::find(
+            opts.pg_bin.as_deref(),
+            cat.major_version() as u32,
+            (target_version / 10000) as u32,
+        )?;
+        tracing::info!(
+            pg_dump = %tools.bin.display(),
+            version = %tools.version,
+            "selected {} table(s), {} sequence(s)",
+            resolved.tables.len(),
+            resolved.sequences.len()
+        );
+        Ok(Begun::Run(
+            Box::new(Run {
+                opts,
+                src_info,
+                tgt_info,
+                source,
+                target,
+                resolved,
+                existing,
+                migration_id,
+                options_json,
+                tools,
+                report,
+            }),
+            phase,
+        ))
+    }
+
+    /// A new following clone: it creates the publication and keeps its slot.
+    fn fresh_follow(&self) -> bool {
+        self.existing.is_none() && self.opts.follow
+    }
+
+    fn publication(&self) -> String {
+        crate::stream::names::stream(&self.migration_id)
+    }
+
+    /// The snapshot every reader shares. Nothing exists on either server yet if this fails.
+    async fn snapshot(&mut self) -> Result<ExportedSnapshot, Error> {
+        let repl = ReplicationConn::connect(self.src_info)
+            .await
+            .map_err(Error::replication("opening a replication connection"))?;
+        let publication = self.publication();
+        if self.fresh_follow() {
+            // The publication must exist before the slot: pgoutput reads it as of each change's time.
+            create_publication(&self.source, &publication, &self.resolved.tables).await?;
+        }
+        // A following clone keeps its slot (the stream starts at its snapshot); any other run, and a
+        // resumed one, takes a temporary slot just for a snapshot.
+        let slot_name = if self.fresh_follow() {
+            publication.clone()
+        } else {
+            crate::stream::names::temporary_slot(&self.migration_id, std::process::id())
+        };
+        let snap =
+            match replication::create_with_snapshot(repl, &slot_name, !self.fresh_follow()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if self.fresh_follow() {
+                        drop_publication(&self.source, &publication).await;
+                    }
+                    return Err(Error::replication(
+                        "creating a logical replication slot with an exported snapshot",
+                    )(e));
+                }
+            };
+        self.report.snapshot_lsn = snap.lsn.to_string();
+        tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
+        Ok(snap)
+    }
+
+    /// The schema archive in the snapshot, and whether owners and grants can be kept (every owner exists
+    /// on the target). Warns of what the clone does not carry.
+    async fn dump_schema(
+        &mut self,
+        snap: &ExportedSnapshot,
+    ) -> Result<(schema::Archive, bool), Error> {
+        let archive = schema::dump(
+            &self.tools,
+            self.src_info,
+            Some(&snap.snapshot),
+            &DumpFilter {
+                excluded: &self.resolved.excluded,
+            },
+        )
+        .await?;
+        let owners = schema::archive_owners(&self.tools, &archive, self.tgt_info).await?;
+        let missing = missing_roles(&self.source, &self.target, &owners).await?;
+        if !missing.is_empty() {
+            self.warn(format!(
+                "roles {} do not exist on the target: objects will belong to the target user and grants \
+                 are not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
+                missing.join(", ")
+            ));
+        }
+        let large_objects: i64 = self
+            .source
+            .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+            .await
+            .map_err(Error::sql(Side::Source, "counting large objects"))?
+            .get(0);
+        if large_objects > 0 {
+            self.warn(format!(
+                "the source has {large_objects} large object(s) (pg_largeobject); hikkoshi does not copy \
+                 them yet: move them separately (e.g. `pg_dump --large-objects --data-only -t none`) \
+                 before switching over"
+            ));
+        }
+        Ok((archive, missing.is_empty()))
+    }
+
+    /// Records the migration (a new one, with its stream) or the resume.
+    async fn record_start(&self, snap: &ExportedSnapshot, phase: Phase) -> Result<(), Error> {
+        let target = &self.target;
+        if self.existing.is_some() {
+            return record(
+                target,
+                "resume",
+                &format!(
+                    "resumed in phase {}, new snapshot at {}",
+                    phase.as_str(),
+                    snap.lsn
+                ),
+            )
+            .await;
+        }
+        state::create(target).await.map_err(Error::sql(
+            Side::Target,
+            "creating the hikkoshi state schema",
+        ))?;
+        state::insert_migration(
+            target,
+            &self.migration_id,
+            &self.src_info.to_string(),
+            &self.options_json,
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "recording the migration"))?;
+        if self.fresh_follow() {
+            state::insert_stream(target, &self.publication(), &self.publication(), snap.lsn)
+                .await
+                .map_err(Error::sql(Side::Target, "recording the slot"))?;
+        }
+        record(
+            target,
+            "start",
+            &format!(
+                "clone of {} table(s) from {}, snapshot at {}",
+                self.resolved.tables.len(),
+                self.src_info,
+                snap.lsn
+            ),
+        )
+        .await
+    }
+
+    /// Pre-data in one transaction (the tables are all there, an earlier run restored them, or none), then
+    /// the chunk plan.
+    async fn pre_data(&self, archive: &schema::Archive, keep_owners: bool) -> Result<(), Error> {
+        if !all_tables_exist(&self.target, &self.resolved.tables).await? {
+            schema::restore_pre_data(&self.tools, archive, self.tgt_info, keep_owners).await?;
+        }
+        record(
+            &self.target,
+            "schema",
+            "pre-data restored (extensions, types, tables)",
+        )
+        .await?;
+        chunks::plan(
+            &self.source,
+            &self.target,
+            &self.resolved.tables,
+            self.opts.chunk_bytes,
+        )
+        .await
+    }
+
+    /// Every chunk not yet copied, then the phase moves on.
+    async fn copy(&mut self, snap: &ExportedSnapshot) -> Result<(), Error> {
+        let t = Instant::now();
+        let (chunks, rows, bytes) = chunks::copy(
+            self.opts,
+            (self.src_info, self.tgt_info),
+            &self.target,
+            &self.resolved,
+            snap,
+        )
+        .await?;
+        tracing::info!("copy phase done in {:.1}s", t.elapsed().as_secs_f64());
+        self.report.chunks_copied = chunks;
+        self.report.rows = rows;
+        self.report.bytes = bytes;
+        record(
+            &self.target,
+            "copy",
+            &format!("{chunks} chunk(s), {rows} rows, {bytes} bytes copied by this run"),
+        )
+        .await?;
+        state::set_phase(&self.target, Phase::PostData)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the phase"))
+    }
+
+    /// Indexes, constraints and triggers, materialized views, sequences and statistics; then done.
+    async fn post_data(
+        &mut self,
+        archive: &schema::Archive,
+        keep_owners: bool,
+        snapshot_lsn: crate::lsn::Lsn,
+    ) -> Result<(), Error> {
+        let (opts, target) = (self.opts, &self.target);
+        let t = Instant::now();
+        let skipped = schema::restore_post_data(
+            &self.tools,
+            archive,
+            self.tgt_info,
+            target,
+            &schema::PostDataOptions {
+                jobs: opts.jobs,
+                keep_owners,
+                maintenance_work_mem: &opts.maintenance_work_mem,
+                own_publication: &self.publication(),
+            },
+        )
+        .await?;
+        tracing::info!(
+            skipped_existing = skipped,
+            "indexes, constraints and triggers built in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        refresh_matviews(&self.source, target, &self.resolved.matviews).await?;
+        let positions =
+            sequence::read(&self.source, Side::Source, &self.resolved.sequences).await?;
+        sequence::apply(target, &positions).await?;
+        self.report.sequences = positions.len();
+        let t = Instant::now();
+        analyze(self.tgt_info, &self.resolved.tables, opts.jobs).await?;
+        tracing::info!(
+            "analyzed {} table(s) in {:.1}s",
+            self.resolved.tables.len(),
+            t.elapsed().as_secs_f64()
+        );
+        state::copy::mark_tables_indexed(target)
+            .await
+            .map_err(Error::sql(Side::Target, "recording table states"))?;
+        state::set_phase(target, Phase::Done)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the phase"))?;
+        record(
+            target,
+            "done",
+            &format!("clone complete at source LSN {snapshot_lsn}"),
+        )
+        .await
+    }
+
+    fn warn(&mut self, w: String) {
+        tracing::warn!("{w}");
+        self.report.warnings.push(w);
+    }
+}
+
+/// A recorded clone resumes only as it was started: the same selection, and --follow only if it followed.
+fn resumable(
+    m: &Migration,
+    opts: &CloneOptions,
+    options_json: &serde_json::Value,
+) -> Result<(), Error> {
+    if m.options.get("include") != options_json.get("include")
+        || m.options.get("exclude") != options_json.get("exclude")
+    {
+        return Err(Error::Blocked(format!(
+            "the clone recorded on the target was started with another selection ({}); run it again \
+             with the same --include/--exclude to resume, or `hikkoshi clean` and start over",
+            m.options
+        )));
+    }
+    if opts.follow && m.options.get("follow") != Some(&serde_json::Value::Bool(true)) {
+        return Err(Error::Blocked(
+            "the clone recorded on the target was started without --follow: no slot kept the \
+             changes since its snapshot. Finish it without --follow, or `hikkoshi clean`, drop the \
+             copied tables and clone again with --follow"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The preflight of `hikkoshi check`, before anything is created anywhere: blockers refuse the clone,
+/// warnings go into the report.
+async fn preflight(
+    opts: &CloneOptions,
+    source: &Client,
+    target: &Client,
+    cat: &Catalog,
+    resolved: &Resolved,
+    report: &mut CloneReport,
+) -> Result<(), Error> {
+    let preflight = crate::check::evaluate(&crate::check::Inputs {
+        source,
+        target,
+        catalog: cat,
+        tables: &resolved.tables,
+        pg_bin: opts.pg_bin.as_deref(),
+        follow: opts.follow,
+        measure: false,
+    })
+    .await?;
+    for w in preflight
+        .findings
+        .iter()
+        .filter(|f| f.level == crate::check::Level::Warning)
+    {
+        tracing::warn!("{}: {}", w.check, w.message);
+        report.warnings.push(w.message.clone());
+    }
+    if preflight.blocked() {
+        return Err(Error::Blocked(format!(
+            "the preflight found what would make this clone fail. Nothing was changed on either \
+             server. Fix these and run again (`hikkoshi check` shows the full report):\n{}",
+            preflight.blockers_text()
+        )));
+    }
+    Ok(())
+}
+
+/// Appends to the migration's event log.
+async fn record(target: &Client, kind: &str, message: &str) -> Result<(), Error> {
+    state::event(target, kind, message)
+        .await
+        .map_err(Error::sql(Side::Target, "recording an event"))
+}

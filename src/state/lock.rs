@@ -1,0 +1,106 @@
+//! The migration lock: one process at a time works on a migration (copies, follows, or cuts over with a
+//! follower of its own). It is a session-level advisory lock on the target, so it dies with its session;
+//! a follower that runs for days keeps it with `keep`, which takes it again after a restart of the target.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::conninfo::ConnInfo;
+use crate::error::{Error, Side};
+use crate::session;
+
+/// The advisory lock key that makes one process at a time the owner of a migration ("hiks").
+pub const LOCK_KEY: i64 = 0x6869_6b73;
+
+/// SQL listing the backends that hold the migration lock in the current database (a bigint advisory key
+/// shows in pg_locks as classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+pub fn lock_holders_sql() -> String {
+    format!(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND classid = {} AND objid = {} AND objsubid = 1
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        LOCK_KEY >> 32,
+        LOCK_KEY & 0xffff_ffff
+    )
+}
+
+/// Tries to become the one process working on this migration; the lock lives as long as `client`'s session.
+pub async fn try_lock(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await?
+        .get(0))
+}
+
+/// Connects to the target and takes the migration lock, which lives as long as the returned session.
+pub async fn lock(tgt_info: &ConnInfo) -> Result<Client, Error> {
+    let target = session::connect(tgt_info, Side::Target).await?;
+    if !try_lock(&target)
+        .await
+        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+    {
+        return Err(another_process(tgt_info));
+    }
+    Ok(target)
+}
+
+/// Takes the migration lock again on a new session when its session has ended (a restart of the target,
+/// a dropped connection).
+pub async fn relock(target: &mut Client, tgt_info: &ConnInfo) -> Result<(), Error> {
+    if !alive(target).await {
+        *target = lock(tgt_info).await?;
+    }
+    Ok(())
+}
+
+/// Keeps the migration lock until `done`: checks its session every 2 s and, when it has ended, takes the
+/// lock on a new one. When another process holds it by then, sets `lost` and cancels `follow`.
+pub async fn keep(
+    tgt_info: ConnInfo,
+    mut session: Client,
+    follow: CancellationToken,
+    done: CancellationToken,
+    lost: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        if alive(&session).await {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), lock(&tgt_info)).await {
+            Ok(Ok(s)) => {
+                tracing::info!("the migration lock's session had ended: lock taken again");
+                session = s;
+            }
+            Ok(Err(Error::Blocked(why))) => {
+                tracing::error!("{why}: this process stops following");
+                lost.store(true, Ordering::Relaxed);
+                follow.cancel();
+                return;
+            }
+            _ => {} // the target is not back yet
+        }
+    }
+}
+
+/// The error for a migration another process works on.
+pub fn another_process(tgt_info: &ConnInfo) -> Error {
+    Error::Blocked(format!(
+        "another hikkoshi process is already working on the migration into {tgt_info}: wait for it to \
+         finish, or stop it (its sessions show application_name 'hikkoshi' in pg_stat_activity)"
+    ))
+}
+
+async fn alive(session: &Client) -> bool {
+    !session.is_closed()
+        && tokio::time::timeout(Duration::from_secs(10), session.simple_query("SELECT 1"))
+            .await
+            .is_ok_and(|r| r.is_ok())
+}
