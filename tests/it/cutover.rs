@@ -2,15 +2,13 @@
 //! switch; afterwards the two sides are compared row by row, sequences are checked, and the old primary must
 //! refuse the application's writes.
 
-mod common;
-
 use hikkoshi::failpoint;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::*;
 use hikkoshi::demo::app::App;
 use hikkoshi::localserver::{LocalServer, PASSWORD, ServerOptions};
 use tokio_postgres::Client;

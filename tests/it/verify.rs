@@ -1,8 +1,6 @@
 //! `hikkoshi verify` finds every kind of difference, down to the key, and passes an identical pair.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_passes_a_clone_and_names_every_kind_of_difference() {

@@ -29,17 +29,15 @@
 //!
 //! Found by the soak: `a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot`.
 //!
-//! The randomized mix of all of these is `tests/soak.rs`.
-
-mod common;
+//! The randomized mix of all of these is `tests/it/soak.rs`.
 
 use hikkoshi::failpoint;
 
 use std::time::Duration;
 
-use common::live::*;
-use common::proxy;
-use common::*;
+use crate::common::live::*;
+use crate::common::proxy;
+use crate::common::*;
 
 /// Which server a fault hits.
 #[derive(Clone, Copy, Debug)]

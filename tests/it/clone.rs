@@ -1,8 +1,6 @@
 //! `hikkoshi clone` end to end on real servers: 15 → 18 and 18 → 18 (pgvector), compared row by row.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {

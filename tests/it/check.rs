@@ -1,8 +1,6 @@
 //! `hikkoshi check`: every blocker found before anything is touched, each with its fix; nothing created.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hikkoshi::localserver::ServerOptions;
 
 fn findings(out: &std::process::Output) -> Vec<serde_json::Value> {

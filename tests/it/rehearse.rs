@@ -1,9 +1,7 @@
 //! `hikkoshi clone --rehearse`: a complete, sane prediction for every selected table, and nothing left on
 //! either server; bad input fails as `clone` does. (No timing thresholds: the figures depend on the machine.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn report(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)

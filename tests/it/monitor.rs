@@ -1,13 +1,11 @@
 //! The status page, /metrics and /health of a running migration: served by `clone --follow --listen` and by
 //! `status --listen`, read by a Prometheus text parser and rendered by headless Chromium.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::live::workload;
-use common::*;
+use crate::common::live::workload;
+use crate::common::*;
 use hikkoshi::localserver::LocalServer;
 
 /// Polls `path` until `ok` holds for its answer (30 s at most).

@@ -1,9 +1,7 @@
 //! Bad input gets one clear paragraph, the right exit status (2 usage/connection, 1 a problem found), and
 //! leaves nothing behind on either server.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hikkoshi::localserver::ServerOptions;
 
 fn stderr(o: &std::process::Output) -> String {

@@ -1,10 +1,8 @@
 //! A clone killed at any point and run again ends identical to the source: chunks are copied exactly once.
 
-mod common;
-
 use hikkoshi::failpoint;
 
-use common::*;
+use crate::common::*;
 
 async fn loaded_pair() -> (
     hikkoshi::localserver::LocalServer,

@@ -6,7 +6,7 @@
 //!   5000 rows) and small ones, truncates, and a table without a primary key (REPLICA IDENTITY FULL, with
 //!   duplicate rows).
 //! - Faults (every 1–4 s): kill -9 of hikkoshi and a restart of it, an `immediate` restart of the source or
-//!   of the target, and, through a TCP proxy between hikkoshi and each server (tests/common/proxy.rs),
+//!   of the target, and, through a TCP proxy between hikkoshi and each server (tests/it/common/proxy.rs),
 //!   connections dropped (FIN), reset (RST) or stalled for 2–8 s (hikkoshi runs with
 //!   `HIKKOSHI_STALL_SECS=5`, so longer stalls are detected and shorter ones ride through).
 //! - The end: faults and writes stop, the follower catches up, `hikkoshi cutover` switches (fenced, with
@@ -18,18 +18,16 @@
 //!
 //! `HIKKOSHI_SOAK_SECS` sets how long faults and writes go on (default 45 s per version pair, so that CI
 //! spends 2–3 minutes on the two tests); `HIKKOSHI_SOAK_SEED` replays a run: the seed is printed at the
-//! start (`cargo nextest run --test soak --no-capture` shows it; a failing test prints it anyway). The seed
-//! fixes the sequence of writes and faults; their timing against hikkoshi's own work still varies.
-
-mod common;
+//! start (`cargo nextest run --test it soak:: --no-capture` shows it; a failing test prints it anyway).
+//! The seed fixes the sequence of writes and faults; their timing against hikkoshi's own work still varies.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::live::*;
-use common::proxy::Proxy;
-use common::*;
+use crate::common::live::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use hikkoshi::localserver::LocalServer;
 use tokio_postgres::{Client, NoTls};
 
