@@ -1,5 +1,6 @@
 //! `hikkoshi check`: every blocker found before anything is touched, each with its fix; nothing created.
 
+use crate::common::scenario::*;
 use crate::common::*;
 use hikkoshi::localserver::ServerOptions;
 
@@ -18,18 +19,8 @@ fn blockers(f: &[serde_json::Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ready_pair_passes_and_nothing_is_created() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--json",
-    ]);
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
+    let out = pair.hikkoshi(&["check", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let f = findings(&out);
     assert!(blockers(&f).is_empty(), "{f:?}");
@@ -44,13 +35,7 @@ async fn a_ready_pair_passes_and_nothing_is_created() {
     ] {
         assert!(f.iter().any(|x| x["check"] == c), "{c} was checked: {f:?}");
     }
-    let human = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let human = pair.hikkoshi(&["check"]);
     assert!(
         String::from_utf8_lossy(&human.stdout).contains("ready: no blocker"),
         "{}",
@@ -168,18 +153,10 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_extension_the_target_cannot_create_is_a_blocker_with_the_package_to_install() {
-    let s = server(18);
-    let t = server(15);
-    let src = create_db(&s, "api").await;
-    src.batch_execute(FIXTURE_VECTOR).await.unwrap();
-    let _tgt = create_db(&t, "api").await;
-    let out = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("api"),
-        "--target",
-        &t.url("api"),
-    ]);
+    let Sides {
+        pair, tgt: _tgt, ..
+    } = Pair::new(18, 15).db("api").source(FIXTURE_VECTOR).await;
+    let out = pair.hikkoshi(&["check"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::live::*;
 use crate::common::proxy::Proxy;
+use crate::common::scenario::*;
 use crate::common::*;
 use hikkoshi::localserver::LocalServer;
 use tokio_postgres::{Client, NoTls};
@@ -229,16 +230,11 @@ async fn soak(source_major: u32) {
         secs.as_secs()
     );
     eprintln!("soak seed {seed}");
-    let s = server(source_major);
-    let t = server(18);
-    let src = create_db(&s, "soak").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    drop(src);
-    create_db(&t, "soak").await;
-    let ps = Proxy::start(s.port);
-    let pt = Proxy::start(t.port);
+    let Sides { pair, .. } = Pair::new(source_major, 18).db("soak").source(SCHEMA).await;
+    let ps = Proxy::start(pair.s.port);
+    let pt = Proxy::start(pair.t.port);
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = tokio::spawn(writer(s.url("soak"), seed, stop.clone()));
+    let writes = tokio::spawn(writer(pair.source_url(), seed, stop.clone()));
     let mut rng = Rng(seed);
     let mut follower = start_follower(&ps, &pt);
     let started = Instant::now();
@@ -252,7 +248,7 @@ async fn soak(source_major: u32) {
                 "{:>6.1}s hikkoshi exited by itself ({status}):\n{}\n{}",
                 started.elapsed().as_secs_f64(),
                 tail(&follower.log()),
-                copy_records(&t).await
+                copy_records(&pair.t).await
             );
             assert!(
                 exits_in_a_row < 3,
@@ -275,11 +271,11 @@ async fn soak(source_major: u32) {
             }
             1 => {
                 println!("{at:>6.1}s restart the source (immediate)");
-                restart(&s);
+                restart(&pair.s);
             }
             2 => {
                 println!("{at:>6.1}s restart the target (immediate)");
-                restart(&t);
+                restart(&pair.t);
             }
             3 | 4 => {
                 let (name, p) = if fault == 3 {
@@ -317,19 +313,11 @@ async fn soak(source_major: u32) {
         println!("hikkoshi had exited:\n{}", tail(&follower.log()));
         follower = start_follower(&ps, &pt);
     }
-    let src = connect(&s.url("soak")).await;
-    let tgt = connect(&t.url("soak")).await;
+    let src = connect(&pair.source_url()).await;
+    let tgt = connect(&pair.target_url()).await;
     wait_in_sync_within(&src, &tgt, &mut follower, 300).await;
     // the cutover fences, catches up, verifies and moves the sequences
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("soak"),
-        "--target",
-        &t.url("soak"),
-        "--timeout",
-        "120",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--timeout", "120"]);
     assert!(
         out.status.success(),
         "seed {seed}: the cutover failed:\n{}\n{}",
@@ -338,7 +326,7 @@ async fn soak(source_major: u32) {
     );
     let status = follower.exits_by_itself().await;
     assert!(status.success(), "{}", follower.log());
-    let src = connect(&s.socket_url("soak")).await;
+    let src = connect(&pair.s.socket_url("soak")).await;
     assert_same_rows_and_schema(&src, &tgt).await;
     let (a, b) = (sequences(&src).await, sequences(&tgt).await);
     for (name, (value, _)) in &a {
