@@ -66,14 +66,12 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
             ..Default::default()
         },
     );
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE logs (at timestamptz, line text);
-         CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; GRANT SELECT ON orders TO reader;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::of(s, t)
+        .source(
+            "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE logs (at timestamptz, line text);
+             CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; GRANT SELECT ON orders TO reader;",
+        )
+        .await;
     tgt.batch_execute("CREATE TABLE orders (id int)")
         .await
         .unwrap();
@@ -83,14 +81,14 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
         .unwrap();
     let source = format!(
         "postgresql://reader:reader-pw@127.0.0.1:{}/app?sslmode=disable",
-        s.port
+        pair.s.port
     );
     let out = hikkoshi(&[
         "check",
         "--source",
         &source,
         "--target",
-        &t.url("app"),
+        &pair.target_url(),
         "--json",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

@@ -69,6 +69,26 @@ pub fn hikkoshi(args: &[&str]) -> Output {
     hikkoshi_env(args, &[])
 }
 
+/// `clone` between two connection strings, in `jobs` parallel workers and chunks of `chunk_size`.
+pub fn clone_args<'a>(
+    source: &'a str,
+    target: &'a str,
+    jobs: &'a str,
+    chunk_size: &'a str,
+) -> [&'a str; 9] {
+    [
+        "clone",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--jobs",
+        jobs,
+        "--chunk-size",
+        chunk_size,
+    ]
+}
+
 pub fn hikkoshi_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hikkoshi"));
     cmd.args(args)
