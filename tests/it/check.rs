@@ -1,8 +1,7 @@
 //! `hikkoshi check`: every blocker found before anything is touched, each with its fix; nothing created.
 
-mod common;
-
-use common::*;
+use crate::common::scenario::*;
+use crate::common::*;
 use hikkoshi::localserver::ServerOptions;
 
 fn findings(out: &std::process::Output) -> Vec<serde_json::Value> {
@@ -20,18 +19,8 @@ fn blockers(f: &[serde_json::Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ready_pair_passes_and_nothing_is_created() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--json",
-    ]);
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
+    let out = pair.hikkoshi(&["check", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let f = findings(&out);
     assert!(blockers(&f).is_empty(), "{f:?}");
@@ -46,13 +35,7 @@ async fn a_ready_pair_passes_and_nothing_is_created() {
     ] {
         assert!(f.iter().any(|x| x["check"] == c), "{c} was checked: {f:?}");
     }
-    let human = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let human = pair.hikkoshi(&["check"]);
     assert!(
         String::from_utf8_lossy(&human.stdout).contains("ready: no blocker"),
         "{}",
@@ -83,14 +66,12 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
             ..Default::default()
         },
     );
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE logs (at timestamptz, line text);
-         CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; GRANT SELECT ON orders TO reader;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::of(s, t)
+        .source(
+            "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE logs (at timestamptz, line text);
+             CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; GRANT SELECT ON orders TO reader;",
+        )
+        .await;
     tgt.batch_execute("CREATE TABLE orders (id int)")
         .await
         .unwrap();
@@ -100,14 +81,14 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
         .unwrap();
     let source = format!(
         "postgresql://reader:reader-pw@127.0.0.1:{}/app?sslmode=disable",
-        s.port
+        pair.s.port
     );
     let out = hikkoshi(&[
         "check",
         "--source",
         &source,
         "--target",
-        &t.url("app"),
+        &pair.target_url(),
         "--json",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -170,18 +151,10 @@ async fn every_blocker_is_named_with_its_fix_in_one_run() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_extension_the_target_cannot_create_is_a_blocker_with_the_package_to_install() {
-    let s = server(18);
-    let t = server(15);
-    let src = create_db(&s, "api").await;
-    src.batch_execute(FIXTURE_VECTOR).await.unwrap();
-    let _tgt = create_db(&t, "api").await;
-    let out = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("api"),
-        "--target",
-        &t.url("api"),
-    ]);
+    let Sides {
+        pair, tgt: _tgt, ..
+    } = Pair::new(18, 15).db("api").source(FIXTURE_VECTOR).await;
+    let out = pair.hikkoshi(&["check"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -1,9 +1,8 @@
 //! Bad input gets one clear paragraph, the right exit status (2 usage/connection, 1 a problem found), and
 //! leaves nothing behind on either server.
 
-mod common;
-
-use common::*;
+use crate::common::scenario::*;
+use crate::common::*;
 use hikkoshi::localserver::ServerOptions;
 
 fn stderr(o: &std::process::Output) -> String {
@@ -91,23 +90,13 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_table_that_already_exists_is_refused_before_anything_is_created() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).source(FIXTURE_APP).await;
     tgt.batch_execute(
         "CREATE SCHEMA app; CREATE TABLE app.orders (id int); INSERT INTO app.orders VALUES (1)",
     )
     .await
     .unwrap();
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let out = pair.hikkoshi(&["clone"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(e.contains("app.orders (has rows)"), "{e}");
@@ -117,22 +106,10 @@ async fn a_target_table_that_already_exists_is_refused_before_anything_is_create
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_selection_pattern_that_matches_nothing_is_a_usage_error() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)")
-        .await
-        .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--include",
-        "public.order",
-    ]);
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source("CREATE TABLE orders (id int primary key)")
+        .await;
+    let out = pair.hikkoshi(&["clone", "--include", "public.order"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let e = stderr(&out);
     assert!(
@@ -144,21 +121,11 @@ async fn a_selection_pattern_that_matches_nothing_is_a_usage_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pg_dump_older_than_the_source_is_refused_with_the_fix() {
-    let s = server(18);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)")
-        .await
-        .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi_env(
-        &[
-            "clone",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-        ],
+    let Sides { pair, src, tgt } = Pair::new(18, 18)
+        .source("CREATE TABLE orders (id int primary key)")
+        .await;
+    let out = pair.hikkoshi_env(
+        &["clone"],
         &[("HIKKOSHI_PG_BIN", install(15).bin.to_str().unwrap())],
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -180,19 +147,10 @@ async fn a_source_without_logical_wal_level_is_refused_with_the_setting_to_chang
             ..Default::default()
         },
     );
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE orders (id int primary key)")
-        .await
-        .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let Sides { pair, src, tgt } = Pair::of(s, server(15))
+        .source("CREATE TABLE orders (id int primary key)")
+        .await;
+    let out = pair.hikkoshi(&["clone"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(
@@ -204,22 +162,18 @@ async fn a_source_without_logical_wal_level_is_refused_with_the_setting_to_chang
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_without_replication_is_refused_with_the_grant_to_run() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE orders (id int primary key);
-         CREATE ROLE app_reader LOGIN PASSWORD 'reader-pw';
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO app_reader;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source(
+            "CREATE TABLE orders (id int primary key);
+             CREATE ROLE app_reader LOGIN PASSWORD 'reader-pw';
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO app_reader;",
+        )
+        .await;
     let source = format!(
         "postgresql://app_reader:reader-pw@127.0.0.1:{}/app?sslmode=disable",
-        s.port
+        pair.s.port
     );
-    let out = hikkoshi(&["clone", "--source", &source, "--target", &t.url("app")]);
+    let out = hikkoshi(&["clone", "--source", &source, "--target", &pair.target_url()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(e.contains("ALTER ROLE app_reader REPLICATION"), "{e}");
@@ -229,18 +183,9 @@ async fn a_role_without_replication_is_refused_with_the_grant_to_run() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_extension_missing_on_the_target_is_refused_by_the_preflight() {
-    let s = server(18);
-    let t = server(15); // no pgvector for PostgreSQL 15 here
-    let src = create_db(&s, "api").await;
-    src.batch_execute(FIXTURE_VECTOR).await.unwrap();
-    let tgt = create_db(&t, "api").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("api"),
-        "--target",
-        &t.url("api"),
-    ]);
+    // (no pgvector for PostgreSQL 15 here)
+    let Sides { pair, src, tgt } = Pair::new(18, 15).db("api").source(FIXTURE_VECTOR).await;
+    let out = pair.hikkoshi(&["clone"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(
@@ -254,16 +199,9 @@ async fn an_extension_missing_on_the_target_is_refused_by_the_preflight() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_step_that_fails_leaves_the_target_as_it_was() {
-    let s = server(15);
-    let t = server(18);
-    let (src, tgt) = schema_conflict_pair(&s, &t).await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let pair = Pair::new(15, 18);
+    let (src, tgt) = schema_conflict_pair(&pair.s, &pair.t).await;
+    let out = pair.hikkoshi(&["clone"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(
@@ -286,8 +224,8 @@ async fn all_replication_slots_in_use_is_a_blocker_with_the_setting_to_raise() {
             ..Default::default()
         },
     );
-    let t = server(15);
-    let src = create_db(&s, "app").await;
+    let pair = Pair::of(s, server(15));
+    let src = create_db(&pair.s, "app").await;
     // (each slot in a statement of its own: a slot cannot be made in a transaction that wrote)
     for sql in [
         "CREATE TABLE a (id int PRIMARY KEY)",
@@ -296,14 +234,8 @@ async fn all_replication_slots_in_use_is_a_blocker_with_the_setting_to_raise() {
     ] {
         src.execute(sql, &[]).await.unwrap();
     }
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let tgt = create_db(&pair.t, "app").await;
+    let out = pair.hikkoshi(&["clone"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = stderr(&out);
     assert!(
@@ -334,22 +266,16 @@ async fn an_unknown_host_is_a_connection_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_come_from_pgpass_and_the_environment_and_never_reach_output_or_state() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a VALUES (1, 'x');",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source("CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a VALUES (1, 'x');")
+        .await;
     let home = tempfile::tempdir().unwrap();
     let pgpass = home.path().join(".pgpass");
     std::fs::write(
         &pgpass,
         format!(
             "127.0.0.1:{}:*:postgres:{}\n",
-            s.port,
+            pair.s.port,
             hikkoshi::localserver::PASSWORD
         ),
     )
@@ -357,11 +283,11 @@ async fn passwords_come_from_pgpass_and_the_environment_and_never_reach_output_o
     std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let source = format!(
         "host=127.0.0.1 port={} user=postgres dbname=app sslmode=disable",
-        s.port
+        pair.s.port
     );
     let target = format!(
         "postgresql://postgres@127.0.0.1:{}/app?sslmode=disable",
-        t.port
+        pair.t.port
     );
     let out = hikkoshi_env(
         &["clone", "--source", &source, "--target", &target],
@@ -395,6 +321,6 @@ async fn passwords_come_from_pgpass_and_the_environment_and_never_reach_output_o
         "the endpoint is recorded: {state}"
     );
     assert!(!state.contains(hikkoshi::localserver::PASSWORD), "{state}");
-    let status = hikkoshi(&["status", "--target", &t.url("app")]);
+    let status = hikkoshi(&["status", "--target", &pair.target_url()]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains(hikkoshi::localserver::PASSWORD));
 }

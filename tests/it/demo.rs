@@ -1,9 +1,7 @@
 //! `hikkoshi demo`, the README's first command, run as a new user runs it: the whole story ends with a
 //! measured write pause and a verification, and leaves nothing running.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn the_demo_tells_the_whole_story_and_cleans_up() {

@@ -1,9 +1,7 @@
 //! TLS as libpq does it: verify-full, verify-ca and require against a server with a certificate from a test
 //! CA; refused, never downgraded, when the certificate or the host name is wrong or the server has no TLS.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hikkoshi::localserver::{LocalServer, ServerOptions};
 
 fn tls_server(major: u32, ca: &TestCa, names: &[&str]) -> LocalServer {

@@ -1,27 +1,13 @@
 //! `hikkoshi verify` finds every kind of difference, down to the key, and passes an identical pair.
 
-mod common;
-
-use common::*;
+use crate::common::scenario::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_passes_a_clone_and_names_every_kind_of_difference() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    let tgt = create_db(&t, "app").await;
-    let (su, tu) = (s.url("app"), t.url("app"));
-    assert_success(&hikkoshi(&[
-        "clone",
-        "--source",
-        &su,
-        "--target",
-        &tu,
-        "--chunk-size",
-        "1MB",
-    ]));
-    let out = hikkoshi(&["verify", "--source", &su, "--target", &tu]);
+    let Sides { pair, tgt, .. } = Pair::new(15, 18).source(FIXTURE_APP).await;
+    assert_success(&pair.hikkoshi(&["clone", "--chunk-size", "1MB"]));
+    let out = pair.hikkoshi(&["verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("0 different"),
@@ -41,7 +27,7 @@ async fn verify_passes_a_clone_and_names_every_kind_of_difference() {
     )
     .await
     .unwrap();
-    let out = hikkoshi(&["verify", "--source", &su, "--target", &tu, "--json"]);
+    let out = pair.hikkoshi(&["verify", "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let table = |name: &str| {

@@ -1,8 +1,7 @@
 //! `hikkoshi clone` end to end on real servers: 15 → 18 and 18 → 18 (pgvector), compared row by row.
 
-mod common;
-
-use common::*;
+use crate::common::scenario::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {
@@ -13,17 +12,7 @@ async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {
         .await
         .expect("loading the fixture");
     let tgt = create_db(&t, "app_copy").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.uri("app_copy"),
-        "--jobs",
-        "2",
-        "--chunk-size",
-        "1MB",
-    ]);
+    let out = hikkoshi(&clone_args(&s.url("app"), &t.uri("app_copy"), "2", "1MB"));
     assert_success(&out);
     assert_identical(&src, &tgt).await;
     assert!(
@@ -83,17 +72,7 @@ async fn clone_18_to_18_carries_pgvector_embeddings_and_large_json() {
     .await
     .unwrap();
     let tgt = create_db(&t, "api").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.uri("api"),
-        "--target",
-        &t.url("api"),
-        "--jobs",
-        "3",
-        "--chunk-size",
-        "512kB",
-    ]);
+    let out = hikkoshi(&clone_args(&s.uri("api"), &t.url("api"), "3", "512kB"));
     assert_success(&out);
     assert_identical(&src, &tgt).await;
     let n: i64 = tgt
@@ -109,17 +88,9 @@ async fn clone_18_to_18_carries_pgvector_embeddings_and_large_json() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn include_and_exclude_patterns_select_what_is_created_and_copied() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
+    let Sides { pair, src, tgt } = Pair::new(15, 18).source(FIXTURE_APP).await;
+    let out = pair.hikkoshi(&[
         "clone",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
         "--include",
         "app.*",
         "--exclude",
@@ -168,22 +139,19 @@ async fn include_and_exclude_patterns_select_what_is_created_and_copied() {
 /// balance plus its ledger entries on the target, and the total is unchanged.
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_is_one_instant_while_the_source_is_written() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "bank").await;
-    src.batch_execute(
-        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, pad text);
-         INSERT INTO accounts SELECT i, 1000, repeat('x', 200) FROM generate_series(1, 100000) i;
-         CREATE TABLE ledger (id bigserial PRIMARY KEY, account int NOT NULL, delta bigint NOT NULL);
-         CREATE TABLE movements (account int, delta bigint); -- no primary key: split by ctid
-         ANALYZE;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "bank").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18)
+        .db("bank")
+        .source(
+            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, pad text);
+             INSERT INTO accounts SELECT i, 1000, repeat('x', 200) FROM generate_series(1, 100000) i;
+             CREATE TABLE ledger (id bigserial PRIMARY KEY, account int NOT NULL, delta bigint NOT NULL);
+             CREATE TABLE movements (account int, delta bigint); -- no primary key: split by ctid
+             ANALYZE;",
+        )
+        .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let url = s.url("bank");
+        let url = pair.source_url();
         let stop = stop.clone();
         tokio::spawn(async move {
             let c = connect(&url).await;
@@ -207,17 +175,7 @@ async fn copy_is_one_instant_while_the_source_is_written() {
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("bank"),
-        "--target",
-        &t.url("bank"),
-        "--jobs",
-        "3",
-        "--chunk-size",
-        "1MB",
-    ]);
+    let out = pair.hikkoshi(&["clone", "--jobs", "3", "--chunk-size", "1MB"]);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let transfers = writer.await.unwrap();
     assert_success(&out);
@@ -293,30 +251,17 @@ fn run_measuring_peak_rss(args: &[&str]) -> (std::process::ExitStatus, u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_stays_bounded_with_400_mb_of_2_mb_values() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "docs").await;
-    src.batch_execute(
-        "CREATE TABLE docs (id int PRIMARY KEY, body jsonb NOT NULL, raw text NOT NULL);
-         INSERT INTO docs SELECT i, jsonb_build_object('i', i, 'blob', repeat(md5(i::text), 31250)),
-                                repeat(md5((i + 1)::text), 31250)
-         FROM generate_series(1, 200) i;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "docs").await;
-    let (su, tu) = (s.url("docs"), t.url("docs"));
-    let (status, peak) = run_measuring_peak_rss(&[
-        "clone",
-        "--source",
-        &su,
-        "--target",
-        &tu,
-        "--jobs",
-        "2",
-        "--chunk-size",
-        "1MB",
-    ]);
+    let Sides { pair, src, tgt } = Pair::new(15, 18)
+        .db("docs")
+        .source(
+            "CREATE TABLE docs (id int PRIMARY KEY, body jsonb NOT NULL, raw text NOT NULL);
+             INSERT INTO docs SELECT i, jsonb_build_object('i', i, 'blob', repeat(md5(i::text), 31250)),
+                                    repeat(md5((i + 1)::text), 31250)
+             FROM generate_series(1, 200) i;",
+        )
+        .await;
+    let (su, tu) = (pair.source_url(), pair.target_url());
+    let (status, peak) = run_measuring_peak_rss(&clone_args(&su, &tu, "2", "1MB"));
     assert!(status.success());
     assert_identical(&src, &tgt).await;
     let moved: i64 = src
@@ -339,29 +284,26 @@ async fn memory_stays_bounded_with_400_mb_of_2_mb_values() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unusual_tables_clone_identically() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "odd").await;
-    src.batch_execute(
-        "CREATE TABLE no_columns ();
-         INSERT INTO no_columns DEFAULT VALUES; INSERT INTO no_columns DEFAULT VALUES;
-         CREATE TABLE dropped (a int, b text, c int PRIMARY KEY);
-         INSERT INTO dropped SELECT i, 'x' || i, i FROM generate_series(1, 1000) i;
-         ALTER TABLE dropped DROP COLUMN b;
-         CREATE UNLOGGED TABLE scratch (k text PRIMARY KEY, v bytea);
-         INSERT INTO scratch SELECT 'k' || i, decode(md5(i::text), 'hex') FROM generate_series(1, 500) i;
-         CREATE TABLE parent (id int, kind text);
-         CREATE TABLE child (extra int) INHERITS (parent);
-         INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 'c', 9);
-         CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-         CREATE DOMAIN moods AS mood[];
-         CREATE TABLE feelings (id serial PRIMARY KEY, m moods, r int4range, h numeric);
-         INSERT INTO feelings (m, r, h) VALUES ('{sad,happy}', '[1,5)', 1e100), (NULL, 'empty', 'NaN');
-         CREATE SEQUENCE lonely INCREMENT 7; SELECT nextval('lonely'); SELECT nextval('lonely');",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "odd").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .db("odd")
+        .source(
+            "CREATE TABLE no_columns ();
+             INSERT INTO no_columns DEFAULT VALUES; INSERT INTO no_columns DEFAULT VALUES;
+             CREATE TABLE dropped (a int, b text, c int PRIMARY KEY);
+             INSERT INTO dropped SELECT i, 'x' || i, i FROM generate_series(1, 1000) i;
+             ALTER TABLE dropped DROP COLUMN b;
+             CREATE UNLOGGED TABLE scratch (k text PRIMARY KEY, v bytea);
+             INSERT INTO scratch SELECT 'k' || i, decode(md5(i::text), 'hex') FROM generate_series(1, 500) i;
+             CREATE TABLE parent (id int, kind text);
+             CREATE TABLE child (extra int) INHERITS (parent);
+             INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 'c', 9);
+             CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+             CREATE DOMAIN moods AS mood[];
+             CREATE TABLE feelings (id serial PRIMARY KEY, m moods, r int4range, h numeric);
+             INSERT INTO feelings (m, r, h) VALUES ('{sad,happy}', '[1,5)', 1e100), (NULL, 'empty', 'NaN');
+             CREATE SEQUENCE lonely INCREMENT 7; SELECT nextval('lonely'); SELECT nextval('lonely');",
+        )
+        .await;
     // shift the target's OIDs so that a value carrying a type OID would not read back
     tgt.batch_execute(
         "CREATE SCHEMA shift; CREATE TYPE shift.a AS ENUM ('x'); CREATE TYPE shift.b AS (x int);
@@ -369,15 +311,7 @@ async fn unusual_tables_clone_identically() {
     )
     .await
     .unwrap();
-    let out = hikkoshi(&[
-        "clone",
-        "--source",
-        &s.url("odd"),
-        "--target",
-        &t.url("odd"),
-        "--chunk-size",
-        "8kB",
-    ]);
+    let out = pair.hikkoshi(&["clone", "--chunk-size", "8kB"]);
     assert_success(&out);
     assert_identical(&src, &tgt).await;
     let fmt: String = tgt
@@ -393,20 +327,16 @@ async fn unusual_tables_clone_identically() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_the_migration_and_clean_removes_every_trace() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 100);",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let (su, tu) = (s.url("app"), t.url("app"));
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source(
+            "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 100);",
+        )
+        .await;
+    let tu = pair.target_url();
     let out = hikkoshi(&["status", "--target", &tu]);
     assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no hikkoshi migration"));
-    assert_success(&hikkoshi(&["clone", "--source", &su, "--target", &tu]));
+    assert_success(&pair.hikkoshi(&["clone"]));
     let out = hikkoshi(&["status", "--target", &tu, "--json"]);
     assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -424,7 +354,7 @@ async fn status_reports_the_migration_and_clean_removes_every_trace() {
         "{}",
         text(&out)
     );
-    assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
+    assert_success(&pair.hikkoshi(&["clean"]));
     assert!(!has_state(&tgt).await);
     assert!(hikkoshi_slots(&src).await.is_empty());
     assert_eq!(
@@ -433,5 +363,5 @@ async fn status_reports_the_migration_and_clean_removes_every_trace() {
         "clean keeps the copied data"
     );
     // idempotent
-    assert_success(&hikkoshi(&["clean", "--source", &su, "--target", &tu]));
+    assert_success(&pair.hikkoshi(&["clean"]));
 }

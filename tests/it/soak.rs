@@ -6,7 +6,7 @@
 //!   5000 rows) and small ones, truncates, and a table without a primary key (REPLICA IDENTITY FULL, with
 //!   duplicate rows).
 //! - Faults (every 1–4 s): kill -9 of hikkoshi and a restart of it, an `immediate` restart of the source or
-//!   of the target, and, through a TCP proxy between hikkoshi and each server (tests/common/proxy.rs),
+//!   of the target, and, through a TCP proxy between hikkoshi and each server (tests/it/common/proxy.rs),
 //!   connections dropped (FIN), reset (RST) or stalled for 2–8 s (hikkoshi runs with
 //!   `HIKKOSHI_STALL_SECS=5`, so longer stalls are detected and shorter ones ride through).
 //! - The end: faults and writes stop, the follower catches up, `hikkoshi cutover` switches (fenced, with
@@ -18,18 +18,17 @@
 //!
 //! `HIKKOSHI_SOAK_SECS` sets how long faults and writes go on (default 45 s per version pair, so that CI
 //! spends 2–3 minutes on the two tests); `HIKKOSHI_SOAK_SEED` replays a run: the seed is printed at the
-//! start (`cargo nextest run --test soak --no-capture` shows it; a failing test prints it anyway). The seed
-//! fixes the sequence of writes and faults; their timing against hikkoshi's own work still varies.
-
-mod common;
+//! start (`cargo nextest run --test it soak:: --no-capture` shows it; a failing test prints it anyway).
+//! The seed fixes the sequence of writes and faults; their timing against hikkoshi's own work still varies.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::live::*;
-use common::proxy::Proxy;
-use common::*;
+use crate::common::live::*;
+use crate::common::proxy::Proxy;
+use crate::common::scenario::*;
+use crate::common::*;
 use hikkoshi::localserver::LocalServer;
 use tokio_postgres::{Client, NoTls};
 
@@ -231,16 +230,11 @@ async fn soak(source_major: u32) {
         secs.as_secs()
     );
     eprintln!("soak seed {seed}");
-    let s = server(source_major);
-    let t = server(18);
-    let src = create_db(&s, "soak").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    drop(src);
-    create_db(&t, "soak").await;
-    let ps = Proxy::start(s.port);
-    let pt = Proxy::start(t.port);
+    let Sides { pair, .. } = Pair::new(source_major, 18).db("soak").source(SCHEMA).await;
+    let ps = Proxy::start(pair.s.port);
+    let pt = Proxy::start(pair.t.port);
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = tokio::spawn(writer(s.url("soak"), seed, stop.clone()));
+    let writes = tokio::spawn(writer(pair.source_url(), seed, stop.clone()));
     let mut rng = Rng(seed);
     let mut follower = start_follower(&ps, &pt);
     let started = Instant::now();
@@ -254,7 +248,7 @@ async fn soak(source_major: u32) {
                 "{:>6.1}s hikkoshi exited by itself ({status}):\n{}\n{}",
                 started.elapsed().as_secs_f64(),
                 tail(&follower.log()),
-                copy_records(&t).await
+                copy_records(&pair.t).await
             );
             assert!(
                 exits_in_a_row < 3,
@@ -277,11 +271,11 @@ async fn soak(source_major: u32) {
             }
             1 => {
                 println!("{at:>6.1}s restart the source (immediate)");
-                restart(&s);
+                restart(&pair.s);
             }
             2 => {
                 println!("{at:>6.1}s restart the target (immediate)");
-                restart(&t);
+                restart(&pair.t);
             }
             3 | 4 => {
                 let (name, p) = if fault == 3 {
@@ -319,19 +313,11 @@ async fn soak(source_major: u32) {
         println!("hikkoshi had exited:\n{}", tail(&follower.log()));
         follower = start_follower(&ps, &pt);
     }
-    let src = connect(&s.url("soak")).await;
-    let tgt = connect(&t.url("soak")).await;
+    let src = connect(&pair.source_url()).await;
+    let tgt = connect(&pair.target_url()).await;
     wait_in_sync_within(&src, &tgt, &mut follower, 300).await;
     // the cutover fences, catches up, verifies and moves the sequences
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("soak"),
-        "--target",
-        &t.url("soak"),
-        "--timeout",
-        "120",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--timeout", "120"]);
     assert!(
         out.status.success(),
         "seed {seed}: the cutover failed:\n{}\n{}",
@@ -340,7 +326,7 @@ async fn soak(source_major: u32) {
     );
     let status = follower.exits_by_itself().await;
     assert!(status.success(), "{}", follower.log());
-    let src = connect(&s.socket_url("soak")).await;
+    let src = connect(&pair.s.socket_url("soak")).await;
     assert_same_rows_and_schema(&src, &tgt).await;
     let (a, b) = (sequences(&src).await, sequences(&tgt).await);
     for (name, (value, _)) in &a {

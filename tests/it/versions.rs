@@ -4,10 +4,9 @@
 //! that `.ci/prepare` unpacks; the client programs are the newest (18's pg_dump reads every older server).
 //! `check::TESTED_PAIRS` lists these pairs, and `check` says so for them.
 
-mod common;
-
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::scenario::*;
+use crate::common::*;
 
 /// The whole migration from a `source` server to a `target` one, under writes; with `pg_bin`, hikkoshi
 /// finds pg_dump and pg_restore only there.
@@ -18,24 +17,12 @@ async fn migrate(
     extra_sql: &str,
     pg_bin: Option<&str>,
 ) -> (String, String) {
-    let s = server(source);
-    let t = server(target);
-    let src = app_source(&s).await;
+    let Sides { pair, src, tgt } = Pair::new(source, target).app().await;
     if !extra_sql.is_empty() {
         src.batch_execute(extra_sql).await.unwrap();
     }
-    let tgt = create_db(&t, "app").await;
     let env: Vec<(&str, &str)> = pg_bin.map(|b| ("HIKKOSHI_PG_BIN", b)).into_iter().collect();
-    let check = hikkoshi_env(
-        &[
-            "check",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-        ],
-        &env,
-    );
+    let check = pair.hikkoshi_env(&["check"], &env);
     assert!(
         text(&check).contains(&format!("PostgreSQL {source} → {target}: tested in CI")),
         "{}",
@@ -46,24 +33,13 @@ async fn migrate(
         "{}",
         text(&check)
     );
-    let mut f = Follower::start_between(&s.url("app"), &t.url("app"), &[], &env);
+    let mut f = pair.follower(&env);
     // writes during the copy and the stream
-    workload(s.url("app"), 0, 40).await;
+    workload(pair.source_url(), 0, 40).await;
     wait_in_sync(&src, &tgt, &mut f).await;
-    workload(s.url("app"), 40, 40).await;
+    workload(pair.source_url(), 40, 40).await;
     wait_in_sync(&src, &tgt, &mut f).await;
-    let out = hikkoshi_env(
-        &[
-            "cutover",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-            "--verify",
-            "full",
-        ],
-        &env,
-    );
+    let out = pair.hikkoshi_env(&["cutover", "--verify", "full"], &env);
     assert_success(&out);
     assert!(
         f.exits_by_itself().await.success(),
@@ -71,17 +47,11 @@ async fn migrate(
         f.log()
     );
     // (the fence ended every other session)
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert_same_rows_and_schema(&src, &tgt).await;
     assert_sequences_at_least(&src, &tgt).await;
-    let verify = hikkoshi(&[
-        "verify",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let verify = pair.hikkoshi(&["verify"]);
     assert_success(&verify);
     (text(&check), text(&out))
 }
@@ -102,7 +72,7 @@ async fn from_13_to_18() {
 /// pg_restore 18 would send `SET transaction_timeout`, which 16 does not know.
 #[tokio::test(flavor = "multi_thread")]
 async fn from_13_to_16_with_only_the_newest_pg_restore() {
-    let newest = common::install(18).bin.to_string_lossy().into_owned();
+    let newest = install(18).bin.to_string_lossy().into_owned();
     let (check, _) = migrate(13, 16, "", Some(&newest)).await;
     assert!(check.contains("restored through a SQL script"), "{check}");
 }
@@ -139,20 +109,10 @@ async fn from_18_to_18_with_hnsw_and_virtual_generated_columns() {
 /// target is left as it was.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_before_13_is_refused_with_the_reason() {
-    let s = server(12);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let check = hikkoshi(&[
-        "check",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let Sides { pair, tgt, .. } = Pair::new(12, 18)
+        .source("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await;
+    let check = pair.hikkoshi(&["check"]);
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     assert!(
         text(&check).contains("the source runs PostgreSQL 12")
@@ -160,14 +120,7 @@ async fn a_source_before_13_is_refused_with_the_reason() {
         "{}",
         text(&check)
     );
-    let clone = hikkoshi(&[
-        "clone",
-        "--follow",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let clone = pair.hikkoshi(&["clone", "--follow"]);
     assert_eq!(clone.status.code(), Some(1), "{}", text(&clone));
     assert!(text(&clone).contains("PostgreSQL 12"), "{}", text(&clone));
     assert!(user_tables(&tgt).await.is_empty());

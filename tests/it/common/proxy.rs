@@ -3,8 +3,6 @@
 //! drops (closes every open connection) or resets (closes them with RST). It runs on a thread and runtime
 //! of its own, so blocking test code (a server restart, a child's wait) never starves it.
 
-use std::sync::{Arc, Mutex};
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -22,7 +20,6 @@ pub struct Proxy {
     /// The port hikkoshi connects to.
     pub port: u16,
     state: watch::Sender<State>,
-    opened: Arc<Mutex<u64>>,
     _runtime: std::thread::JoinHandle<()>,
 }
 
@@ -30,9 +27,7 @@ impl Proxy {
     /// Starts forwarding 127.0.0.1:`port` (a free port) to 127.0.0.1:`upstream`.
     pub fn start(upstream: u16) -> Proxy {
         let (state, rx) = watch::channel(State::default());
-        let opened = Arc::new(Mutex::new(0));
         let (port_tx, port_rx) = std::sync::mpsc::channel();
-        let counter = opened.clone();
         let runtime = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -45,7 +40,6 @@ impl Proxy {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
-                    *counter.lock().unwrap() += 1;
                     tokio::spawn(serve(client, upstream, rx.clone()));
                 }
             });
@@ -53,7 +47,6 @@ impl Proxy {
         Proxy {
             port: port_rx.recv().unwrap(),
             state,
-            opened,
             _runtime: runtime,
         }
     }
@@ -92,11 +85,6 @@ impl Proxy {
             s.generation += 1;
             s.reset = true;
         });
-    }
-
-    /// How many connections were accepted so far.
-    pub fn connections(&self) -> u64 {
-        *self.opened.lock().unwrap()
     }
 }
 

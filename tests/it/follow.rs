@@ -1,25 +1,21 @@
 //! `hikkoshi clone --follow` on real servers: a live workload during the copy and the stream, then the
 //! target compared with the source row by row.
 
-mod common;
-
 use hikkoshi::failpoint;
 
 use std::time::Duration;
 
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::scenario::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_applies_a_live_workload_exactly_once() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
     // writes start before the clone and go on during the copy and the stream
-    let writer = tokio::spawn(workload(s.url("app"), 0, 300));
+    let writer = tokio::spawn(workload(pair.source_url(), 0, 300));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     writer.await.unwrap();
     // a 200 000-row transaction, a truncate of several tables, and more small ones
     src.batch_execute(
@@ -29,7 +25,7 @@ async fn follow_applies_a_live_workload_exactly_once() {
     )
     .await
     .unwrap();
-    workload(s.url("app"), 300, 40).await;
+    workload(pair.source_url(), 300, 40).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let peak = peak_rss(&f);
     assert!(
@@ -59,8 +55,8 @@ async fn follow_applies_a_live_workload_exactly_once() {
     );
     // the slot stays for the next run, which resumes
     assert_eq!(hikkoshi_slots(&src).await.len(), 1);
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    workload(s.url("app"), 340, 20).await;
+    let mut f = pair.follower(&[]);
+    workload(pair.source_url(), 340, 20).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
@@ -69,12 +65,7 @@ async fn follow_applies_a_live_workload_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
-    let s = server(15);
-    let t = server(15);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live { pair, src, tgt, f } = Pair::new(15, 15).app().await.following().await;
     let (status, _) = f.stop();
     assert!(status.success());
     let points = [
@@ -82,7 +73,7 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
         failpoint::nth(failpoint::APPLY_AFTER_COMMIT, 3),
     ];
     for (n, point) in points.iter().enumerate() {
-        let mut f = Follower::start(&s, &t, "app", &[("HIKKOSHI_FAILPOINT", point)]);
+        let mut f = pair.follower(&[("HIKKOSHI_FAILPOINT", point)]);
         // write in small bursts until the failpoint (the third commit on the target) kills the follower
         let mut k = n as i32 * 1000;
         let status = loop {
@@ -94,7 +85,7 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
                 "the failpoint was never reached:\n{}",
                 f.log()
             );
-            workload(s.url("app"), k, 5).await;
+            workload(pair.source_url(), k, 5).await;
             k += 5;
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
@@ -104,7 +95,7 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
             f.log()
         );
         assert!(f.log().contains("failpoint"), "{}", f.log());
-        let mut f = Follower::start(&s, &t, "app", &[]);
+        let mut f = pair.follower(&[]);
         wait_in_sync(&src, &tgt, &mut f).await;
         let (status, log) = f.stop();
         assert!(status.success(), "{log}");
@@ -114,12 +105,9 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_added_on_the_source_stops_the_stream_with_the_table_named() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        src, tgt, mut f, ..
+    } = Pair::new(15, 18).app().await.following().await;
     src.batch_execute(
         "ALTER TABLE app.customers ADD COLUMN tier text;
          UPDATE app.customers SET tier = 'gold' WHERE id = 1;",
@@ -144,23 +132,12 @@ async fn a_column_added_on_the_source_stops_the_stream_with_the_table_named() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_without_identity_is_refused_before_the_publication_breaks_the_application() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE logs (at timestamptz, line text); INSERT INTO logs VALUES (now(), 'x');",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let out = hikkoshi(&[
-        "clone",
-        "--follow",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source(
+            "CREATE TABLE logs (at timestamptz, line text); INSERT INTO logs VALUES (now(), 'x');",
+        )
+        .await;
+    let out = pair.hikkoshi(&["clone", "--follow"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -179,21 +156,13 @@ async fn a_table_without_identity_is_refused_before_the_publication_breaks_the_a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let (stop, writer) = background_writer(s.url("app"), 0);
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
+    let (stop, writer) = background_writer(pair.source_url(), 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut f = Follower::start(
-        &s,
-        &t,
-        "app",
-        &[(
-            "HIKKOSHI_FAILPOINT",
-            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 12),
-        )],
-    );
+    let mut f = pair.follower(&[(
+        "HIKKOSHI_FAILPOINT",
+        &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 12),
+    )]);
     let status = f.child.wait().unwrap();
     assert!(
         !status.success(),
@@ -211,7 +180,7 @@ async fn a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream(
     assert!(copied >= 12, "{copied}");
     // more writes between the two runs, then the resumed copy in a new snapshot
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.await.unwrap();
@@ -234,20 +203,17 @@ async fn a_copy_killed_and_resumed_under_writes_ends_identical_after_the_stream(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarts_of_source_and_target_during_streaming_recover_by_themselves() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let Live {
+        pair, tgt, mut f, ..
+    } = Pair::new(15, 18).app().await.following().await;
+    workload(pair.source_url(), 0, 30).await;
+    pair.s.restart("immediate").unwrap();
+    let src = connect(&pair.source_url()).await;
+    workload(pair.source_url(), 30, 30).await;
     wait_in_sync(&src, &tgt, &mut f).await;
-    workload(s.url("app"), 0, 30).await;
-    s.restart("immediate").unwrap();
-    let src = connect(&s.url("app")).await;
-    workload(s.url("app"), 30, 30).await;
-    wait_in_sync(&src, &tgt, &mut f).await;
-    t.restart("immediate").unwrap();
-    let tgt = connect(&t.url("app")).await;
-    workload(s.url("app"), 60, 30).await;
+    pair.t.restart("immediate").unwrap();
+    let tgt = connect(&pair.target_url()).await;
+    workload(pair.source_url(), 60, 30).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
@@ -260,14 +226,11 @@ async fn restarts_of_source_and_target_during_streaming_recover_by_themselves() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_type_changed_on_the_source_stops_the_stream_with_both_types_named() {
-    let s = server(15);
-    let t = server(15);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        pair, src, mut f, ..
+    } = Pair::new(15, 15).app().await.following().await;
     // status sees a running, caught-up follower
-    let out = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    let out = hikkoshi(&["status", "--target", &pair.target_url(), "--json"]);
     assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stream"]["follower_running"], true, "{v}");
@@ -287,19 +250,14 @@ async fn a_column_type_changed_on_the_source_stops_the_stream_with_both_types_na
             && log.contains("numeric(10,2)"),
         "{log}"
     );
-    let out = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    let out = hikkoshi(&["status", "--target", &pair.target_url(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stream"]["follower_running"], false, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
-    let s = server(15);
-    let t = server(15);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live { pair, src, f, .. } = Pair::new(15, 15).app().await.following().await;
     let (status, _) = f.stop();
     assert!(status.success());
     let slots = hikkoshi_slots(&src).await;
@@ -307,7 +265,7 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
     src.execute("SELECT pg_drop_replication_slot($1)", &[&slots[0]])
         .await
         .unwrap();
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     let status = f.child.wait().unwrap();
     let log = f.log();
     assert_eq!(status.code(), Some(1), "{log}");
@@ -319,17 +277,9 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publication() {
-    let s = server(15);
-    let t = server(18);
-    let (src, tgt) = schema_conflict_pair(&s, &t).await;
-    let out = hikkoshi(&[
-        "clone",
-        "--follow",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let pair = Pair::new(15, 18);
+    let (src, tgt) = schema_conflict_pair(&pair.s, &pair.t).await;
+    let out = pair.hikkoshi(&["clone", "--follow"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(hikkoshi_slots(&src).await.is_empty(), "{}", text(&out));
     let pubs = publication_count(&src).await;
@@ -339,17 +289,17 @@ async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_during_streaming_rechecks_until_the_target_catches_up() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18).app().await.following().await;
     // verify starts while the source is being written; the writes stop a little later, and the ranges
     // that differed because the target trailed are checked again until they settle
-    let (stop, writer) = background_writer(s.url("app"), 0);
+    let (stop, writer) = background_writer(pair.source_url(), 0);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (su, tu) = (s.url("app"), t.url("app"));
+    let (su, tu) = (pair.source_url(), pair.target_url());
     let verify = std::thread::spawn(move || {
         hikkoshi(&[
             "verify", "--source", &su, "--target", &tu, "--json", "--jobs", "1",
@@ -375,30 +325,27 @@ async fn verify_during_streaming_rechecks_until_the_target_catches_up() {
 /// (one target transaction each, at least), then a target that drifted: the set-based update names the key.
 #[tokio::test(flavor = "multi_thread")]
 async fn folded_changes_end_exactly_as_on_the_source() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "fold").await;
-    let tgt = create_db(&t, "fold").await;
-    src.batch_execute(
-        "CREATE TABLE kv (id int PRIMARY KEY, v text, doc text);
-         ALTER TABLE kv ALTER doc SET STORAGE EXTERNAL;
-         CREATE TABLE uniq (id int PRIMARY KEY, code text UNIQUE, n int);
-         CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tag text,
-                             no int GENERATED ALWAYS AS IDENTITY (START 100) UNIQUE);
-         CREATE TABLE pair (a int, b text, v int, PRIMARY KEY (a, b));
-         CREATE TABLE part (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-         CREATE TABLE part_eu PARTITION OF part FOR VALUES IN ('eu');
-         CREATE TABLE part_us PARTITION OF part FOR VALUES IN ('us');
-         INSERT INTO kv SELECT i, 'v' || i, repeat(md5(i::text), 400) FROM generate_series(1, 50) i;
-         INSERT INTO uniq SELECT i, 'c' || i, 0 FROM generate_series(1, 10) i;
-         INSERT INTO ident (tag) SELECT 't' || i FROM generate_series(1, 10) i;
-         INSERT INTO pair SELECT i % 5, 'b' || i, i FROM generate_series(1, 20) i;
-         INSERT INTO part SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, i FROM generate_series(1, 20) i;",
-    )
-    .await
-    .unwrap();
-    let mut f = Follower::start(&s, &t, "fold", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live { src, tgt, mut f, .. } = Pair::new(15, 18)
+        .db("fold")
+        .source(
+            "CREATE TABLE kv (id int PRIMARY KEY, v text, doc text);
+             ALTER TABLE kv ALTER doc SET STORAGE EXTERNAL;
+             CREATE TABLE uniq (id int PRIMARY KEY, code text UNIQUE, n int);
+             CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tag text,
+                                 no int GENERATED ALWAYS AS IDENTITY (START 100) UNIQUE);
+             CREATE TABLE pair (a int, b text, v int, PRIMARY KEY (a, b));
+             CREATE TABLE part (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+             CREATE TABLE part_eu PARTITION OF part FOR VALUES IN ('eu');
+             CREATE TABLE part_us PARTITION OF part FOR VALUES IN ('us');
+             INSERT INTO kv SELECT i, 'v' || i, repeat(md5(i::text), 400) FROM generate_series(1, 50) i;
+             INSERT INTO uniq SELECT i, 'c' || i, 0 FROM generate_series(1, 10) i;
+             INSERT INTO ident (tag) SELECT 't' || i FROM generate_series(1, 10) i;
+             INSERT INTO pair SELECT i % 5, 'b' || i, i FROM generate_series(1, 20) i;
+             INSERT INTO part SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, i FROM generate_series(1, 20) i;",
+        )
+        .await
+        .following()
+        .await;
     let cases = [
         // inserted, updated and deleted: nothing; a row updated many times with its document untouched
         "INSERT INTO kv VALUES (100, 'new', 'd'); UPDATE kv SET v = 'newer' WHERE id = 100;
@@ -467,21 +414,16 @@ async fn folded_changes_end_exactly_as_on_the_source() {
 /// so their differing rows are settled one by one. Only the row changed on the target is reported.
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_under_constant_writes_reports_only_the_row_that_really_differs() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live { pair, tgt, f, .. } = Pair::new(15, 18).app().await.following().await;
     // the workload never touches event 1
     tgt.batch_execute(
         "UPDATE app.events SET occurred_at = occurred_at + interval '1 day' WHERE id = 1",
     )
     .await
     .unwrap();
-    let (stop, writer) = background_writer(s.url("app"), 0);
+    let (stop, writer) = background_writer(pair.source_url(), 0);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (su, tu) = (s.url("app"), t.url("app"));
+    let (su, tu) = (pair.source_url(), pair.target_url());
     let out = tokio::task::spawn_blocking(move || {
         hikkoshi(&["verify", "--source", &su, "--target", &tu, "--json"])
     })
@@ -513,9 +455,6 @@ async fn verify_under_constant_writes_reports_only_the_row_that_really_differs()
 /// one came once from that copy and once more from the stream (a duplicate key stopped the follower).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_half_copied_partition_tree_resumes_without_doubling_rows() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
     let mut ddl = String::from(
         "CREATE TABLE m (id int, p int, v text, PRIMARY KEY (id, p)) PARTITION BY LIST (p);",
     );
@@ -525,17 +464,11 @@ async fn a_half_copied_partition_tree_resumes_without_doubling_rows() {
         ));
     }
     ddl.push_str("INSERT INTO m SELECT g, g % 6, 'before' FROM generate_series(1, 600) g;");
-    src.batch_execute(&ddl).await.unwrap();
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(
-        &s,
-        &t,
-        "app",
-        &[(
-            "HIKKOSHI_FAILPOINT",
-            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 2),
-        )],
-    );
+    let Sides { pair, src, tgt } = Pair::new(15, 18).source(&ddl).await;
+    let mut f = pair.follower(&[(
+        "HIKKOSHI_FAILPOINT",
+        &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 2),
+    )]);
     assert!(
         !f.child.wait().unwrap().success(),
         "the failpoint killed the copy"
@@ -559,7 +492,7 @@ async fn a_half_copied_partition_tree_resumes_without_doubling_rows() {
     )
     .await
     .unwrap();
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     src.batch_execute(
         "INSERT INTO m SELECT g, g % 6, 'after' FROM generate_series(2000, 2059) g;
          UPDATE m SET v = v || ' (updated)' WHERE id % 7 = 0;

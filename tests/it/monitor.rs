@@ -1,51 +1,21 @@
 //! The status page, /metrics and /health of a running migration: served by `clone --follow --listen` and by
 //! `status --listen`, read by a Prometheus text parser and rendered by headless Chromium.
 
-mod common;
-
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::live::workload;
-use common::*;
-use hikkoshi::localserver::LocalServer;
+use crate::common::live::{Follower, workload};
+use crate::common::scenario::*;
+use crate::common::*;
 
-/// Polls `path` until `ok` holds for its answer (30 s at most).
-async fn wait_for(port: u16, path: &str, ok: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    let mut last = None;
-    for _ in 0..150 {
-        if let Some((code, body)) = get(port, path) {
-            if ok(code, &body) {
-                return (code, body);
-            }
-            last = Some((code, body));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("{path} never answered as expected; last answer: {last:?}");
-}
-
-fn following_with_listen(s: &LocalServer, t: &LocalServer, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
-        .args([
-            "clone",
-            "--follow",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-            "--jobs",
-            "2",
-            "--chunk-size",
-            "1MB",
-            "--listen",
-            &port.to_string(),
-        ])
-        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A following clone that serves its status page, /metrics and /health on `port`.
+fn following_with_listen(pair: &Pair, port: u16) -> Follower {
+    Follower::start_between(
+        &pair.source_url(),
+        &pair.target_url(),
+        &["--listen", &port.to_string()],
+        &[],
+    )
 }
 
 fn chromium() -> String {
@@ -63,17 +33,17 @@ fn chromium() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_parse_and_health_follows_the_stream() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
     let port = free_port();
-    let mut follower = following_with_listen(&s, &t, port);
-    workload(s.url("app"), 0, 20).await;
-    let (_, health) = wait_for(port, "/health", |c, b| c == 200 && b.contains("streaming")).await;
+    let mut follower = following_with_listen(&pair, port);
+    workload(pair.source_url(), 0, 20).await;
+    let (_, health) = wait_for(port, "/health", 30, |c, b| {
+        c == 200 && b.contains("streaming")
+    })
+    .await;
     assert!(health.contains("\"healthy\":true"), "{health}");
 
-    let (code, text) = wait_for(port, "/metrics", |c, b| {
+    let (code, text) = wait_for(port, "/metrics", 30, |c, b| {
         c == 200 && b.contains("hikkoshi_transactions_applied_total")
     })
     .await;
@@ -129,14 +99,14 @@ async fn metrics_parse_and_health_follows_the_stream() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(synced, "the follower did not catch up");
-    follower.kill().unwrap();
-    follower.wait().unwrap();
+    follower.child.kill().unwrap();
+    follower.child.wait().unwrap();
     let port2 = free_port();
     let mut watcher = Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
         .args([
             "status",
             "--target",
-            &t.url("app"),
+            &pair.target_url(),
             "--listen",
             &port2.to_string(),
         ])
@@ -144,7 +114,7 @@ async fn metrics_parse_and_health_follows_the_stream() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (code, body) = wait_for(port2, "/health", |c, _| c == 503).await;
+    let (code, body) = wait_for(port2, "/health", 30, |c, _| c == 503).await;
     assert_eq!(code, 503);
     assert!(body.contains("streaming has stopped"), "{body}");
     watcher.kill().unwrap();
@@ -154,14 +124,14 @@ async fn metrics_parse_and_health_follows_the_stream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_renders_a_running_migration_in_chromium() {
     let browser = chromium();
-    let s = server(15);
-    let t = server(18);
-    app_source(&s).await;
-    create_db(&t, "app").await;
+    let Sides { pair, .. } = Pair::new(15, 18).app().await;
     let port = free_port();
-    let mut follower = following_with_listen(&s, &t, port);
-    workload(s.url("app"), 0, 20).await;
-    wait_for(port, "/health", |c, b| c == 200 && b.contains("streaming")).await;
+    let mut follower = following_with_listen(&pair, port);
+    workload(pair.source_url(), 0, 20).await;
+    wait_for(port, "/health", 30, |c, b| {
+        c == 200 && b.contains("streaming")
+    })
+    .await;
     // let the sampler collect a few points for the chart
     tokio::time::sleep(Duration::from_secs(5)).await;
     let url = format!("http://127.0.0.1:{port}/");
@@ -217,6 +187,6 @@ async fn the_status_page_renders_a_running_migration_in_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("screenshot: {}", shot.display());
-    follower.kill().unwrap();
-    follower.wait().unwrap();
+    follower.child.kill().unwrap();
+    follower.child.wait().unwrap();
 }

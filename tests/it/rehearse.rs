@@ -1,9 +1,8 @@
 //! `hikkoshi clone --rehearse`: a complete, sane prediction for every selected table, and nothing left on
 //! either server; bad input fails as `clone` does. (No timing thresholds: the figures depend on the machine.)
 
-mod common;
-
-use common::*;
+use crate::common::scenario::*;
+use crate::common::*;
 
 fn report(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
@@ -57,25 +56,12 @@ async fn source_leftovers(c: &tokio_postgres::Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rehearse_predicts_every_table_and_leaves_both_servers_as_they_were() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
     let source_objects = objects(&src).await;
     let target_objects = objects(&tgt).await;
     let tables = user_tables(&src).await;
 
-    let out = hikkoshi(&[
-        "clone",
-        "--rehearse",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--jobs",
-        "2",
-        "--json",
-    ]);
+    let out = pair.hikkoshi(&["clone", "--rehearse", "--jobs", "2", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let r = report(&out);
     let listed: Vec<String> = r["tables"]
@@ -161,16 +147,7 @@ async fn rehearse_predicts_every_table_and_leaves_both_servers_as_they_were() {
     assert!(!has_state(&tgt).await);
 
     // the text report, with a selection: only the selected tables
-    let out = hikkoshi(&[
-        "clone",
-        "--rehearse",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--include",
-        "app.orders",
-    ]);
+    let out = pair.hikkoshi(&["clone", "--rehearse", "--include", "app.orders"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("app.orders"), "{stdout}");
@@ -189,29 +166,16 @@ async fn rehearse_predicts_every_table_and_leaves_both_servers_as_they_were() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rehearse_fails_on_bad_input_like_clone_and_creates_nothing() {
-    let s = server(15);
-    let t = server(15);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE orders (id int primary key, note text);
-         INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(1, 1000) i;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 15)
+        .source(
+            "CREATE TABLE orders (id int primary key, note text);
+             INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(1, 1000) i;",
+        )
+        .await;
     let before = objects(&tgt).await;
 
     // a pattern that matches nothing: usage error, exit 2
-    let out = hikkoshi(&[
-        "clone",
-        "--rehearse",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--include",
-        "public.order",
-    ]);
+    let out = pair.hikkoshi(&["clone", "--rehearse", "--include", "public.order"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("\"public.order\" matches no table"), "{e}");
@@ -224,7 +188,7 @@ async fn rehearse_fails_on_bad_input_like_clone_and_creates_nothing() {
         "clone",
         "--rehearse",
         "--source",
-        &s.url("app"),
+        &pair.source_url(),
         "--target",
         &format!("host=127.0.0.1 port={port} user=postgres dbname=x"),
     ]);
@@ -233,29 +197,14 @@ async fn rehearse_fails_on_bad_input_like_clone_and_creates_nothing() {
     assert!(e.contains("cannot connect to the target"), "{e}");
 
     // --rehearse with --follow makes no sense: usage error
-    let out = hikkoshi(&[
-        "clone",
-        "--rehearse",
-        "--follow",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let out = pair.hikkoshi(&["clone", "--rehearse", "--follow"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
     // a target that already has the table: the preflight's blocker, and the schema cannot be rehearsed
     tgt.batch_execute("CREATE TABLE orders (id int)")
         .await
         .unwrap();
-    let out = hikkoshi(&[
-        "clone",
-        "--rehearse",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let out = pair.hikkoshi(&["clone", "--rehearse"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("hikkoshi check"), "{e}");

@@ -2,35 +2,17 @@
 //! switch; afterwards the two sides are compared row by row, sequences are checked, and the old primary must
 //! refuse the application's writes.
 
-mod common;
-
 use hikkoshi::failpoint;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::live::*;
-use common::*;
+use crate::common::live::*;
+use crate::common::scenario::*;
+use crate::common::*;
 use hikkoshi::demo::app::App;
 use hikkoshi::localserver::{LocalServer, PASSWORD, ServerOptions};
 use tokio_postgres::Client;
-
-/// The app fixture, a table the application writes through the cutover, and the role it writes as (on
-/// both servers: roles belong to the cluster, and a migration brings its roles along beforehand).
-async fn app_with_writer_role(s: &LocalServer, t: &LocalServer) -> Client {
-    let src = app_source(s).await;
-    for server in [s, t] {
-        let admin = connect(&server.socket_url("postgres")).await;
-        admin
-            .batch_execute(&format!(
-                "CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}'"
-            ))
-            .await
-            .unwrap();
-    }
-    src.batch_execute(TICKETS).await.unwrap();
-    src
-}
 
 /// The table the application writes through the switch, and the writer role's grants.
 const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL,
@@ -42,17 +24,15 @@ const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note 
          GRANT SELECT, INSERT, UPDATE ON app.orders TO app_writer;
          GRANT USAGE ON SEQUENCE app.orders_id_seq TO app_writer;";
 
-/// The app on `s` with the writer role, a following clone into `t` that has caught up, after `writes`
-/// rounds of the mixed workload during the copy and the stream.
-async fn following(s: &LocalServer, t: &LocalServer, writes: i32) -> (Client, Client, Follower) {
-    let src = app_with_writer_role(s, t).await;
-    let tgt = create_db(t, "app").await;
-    let mut follower = Follower::start(s, t, "app", &[]);
-    if writes > 0 {
-        workload(s.url("app"), 0, writes).await;
-    }
-    wait_in_sync(&src, &tgt, &mut follower).await;
-    (src, tgt, follower)
+/// The app on `pair` with the writer role, a following clone that has caught up after `writes` rounds of
+/// the mixed workload during the copy and the stream.
+async fn following(pair: Pair, writes: i32) -> Live {
+    pair.app()
+        .await
+        .with_writer(TICKETS)
+        .await
+        .following_under_workload(writes)
+        .await
 }
 
 /// A file the application reads to find its database (the "load balancer"), pointing at `server`.
@@ -66,64 +46,28 @@ fn switch_file(server: &LocalServer) -> PathBuf {
     f
 }
 
-fn app_url(server: &LocalServer) -> String {
-    format!(
-        "host=127.0.0.1 port={} user=app_writer password={PASSWORD} dbname=app sslmode=disable",
-        server.port
-    )
-}
-
-/// Whether the application role may write on `server`: Ok, or the SQLSTATE it got.
-async fn app_can_write(server: &LocalServer) -> Result<(), String> {
-    let c = connect(&app_url(server)).await;
-    c.batch_execute("INSERT INTO app.tickets (note) VALUES ('probe')")
-        .await
-        .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
-}
-
-async fn cutover_step(t: &LocalServer) -> String {
-    connect(&t.socket_url("app"))
-        .await
-        .query_one("SELECT step FROM hikkoshi.cutover", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
-    let s = server(15);
-    let t = server(18);
-    app_with_writer_role(&s, &t).await;
-    let tgt = create_db(&t, "app").await;
-    let mut follower = Follower::start(&s, &t, "app", &[]);
+    let Sides { pair, tgt, .. } = Pair::new(15, 18).app().await.with_writer(TICKETS).await;
+    let mut follower = pair.follower(&[]);
     // the application writes through all of it, wherever the switch file points
-    let switch = switch_file(&s);
+    let switch = switch_file(&pair.s);
     let writer = App::start(
         format!("host=127.0.0.1 user=app_writer password={PASSWORD} dbname=app"),
         switch.clone(),
         |_| "INSERT INTO app.tickets (note) VALUES ('from the app') RETURNING id".into(),
         Duration::from_millis(2),
     );
-    let src = connect(&s.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
     wait_in_sync(&src, &tgt, &mut follower).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let hook = format!(
         "echo \"$HIKKOSHI_NEW_PRIMARY_PORT\" > {} && test \"$PGPORT\" = {} && test \"$HIKKOSHI_STEP\" = cutover",
         switch.display(),
-        t.port
+        pair.t.port
     );
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--hook",
-        &hook,
-        "--json",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--hook", &hook, "--json"]);
     assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -153,14 +97,14 @@ async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
     assert!(status.success(), "{}", follower.log());
 
     // every row the source committed is on the target, once; the target has the app's later rows too
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert_no_ticket_lost(&src, &tgt, &stats.ids).await;
     // the other tables are identical (the app only wrote tickets after the switch)
-    assert_equal_but_tickets(&s, &t);
+    assert_equal_but_tickets(&pair);
     // every sequence is at or past the source; new inserts on the target take fresh keys
     assert_sequences_at_least(&src, &tgt).await;
-    app_can_write(&t).await.unwrap();
+    app_can_write(&pair.t).await.unwrap();
     tgt.batch_execute(
         "INSERT INTO app.orders (customer_id, ordered_at, total, invoice_no)
          SELECT customer_id, ordered_at, total, nextval('app.invoice_no') FROM app.orders LIMIT 3",
@@ -168,45 +112,32 @@ async fn cutover_under_live_writes_fences_the_source_and_loses_nothing() {
     .await
     .unwrap();
     // the old source refuses the application's writes
-    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
-    assert_eq!(cutover_step(&t).await, "switched");
+    assert_eq!(app_can_write(&pair.s).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("switched"));
     // the forward slot is gone; clean leaves nothing behind
     assert!(hikkoshi_slots(&src).await.is_empty());
-    assert_success(&hikkoshi(&[
-        "clean",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]));
+    assert_success(&pair.hikkoshi(&["clean"]));
     assert!(!has_state(&tgt).await && !has_state(&src).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
-    let s = server(15);
-    let t = server(18);
-    let (_, _, follower) = following(&s, &t, 30).await;
+    let Live {
+        pair, f: follower, ..
+    } = following(Pair::new(15, 18), 30).await;
     // no follower runs at the cutover: the cutover streams the rest itself
     let (status, log) = follower.stop();
     assert!(status.success(), "{log}");
-    workload(s.url("app"), 30, 30).await;
+    workload(pair.source_url(), 30, 30).await;
 
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--reverse",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--reverse"]);
     assert_success(&out);
     assert!(text(&out).contains("reverse"), "{}", text(&out));
-    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    assert_eq!(app_can_write(&pair.s).await, Err("25006".to_string()));
 
     // the application writes on the new primary: inserts, updates, deletes, on several tables
-    let tgt = connect(&t.socket_url("app")).await;
-    app_can_write(&t).await.unwrap();
+    let tgt = connect(&pair.t.socket_url("app")).await;
+    app_can_write(&pair.t).await.unwrap();
     tgt.batch_execute(
         "INSERT INTO app.tickets (note) SELECT 'after ' || g FROM generate_series(1, 300) g;
          UPDATE app.tickets SET note = note || ' (edited)' WHERE id % 7 = 0;
@@ -217,13 +148,9 @@ async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
     .await
     .unwrap();
 
-    let hook_log = std::env::temp_dir().join(format!("hikkoshi-rollback-{}", t.port));
-    let out = hikkoshi(&[
+    let hook_log = std::env::temp_dir().join(format!("hikkoshi-rollback-{}", pair.t.port));
+    let out = pair.hikkoshi(&[
         "rollback",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
         "--hook",
         &format!(
             "echo \"$HIKKOSHI_STEP $HIKKOSHI_NEW_PRIMARY_PORT\" > {}",
@@ -235,24 +162,18 @@ async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
     assert_success(&out);
     assert_eq!(
         std::fs::read_to_string(&hook_log).unwrap().trim(),
-        format!("rollback {}", s.port)
+        format!("rollback {}", pair.s.port)
     );
     // the old source has everything written on the target, and is the primary again
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert_identical(&src, &tgt).await;
-    app_can_write(&s).await.unwrap();
-    assert_eq!(app_can_write(&t).await, Err("25006".to_string()));
-    assert_eq!(cutover_step(&t).await, "rolled-back");
+    app_can_write(&pair.s).await.unwrap();
+    assert_eq!(app_can_write(&pair.t).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("rolled-back"));
     // the reverse slot is gone with the rollback; clean removes the rest on both sides
     assert!(hikkoshi_slots(&tgt).await.is_empty());
-    assert_success(&hikkoshi(&[
-        "clean",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]));
+    assert_success(&pair.hikkoshi(&["clean"]));
     assert!(!has_state(&src).await && !has_state(&tgt).await);
     assert_eq!(
         publication_count(&src).await + publication_count(&tgt).await,
@@ -262,27 +183,20 @@ async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_hook_undoes_the_fence_and_the_source_stays_primary() {
-    let s = server(15);
-    let t = server(18);
-    let (_, _, mut follower) = following(&s, &t, 0).await;
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--reverse",
-        "--hook",
-        "echo switching; exit 3",
-    ]);
+    let Live {
+        pair,
+        f: mut follower,
+        ..
+    } = following(Pair::new(15, 18), 0).await;
+    let out = pair.hikkoshi(&["cutover", "--reverse", "--hook", "echo switching; exit 3"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("exit status 3"), "{}", text(&out));
     assert!(text(&out).contains("undone"), "{}", text(&out));
     // the source takes the application's writes again; the follower never stopped and carries them
-    app_can_write(&s).await.unwrap();
-    assert_eq!(cutover_step(&t).await, "aborted");
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    app_can_write(&pair.s).await.unwrap();
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("aborted"));
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert!(
         hikkoshi_slots(&tgt).await.is_empty(),
         "the reverse slot stayed"
@@ -300,62 +214,49 @@ async fn a_failing_hook_undoes_the_fence_and_the_source_stays_primary() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cutover_killed_after_the_fence_is_finished_by_running_it_again() {
-    let s = server(15);
-    let t = server(18);
-    let (_, _, follower) = following(&s, &t, 20).await;
+    let Live {
+        pair, f: follower, ..
+    } = following(Pair::new(15, 18), 20).await;
     let (status, log) = follower.stop();
     assert!(status.success(), "{log}");
-    workload(s.url("app"), 20, 20).await;
+    workload(pair.source_url(), 20, 20).await;
 
-    let args = [
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ];
-    let out = hikkoshi_env(&args, &[("HIKKOSHI_FAILPOINT", failpoint::CUTOVER_FENCED)]);
+    let out = pair.hikkoshi_env(
+        &["cutover"],
+        &[("HIKKOSHI_FAILPOINT", failpoint::CUTOVER_FENCED)],
+    );
     assert!(!out.status.success(), "the failpoint did not fire");
     // killed while fenced: the source is read-only, and says so to the application
-    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
-    assert_eq!(cutover_step(&t).await, "fenced");
-    let out = hikkoshi(&args);
+    assert_eq!(app_can_write(&pair.s).await, Err("25006".to_string()));
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("fenced"));
+    let out = pair.hikkoshi(&["cutover"]);
     assert_success(&out);
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert_identical_rows_and_sequences_at_least(&src, &tgt).await;
-    assert_eq!(cutover_step(&t).await, "switched");
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("switched"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_of_a_cutover_killed_after_the_fence_lifts_the_fence() {
-    let s = server(15);
-    let t = server(15);
-    let (_, tgt, mut follower) = following(&s, &t, 0).await;
-    let out = hikkoshi_env(
-        &[
-            "cutover",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-        ],
+    let Live {
+        pair,
+        tgt,
+        f: mut follower,
+        ..
+    } = following(Pair::new(15, 15), 0).await;
+    let out = pair.hikkoshi_env(
+        &["cutover"],
         &[("HIKKOSHI_FAILPOINT", failpoint::CUTOVER_FENCED)],
     );
     assert!(!out.status.success());
-    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
-    let out = hikkoshi(&[
-        "rollback",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    assert_eq!(app_can_write(&pair.s).await, Err("25006".to_string()));
+    let out = pair.hikkoshi(&["rollback"]);
     assert_success(&out);
     assert!(text(&out).contains("undone"), "{}", text(&out));
-    app_can_write(&s).await.unwrap();
+    app_can_write(&pair.s).await.unwrap();
     // the follower keeps streaming: the probe row reaches the target
-    let src = connect(&s.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
     wait_in_sync(&src, &tgt, &mut follower).await;
     let (status, log) = follower.stop();
     assert!(status.success(), "{log}");
@@ -363,47 +264,30 @@ async fn rollback_of_a_cutover_killed_after_the_fence_lifts_the_fence() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_refuses_without_a_stream_and_when_the_fence_cannot_hold() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_with_writer_role(&s, &t).await;
-    create_db(&t, "app").await;
+    let Sides { pair, src, .. } = Pair::new(15, 18).app().await.with_writer(TICKETS).await;
     // nothing cloned yet
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let out = pair.hikkoshi(&["cutover"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("clone --follow"), "{}", text(&out));
-    let tgt = connect(&t.socket_url("app")).await;
-    let mut follower = Follower::start(&s, &t, "app", &[]);
+    let tgt = connect(&pair.t.socket_url("app")).await;
+    let mut follower = pair.follower(&[]);
     wait_in_sync(&src, &tgt, &mut follower).await;
     // a role whose own setting turns its sessions read-write no longer weakens the fence
     src.batch_execute("ALTER ROLE app_writer SET default_transaction_read_only = off")
         .await
         .unwrap();
     // an application transaction that wrote and stays open: the fence waits for it, then gives up
-    let open = connect(&app_url(&s)).await;
+    let open = connect(&app_url(&pair.s)).await;
     open.batch_execute("BEGIN; INSERT INTO app.tickets (note) VALUES ('open')")
         .await
         .unwrap();
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--timeout",
-        "3",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--timeout", "3"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("app_writer"), "{}", text(&out));
     assert!(text(&out).contains("Nothing was fenced"), "{}", text(&out));
     // the open transaction can still commit: nothing was fenced
     open.batch_execute("COMMIT").await.unwrap();
-    app_can_write(&s).await.unwrap();
+    app_can_write(&pair.s).await.unwrap();
     assert!(
         !fence_triggers_left(&src).await,
         "the fence's triggers stayed"
@@ -433,10 +317,13 @@ async fn fence_triggers_left(c: &Client) -> bool {
 /// primary. Repaired, the cutover goes through, with the first part made before the fence.
 #[tokio::test(flavor = "multi_thread")]
 async fn differences_found_by_the_cutover_are_named_and_undo_it() {
-    let s = server(15);
-    let t = server(18);
-    let (_, tgt, mut follower) = following(&s, &t, 2).await;
-    let switch = switch_file(&s);
+    let Live {
+        pair,
+        tgt,
+        f: mut follower,
+        ..
+    } = following(Pair::new(15, 18), 2).await;
+    let switch = switch_file(&pair.s);
     let writer = App::start(
         format!("host=127.0.0.1 user=app_writer password={PASSWORD} dbname=app"),
         switch.clone(),
@@ -444,15 +331,13 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
         Duration::from_millis(5),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (su, tu) = (s.url("app"), t.url("app"));
-    let cutover = ["cutover", "--source", &su, "--target", &tu];
 
     // 1. edited before the cutover: found in the snapshots
-    edited_row_stops_the_cutover(&s, &t, &tgt, &cutover).await;
+    edited_row_stops_the_cutover(&pair, &tgt, &["cutover"]).await;
 
     // 2. edited, deleted and added after the snapshots: found by the target's key stream
-    let mut held = Follower::spawn(
-        &cutover,
+    let mut held = pair.spawn(
+        &["cutover"],
         &[
             ("HIKKOSHI_PAUSE", failpoint::CUTOVER_PROVED_BEFORE_FENCE),
             ("HIKKOSHI_PAUSE_SECS", "4"),
@@ -483,8 +368,8 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
         customers.contains("different on the target: (3)"),
         "the customer edited on the target is not reported:\n{log}"
     );
-    app_can_write(&s).await.unwrap();
-    let src = connect(&s.socket_url("app")).await;
+    app_can_write(&pair.s).await.unwrap();
+    let src = connect(&pair.s.socket_url("app")).await;
     let row9 = src
         .query_one(
             "SELECT note, created_at::text FROM app.tickets WHERE id = 9",
@@ -521,10 +406,8 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     // primary-key changes, deletes, rows of a partitioned table, a truncate, quoted names, composite keys):
     // none of it may count as a difference, and afterwards the servers are equal.
     let hook = format!("echo \"$HIKKOSHI_NEW_PRIMARY_PORT\" > {}", switch.display());
-    let mut args = cutover.to_vec();
-    args.extend(["--hook", &hook]);
-    let mut held = Follower::spawn(
-        &args,
+    let mut held = pair.spawn(
+        &["cutover", "--hook", &hook],
         &[
             ("HIKKOSHI_PAUSE", failpoint::CUTOVER_PROVED_BEFORE_FENCE),
             ("HIKKOSHI_PAUSE_SECS", "4"),
@@ -532,8 +415,8 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     );
     held.wait_for_log("paused at cutover.proved-before-fence")
         .await;
-    workload(s.url("app"), 100, 6).await;
-    connect(&s.socket_url("app"))
+    workload(pair.source_url(), 100, 6).await;
+    connect(&pair.s.socket_url("app"))
         .await
         .batch_execute(
             "TRUNCATE app.translations;
@@ -555,20 +438,12 @@ async fn differences_found_by_the_cutover_are_named_and_undo_it() {
     assert!(stats.committed > 20, "{stats:?}");
     let status = follower.exits_by_itself().await;
     assert!(status.success(), "{}", follower.log());
-    let src = connect(&s.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
     assert!(hikkoshi_slots(&src).await.is_empty());
     assert!(hikkoshi_slots(&tgt).await.is_empty());
     assert_eq!(publication_count(&tgt).await, 0);
     // (the application wrote tickets on the target after the switch)
-    assert_success(&hikkoshi(&[
-        "verify",
-        "--source",
-        &su,
-        "--target",
-        &tu,
-        "--exclude",
-        "app.tickets",
-    ]));
+    assert_equal_but_tickets(&pair);
 }
 
 /// Where the first part of the proof cannot be made (here a target without `wal_level = logical`, which
@@ -584,18 +459,20 @@ async fn without_decoding_on_the_target_the_cutover_verifies_in_the_pause() {
             ..Default::default()
         },
     );
-    let (_, tgt, mut follower) = following(&s, &t, 2).await;
-    let (su, tu) = (s.url("app"), t.url("app"));
+    let Live {
+        pair,
+        tgt,
+        f: mut follower,
+        ..
+    } = following(Pair::of(s, t), 2).await;
     // (full: no table was written while streaming, so quick would have nothing to compare)
-    let cutover = [
-        "cutover", "--source", &su, "--target", &tu, "--verify", "full", "--json",
-    ];
-    let log = edited_row_stops_the_cutover(&s, &t, &tgt, &cutover).await;
+    let cutover = ["cutover", "--verify", "full", "--json"];
+    let log = edited_row_stops_the_cutover(&pair, &tgt, &cutover).await;
     assert!(
         log.contains("could not be prepared before the fence"),
         "{log}"
     );
-    let out = hikkoshi(&cutover);
+    let out = pair.hikkoshi(&cutover);
     assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["rows_hashed_before_fence"], 0, "{report:#}");
@@ -620,24 +497,19 @@ async fn without_decoding_on_the_target_the_cutover_verifies_in_the_pause() {
 
 /// Ticket 7 edited by hand on the target makes `cutover` (run with `args`) stop with exit 1 and name it;
 /// the source stays the primary; the ticket is then put back. Returns the cutover's output.
-async fn edited_row_stops_the_cutover(
-    s: &LocalServer,
-    t: &LocalServer,
-    tgt: &Client,
-    args: &[&str],
-) -> String {
+async fn edited_row_stops_the_cutover(pair: &Pair, tgt: &Client, args: &[&str]) -> String {
     tgt.batch_execute("UPDATE app.tickets SET note = 'edited on the target' WHERE id = 7")
         .await
         .unwrap();
-    let out = hikkoshi(args);
+    let out = pair.hikkoshi(args);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
         log.contains("different on the target: (7)"),
         "the edited row is not named:\n{log}"
     );
-    app_can_write(s).await.unwrap();
-    assert_eq!(cutover_step(t).await, "aborted");
+    app_can_write(&pair.s).await.unwrap();
+    assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("aborted"));
     tgt.batch_execute("UPDATE app.tickets SET note = 'before 7' WHERE id = 7")
         .await
         .unwrap();
@@ -708,16 +580,8 @@ async fn assert_no_ticket_lost(old: &Client, new: &Client, acknowledged: &[i64])
 }
 
 /// `hikkoshi verify` finds every table but app.tickets (which the application writes after the switch) equal.
-fn assert_equal_but_tickets(s: &LocalServer, t: &LocalServer) {
-    assert_success(&hikkoshi(&[
-        "verify",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--exclude",
-        "app.tickets",
-    ]));
+fn assert_equal_but_tickets(pair: &Pair) {
+    assert_success(&pair.hikkoshi(&["verify", "--exclude", "app.tickets"]));
 }
 
 async fn ticket_ids(c: &Client) -> Vec<i64> {
@@ -747,26 +611,24 @@ fn assert_fence_named(errors: &[String], new_primary: &LocalServer) {
 /// fence, does not make the fenced verification fail, and the new primary hands out fresh keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_that_turn_themselves_read_write_cannot_write_past_the_fence() {
-    let s = server(15);
-    let t = server(18);
-    let (_, _, mut follower) = following(&s, &t, 0).await;
-    let switch = named_switch_file(&s, "rw");
+    let Live {
+        pair,
+        f: mut follower,
+        ..
+    } = following(Pair::new(15, 18), 0).await;
+    let switch = named_switch_file(&pair.s, "rw");
     let writer = read_write_app("app_writer", switch.clone());
     let numbers = App::start(
         format!("host=127.0.0.1 user=app_writer password={PASSWORD} dbname=app"),
-        named_switch_file(&s, "nextval"),
+        named_switch_file(&pair.s, "nextval"),
         |_| "SELECT nextval('app.tickets_id_seq')".into(),
         Duration::from_millis(1),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let out = hikkoshi(&[
+    let out = pair.hikkoshi(&[
         "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
         "--hook",
-        &format!("echo {} > {}", t.port, switch.display()),
+        &format!("echo {} > {}", pair.t.port, switch.display()),
         "--json",
     ]);
     assert_success(&out);
@@ -791,11 +653,11 @@ read-write app: {stats:?}"
         "the follower did not end"
     );
     // (the fence ended every other session, these tests' own too)
-    let src = connect(&s.socket_url("app")).await;
-    let tgt = connect(&t.socket_url("app")).await;
+    let src = connect(&pair.s.socket_url("app")).await;
+    let tgt = connect(&pair.t.socket_url("app")).await;
     assert_no_ticket_lost(&src, &tgt, &stats.ids).await;
     // the old primary still refuses, also a session that says it is read-write, also the tables' owner
-    assert_eq!(app_can_write(&s).await, Err("25006".to_string()));
+    assert_eq!(app_can_write(&pair.s).await, Err("25006".to_string()));
     let owner = src
         .batch_execute(
             "SET default_transaction_read_only = off; BEGIN READ WRITE;
@@ -807,12 +669,12 @@ read-write app: {stats:?}"
     src.batch_execute("ROLLBACK").await.unwrap();
     let mut both = stats.errors.clone();
     both.push(owner.as_db_error().unwrap().message().to_string());
-    assert_fence_named(&both, &t);
+    assert_fence_named(&both, &pair.t);
     assert!(
         src.batch_execute("TRUNCATE app.tickets").await.is_err(),
         "TRUNCATE passed the fence"
     );
-    let copier = connect(&s.socket_url("app")).await;
+    let copier = connect(&pair.s.socket_url("app")).await;
     let copied = async {
         use futures_util::SinkExt;
         let sink = copier
@@ -841,15 +703,9 @@ read-write app: {stats:?}"
     tgt.batch_execute("INSERT INTO app.tickets (note) VALUES ('on the new primary')")
         .await
         .unwrap();
-    assert_equal_but_tickets(&s, &t);
+    assert_equal_but_tickets(&pair);
     // clean lifts the fence, and says so
-    let out = hikkoshi(&[
-        "clean",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-    ]);
+    let out = pair.hikkoshi(&["clean"]);
     assert_success(&out);
     assert!(
         text(&out).contains("lifted the cutover's write fence on the source"),
@@ -857,7 +713,7 @@ read-write app: {stats:?}"
         text(&out)
     );
     assert!(!fence_triggers_left(&src).await);
-    app_can_write(&s).await.unwrap();
+    app_can_write(&pair.s).await.unwrap();
 }
 
 /// The managed-server shape (RDS, Neon) on both sides: the source's migrating role owns the database and

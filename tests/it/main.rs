@@ -1,0 +1,19 @@
+//! hikkoshi's integration tests, one binary: each module is a command or a concern, run on real PostgreSQL
+//! servers through the harness in `common`.
+
+mod common;
+
+mod check;
+mod clone;
+mod cutover;
+mod demo;
+mod errors;
+mod faults;
+mod follow;
+mod monitor;
+mod rehearse;
+mod resume;
+mod soak;
+mod tls;
+mod verify;
+mod versions;
