@@ -262,6 +262,21 @@ async fn a_dropped_slot_is_a_definite_error_that_says_what_to_do() {
     assert!(status.success());
     let slots = hikkoshi_slots(&src).await;
     assert_eq!(slots.len(), 1);
+    // the stopped follower's walsender lets go of the slot a moment after the process exits
+    for _ in 0..100 {
+        let active: bool = src
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slots[0]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     src.execute("SELECT pg_drop_replication_slot($1)", &[&slots[0]])
         .await
         .unwrap();
