@@ -92,54 +92,7 @@ enum LogFormat {
 enum Command {
     /// Copy the source into an empty target database: schema, rows (one consistent snapshot, in parallel),
     /// indexes, constraints and sequences. Running it again resumes an interrupted clone.
-    Clone {
-        /// Source connection string (URI or key=value); also HIKKOSHI_SOURCE.
-        #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
-        source: String,
-        /// Target connection string (URI or key=value); also HIKKOSHI_TARGET.
-        #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
-        target: String,
-        /// Parallel copy workers and index builds.
-        #[arg(long, short = 'j', default_value_t = 4)]
-        jobs: usize,
-        /// Copy only tables matching schema.table (wildcards * and ?); repeatable.
-        #[arg(long)]
-        include: Vec<String>,
-        /// Leave out tables matching schema.table (wildcards * and ?); repeatable; wins over --include.
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Split tables larger than this into chunks of about this size (e.g. 256MB, 1GB).
-        #[arg(long, default_value = "256MB", value_parser = parse_size)]
-        chunk_size: i64,
-        /// Directories holding pg_dump and pg_restore, separated by ':' like PATH; hikkoshi picks the
-        /// version that suits source and target (default: PATH and the usual install places).
-        #[arg(long, env = "HIKKOSHI_PG_BIN")]
-        pg_bin: Option<PathBuf>,
-        /// Memory each index build on the target may use to sort (PostgreSQL's maintenance_work_mem);
-        /// `--jobs` builds run at once.
-        #[arg(long, default_value = "512MB", value_parser = parse_memory_setting)]
-        maintenance_work_mem: String,
-        /// After the copy, stream every change from the source and apply it on the target until
-        /// SIGINT/SIGTERM (which drain, record and exit 0). Running it again resumes.
-        #[arg(long)]
-        follow: bool,
-        /// Serve a status page (/), Prometheus metrics (/metrics) and /health on this address while
-        /// running: PORT (loopback) or HOST:PORT.
-        #[arg(long, value_parser = parse_listen)]
-        listen: Option<std::net::SocketAddr>,
-        /// Print the final report as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Predict instead of cloning: time the schema, a sample of every table copied into the target
-        /// and its indexes built there (in a transaction that is rolled back), and print the predicted
-        /// copy, index and total time with --jobs workers. Creates nothing on either server. Exit 1 when
-        /// the preflight finds a blocker.
-        #[arg(long, conflicts_with_all = ["follow", "listen"])]
-        rehearse: bool,
-        /// With --rehearse: bytes sampled from each table (all of a smaller table).
-        #[arg(long, default_value = "32MB", value_parser = parse_size, requires = "rehearse")]
-        sample_size: i64,
-    },
+    Clone(CloneArgs),
     /// The whole story on two throwaway local servers: an application database (vector embeddings, large
     /// JSON, sequences) under a live write load, check → clone --follow → verify → cutover, ending with the
     /// measured write pause. Cleans up after itself.
@@ -225,6 +178,57 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The arguments of `hikkoshi clone`.
+#[derive(clap::Args)]
+struct CloneArgs {
+    /// Source connection string (URI or key=value); also HIKKOSHI_SOURCE.
+    #[arg(long, env = "HIKKOSHI_SOURCE", hide_env_values = true)]
+    source: String,
+    /// Target connection string (URI or key=value); also HIKKOSHI_TARGET.
+    #[arg(long, env = "HIKKOSHI_TARGET", hide_env_values = true)]
+    target: String,
+    /// Parallel copy workers and index builds.
+    #[arg(long, short = 'j', default_value_t = 4)]
+    jobs: usize,
+    /// Copy only tables matching schema.table (wildcards * and ?); repeatable.
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave out tables matching schema.table (wildcards * and ?); repeatable; wins over --include.
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Split tables larger than this into chunks of about this size (e.g. 256MB, 1GB).
+    #[arg(long, default_value = "256MB", value_parser = parse_size)]
+    chunk_size: i64,
+    /// Directories holding pg_dump and pg_restore, separated by ':' like PATH; hikkoshi picks the
+    /// version that suits source and target (default: PATH and the usual install places).
+    #[arg(long, env = "HIKKOSHI_PG_BIN")]
+    pg_bin: Option<PathBuf>,
+    /// Memory each index build on the target may use to sort (PostgreSQL's maintenance_work_mem);
+    /// `--jobs` builds run at once.
+    #[arg(long, default_value = "512MB", value_parser = parse_memory_setting)]
+    maintenance_work_mem: String,
+    /// After the copy, stream every change from the source and apply it on the target until
+    /// SIGINT/SIGTERM (which drain, record and exit 0). Running it again resumes.
+    #[arg(long)]
+    follow: bool,
+    /// Serve a status page (/), Prometheus metrics (/metrics) and /health on this address while
+    /// running: PORT (loopback) or HOST:PORT.
+    #[arg(long, value_parser = parse_listen)]
+    listen: Option<std::net::SocketAddr>,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Predict instead of cloning: time the schema, a sample of every table copied into the target
+    /// and its indexes built there (in a transaction that is rolled back), and print the predicted
+    /// copy, index and total time with --jobs workers. Creates nothing on either server. Exit 1 when
+    /// the preflight finds a blocker.
+    #[arg(long, conflicts_with_all = ["follow", "listen"])]
+    rehearse: bool,
+    /// With --rehearse: bytes sampled from each table (all of a smaller table).
+    #[arg(long, default_value = "32MB", value_parser = parse_size, requires = "rehearse")]
+    sample_size: i64,
 }
 
 /// `PORT` (on loopback) or `HOST:PORT`.
@@ -358,115 +362,124 @@ fn render(e: &Error) -> String {
     out
 }
 
-async fn run(command: Command) -> Result<ExitCode, Error> {
-    match command {
-        Command::Clone {
+/// `hikkoshi clone` (or `clone --rehearse`), with its report.
+async fn clone(args: CloneArgs) -> Result<ExitCode, Error> {
+    let CloneArgs {
+        source,
+        target,
+        jobs,
+        include,
+        exclude,
+        chunk_size,
+        pg_bin,
+        maintenance_work_mem,
+        follow,
+        listen,
+        json,
+        rehearse,
+        sample_size,
+    } = args;
+    if rehearse {
+        let report = hikkoshi::rehearse::run(&hikkoshi::rehearse::RehearseOptions {
             source,
             target,
-            jobs,
+            jobs: jobs.max(1),
             include,
             exclude,
-            chunk_size,
+            chunk_bytes: chunk_size,
             pg_bin,
             maintenance_work_mem,
-            follow,
-            listen,
-            json,
-            rehearse,
-            sample_size,
-        } => {
-            if rehearse {
-                let report = hikkoshi::rehearse::run(&hikkoshi::rehearse::RehearseOptions {
-                    source,
-                    target,
-                    jobs: jobs.max(1),
-                    include,
-                    exclude,
-                    chunk_bytes: chunk_size,
-                    pg_bin,
-                    maintenance_work_mem,
-                    sample_bytes: sample_size.max(1 << 16),
-                })
-                .await?;
-                print_report(&report, json);
-                return Ok(if report.blockers.is_empty() {
-                    ExitCode::SUCCESS
+            sample_bytes: sample_size.max(1 << 16),
+        })
+        .await?;
+        print_report(&report, json);
+        return Ok(if report.blockers.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    let monitor = match listen {
+        Some(addr) => Some(hikkoshi::monitor::serve(addr, target.clone()).await?),
+        None => None,
+    };
+    let opts = hikkoshi::clone::CloneOptions {
+        maintenance_work_mem,
+        follow,
+        stop,
+        source,
+        target,
+        jobs: jobs.max(1),
+        include,
+        exclude,
+        chunk_bytes: chunk_size,
+        pg_bin,
+    };
+    let report = hikkoshi::clone::run(&opts).await;
+    if let Some(m) = monitor {
+        m.shutdown().await;
+    }
+    let report = report?;
+    print_clone(&report, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The clone's report: JSON, or a summary line, how the stream ended, and the warnings.
+fn print_clone(report: &hikkoshi::clone::CloneReport, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        if !report.already_done {
+            println!(
+                "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
+                 snapshot at source LSN {}; {:.1}s",
+                report.migration_id,
+                if report.resumed {
+                    "resumed and complete"
                 } else {
-                    ExitCode::from(1)
-                });
-            }
-            let stop = tokio_util::sync::CancellationToken::new();
-            spawn_signal_handler(stop.clone());
-            let monitor = match listen {
-                Some(addr) => Some(hikkoshi::monitor::serve(addr, target.clone()).await?),
-                None => None,
-            };
-            let opts = hikkoshi::clone::CloneOptions {
-                maintenance_work_mem,
-                follow,
-                stop,
-                source,
-                target,
-                jobs: jobs.max(1),
-                include,
-                exclude,
-                chunk_bytes: chunk_size,
-                pg_bin,
-            };
-            let report = hikkoshi::clone::run(&opts).await;
-            if let Some(m) = monitor {
-                m.shutdown().await;
-            }
-            let report = report?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                if !report.already_done {
-                    println!(
-                        "clone {} {}: {} table(s), {} chunk(s), {} rows, {} copied; {} sequence(s) set; \
-                         snapshot at source LSN {}; {:.1}s",
-                        report.migration_id,
-                        if report.resumed {
-                            "resumed and complete"
-                        } else {
-                            "complete"
-                        },
-                        report.tables.len(),
-                        report.chunks_copied,
-                        report.rows,
-                        hikkoshi::progress::human_bytes(report.bytes),
-                        report.sequences,
-                        report.snapshot_lsn,
-                        report.seconds
-                    );
-                }
-                match &report.applied_lsn {
-                    Some(_) if report.ended_by.is_some() => println!(
-                        "the stream ended because the migration's {} is done: {} transaction(s) applied",
-                        report.ended_by.map(|s| s.as_str()).unwrap_or_default(),
-                        report.transactions_applied
-                    ),
-                    Some(lsn) => println!(
-                        "follower stopped: {} transaction(s) applied, target in sync with source LSN {lsn}; \
-                         run the same command again to resume streaming",
-                        report.transactions_applied
-                    ),
-                    None if report.already_done => println!(
-                        "clone {} is already complete on this target; nothing to do (`hikkoshi clean` \
-                         removes its state)",
-                        report.migration_id
-                    ),
-                    None => {}
-                }
-                for w in &report.warnings {
-                    println!("warning: {w}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+                    "complete"
+                },
+                report.tables.len(),
+                report.chunks_copied,
+                report.rows,
+                hikkoshi::progress::human_bytes(report.bytes),
+                report.sequences,
+                report.snapshot_lsn,
+                report.seconds
+            );
         }
+        match &report.applied_lsn {
+            Some(_) if report.ended_by.is_some() => println!(
+                "the stream ended because the migration's {} is done: {} transaction(s) applied",
+                report.ended_by.map(|s| s.as_str()).unwrap_or_default(),
+                report.transactions_applied
+            ),
+            Some(lsn) => println!(
+                "follower stopped: {} transaction(s) applied, target in sync with source LSN {lsn}; \
+                 run the same command again to resume streaming",
+                report.transactions_applied
+            ),
+            None if report.already_done => println!(
+                "clone {} is already complete on this target; nothing to do (`hikkoshi clean` \
+                 removes its state)",
+                report.migration_id
+            ),
+            None => {}
+        }
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, Error> {
+    match command {
+        Command::Clone(args) => clone(args).await,
         Command::Check {
             source,
             target,
