@@ -516,7 +516,10 @@ async fn cutover_cancelled_during_a_hook() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_million_row_transaction_and_2mb_values_stay_in_bounded_memory() {
     let Live {
-        src, tgt, mut f, ..
+        pair: _pair,
+        src,
+        tgt,
+        mut f,
     } = Pair::new(15, 18)
         .source(
             "CREATE TABLE big (id bigint PRIMARY KEY, pad text NOT NULL);

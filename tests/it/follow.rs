@@ -106,7 +106,10 @@ async fn kill_9_around_the_apply_commit_replays_nothing_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_added_on_the_source_stops_the_stream_with_the_table_named() {
     let Live {
-        src, tgt, mut f, ..
+        pair: _pair,
+        src,
+        tgt,
+        mut f,
     } = Pair::new(15, 18).app().await.following().await;
     src.batch_execute(
         "ALTER TABLE app.customers ADD COLUMN tier text;
@@ -340,7 +343,12 @@ async fn verify_during_streaming_rechecks_until_the_target_catches_up() {
 /// (one target transaction each, at least), then a target that drifted: the set-based update names the key.
 #[tokio::test(flavor = "multi_thread")]
 async fn folded_changes_end_exactly_as_on_the_source() {
-    let Live { src, tgt, mut f, .. } = Pair::new(15, 18)
+    let Live {
+        pair: _pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18)
         .db("fold")
         .source(
             "CREATE TABLE kv (id int PRIMARY KEY, v text, doc text);

@@ -142,7 +142,8 @@ impl Sides {
     }
 }
 
-/// The pair with a following clone that has caught up.
+/// The pair with a following clone that has caught up. Bind `pair` when destructuring (`pair: _pair` if
+/// unused): a pattern with `..` drops it at once, and with it both servers.
 pub struct Live {
     pub pair: Pair,
     pub src: Client,
