@@ -181,51 +181,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         "source: PostgreSQL {} on port {}; target: PostgreSQL {} on port {}",
         install.major, source.port, install.major, target.port
     );
-    let source_admin = open(&source, Side::Source, "postgres").await?;
-    let target_admin = open(&target, Side::Target, "postgres").await?;
-    let vector = has_vector(&source_admin).await && has_vector(&target_admin).await;
-    let on = |side| move |e| Error::sql(side, "creating the demo data")(e);
-    let sql = on(Side::Source);
-    source_admin
-        .batch_execute("CREATE DATABASE shop")
-        .await
-        .map_err(sql)?;
-    target_admin
-        .batch_execute("CREATE DATABASE shop")
-        .await
-        .map_err(on(Side::Target))?;
-    target_admin
-        .batch_execute(&format!(
-            "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{PASSWORD}'"
-        ))
-        .await
-        .map_err(on(Side::Target))?;
-    let shop = open(&source, Side::Source, "shop").await?;
-    if vector {
-        shop.batch_execute("CREATE EXTENSION vector")
-            .await
-            .map_err(sql)?;
-    }
-    let t0 = Instant::now();
-    shop.batch_execute(&schema_sql(vector)).await.map_err(sql)?;
-    shop.batch_execute(&data_sql(vector, opts.scale.max(1)))
-        .await
-        .map_err(sql)?;
-    let size: String = shop
-        .query_one("SELECT pg_size_pretty(pg_database_size('shop'))", &[])
-        .await
-        .map_err(sql)?
-        .get(0);
-    println!(
-        "database shop: {size} — api.documents ({}), api.requests, bi.dashboards (large JSON), bi.audit \
-         (no key), sequences; made in {:.1}s",
-        if vector {
-            "vector(1536) embeddings, pgvector"
-        } else {
-            "real[] embeddings: pgvector is not installed here"
-        },
-        t0.elapsed().as_secs_f64()
-    );
+    shop(&source, &target, opts.scale.max(1)).await?;
     let switch_file =
         std::env::temp_dir().join(format!("hikkoshi-demo-switch-{}", std::process::id()));
     std::fs::write(&switch_file, source.port.to_string())
@@ -302,13 +258,89 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         (_, Err(e)) => return Err(e),
         (Ok(_), Ok(r)) => r,
     };
-    let AppStats {
-        committed: ok,
-        failed,
-        longest_gap: gap,
-        ..
-    } = app.stop().await;
+    let app_stats = app.stop().await;
 
+    what_happened(&cut, &app_stats, ok_at_switch, started);
+    let _ = std::fs::remove_file(&switch_file);
+    if let Some(m) = monitor {
+        m.shutdown().await;
+    }
+    if opts.keep {
+        source.keep();
+        target.keep();
+        println!("\nthe servers keep running:");
+        println!("  source: psql \"{}\"", source.url("shop"));
+        println!("  target: psql \"{}\"", target.url("shop"));
+        println!(
+            "  stop them with: pg_ctl stop -D {} ; pg_ctl stop -D {} (as the user that runs them)",
+            source.data_dir().display(),
+            target.data_dir().display()
+        );
+    } else {
+        println!("\nservers stopped and removed (--keep leaves them running)");
+    }
+    Ok(())
+}
+
+/// The application's database on the source (with pgvector where both servers have it), and its role on
+/// the target.
+async fn shop(source: &LocalServer, target: &LocalServer, scale: u32) -> Result<(), Error> {
+    let source_admin = open(source, Side::Source, "postgres").await?;
+    let target_admin = open(target, Side::Target, "postgres").await?;
+    let vector = has_vector(&source_admin).await && has_vector(&target_admin).await;
+    let on = |side| move |e| Error::sql(side, "creating the demo data")(e);
+    let sql = on(Side::Source);
+    source_admin
+        .batch_execute("CREATE DATABASE shop")
+        .await
+        .map_err(sql)?;
+    target_admin
+        .batch_execute("CREATE DATABASE shop")
+        .await
+        .map_err(on(Side::Target))?;
+    target_admin
+        .batch_execute(&format!(
+            "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{PASSWORD}'"
+        ))
+        .await
+        .map_err(on(Side::Target))?;
+    let shop = open(source, Side::Source, "shop").await?;
+    if vector {
+        shop.batch_execute("CREATE EXTENSION vector")
+            .await
+            .map_err(sql)?;
+    }
+    let t0 = Instant::now();
+    shop.batch_execute(&schema_sql(vector)).await.map_err(sql)?;
+    shop.batch_execute(&data_sql(vector, scale))
+        .await
+        .map_err(sql)?;
+    let size: String = shop
+        .query_one("SELECT pg_size_pretty(pg_database_size('shop'))", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    println!(
+        "database shop: {size} — api.documents ({}), api.requests, bi.dashboards (large JSON), bi.audit \
+         (no key), sequences; made in {:.1}s",
+        if vector {
+            "vector(1536) embeddings, pgvector"
+        } else {
+            "real[] embeddings: pgvector is not installed here"
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Step 6: the write pause, as hikkoshi measured it and as the application lived it.
+fn what_happened(
+    cut: &crate::cutover::SwitchReport,
+    stats: &AppStats,
+    ok_at_switch: u64,
+    started: Instant,
+) {
+    let (ok, failed, gap) = (stats.committed, stats.failed, stats.longest_gap);
     step(6, "what happened");
     println!(
         "write pause measured by hikkoshi (fence → hooks done): {:.3}s",
@@ -339,25 +371,6 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         "the reverse stream keeps the old source current: `hikkoshi rollback` switches back losing nothing"
     );
     println!("whole demo: {:.1}s", started.elapsed().as_secs_f64());
-    let _ = std::fs::remove_file(&switch_file);
-    if let Some(m) = monitor {
-        m.shutdown().await;
-    }
-    if opts.keep {
-        source.keep();
-        target.keep();
-        println!("\nthe servers keep running:");
-        println!("  source: psql \"{}\"", source.url("shop"));
-        println!("  target: psql \"{}\"", target.url("shop"));
-        println!(
-            "  stop them with: pg_ctl stop -D {} ; pg_ctl stop -D {} (as the user that runs them)",
-            source.data_dir().display(),
-            target.data_dir().display()
-        );
-    } else {
-        println!("\nservers stopped and removed (--keep leaves them running)");
-    }
-    Ok(())
 }
 
 /// Steps 3 to 5 while the clone runs: wait for the stream, verify, cut over; then let the application write

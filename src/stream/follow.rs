@@ -28,21 +28,13 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Applier, ApplyError, TargetTable, Window};
-use super::confirm::Confirm;
-use super::pgoutput::Message;
+use super::apply::{TargetTable, Window};
 use crate::backoff::Backoff;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
 use crate::lsn::Lsn;
-use crate::replication::conn::StreamMessage;
-use crate::replication::{ReplicationConn, ReplicationError};
 use crate::session;
-
-/// Source transactions per target transaction at most (and at most 200 ms of them): many small ones share a
-/// commit, and their changes are folded (a row updated by every one of them is written once, see `fold`).
-const MAX_BATCH_TXNS: usize = 1000;
 
 /// Which way a stream runs: the migration's own (source → target), or the reverse stream a cutover with
 /// `--reverse` starts (new primary → old source), which keeps a rollback lossless.
@@ -120,7 +112,7 @@ pub async fn run(plan: &FollowPlan, stop: CancellationToken) -> Result<FollowRep
         let started = Instant::now();
         let pulse = Pulse::default();
         let outcome = tokio::select! {
-            r = session_once(plan, &stop, &mut report, &pulse) => r,
+            r = super::session::run(plan, &stop, &mut report, &pulse) => r,
             e = watchdog(plan, &pulse) => Err(e),
         };
         match outcome {
@@ -178,11 +170,11 @@ fn source_stall_limit(wal_sender_timeout_ms: i64) -> Duration {
 }
 
 /// Signs of life of one streaming session, for the watchdog.
-struct Pulse {
+pub(super) struct Pulse {
     /// The last time the streaming loop went round.
     beat: Mutex<Instant>,
     /// The backend pid of the apply session on the target (0 until known).
-    apply_pid: AtomicI32,
+    pub(super) apply_pid: AtomicI32,
 }
 
 impl Default for Pulse {
@@ -195,7 +187,7 @@ impl Default for Pulse {
 }
 
 impl Pulse {
-    fn beat(&self) {
+    pub(super) fn beat(&self) {
         *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
@@ -263,7 +255,7 @@ async fn note_interruption(plan: &FollowPlan, e: &Error) {
 /// socket, up to a COMMIT): read before it ends, the applied LSN would be older than its late commit, and
 /// the changes in between would be applied twice. Only one process streams a migration (the migration
 /// lock), so any other apply session on this database is a leftover.
-async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
+pub(super) async fn end_earlier_appliers(target: &Client) -> Result<(), Error> {
     for _ in 0..300 {
         let left: i64 = match target
             .query_one(
@@ -408,337 +400,6 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
         }
     }
     Ok(tables)
-}
-
-async fn session_once(
-    plan: &FollowPlan,
-    stop: &CancellationToken,
-    report: &mut FollowReport,
-    pulse: &Pulse,
-) -> Result<(), Error> {
-    let target = session::connect(&plan.target, Side::Target).await?;
-    // The keepalive settings let the target end this session when its client is gone for good (with the
-    // server defaults, a dead peer can hold its locks for hours).
-    target
-        .batch_execute(
-            "SET application_name = 'hikkoshi apply'; SET standard_conforming_strings = on;
-             SET synchronous_commit = off; SET datestyle = ISO; SET intervalstyle = postgres;
-             SET default_transaction_read_only = off;
-             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;",
-        )
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
-    let pid: i32 = target
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the apply session"))?
-        .get(0);
-    pulse.apply_pid.store(pid, Ordering::Relaxed);
-    // a reverse stream applies on a fenced old primary (a replica session passes the fence anyway)
-    target
-        .batch_execute(&format!(
-            "SET {} = {}",
-            super::names::FENCE_PASS_SETTING,
-            crate::ident::quote_literal(plan.fence_pass())
-        ))
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
-    end_earlier_appliers(&target).await?;
-    // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
-    // statements join their arrays to the table by its key, row by row through the index, whatever the
-    // planner guesses of the arrays' length.
-    target
-        .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
-    let reorder = target
-        .batch_execute("SET session_replication_role = replica")
-        .await;
-    if let Err(e) = &reorder {
-        tracing::warn!(
-            "cannot set session_replication_role on the target ({}): triggers will fire for applied \
-             changes; grant it with `GRANT SET ON PARAMETER session_replication_role TO <user>` (PostgreSQL \
-             15+) or connect as a superuser",
-            crate::error::chain(e)
-        );
-    }
-    let row = target
-        .query_one("SELECT applied_lsn::text FROM hikkoshi.stream", &[])
-        .await
-        .map_err(Error::sql(Side::Target, "reading the applied LSN"))?;
-    let applied: Lsn = row
-        .get::<_, Option<String>>(0)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_default();
-    let tables = target_tables(&target).await?;
-    let status = session::connect(&plan.target, Side::Target).await?;
-    if plan.direction == Direction::Forward {
-        // copied and indexed: from here on the tables move with the stream
-        let _ = crate::state::copy::mark_tables_streaming(&status).await;
-    }
-    // a reverse stream writes its records on the fenced old source
-    status
-        .batch_execute(
-            "SET application_name = 'hikkoshi status'; SET default_transaction_read_only = off",
-        )
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the status session"))?;
-    let control = match plan.direction {
-        Direction::Forward => None,
-        Direction::Reverse => Some(session::connect(&plan.control, Side::Target).await?),
-    };
-    let source = session::connect(&plan.source, Side::Source).await?;
-    let sender_timeout: i64 = source
-        .query_one(
-            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(60_000);
-    let stall = stall_limit(sender_timeout);
-    let _ = status
-        .execute(
-            "UPDATE hikkoshi.stream SET stall_seconds = $1, sender_timeout_ms = $2",
-            &[&(stall.as_secs() as i32), &sender_timeout],
-        )
-        .await;
-    let mut applier = Applier::new(target, source, applied, tables, reorder.is_ok());
-
-    let mut repl = ReplicationConn::connect(&plan.source)
-        .await
-        .map_err(Error::replication("opening the replication connection"))?;
-    repl.start_logical(&plan.slot, applied, &plan.publication)
-        .await
-        .map_err(|e| slot_error(e, &plan.slot))?;
-    tracing::info!(slot = %plan.slot, from = %applied, "streaming changes");
-
-    let mut received = applied;
-    let mut confirmed = applied;
-    let mut server_end = applied;
-    let mut last_status = Instant::now();
-    let mut last_record = Instant::now();
-    let mut txns_at_record = 0;
-    let mut batch_started: Option<Instant> = None;
-    let mut rule = Confirm::new(applied);
-    // time spent waiting for the source without a single message
-    let mut silent = Duration::ZERO;
-    let apply_err = |e: ApplyError| match e {
-        ApplyError::Target { what, source } => Error::Sql {
-            side: Side::Target,
-            what,
-            source,
-        },
-        ApplyError::Source { what, source } => Error::Sql {
-            side: Side::Source,
-            what,
-            source,
-        },
-        e => Error::Blocked(e.to_string()),
-    };
-    applier.start().await.map_err(apply_err)?;
-    loop {
-        pulse.beat();
-        // Commit when idle or when the batch is old: latency stays low, throughput high.
-        let wait = if applier.has_uncommitted() && !applier.inside_source_transaction() {
-            Duration::from_millis(5)
-        } else {
-            Duration::from_secs(1)
-        };
-        let next = tokio::select! {
-            _ = stop.cancelled() => {
-                finish(&mut applier, &mut repl, &status, received, server_end, report)
-                    .await
-                    .map_err(apply_err)?;
-                return Ok(());
-            }
-            m = tokio::time::timeout(wait, repl.next_stream_message()) => m,
-        };
-        match &next {
-            Ok(_) => silent = Duration::ZERO,
-            Err(_) => {
-                silent += wait;
-                if silent >= stall {
-                    return Err(Error::Stalled(format!(
-                        "no message from the source for {} s although a keepalive was asked for every \
-                         second (the limit is twice the source's wal_sender_timeout of {} ms, at least \
-                         30 s): the replication connection stalled",
-                        silent.as_secs(),
-                        sender_timeout
-                    )));
-                }
-            }
-        }
-        match next {
-            Ok(Ok(Some(StreamMessage::XLogData {
-                start, end, data, ..
-            }))) => {
-                received = received.max(start);
-                server_end = server_end.max(end);
-                let msg = Message::decode(data).map_err(|e| {
-                    Error::Blocked(format!(
-                        "undecodable message from the source at {start}: {e}"
-                    ))
-                })?;
-                if matches!(msg, Message::Begin(_)) && batch_started.is_none() {
-                    batch_started = Some(Instant::now());
-                }
-                if let Message::Commit(c) = &msg {
-                    rule.commit_received(c.end_lsn);
-                }
-                let is_commit = matches!(msg, Message::Commit(_));
-                applier.handle(msg).await.map_err(apply_err)?;
-                if is_commit
-                    && (applier.txns_in_batch >= MAX_BATCH_TXNS
-                        || batch_started.is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
-                {
-                    applier.commit().await.map_err(apply_err)?;
-                    batch_started = None;
-                }
-            }
-            Ok(Ok(Some(StreamMessage::Keepalive { end, reply, .. }))) => {
-                server_end = server_end.max(end);
-                // The walsender sends one whenever it has caught up, which in a live stream is after
-                // nearly every transaction: batches are not cut here (the idle timer commits them), and
-                // the target is asked for its flush position only when the source asks for an answer.
-                rule.keepalive(end);
-                if reply {
-                    confirmed = confirmed
-                        .max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
-                    repl.send_status(received, confirmed, false)
-                        .await
-                        .map_err(Error::replication("answering a keepalive"))?;
-                    last_status = Instant::now();
-                }
-            }
-            Ok(Ok(None)) => {
-                return Err(Error::Replication {
-                    what: "the source ended the replication stream".into(),
-                    source: ReplicationError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "stream ended",
-                    )),
-                });
-            }
-            Ok(Err(e)) => return Err(slot_error(e, &plan.slot)),
-            Err(_) => {
-                // idle: commit what waits
-                if !applier.inside_source_transaction() {
-                    applier.commit().await.map_err(apply_err)?;
-                    batch_started = None;
-                }
-                // Ask for a keepalive: the walsender answers with how far it has decoded, which moves
-                // our in-sync position past WAL that holds nothing for us (vacuum, other databases), at
-                // once rather than after wal_sender_timeout / 2.
-                if wait >= Duration::from_secs(1) {
-                    confirmed = confirmed
-                        .max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
-                    repl.send_status(received, confirmed, true)
-                        .await
-                        .map_err(Error::replication("asking for a keepalive"))?;
-                    last_status = Instant::now();
-                }
-            }
-        }
-        if last_status.elapsed() > Duration::from_secs(5) {
-            confirmed =
-                confirmed.max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
-            repl.send_status(received, confirmed, false)
-                .await
-                .map_err(Error::replication("sending a status update"))?;
-            last_status = Instant::now();
-        }
-        if last_record.elapsed() > Duration::from_secs(1) {
-            confirmed =
-                confirmed.max(rule.confirmable(applier.durable().await.map_err(apply_err)?));
-            let rate = (applier.applied_txns - txns_at_record) as f64
-                / last_record.elapsed().as_secs_f64();
-            record(&status, confirmed, server_end, rate).await;
-            txns_at_record = applier.applied_txns;
-            last_record = Instant::now();
-            // A cutover that reached its point of no return (or a finished rollback) ends this stream:
-            // everything up to the fence is applied, and the other side is the primary now.
-            let step = crate::state::cutover::recorded(control.as_ref().unwrap_or(&status))
-                .await
-                .ok()
-                .flatten();
-            let forward = plan.direction == Direction::Forward;
-            if let Some((step, _)) = step.filter(|(s, _)| s.ends_stream(forward)) {
-                let done = finish(
-                    &mut applier,
-                    &mut repl,
-                    &status,
-                    received,
-                    server_end,
-                    report,
-                )
-                .await
-                .map_err(apply_err)?;
-                report.ended_by = Some(step);
-                tracing::info!(
-                    "the cutover ended this stream ({:?}) at {done}",
-                    plan.direction
-                );
-                return Ok(());
-            }
-        }
-        report.applied = confirmed;
-    }
-}
-
-/// Ends a stream cleanly: commits the whole source transactions received (a half-received one is rolled
-/// back, to be streamed again), tells the source, records, and returns the LSN now applied.
-async fn finish(
-    applier: &mut Applier,
-    repl: &mut ReplicationConn,
-    status: &Client,
-    received: Lsn,
-    server_end: Lsn,
-    report: &mut FollowReport,
-) -> Result<Lsn, ApplyError> {
-    applier.commit().await?;
-    // the commits are asynchronous: the source may forget only what the target's disk has
-    let mut done = applier.durable().await?;
-    for _ in 0..40 {
-        if applier.all_durable() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        done = applier.durable().await?;
-    }
-    applier.abandon().await;
-    let _ = repl.send_status(received, done, false).await;
-    record(status, done, server_end, 0.0).await;
-    report.applied = done;
-    report.transactions += applier.applied_txns;
-    Ok(done)
-}
-
-/// Notes how far the source is, how far we are in sync and how fast we apply, for `status` (best effort).
-async fn record(status: &Client, synced: Lsn, server_end: Lsn, rate_tps: f64) {
-    let _ = status
-        .execute(
-            "UPDATE hikkoshi.stream SET synced_lsn = greatest(synced_lsn, $1::text::pg_lsn),
-                    source_lsn = greatest(source_lsn, $2::text::pg_lsn), seen_at = now(), rate_tps = $3",
-            &[&synced.to_string(), &server_end.to_string(), &rate_tps],
-        )
-        .await;
-}
-
-fn slot_error(e: ReplicationError, slot: &str) -> Error {
-    let what = match e.code() {
-        Some("42704") => format!(
-            "the replication slot {slot} no longer exists on the source: the change stream cannot continue. \
-             Run `hikkoshi clean` and clone again"
-        ),
-        Some("55000") => format!(
-            "the replication slot {slot} can no longer stream (invalidated: the source removed WAL it needed, \
-             see max_slot_wal_keep_size). The change stream cannot continue: run `hikkoshi clean` and clone \
-             again"
-        ),
-        _ => return Error::replication("streaming changes")(e),
-    };
-    Error::Blocked(what)
 }
 
 #[cfg(test)]

@@ -7,3 +7,4 @@ pub mod fold;
 pub mod follow;
 pub mod names;
 pub mod pgoutput;
+mod session;
