@@ -106,6 +106,62 @@ pub enum Error {
     /// SIGINT or SIGTERM arrived before the work was done.
     #[error("interrupted before the clone was complete")]
     Interrupted,
+    /// Another hikkoshi process holds the migration lock (the message names the migration and what to do).
+    #[error("{0}")]
+    Locked(String),
+    /// A message of the replication stream could not be decoded.
+    #[error("undecodable message from the source at {at}")]
+    Decode {
+        at: crate::lsn::Lsn,
+        #[source]
+        source: crate::stream::pgoutput::DecodeError,
+    },
+    /// The stream's replication slot is gone or invalidated: the stream cannot continue.
+    #[error("{0}")]
+    SlotLost(String),
+    /// The applier refused a change (the target drifted, the schema changed): the message carries the fix.
+    #[error(transparent)]
+    Apply(crate::stream::apply::ApplyError),
+}
+
+/// What a caller does about an error, decided in one place (`Error::policy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub kind: Kind,
+    /// Whether trying the same step again shortly may succeed without anyone changing anything: a server
+    /// restarting or a dropped connection, but not a refused password, certificate or TLS setting, which
+    /// only a person can fix (retrying those only delays the error).
+    pub retry: bool,
+    /// What the user should do next.
+    pub hint: Option<String>,
+}
+
+impl Policy {
+    fn of(kind: Kind) -> Policy {
+        Policy {
+            kind,
+            retry: kind == Kind::Transient,
+            hint: None,
+        }
+    }
+
+    fn retry(mut self, retry: bool) -> Policy {
+        self.retry = retry;
+        self
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Policy {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The process exit status (DESIGN.md): 2 for usage and connection errors, else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            Kind::Usage | Kind::Connection => 2,
+            Kind::Transient | Kind::Definite => 1,
+        }
+    }
 }
 
 impl Error {
@@ -119,126 +175,135 @@ impl Error {
         move |source| Error::Replication { what, source }
     }
 
-    pub fn kind(&self) -> Kind {
+    /// Kind, retry and hint of this error, together.
+    pub fn policy(&self) -> Policy {
+        const RESUME: &str =
+            "the server restarted or the connection dropped: run the same command again to resume";
         match self {
-            Error::ConnInfo { .. } | Error::Usage(_) | Error::Tls { .. } => Kind::Usage,
-            Error::Connect { .. } | Error::ConnectTimeout { .. } => Kind::Connection,
-            Error::Replication { source, .. } => match source {
-                ReplicationError::Connect { .. }
-                | ReplicationError::Timeout { .. }
-                | ReplicationError::PasswordMissing
-                | ReplicationError::UnsupportedAuth(_)
-                | ReplicationError::TlsRefused(_)
-                | ReplicationError::TlsHandshake { .. }
-                | ReplicationError::TlsSetup(_) => Kind::Connection,
-                ReplicationError::Server { code, .. } if code.starts_with("28") => Kind::Connection,
-                // the slot is still held by the session of a process that just died: it is let go soon
-                ReplicationError::Server { code, .. } if code == "55006" => Kind::Transient,
-                ReplicationError::Io(_) => Kind::Transient,
-                _ => Kind::Definite,
-            },
-            Error::Sql { source, .. } | Error::Copy { source, .. } => classify(source),
-            Error::Schema(_) | Error::Blocked(_) => Kind::Definite,
-            Error::Interrupted | Error::Stalled(_) | Error::Rewritten(_) => Kind::Transient,
-        }
-    }
-
-    /// Whether trying the same step again shortly may succeed without anyone changing anything: a server
-    /// restarting or a dropped connection, but not a refused password, certificate or TLS setting, which
-    /// only a person can fix (retrying those only delays the error).
-    pub fn retryable(&self) -> bool {
-        match self {
-            Error::Connect { source, .. } => connection_may_come_back(source),
-            Error::ConnectTimeout { .. } => true,
-            Error::Replication { source, .. } => match source {
-                ReplicationError::Connect { .. }
-                | ReplicationError::Timeout { .. }
-                | ReplicationError::Io(_) => true,
-                ReplicationError::Server { code, .. } => {
-                    code == "55006" || code.starts_with("57P") || code.starts_with("53")
-                }
-                _ => false,
-            },
-            Error::Blocked(_) => false,
-            e => e.kind() == Kind::Transient,
-        }
-    }
-
-    /// The process exit status for this error.
-    pub fn exit_code(&self) -> i32 {
-        match self.kind() {
-            Kind::Usage | Kind::Connection => 2,
-            Kind::Transient | Kind::Definite => 1,
-        }
-    }
-
-    /// What the user should do next.
-    pub fn hint(&self) -> Option<String> {
-        match self {
+            Error::ConnInfo { .. } | Error::Usage(_) | Error::Tls { .. } => Policy::of(Kind::Usage),
             Error::Connect {
                 side,
                 endpoint,
                 source,
-            } => Some(connect_hint(*side, endpoint, source)),
-            Error::ConnectTimeout { side, .. } => Some(format!(
-                "check the host, the port and any firewall or security group between here and the {side} \
-                 (connect_timeout=N in the URL sets the wait)"
-            )),
-            Error::Replication { source, .. } => match source {
-                ReplicationError::Server { code, hint, .. } => Some(match code.as_str() {
-                    "42501" => "the source role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION; \
-                         on Amazon RDS: GRANT rds_replication TO ...)"
-                        .into(),
-                    "55000" => "logical decoding needs wal_level = logical on the source \
-                         (ALTER SYSTEM SET wal_level = logical, then restart; on RDS set \
-                         rds.logical_replication = 1 in the parameter group)"
-                        .into(),
-                    "53400" => "all replication slots are in use: raise max_replication_slots on the source \
-                         or drop unused slots (SELECT pg_drop_replication_slot(slot_name) FROM \
-                         pg_replication_slots WHERE NOT active)"
-                        .into(),
-                    c if c.starts_with("28") => {
-                        "check the user, the password and pg_hba.conf on the source (a `replication` line \
-                         is not needed for logical replication, but the database line must allow the user)"
-                            .into()
-                    }
-                    _ => hint.clone().unwrap_or_else(|| "run the same command again to retry".into()),
-                }),
-                ReplicationError::Connect { .. } | ReplicationError::Timeout { .. } => {
-                    Some("check that the source is running and reachable from this machine".into())
-                }
-                ReplicationError::PasswordMissing => Some(
-                    "give the password in the URL, in PGPASSWORD or in ~/.pgpass".into(),
+            } => Policy::of(Kind::Connection)
+                .retry(connection_may_come_back(source))
+                .hint(connect_hint(*side, endpoint, source)),
+            Error::ConnectTimeout { side, .. } => Policy::of(Kind::Connection).retry(true).hint(
+                format!(
+                    "check the host, the port and any firewall or security group between here and the \
+                     {side} (connect_timeout=N in the URL sets the wait)"
                 ),
-                ReplicationError::Io(_) => {
-                    Some("the connection dropped: run the same command again to resume".into())
+            ),
+            Error::Replication { source, .. } => replication_policy(source),
+            Error::Sql { source, .. } => {
+                let p = Policy::of(classify(source));
+                if p.kind == Kind::Transient {
+                    p.hint(RESUME)
+                } else {
+                    p
                 }
-                _ => None,
-            },
-            Error::Rewritten(_) => Some(
-                "the copy resumes by itself in a new snapshot; run the same command again if it stopped"
-                    .into(),
-            ),
-            Error::Stalled(_) => Some(
-                "check the network between here and both servers; run the same command again to resume"
-                    .into(),
-            ),
-            Error::Interrupted => Some(
-                "what is copied is kept: run the same command again to resume where it stopped".into(),
-            ),
-            Error::Copy { table, chunk, .. } => Some(format!(
+            }
+            Error::Copy {
+                table,
+                chunk,
+                source,
+                ..
+            } => Policy::of(classify(source)).hint(format!(
                 "the chunk was rolled back on the target; fix the cause and run the same command again: \
                  it resumes with {table} chunk {chunk} and copies nothing twice"
             )),
             Error::Schema(SchemaError::Failed { hint, .. }) if !hint.is_empty() => {
-                Some(hint.to_string())
+                Policy::of(Kind::Definite).hint(hint.to_string())
             }
-            Error::Sql { source, .. } if classify(source) == Kind::Transient => Some(
-                "the server restarted or the connection dropped: run the same command again to resume"
-                    .into(),
+            Error::Schema(_)
+            | Error::Blocked(_)
+            | Error::Locked(_)
+            | Error::SlotLost(_)
+            | Error::Decode { .. }
+            | Error::Apply(_) => Policy::of(Kind::Definite),
+            Error::Rewritten(_) => Policy::of(Kind::Transient).hint(
+                "the copy resumes by itself in a new snapshot; run the same command again if it stopped",
             ),
-            _ => None,
+            Error::Stalled(_) => Policy::of(Kind::Transient).hint(
+                "check the network between here and both servers; run the same command again to resume",
+            ),
+            Error::Interrupted => Policy::of(Kind::Transient).hint(
+                "what is copied is kept: run the same command again to resume where it stopped",
+            ),
         }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.policy().kind
+    }
+
+    /// See `Policy::retry`.
+    pub fn retryable(&self) -> bool {
+        self.policy().retry
+    }
+
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        self.policy().exit_code()
+    }
+
+    /// What the user should do next.
+    pub fn hint(&self) -> Option<String> {
+        self.policy().hint
+    }
+}
+
+/// The replication connection's errors: refused logins and TLS are the operator's; a dropped connection, a
+/// server starting or out of resources, and a slot still held by a process that just died pass.
+fn replication_policy(e: &ReplicationError) -> Policy {
+    match e {
+        ReplicationError::Connect { .. } | ReplicationError::Timeout { .. } => {
+            Policy::of(Kind::Connection)
+                .retry(true)
+                .hint("check that the source is running and reachable from this machine")
+        }
+        ReplicationError::PasswordMissing => Policy::of(Kind::Connection)
+            .hint("give the password in the URL, in PGPASSWORD or in ~/.pgpass"),
+        ReplicationError::UnsupportedAuth(_)
+        | ReplicationError::TlsRefused(_)
+        | ReplicationError::TlsHandshake { .. }
+        | ReplicationError::TlsSetup(_) => Policy::of(Kind::Connection),
+        ReplicationError::Io(_) => Policy::of(Kind::Transient)
+            .hint("the connection dropped: run the same command again to resume"),
+        ReplicationError::Server { code, hint, .. } => {
+            let kind = if code.starts_with("28") {
+                Kind::Connection
+            } else if code == "55006" {
+                // the slot is still held by the session of a process that just died: it is let go soon
+                Kind::Transient
+            } else {
+                Kind::Definite
+            };
+            let retry = code == "55006" || code.starts_with("57P") || code.starts_with("53");
+            let hint = match code.as_str() {
+                "42501" => "the source role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION; \
+                     on Amazon RDS: GRANT rds_replication TO ...)"
+                    .into(),
+                "55000" => "logical decoding needs wal_level = logical on the source \
+                     (ALTER SYSTEM SET wal_level = logical, then restart; on RDS set \
+                     rds.logical_replication = 1 in the parameter group)"
+                    .into(),
+                "53400" => "all replication slots are in use: raise max_replication_slots on the source \
+                     or drop unused slots (SELECT pg_drop_replication_slot(slot_name) FROM \
+                     pg_replication_slots WHERE NOT active)"
+                    .into(),
+                c if c.starts_with("28") => {
+                    "check the user, the password and pg_hba.conf on the source (a `replication` line \
+                     is not needed for logical replication, but the database line must allow the user)"
+                        .into()
+                }
+                _ => hint
+                    .clone()
+                    .unwrap_or_else(|| "run the same command again to retry".into()),
+            };
+            Policy::of(kind).retry(retry).hint(hint)
+        }
+        ReplicationError::Protocol(_) => Policy::of(Kind::Definite),
     }
 }
 
@@ -372,4 +437,74 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> Error {
+        Error::Replication {
+            what: "streaming changes".into(),
+            source: ReplicationError::Server {
+                code: code.into(),
+                message: "m".into(),
+                detail: None,
+                hint: None,
+            },
+        }
+    }
+
+    fn summary(e: &Error) -> (Kind, i32, bool, bool) {
+        let p = e.policy();
+        (p.kind, p.exit_code(), p.retry, p.hint.is_some())
+    }
+
+    #[test]
+    fn one_policy_gives_kind_exit_status_retry_and_hint() {
+        assert_eq!(
+            summary(&Error::Usage("--jobs".into())),
+            (Kind::Usage, 2, false, false)
+        );
+        assert_eq!(
+            summary(&Error::Interrupted),
+            (Kind::Transient, 1, true, true)
+        );
+        assert_eq!(
+            summary(&Error::Locked("another process".into())),
+            (Kind::Definite, 1, false, false)
+        );
+        assert_eq!(
+            summary(&Error::SlotLost("gone".into())),
+            (Kind::Definite, 1, false, false)
+        );
+        // a slot held by a process that just died is let go soon: retried
+        assert_eq!(summary(&server("55006")), (Kind::Transient, 1, true, true));
+        // a refused login is the operator's: not retried, exit 2
+        assert_eq!(
+            summary(&server("28P01")),
+            (Kind::Connection, 2, false, true)
+        );
+        // a server shutting down is retried, though the error itself is definite if it lasts
+        assert_eq!(summary(&server("57P01")), (Kind::Definite, 1, true, true));
+        let lost = Error::Replication {
+            what: "streaming".into(),
+            source: ReplicationError::Io(std::io::Error::other("reset")),
+        };
+        assert_eq!(summary(&lost), (Kind::Transient, 1, true, true));
+        let no_password = Error::Replication {
+            what: "connecting".into(),
+            source: ReplicationError::PasswordMissing,
+        };
+        assert_eq!(summary(&no_password), (Kind::Connection, 2, false, true));
+    }
+
+    #[test]
+    fn an_applier_refusal_keeps_its_cause_and_is_definite() {
+        let e = Error::Apply(crate::stream::apply::ApplyError::Drift(
+            "an UPDATE of public.t with key (id=1) found 0 of its 1 row(s)".into(),
+        ));
+        assert_eq!(summary(&e), (Kind::Definite, 1, false, false));
+        assert!(e.to_string().contains("id=1"), "{e}");
+    }
 }

@@ -124,7 +124,7 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
             _ = tokio::time::sleep(wait) => {}
         }
         if let Err(e) = lock::relock(&mut target, &tgt_info).await
-            && matches!(e, Error::Blocked(_))
+            && matches!(e, Error::Locked(_))
         {
             return Err(e);
         }

@@ -79,7 +79,7 @@ pub async fn keep(
                 tracing::info!("the migration lock's session had ended: lock taken again");
                 session = s;
             }
-            Ok(Err(Error::Blocked(why))) => {
+            Ok(Err(Error::Locked(why))) => {
                 tracing::error!("{why}: this process stops following");
                 lost.store(true, Ordering::Relaxed);
                 follow.cancel();
@@ -92,7 +92,7 @@ pub async fn keep(
 
 /// The error for a migration another process works on.
 pub fn another_process(tgt_info: &ConnInfo) -> Error {
-    Error::Blocked(format!(
+    Error::Locked(format!(
         "another hikkoshi process is already working on the migration into {tgt_info}: wait for it to \
          finish, or stop it (its sessions show application_name 'hikkoshi' in pg_stat_activity)"
     ))

@@ -194,11 +194,7 @@ impl<'a> Session<'a> {
     async fn data(&mut self, start: Lsn, end: Lsn, data: Bytes) -> Result<(), Error> {
         self.received = self.received.max(start);
         self.server_end = self.server_end.max(end);
-        let msg = Message::decode(data).map_err(|e| {
-            Error::Blocked(format!(
-                "undecodable message from the source at {start}: {e}"
-            ))
-        })?;
+        let msg = Message::decode(data).map_err(|source| Error::Decode { at: start, source })?;
         if matches!(msg, Message::Begin(_)) && self.batch_started.is_none() {
             self.batch_started = Some(Instant::now());
         }
@@ -388,7 +384,7 @@ fn apply_err(e: ApplyError) -> Error {
             what,
             source,
         },
-        e => Error::Blocked(e.to_string()),
+        e => Error::Apply(e),
     }
 }
 
@@ -416,5 +412,5 @@ fn slot_error(e: ReplicationError, slot: &str) -> Error {
         ),
         _ => return Error::replication("streaming changes")(e),
     };
-    Error::Blocked(what)
+    Error::SlotLost(what)
 }

@@ -44,8 +44,17 @@ use crate::lsn::Lsn;
 /// A failure while applying.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// The stream contradicts itself (a change of a relation it never described).
     #[error("{0}")]
     Definite(String),
+    /// A table changed shape on the source during streaming, or appeared in the publication: the message
+    /// names the difference and the fix.
+    #[error("{0}")]
+    SchemaChanged(String),
+    /// The target does not hold what the source's change expects (a row changed there directly): the
+    /// message names the table and the key.
+    #[error("{0}")]
+    Drift(String),
     #[error("{what}")]
     Target {
         what: String,

@@ -119,7 +119,7 @@ impl Applier {
                     Some(probe) => self.probe(probe).await,
                     None => String::new(),
                 };
-                Err(ApplyError::Definite(format!(
+                Err(ApplyError::Drift(format!(
                     "{} found {} of its {} row(s) on the target{missing}: the target has drifted from the \
                      source (a row changed or deleted there directly?). Nothing of this batch was applied. \
                      Compare the row on both sides, repair the target, then run again",

@@ -48,7 +48,7 @@ impl Applier {
     pub(super) async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
         let table = self.tables.get(&name).cloned().ok_or_else(|| {
-            ApplyError::Definite(format!(
+            ApplyError::SchemaChanged(format!(
                 "the source sends changes of {name}, which the target does not have: it was added to the \
                  publication after the clone. Create it on the target and copy it, or remove it from the \
                  publication"
@@ -83,7 +83,7 @@ impl Applier {
                         .join(", ")
                 ));
             }
-            return Err(ApplyError::Definite(format!(
+            return Err(ApplyError::SchemaChanged(format!(
                 "the schema of {name} changed on the source during streaming: {}. hikkoshi stops rather \
                  than apply rows to the wrong columns. Apply the same ALTER TABLE on the target, then run \
                  the same command again: it resumes where it stopped",
@@ -111,7 +111,7 @@ impl Applier {
         for (c, source_type) in r.columns.iter().zip(&source_types) {
             let target_type = &table.columns[&c.name];
             if source_type != target_type {
-                return Err(ApplyError::Definite(format!(
+                return Err(ApplyError::SchemaChanged(format!(
                     "the type of {name}.{} changed on the source during streaming: {source_type} there, \
                      {target_type} on the target. hikkoshi stops rather than convert values silently. Apply \
                      the same ALTER TABLE ... ALTER COLUMN ... TYPE on the target, then run the same command \
