@@ -177,23 +177,11 @@ pub(crate) async fn key_ranges(
     {
         return Ok(out);
     }
-    let rows = target
-        .query(
-            "SELECT c.schema_name, c.table_name, c.predicate FROM hikkoshi.chunks c
-             JOIN hikkoshi.tables t USING (schema_name, table_name)
-             WHERE t.chunk_method = 'key' AND c.predicate IS NOT NULL
-             ORDER BY 1, 2, c.chunk_no",
-            &[],
-        )
+    for (table, predicate) in crate::state::copy::key_ranges(target)
         .await
-        .map_err(Error::sql(Side::Target, "reading the copy's key ranges"))?;
-    for r in rows {
-        out.entry(QualifiedName::new(
-            r.get::<_, String>(0),
-            r.get::<_, String>(1),
-        ))
-        .or_default()
-        .push(r.get(2));
+        .map_err(Error::sql(Side::Target, "reading the copy's key ranges"))?
+    {
+        out.entry(table).or_default().push(predicate);
     }
     Ok(out)
 }
@@ -586,30 +574,14 @@ pub(crate) fn diff(
 }
 
 async fn follower_running(target: &Client) -> bool {
-    target
-        .query_one(
-            "SELECT to_regclass('hikkoshi.stream') IS NOT NULL
-                    AND (SELECT coalesce(bool_or(seen_at > now() - interval '10 seconds'), false)
-                         FROM hikkoshi.stream)",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
-        .unwrap_or(false)
+    crate::state::stream::follower_reporting(target).await
 }
 
 /// Waits (at most `timeout`) until the stream's applied or in-sync position has passed `lsn`.
 pub(crate) async fn wait_synced(target: &Client, lsn: &str, timeout: Duration) {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        let ok = target
-            .query_one(
-                "SELECT coalesce(bool_or(greatest(applied_lsn, synced_lsn) >= $1::text::pg_lsn), false) FROM hikkoshi.stream",
-                &[&lsn],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false);
+        let ok = crate::state::stream::synced_past(target, lsn).await;
         if ok {
             return;
         }

@@ -96,40 +96,7 @@ pub(super) async fn set_up(
         Side::Source,
         "creating the reverse stream's state",
     ))?;
-    let rows = ctl
-        .query(
-            "SELECT schema_name, table_name, root_schema, root_name, copy_format FROM hikkoshi.tables",
-            &[],
-        )
-        .await
-        .map_err(Error::sql(Side::Target, "reading the migrated tables"))?;
-    let tx = "BEGIN; TRUNCATE hikkoshi.stream; DELETE FROM hikkoshi.tables;";
-    old.batch_execute(tx)
-        .await
-        .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
-    for r in &rows {
-        old.execute(
-            "INSERT INTO hikkoshi.tables (schema_name, table_name, root_schema, root_name, state, copy_format)
-             VALUES ($1, $2, $3, $4, 'streaming', $5)",
-            &[
-                &r.get::<_, String>(0),
-                &r.get::<_, String>(1),
-                &r.get::<_, Option<String>>(2),
-                &r.get::<_, Option<String>>(3),
-                &r.get::<_, String>(4),
-            ],
-        )
-        .await
-        .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
-    }
-    old.execute(
-        "INSERT INTO hikkoshi.stream (slot_name, publication, start_lsn, applied_lsn, synced_lsn, source_lsn)
-         VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn)",
-        &[&plan.slot, &plan.publication, &lsn],
-    )
-    .await
-    .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
-    old.batch_execute("COMMIT")
+    state::stream::record_reverse(old, ctl, (&plan.slot, &plan.publication), &lsn)
         .await
         .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
     Ok(())

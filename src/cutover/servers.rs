@@ -68,15 +68,9 @@ pub(super) async fn lag_bytes(
         .await
         .map_err(Error::sql(old_side, "reading the WAL position"))?
         .get(0);
-    Ok(new
-        .query_one(
-            "SELECT greatest(0, $1::text::pg_lsn - greatest(applied_lsn, synced_lsn))::bigint
-             FROM hikkoshi.stream",
-            &[&pos],
-        )
+    crate::state::stream::lag_bytes(new, &pos)
         .await
-        .map_err(Error::sql(new_side, "reading the stream state"))?
-        .get(0))
+        .map_err(Error::sql(new_side, "reading the stream state"))
 }
 
 /// A transactional logical message, after the fence: once the new primary has applied it, it has applied

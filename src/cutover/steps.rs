@@ -263,17 +263,9 @@ impl<'a> Switch<'a> {
             ));
         }
         loop {
-            let done: bool = self
-                .new
-                .client
-                .query_one(
-                    "SELECT CASE WHEN $2 THEN applied_lsn ELSE greatest(applied_lsn, synced_lsn) END
-                            >= $1::text::pg_lsn FROM hikkoshi.stream",
-                    &[&marker, &messages],
-                )
+            let done = state::stream::reached(&self.new.client, &marker, messages)
                 .await
-                .map_err(Error::sql(new_side, "reading the applied position"))?
-                .get(0);
+                .map_err(Error::sql(new_side, "reading the applied position"))?;
             if done {
                 return Ok(());
             }

@@ -359,6 +359,67 @@ pub async fn streamed_tables(target: &Client) -> HashSet<QualifiedName> {
         .unwrap_or_default()
 }
 
+/// The key ranges (predicates) of the tables the copy split by key, in chunk order: `verify` and the
+/// cutover's proof hash by the same ranges.
+pub async fn key_ranges(
+    target: &Client,
+) -> Result<Vec<(QualifiedName, String)>, tokio_postgres::Error> {
+    Ok(target
+        .query(
+            "SELECT c.schema_name, c.table_name, c.predicate FROM hikkoshi.chunks c
+             JOIN hikkoshi.tables t USING (schema_name, table_name)
+             WHERE t.chunk_method = 'key' AND c.predicate IS NOT NULL
+             ORDER BY 1, 2, c.chunk_no",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect())
+}
+
+/// Which snapshots copied each table (a partition's counts for its root, which the stream names): the
+/// oldest and newest chunk's snapshot LSN, and whether the table was copied whole in one snapshot's
+/// order (not split by key).
+pub async fn copy_windows(
+    target: &Client,
+) -> Result<Vec<(QualifiedName, Option<Lsn>, Option<Lsn>, bool)>, tokio_postgres::Error> {
+    Ok(target
+        .query(
+            "SELECT coalesce(t.root_schema, t.schema_name), coalesce(t.root_name, t.table_name),
+                    min(c.snapshot_lsn)::text, max(c.snapshot_lsn)::text,
+                    bool_and(t.chunk_method <> 'key')
+             FROM hikkoshi.tables t JOIN hikkoshi.chunks c USING (schema_name, table_name)
+             GROUP BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let lsn = |i: usize| {
+                r.get::<_, Option<String>>(i)
+                    .and_then(|s| s.parse::<Lsn>().ok())
+            };
+            (
+                QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                lsn(2),
+                lsn(3),
+                r.get::<_, Option<bool>>(4).unwrap_or(true),
+            )
+        })
+        .collect())
+}
+
+/// The applier's mark that the stream changed a table (or a partition of it) since the copy, sent in the
+/// target transaction of the change itself: $1 schema, $2 table (the stream names roots).
+pub const MARK_STREAMED: &str = "UPDATE hikkoshi.tables SET streamed = true WHERE NOT streamed \
+     AND ((schema_name = $1 AND table_name = $2) OR (root_schema = $1 AND root_name = $2))";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,22 +1,24 @@
 //! Migration state, kept in the target database in schema `hikkoshi`, so that any machine that reaches the
 //! target can resume or inspect the migration.
 //!
-//! Every statement on `hikkoshi.*` that records or reads where the migration stands lives here, one file per
-//! record: `copy` (tables and chunks), `cutover` (the cutover's step), `lock` (the migration lock); the
-//! migration, its stream and its event log here. (The applier's own bookkeeping, written in the same
-//! target transaction as the data it covers, is in `stream::apply`.)
+//! Every statement on `hikkoshi.*` lives here, one file per record: `copy` (tables and chunks), `stream`
+//! (the stream's row), `cutover` (the cutover's step), `lock` (the migration lock), `report` (what `status`
+//! reads); the migration and its event log here. The applier's two statements (`stream::RECORD_APPLIED`,
+//! `copy::MARK_STREAMED`) are here too, as text: it sends them in the same target transaction as the data
+//! they cover.
 
 pub mod copy;
 pub mod cutover;
 pub mod lock;
+pub mod report;
+pub mod stream;
 
 use tokio_postgres::Client;
 
 pub use copy::{ChunkState, ChunkStatus, TableState, TableStatus, chunks, tables};
 pub use cutover::Step;
 pub use lock::{LOCK_KEY, lock_holders_sql, try_lock};
-
-use crate::lsn::Lsn;
+pub use stream::{insert_stream, stream_names};
 
 const DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS hikkoshi;
@@ -203,31 +205,4 @@ pub async fn event(
         )
         .await?;
     Ok(())
-}
-
-/// Records the slot and publication a following clone streams from (once, when they are created).
-pub async fn insert_stream(
-    client: &Client,
-    slot: &str,
-    publication: &str,
-    start: Lsn,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO hikkoshi.stream (slot_name, publication, start_lsn, applied_lsn, synced_lsn, source_lsn)
-             VALUES ($1, $2, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn, $3::text::pg_lsn)",
-            &[&slot, &publication, &start.to_string()],
-        )
-        .await?;
-    Ok(())
-}
-
-/// The slot and publication of a following clone, if this migration follows.
-pub async fn stream_names(
-    client: &Client,
-) -> Result<Option<(String, String)>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt("SELECT slot_name, publication FROM hikkoshi.stream", &[])
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
 }

@@ -362,34 +362,14 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
         }
     }
     // Windows: per copied table (a partition's window applies to its root, which the stream names).
-    let windows = target
-        .query(
-            "SELECT coalesce(t.root_schema, t.schema_name), coalesce(t.root_name, t.table_name),
-                    min(c.snapshot_lsn)::text, max(c.snapshot_lsn)::text,
-                    bool_and(t.chunk_method <> 'key')
-             FROM hikkoshi.tables t JOIN hikkoshi.chunks c USING (schema_name, table_name)
-             GROUP BY 1, 2",
-            &[],
-        )
+    let windows = crate::state::copy::copy_windows(target)
         .await
         .map_err(Error::sql(Side::Target, "reading chunk snapshots"))?;
-    let start: Option<String> = target
-        .query_one("SELECT start_lsn::text FROM hikkoshi.stream", &[])
+    let start = crate::state::stream::start_lsn(target)
         .await
-        .map_err(Error::sql(Side::Target, "reading the stream state"))?
-        .get(0);
-    let start: Lsn = start.and_then(|s| s.parse().ok()).unwrap_or_default();
-    for r in windows {
-        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        let min: Lsn = r
-            .get::<_, Option<String>>(2)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(start);
-        let max: Lsn = r
-            .get::<_, Option<String>>(3)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(start);
-        let whole_snapshot: bool = r.get::<_, Option<bool>>(4).unwrap_or(true);
+        .map_err(Error::sql(Side::Target, "reading the stream state"))?;
+    for (name, min, max, whole_snapshot) in windows {
+        let (min, max) = (min.unwrap_or(start), max.unwrap_or(start));
         if let Some(t) = tables.get_mut(&name) {
             if min == max || whole_snapshot {
                 t.window.skip_before = min;

@@ -122,14 +122,9 @@ impl<'a> Session<'a> {
     /// target recorded.
     async fn open(plan: &'a FollowPlan, pulse: &Pulse) -> Result<Session<'a>, Error> {
         let (target, reorder) = apply_session(plan, pulse).await?;
-        let row = target
-            .query_one("SELECT applied_lsn::text FROM hikkoshi.stream", &[])
+        let applied = crate::state::stream::applied_lsn(&target)
             .await
             .map_err(Error::sql(Side::Target, "reading the applied LSN"))?;
-        let applied: Lsn = row
-            .get::<_, Option<String>>(0)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_default();
         let tables = target_tables(&target).await?;
         let status = session::connect(&plan.target, Side::Target).await?;
         if plan.direction == Direction::Forward {
@@ -157,12 +152,12 @@ impl<'a> Session<'a> {
             .map(|r| r.get(0))
             .unwrap_or(60_000);
         let stall = stall_limit(sender_timeout);
-        let _ = status
-            .execute(
-                "UPDATE hikkoshi.stream SET stall_seconds = $1, sender_timeout_ms = $2",
-                &[&(stall.as_secs() as i32), &sender_timeout],
-            )
-            .await;
+        let _ = crate::state::stream::record_stall_limit(
+            &status,
+            stall.as_secs() as i32,
+            sender_timeout,
+        )
+        .await;
         let applier = Applier::new(target, source, applied, tables, reorder);
         let mut repl = ReplicationConn::connect(&plan.source)
             .await
@@ -390,13 +385,7 @@ fn apply_err(e: ApplyError) -> Error {
 
 /// Notes how far the source is, how far we are in sync and how fast we apply, for `status` (best effort).
 async fn record(status: &Client, synced: Lsn, server_end: Lsn, rate_tps: f64) {
-    let _ = status
-        .execute(
-            "UPDATE hikkoshi.stream SET synced_lsn = greatest(synced_lsn, $1::text::pg_lsn),
-                    source_lsn = greatest(source_lsn, $2::text::pg_lsn), seen_at = now(), rate_tps = $3",
-            &[&synced.to_string(), &server_end.to_string(), &rate_tps],
-        )
-        .await;
+    let _ = crate::state::stream::record_progress(status, synced, server_end, rate_tps).await;
 }
 
 fn slot_error(e: ReplicationError, slot: &str) -> Error {

@@ -323,12 +323,7 @@ async fn changed_past_consistent(
     on_old: &Collected,
 ) -> Keys {
     let applied: Option<Lsn> = match new_sessions.first() {
-        Some(c) => c
-            .query_one("SELECT applied_lsn::text FROM hikkoshi.stream", &[])
-            .await
-            .ok()
-            .and_then(|r| r.get::<_, Option<String>>(0))
-            .and_then(|s| s.parse().ok()),
+        Some(c) => crate::state::stream::applied_lsn(c).await.ok(),
         None => None,
     };
     let mut excluded = Keys::default();

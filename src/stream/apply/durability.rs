@@ -70,9 +70,7 @@ impl Applier {
         let commit_time = (self.last_commit_time as f64 / 1e6) + 946_684_800.0;
         self.send(
             Sql::new(
-                "UPDATE hikkoshi.stream SET applied_lsn = greatest(applied_lsn, $1::text::pg_lsn), \
-                 applied_at = now(), last_commit_time = to_timestamp($2::text::float8), \
-                 applied_txns = applied_txns + $3::text::bigint",
+                crate::state::stream::RECORD_APPLIED,
                 vec![
                     Some(end.to_string()),
                     Some(commit_time.to_string()),

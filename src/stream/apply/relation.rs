@@ -161,8 +161,7 @@ impl Applier {
         }
         self.send(
             Sql::new(
-                "UPDATE hikkoshi.tables SET streamed = true WHERE NOT streamed \
-                 AND ((schema_name = $1 AND table_name = $2) OR (root_schema = $1 AND root_name = $2))",
+                crate::state::copy::MARK_STREAMED,
                 vec![Some(name.schema.clone()), Some(name.name.clone())],
             ),
             None,
