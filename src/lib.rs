@@ -5,16 +5,16 @@
 //!
 //! | stage | where | what to read first |
 //! |---|---|---|
-//! | preflight | `check` | `check::evaluate`: every finding with its fix; `check::support` for version pairs |
+//! | preflight | `check/` (`versions`, `source`, `target`) | `check::evaluate`: every finding with its fix; `check::support` for version pairs |
 //! | plan | `plan/` (`select`, `chunk`), `catalog` | `plan::resolve`: the selection against the catalog |
 //! | schema | `schema/` (`script` for older targets) | pre-data before the rows, post-data after |
-//! | copy | `clone`, `copy`, `replication/` (`slot`: exported snapshots) | `clone::run`, the whole command |
-//! | stream | `stream/`: `pgoutput/` (decode), `apply` + `fold` (apply), `follow` (the follower's loop and lifecycle), `confirm` (which position may be confirmed), `names` (every slot and publication name) | `stream::follow::run` |
-//! | verify | `verify`, `cutover/proof` (the two-part proof around the fence) | `verify::compare` |
-//! | cutover | `cutover/`: `mod` (the walk and its undo), `fence` (the write fence), `hook` | `cutover::cutover` |
-//! | state | `state` (the `hikkoshi` schema in the target), `status`, `monitor` | `state::DDL` |
+//! | copy | `clone/` (`phases`: one run phase by phase; `chunks`; `objects`), `copy` (the workers), `replication/` (`slot`: exported snapshots) | `clone::run`, the whole command |
+//! | stream | `stream/`: `pgoutput/` (decode), `apply/` (`relation`, `statements`, `hold`, `pipeline`, `durability`) + `fold`, `follow` (plans, reconnects, watchdog), `session` (one streaming session, an event at a time), `confirm` (which position may be confirmed), `names` (every slot and publication name) | `stream::follow::run` |
+//! | verify | `verify`, `cutover/proof/` (the two-part proof around the fence) | `verify::compare` |
+//! | cutover | `cutover/`: `decide` (what a run does), `steps` (one method per step, one undo), `servers`, `fence`, `reverse`, `hook` | `cutover::cutover` |
+//! | state | `state/` (the `hikkoshi` schema in the target: `copy`, `stream`, `cutover`, `lock`, `report`), `status`, `monitor` | `state::DDL` |
 //! | clean | `clean` | `clean::run` |
-//! | around | `conninfo`, `session`, `tls` (connections), `error` (kinds, exit codes, hints), `lsn`, `ident`, `sequence`, `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse` | |
+//! | around | `conninfo`, `session`, `tls` (connections), `error` (`Error::policy`: kind, exit code, retry, hint), `backoff`, `lsn`, `ident`, `sequence`, `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse/` | |
 //!
 //! Commands depend on `stream`, `state` and the modules around them, never on each other: `cutover` runs a
 //! follower through `stream::follow`, not through `clone`.
