@@ -103,7 +103,33 @@ impl<'a> Switch<'a> {
         if self.way == Way::Cutover && self.opts.reverse {
             reverse::preflight(&self.new.client).await?;
         }
-        Ok(())
+        self.same_shape("nothing was fenced").await
+    }
+
+    /// The selected tables have the same columns, indexes and constraints on both servers, whatever
+    /// `--verify` says: equal rows in a table whose shape differs would still break the application after
+    /// the switch (a column added on the old primary, with no row changed since, is in no stream).
+    async fn same_shape(&self, then: &str) -> Result<(), Error> {
+        let names: Vec<QualifiedName> = self
+            .resolved
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        let differences =
+            crate::verify::shape::differences(self.old.at(), self.new.at(), &names).await?;
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Blocked(format!(
+            "the tables' schema differs between the {old} and the {new}, so the {step} was not done \
+             ({then}):\n- {}\nhikkoshi does not carry schema changes made after the clone: apply the same \
+             DDL on the {new}, then run the {step} again (`hikkoshi verify` lists the differences)",
+            differences.join("\n- "),
+            old = self.old.side,
+            new = self.new.side,
+            step = self.report.step,
+        )))
     }
 
     /// Step 2: Whoever streams does the catch-up: a running `clone --follow` (it holds the migration lock), or
@@ -210,6 +236,8 @@ impl<'a> Switch<'a> {
         self.report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
         let verify_started = Instant::now();
         let positions = self.move_sequences().await?;
+        // DDL is not fenced: the shape is compared again, now that nothing else moves
+        self.same_shape("undone").await?;
         self.verify(&positions).await?;
         self.report.verify_seconds = verify_started.elapsed().as_secs_f64();
         if self.way == Way::Cutover && self.opts.reverse {

@@ -401,6 +401,7 @@ impl Prepared {
         );
         compared.sort_by(|a, b| a.table.cmp(&b.table));
         let report = VerifyReport {
+            schema: Vec::new(),
             tables: compared,
             sequences,
             seconds: started.elapsed().as_secs_f64(),

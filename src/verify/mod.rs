@@ -12,6 +12,8 @@
 //! Both sessions use `TimeZone = UTC`, `DateStyle = ISO` and the same column list, so a row reads as the same
 //! text on both servers.
 
+pub mod shape;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +57,8 @@ pub struct SequenceResult {
 /// The whole verification.
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
+    /// Differences in the tables' shape (columns, indexes, constraints), one line each (see `shape`).
+    pub schema: Vec<String>,
     pub tables: Vec<TableResult>,
     pub sequences: Vec<SequenceResult>,
     pub seconds: f64,
@@ -62,7 +66,9 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn equal(&self) -> bool {
-        self.tables.iter().all(|t| t.matched) && self.sequences.iter().all(|s| s.ok)
+        self.schema.is_empty()
+            && self.tables.iter().all(|t| t.matched)
+            && self.sequences.iter().all(|s| s.ok)
     }
 }
 
@@ -119,6 +125,9 @@ pub async fn compare(
     let started = Instant::now();
     let source = open(src_info, Side::Source).await?;
     let target = open(tgt_info, Side::Target).await?;
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    let schema =
+        shape::differences((&source, Side::Source), (&target, Side::Target), &names).await?;
     let ranges = key_ranges(&target).await?;
     let record_hash = hash_record_extended(&source, Side::Source).await?
         && hash_record_extended(&target, Side::Target).await?;
@@ -149,6 +158,7 @@ pub async fn compare(
     tables.sort_by(|a, b| a.table.cmp(&b.table));
     let sequences = verify_sequences(&source, &target, sequences).await?;
     Ok(VerifyReport {
+        schema,
         tables,
         sequences,
         seconds: started.elapsed().as_secs_f64(),
@@ -670,13 +680,21 @@ impl std::fmt::Display for VerifyReport {
                     .unwrap_or_else(|| "missing".into())
             )?;
         }
+        for d in &self.schema {
+            writeln!(f, "schema: {d}")?;
+        }
         let bad = self.tables.iter().filter(|t| !t.matched).count();
         let seq_bad = self.sequences.iter().filter(|s| !s.ok).count();
         writeln!(
             f,
-            "{} table(s) equal, {bad} different; {} sequence(s) at or past the source, {seq_bad} behind; {:.1}s",
+            "{} table(s) equal, {bad} different; {} sequence(s) at or past the source, {seq_bad} behind{}; {:.1}s",
             self.tables.len() - bad,
             self.sequences.len() - seq_bad,
+            if self.schema.is_empty() {
+                String::new()
+            } else {
+                format!("; {} schema difference(s)", self.schema.len())
+            },
             self.seconds
         )
     }
