@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::Client;
 
+use crate::catalog::Table;
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
 
@@ -69,16 +70,52 @@ async fn shape(client: &Client, side: Side, tables: &[String]) -> Result<Shape, 
 
 /// Every difference in shape between the source's and the target's copy of `tables`, one line each.
 pub async fn differences(
+    source: (&Client, Side),
+    target: (&Client, Side),
+    tables: &[QualifiedName],
+) -> Result<Vec<String>, Error> {
+    Ok(compare(source, target, tables).await?.differences)
+}
+
+/// Both shapes compared: the differences, and what the rows can still be compared on.
+pub struct Compared {
+    pub differences: Vec<String>,
+    target: Shape,
+}
+
+impl Compared {
+    /// `table` as its rows can be compared on both servers: its columns that the target has too. None when
+    /// the target lacks the table or a column of its key (the differences name it).
+    pub fn comparable(&self, table: &Table) -> Option<Table> {
+        let quoted = table.name.quoted();
+        let on_target = |c: &str| {
+            self.target
+                .contains_key(&(quoted.clone(), "column", c.to_string()))
+        };
+        if table.key.iter().any(|k| !on_target(k)) {
+            return None;
+        }
+        let mut t = table.clone();
+        t.columns.retain(|c| on_target(&c.name));
+        (!t.columns.is_empty()).then_some(t)
+    }
+}
+
+/// Reads both shapes and compares them.
+pub async fn compare(
     (source, source_side): (&Client, Side),
     (target, target_side): (&Client, Side),
     tables: &[QualifiedName],
-) -> Result<Vec<String>, Error> {
+) -> Result<Compared, Error> {
     let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let (s, t) = tokio::try_join!(
         shape(source, source_side, &names),
         shape(target, target_side, &names)
     )?;
-    Ok(diff(&s, &t, (source_side, target_side)))
+    Ok(Compared {
+        differences: diff(&s, &t, (source_side, target_side)),
+        target: t,
+    })
 }
 
 /// The differences between two shapes, named from the first side's point of view.

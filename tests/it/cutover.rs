@@ -858,3 +858,64 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     let (status, log) = follower.stop();
     assert!(status.success(), "{log}");
 }
+
+/// Issue #15's report: a column added on the source during the follow, with no row of its table changed
+/// since, leaves every row equal and is in no stream. `verify` names it, and no cutover passes it, whatever
+/// `--verify`; once the target has the same column, the cutover goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_change_with_no_row_changed_after_it_stops_every_cutover() {
+    let Live {
+        pair,
+        src,
+        tgt,
+        f: follower,
+    } = following(Pair::new(15, 18), 0).await;
+    src.batch_execute(
+        "ALTER TABLE app.customers ADD COLUMN tier text NOT NULL DEFAULT 'basic';
+         CREATE INDEX customers_tier ON app.customers (tier);
+         ALTER TABLE app.categories ALTER COLUMN name TYPE varchar(200);",
+    )
+    .await
+    .unwrap();
+    let out = pair.hikkoshi(&["verify"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    for needle in [
+        "column tier (text NOT NULL DEFAULT 'basic'::text) is on the source only",
+        "index customers_tier",
+        "column name is character varying(200) NOT NULL on the source, text NOT NULL on the target",
+    ] {
+        assert!(report.contains(needle), "{needle:?} not in:\n{report}");
+    }
+    for verify in ["none", "quick", "full"] {
+        let out = pair.hikkoshi(&["cutover", "--verify", verify]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "--verify {verify}: {said}");
+        assert!(
+            said.contains("schema differs")
+                && said.contains("column tier")
+                && said.contains("nothing was fenced"),
+            "--verify {verify}: {said}"
+        );
+        app_can_write(&pair.s).await.unwrap();
+        assert!(
+            !fence_triggers_left(&src).await,
+            "the fence's triggers stayed"
+        );
+    }
+    // the same DDL on the target: nothing differs any more, and the switch goes through
+    tgt.batch_execute(
+        "ALTER TABLE app.customers ADD COLUMN tier text NOT NULL DEFAULT 'basic';
+         CREATE INDEX customers_tier ON app.customers (tier);
+         ALTER TABLE app.categories ALTER COLUMN name TYPE varchar(200);",
+    )
+    .await
+    .unwrap();
+    let out = pair.hikkoshi(&["cutover"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    // the fence ended the old primary's other sessions, this one too
+    let src = connect(&pair.s.socket_url("app")).await;
+    assert_identical_rows_and_sequences_at_least(&src, &tgt).await;
+}
