@@ -38,6 +38,7 @@ pub mod plan;
 pub mod progress;
 pub mod rehearse;
 pub mod replication;
+pub mod roles;
 pub mod schema;
 pub mod sequence;
 pub mod session;

@@ -44,6 +44,10 @@ struct SwitchArgs {
     jobs: usize,
     #[arg(long)]
     json: bool,
+    /// Cut over although a LOGIN role of the source cannot log in on the target (its password could not
+    /// be carried: see `clone --role-password`).
+    #[arg(long)]
+    allow_nologin_roles: bool,
 }
 
 impl SwitchArgs {
@@ -60,6 +64,7 @@ impl SwitchArgs {
             timeout: std::time::Duration::from_secs(self.timeout),
             verify: self.verify.into(),
             jobs: self.jobs.max(1),
+            allow_nologin_roles: self.allow_nologin_roles,
             stop,
         }
     }
@@ -229,6 +234,15 @@ struct CloneArgs {
     /// With --rehearse: bytes sampled from each table (all of a smaller table).
     #[arg(long, default_value = "32MB", value_parser = parse_size, requires = "rehearse")]
     sample_size: i64,
+    /// Leave roles alone: every object belongs to the target's role and no grant is copied (without it,
+    /// the roles that own or are granted the objects are created on the target first, with their
+    /// memberships, settings and, where the source lets them be read, their passwords).
+    #[arg(long)]
+    no_roles: bool,
+    /// ROLE=env:VARIABLE or ROLE=file:PATH: the password of a role whose verifier cannot be read on the
+    /// source (managed servers); sent to the target as a SCRAM verifier. Repeatable.
+    #[arg(long, value_name = "ROLE=env:VAR|file:PATH")]
+    role_password: Vec<String>,
 }
 
 /// `PORT` (on loopback) or `HOST:PORT`.
@@ -378,6 +392,8 @@ async fn clone(args: CloneArgs) -> Result<ExitCode, Error> {
         json,
         rehearse,
         sample_size,
+        no_roles,
+        role_password,
     } = args;
     if rehearse {
         let report = hikkoshi::rehearse::run(&hikkoshi::rehearse::RehearseOptions {
@@ -408,6 +424,8 @@ async fn clone(args: CloneArgs) -> Result<ExitCode, Error> {
     let opts = hikkoshi::clone::CloneOptions {
         maintenance_work_mem,
         follow,
+        roles: !no_roles,
+        role_passwords: role_password,
         stop,
         source,
         target,

@@ -54,6 +54,11 @@ pub struct CloneOptions {
     pub maintenance_work_mem: String,
     /// After the copy, stream the source's changes until `stop`.
     pub follow: bool,
+    /// Create the roles the objects need on the target, and restore owners and grants (`roles`); false:
+    /// every object belongs to the target's role and no grant is copied.
+    pub roles: bool,
+    /// `ROLE=env:VAR` or `ROLE=file:PATH`: passwords for roles whose verifier cannot be read on the source.
+    pub role_passwords: Vec<String>,
     /// Cancelled on SIGINT/SIGTERM: the copy stops (resumable), the follower drains and exits.
     pub stop: CancellationToken,
 }

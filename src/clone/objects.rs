@@ -193,3 +193,76 @@ pub(super) async fn analyze(
     }
     Ok(())
 }
+
+/// Owners need CREATE on the schema of what they own (`ALTER … OWNER TO` checks it). A schema that exists on
+/// the target before the restore (`public`, owned there by the database's owner, which on the source may
+/// have been the owner of everything) may not give it: each owner that lacks it gets it for the restore,
+/// and `take_back_create` revokes it after. Returns (schema, role) pairs lent; a schema the target's role
+/// may not grant on is left alone (the restore then names what failed).
+pub(super) async fn lend_create(
+    source: &Client,
+    target: &Client,
+) -> Result<Vec<(String, String)>, Error> {
+    let owners: Vec<(String, String)> = source
+        .query(
+            "SELECT DISTINCT n.nspname::text, pg_get_userbyid(o.owner)::text FROM (
+                 SELECT relnamespace AS nsp, relowner AS owner FROM pg_class
+                 WHERE relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+                 UNION SELECT pronamespace, proowner FROM pg_proc
+                 UNION SELECT typnamespace, typowner FROM pg_type WHERE typtype IN ('d', 'e', 'r', 'm', 'c')
+             ) o JOIN pg_namespace n ON n.oid = o.nsp
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading object owners"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut lent = Vec::new();
+    for (schema, role) in owners {
+        let lacks: bool = target
+            .query_one(
+                "SELECT to_regnamespace(quote_ident($1)) IS NOT NULL
+                        AND EXISTS (SELECT FROM pg_roles WHERE rolname = $2)
+                        AND NOT has_schema_privilege($2, quote_ident($1), 'CREATE')",
+                &[&schema, &role],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "checking schema privileges"))?
+            .get(0);
+        if !lacks {
+            continue;
+        }
+        let grant = format!(
+            "GRANT CREATE ON SCHEMA {} TO {}",
+            crate::ident::quote_ident(&schema),
+            crate::ident::quote_ident(&role)
+        );
+        match target.batch_execute(&grant).await {
+            Ok(()) => lent.push((schema, role)),
+            Err(e) => tracing::warn!(
+                "cannot let {role} create in schema {schema} for the restore ({})",
+                crate::error::chain(&e)
+            ),
+        }
+    }
+    Ok(lent)
+}
+
+/// Revokes what `lend_create` lent (best effort: each failure is logged with the statement to run).
+pub(super) async fn take_back_create(target: &Client, lent: &[(String, String)]) {
+    for (schema, role) in lent {
+        let revoke = format!(
+            "REVOKE CREATE ON SCHEMA {} FROM {}",
+            crate::ident::quote_ident(schema),
+            crate::ident::quote_ident(role)
+        );
+        if let Err(e) = target.batch_execute(&revoke).await {
+            tracing::warn!(
+                "could not take back the CREATE right lent for the restore ({}): run `{revoke}` on the target",
+                crate::error::chain(&e)
+            );
+        }
+    }
+}

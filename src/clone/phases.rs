@@ -7,8 +7,8 @@ use std::time::Instant;
 use tokio_postgres::Client;
 
 use super::objects::{
-    all_tables_exist, analyze, create_publication, drop_publication, missing_roles,
-    refresh_matviews, undo_slot,
+    all_tables_exist, analyze, create_publication, drop_publication, lend_create, missing_roles,
+    refresh_matviews, take_back_create, undo_slot,
 };
 use super::{CloneOptions, CloneReport, chunks};
 use crate::catalog::Catalog;
@@ -16,6 +16,7 @@ use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::plan::{Resolved, Selection, resolve};
 use crate::replication::{self, ExportedSnapshot, ReplicationConn};
+use crate::roles;
 use crate::schema::{self, DumpFilter, DumpTools};
 use crate::sequence;
 use crate::session;
@@ -58,7 +59,7 @@ pub(super) async fn copy_part(
     let snap = run.snapshot().await?;
     // Schema archive and the last checks. A fresh following clone made a slot and a publication already:
     // if anything fails before the state records them, they are dropped again.
-    let (archive, keep_owners) = match run.dump_schema(&snap).await {
+    let archive = match run.dump_schema(&snap).await {
         Ok(p) => p,
         Err(e) => {
             if run.fresh_follow() {
@@ -69,6 +70,23 @@ pub(super) async fn copy_part(
     };
     // Every check is done: from here on the target holds state that a rerun resumes from.
     run.record_start(&snap, phase).await?;
+    if phase == Phase::Schema {
+        if let Err(e) = run.carry_roles().await {
+            if run.existing.is_none() {
+                let _ = run
+                    .target
+                    .batch_execute("DROP SCHEMA hikkoshi CASCADE")
+                    .await;
+                if run.fresh_follow() {
+                    undo_slot(snap, &run.source, &run.publication()).await;
+                }
+            }
+            return Err(e);
+        }
+    } else {
+        run.give_passwords().await?;
+    }
+    let keep_owners = run.keep_owners(&archive).await?;
     if phase == Phase::Schema {
         if let Err(e) = run.pre_data(&archive, keep_owners).await {
             if run.existing.is_none() {
@@ -134,6 +152,7 @@ impl<'a> Run<'a> {
         });
         let (migration_id, phase) = match &existing {
             Some(m) if m.phase == Phase::Done => {
+                give_passwords(&target, &opts.role_passwords).await?;
                 report.migration_id = m.id.clone();
                 report.already_done = true;
                 report.seconds = started.elapsed().as_secs_f64();
@@ -223,12 +242,8 @@ impl<'a> Run<'a> {
         Ok(snap)
     }
 
-    /// The schema archive in the snapshot, and whether owners and grants can be kept (every owner exists
-    /// on the target). Warns of what the clone does not carry.
-    async fn dump_schema(
-        &mut self,
-        snap: &ExportedSnapshot,
-    ) -> Result<(schema::Archive, bool), Error> {
+    /// The schema archive in the snapshot. Warns of what the clone does not carry.
+    async fn dump_schema(&mut self, snap: &ExportedSnapshot) -> Result<schema::Archive, Error> {
         let archive = schema::dump(
             &self.tools,
             self.src_info,
@@ -238,15 +253,6 @@ impl<'a> Run<'a> {
             },
         )
         .await?;
-        let owners = schema::archive_owners(&self.tools, &archive, self.tgt_info).await?;
-        let missing = missing_roles(&self.source, &self.target, &owners).await?;
-        if !missing.is_empty() {
-            self.warn(format!(
-                "roles {} do not exist on the target: objects will belong to the target user and grants \
-                 are not copied (create the roles first, e.g. from `pg_dumpall --roles-only`, to keep them)",
-                missing.join(", ")
-            ));
-        }
         let large_objects: i64 = self
             .source
             .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
@@ -260,7 +266,7 @@ impl<'a> Run<'a> {
                  before switching over"
             ));
         }
-        Ok((archive, missing.is_empty()))
+        Ok(archive)
     }
 
     /// Records the migration (a new one, with its stream) or the resume.
@@ -312,7 +318,15 @@ impl<'a> Run<'a> {
     /// the chunk plan.
     async fn pre_data(&self, archive: &schema::Archive, keep_owners: bool) -> Result<(), Error> {
         if !all_tables_exist(&self.target, &self.resolved.tables).await? {
-            schema::restore_pre_data(&self.tools, archive, self.tgt_info, keep_owners).await?;
+            let lent = if keep_owners {
+                lend_create(&self.source, &self.target).await?
+            } else {
+                Vec::new()
+            };
+            let restored =
+                schema::restore_pre_data(&self.tools, archive, self.tgt_info, keep_owners).await;
+            take_back_create(&self.target, &lent).await;
+            restored?;
         }
         record(
             &self.target,
@@ -408,6 +422,121 @@ impl<'a> Run<'a> {
         .await
     }
 
+    /// The roles the objects need, created on the target before the schema (see `roles`), unless
+    /// `--no-roles`. Recorded in the state, for the cutover to check that every LOGIN role can log in.
+    async fn carry_roles(&mut self) -> Result<(), Error> {
+        if !self.opts.roles {
+            return self.give_passwords().await;
+        }
+        let given: Vec<roles::GivenPassword> = self
+            .opts
+            .role_passwords
+            .iter()
+            .map(|s| roles::given_password(s))
+            .collect::<Result<_, _>>()?;
+        let source_version = self
+            .source
+            .query_one(
+                "SELECT current_setting('server_version_num')::int / 10000",
+                &[],
+            )
+            .await
+            .map_err(Error::sql(Side::Source, "reading the server version"))?
+            .get::<_, i32>(0) as u32;
+        let source_roles = roles::read(&self.source, source_version).await?;
+        let target_side = roles::target_side(&self.target).await?;
+        let plan = roles::plan(&source_roles, &target_side, &given);
+        if !plan.created.is_empty() && !target_side.superuser && !target_side.createrole {
+            self.warn(format!(
+                "roles {} do not exist on the target and {} may not create roles (CREATEROLE): objects will \
+                 belong to the target user and grants are not copied. Give it CREATEROLE (the RDS master \
+                 user has it) and clone into a fresh target to carry them",
+                plan.created.join(", "),
+                target_side.admin
+            ));
+            return Ok(());
+        }
+        roles::carry(&self.target, &plan).await?;
+        for n in plan.notices.clone() {
+            self.warn(n);
+        }
+        if !plan.cannot_log_in.is_empty() {
+            self.warn(format!(
+                "role(s) {} log in on the source, but their passwords cannot be read there: created NOLOGIN \
+                 on the target. Give each one with --role-password ROLE=env:VARIABLE (run the clone again \
+                 with it); the cutover refuses until they can log in",
+                plan.cannot_log_in.join(", ")
+            ));
+        }
+        state::roles::record(&self.target, &plan.created, &plan.cannot_log_in)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the carried roles"))?;
+        if !plan.created.is_empty() {
+            record(
+                &self.target,
+                "roles",
+                &format!(
+                    "created role(s) {} ({} cannot log in yet)",
+                    plan.created.join(", "),
+                    plan.cannot_log_in.len()
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// `--role-password` on a later run: the roles get their password and may log in.
+    async fn give_passwords(&mut self) -> Result<(), Error> {
+        give_passwords(&self.target, &self.opts.role_passwords).await
+    }
+
+    /// Whether the restore keeps owners and grants: every owner in the archive exists on the target, and
+    /// the target's role may give objects to it (a superuser, or a member). Otherwise every object belongs
+    /// to the target's role and no grant is copied, as with `--no-roles`, and the clone says so.
+    async fn keep_owners(&mut self, archive: &schema::Archive) -> Result<bool, Error> {
+        if !self.opts.roles {
+            return Ok(false);
+        }
+        let owners = schema::archive_owners(&self.tools, archive, self.tgt_info).await?;
+        let missing = missing_roles(&self.source, &self.target, &owners).await?;
+        if !missing.is_empty() {
+            self.warn(format!(
+                "roles {} do not exist on the target: objects will belong to the target user and grants \
+                 are not copied (run the clone without --no-roles on a fresh target to carry them, or create \
+                 them first)",
+                missing.join(", ")
+            ));
+            return Ok(false);
+        }
+        let owners: Vec<&String> = owners.iter().collect();
+        let foreign: Vec<String> = self
+            .target
+            .query(
+                "SELECT o FROM unnest($1::text[]) o
+                 WHERE EXISTS (SELECT FROM pg_roles WHERE rolname = o)
+                   AND NOT pg_has_role(current_user, o, 'MEMBER')
+                   AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 ORDER BY 1",
+                &[&owners],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "checking role memberships"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !foreign.is_empty() {
+            self.warn(format!(
+                "the target's role is not a member of {}, which own objects: they will belong to the target \
+                 user and grants are not copied (GRANT {} TO <target user>; then clone again, to keep them)",
+                foreign.join(", "),
+                foreign.join(", ")
+            ));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     fn warn(&mut self, w: String) {
         tracing::warn!("{w}");
         self.report.warnings.push(w);
@@ -483,4 +612,45 @@ async fn record(target: &Client, kind: &str, message: &str) -> Result<(), Error>
     state::event(target, kind, message)
         .await
         .map_err(Error::sql(Side::Target, "recording an event"))
+}
+
+/// `--role-password` for roles that exist on the target: each gets its password (as a SCRAM verifier made
+/// here) and may log in; the state records that it can.
+pub(super) async fn give_passwords(target: &Client, specs: &[String]) -> Result<(), Error> {
+    let given: Vec<roles::GivenPassword> = specs
+        .iter()
+        .map(|s| roles::given_password(s))
+        .collect::<Result<_, _>>()?;
+    for g in given {
+        let exists: bool = target
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)",
+                &[&g.role],
+            )
+            .await
+            .map_err(Error::sql(Side::Target, "looking for a role"))?
+            .get(0);
+        if !exists {
+            return Err(Error::Usage(format!(
+                "--role-password names role {}, which does not exist on the target",
+                g.role
+            )));
+        }
+        target
+            .batch_execute(&format!(
+                "ALTER ROLE {} WITH LOGIN PASSWORD {}",
+                crate::ident::quote_ident(&g.role),
+                crate::ident::quote_literal(&roles::scram(&g.password))
+            ))
+            .await
+            .map_err(Error::sql(
+                Side::Target,
+                format!("setting the password of role {}", g.role),
+            ))?;
+        if state::exists(target).await.unwrap_or(false) {
+            let _ = state::roles::logs_in(target, &g.role).await;
+        }
+        tracing::info!("role {} may log in on the target (--role-password)", g.role);
+    }
+    Ok(())
 }

@@ -83,6 +83,8 @@ pub struct CutoverOptions {
     pub jobs: usize,
     /// Cancelled on SIGINT/SIGTERM: before the point of no return, undo and leave the old primary writable.
     pub stop: CancellationToken,
+    /// Cut over although a LOGIN role of the source cannot log in on the new primary.
+    pub allow_nologin_roles: bool,
 }
 
 /// What the switch did.

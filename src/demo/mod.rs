@@ -225,6 +225,8 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         pg_bin: Some(install.bin.clone()),
         maintenance_work_mem: "256MB".into(),
         follow: true,
+        roles: true,
+        role_passwords: vec![],
         stop: clone_stop.clone(),
     };
     let monitor = match opts.listen {
@@ -433,6 +435,7 @@ async fn story(
         verify: crate::cutover::VerifyMode::Quick,
         jobs: 2,
         stop: stop.clone(),
+        allow_nologin_roles: false,
     })
     .await?;
     print!("{cut}");

@@ -11,6 +11,7 @@ pub mod copy;
 pub mod cutover;
 pub mod lock;
 pub mod report;
+pub mod roles;
 pub mod stream;
 
 use tokio_postgres::Client;
@@ -85,6 +86,11 @@ CREATE TABLE IF NOT EXISTS hikkoshi.cutover (
     finished_at      timestamptz,
     pause_seconds    double precision,
     message          text
+);
+CREATE TABLE IF NOT EXISTS hikkoshi.roles (
+    name        text PRIMARY KEY,
+    created     boolean NOT NULL,
+    can_log_in  boolean NOT NULL
 );
 CREATE TABLE IF NOT EXISTS hikkoshi.events (
     id      bigserial PRIMARY KEY,

@@ -743,9 +743,8 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     let admin = connect(&t.socket_url("postgres")).await;
     admin
         .batch_execute(&format!(
-            "CREATE ROLE tadmin LOGIN CREATEDB REPLICATION PASSWORD '{PASSWORD}';
-             GRANT SET ON PARAMETER session_replication_role TO tadmin;
-             CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}';"
+            "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE REPLICATION PASSWORD '{PASSWORD}';
+             GRANT SET ON PARAMETER session_replication_role TO tadmin;"
         ))
         .await
         .unwrap();
@@ -778,13 +777,57 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     let tgt = connect(&target).await;
     let mut follower = Follower::start_between(&source, &target, &[], &[]);
     wait_in_sync(&src, &tgt, &mut follower).await;
-    // (grants are not carried yet: issue 14)
-    tgt.batch_execute(
-        "GRANT USAGE ON SCHEMA app TO app_writer; GRANT SELECT, INSERT ON app.tickets TO app_writer;
-         GRANT USAGE ON SEQUENCE app.tickets_id_seq TO app_writer;",
-    )
-    .await
-    .unwrap();
+    // The roles came along (issue 14): the owner and the application's role, with its grants; the
+    // application's password cannot be read on a source without superuser, so its role cannot log in yet.
+    let owners = owners_and_grants(&src).await;
+    assert_eq!(owners, owners_and_grants(&tgt).await);
+    assert!(
+        owners
+            .iter()
+            .any(|o| o.contains("app.tickets owner migrator")),
+        "{owners:?}"
+    );
+    assert!(
+        owners
+            .iter()
+            .any(|o| o
+                .contains("app.tickets owner migrator grants app_writer=INSERT,app_writer=SELECT")),
+        "{owners:?}"
+    );
+    let can_log_in: bool = tgt
+        .query_one(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'app_writer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!can_log_in);
+    let out = hikkoshi(&["cutover", "--source", &source, "--target", &target]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("app_writer") && text(&out).contains("--role-password"),
+        "{}",
+        text(&out)
+    );
+    app_can_write(&s).await.unwrap();
+    // the follower again, with the passwords (the owner logs in too): the roles log in on the target with
+    // their old passwords
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    let mut follower = Follower::start_between(
+        &source,
+        &target,
+        &[
+            "--role-password",
+            "app_writer=env:APP_WRITER_PASSWORD",
+            "--role-password",
+            "migrator=env:APP_WRITER_PASSWORD",
+        ],
+        &[("APP_WRITER_PASSWORD", PASSWORD)],
+    );
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    assert!(!follower.log().contains(PASSWORD), "{}", follower.log());
 
     // a table without the trigger right: refused before anything is fenced
     src.batch_execute("REVOKE TRIGGER ON app.tickets FROM migrator")
@@ -918,4 +961,24 @@ async fn a_schema_change_with_no_row_changed_after_it_stops_every_cutover() {
     // the fence ended the old primary's other sessions, this one too
     let src = connect(&pair.s.socket_url("app")).await;
     assert_identical_rows_and_sequences_at_least(&src, &tgt).await;
+}
+
+/// Each selected table's owner and the privileges granted to other roles (`schema.table owner role grants
+/// grantee=PRIVILEGE,...`; the owner's own implicit privileges differ between versions), to compare servers.
+async fn owners_and_grants(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT format('%s.%s owner %s grants %s', n.nspname, c.relname, pg_get_userbyid(c.relowner),
+                       coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                        ELSE pg_get_userbyid(a.grantee) END
+                                                   || '=' || a.privilege_type, ',' ORDER BY 1)
+                                 FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner), '-'))
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'app' AND c.relkind IN ('r', 'p', 'S', 'v') ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }

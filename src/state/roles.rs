@@ -1,0 +1,78 @@
+//! The roles the clone carried: `hikkoshi.roles` on the target. The cutover refuses while a LOGIN role of
+//! the source cannot log in on the target (see `roles`).
+
+use tokio_postgres::Client;
+
+/// Records what the roles step did: the roles it created, and the LOGIN roles that cannot log in.
+pub async fn record(
+    client: &Client,
+    created: &[String],
+    cannot_log_in: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    for name in created {
+        client
+            .execute(
+                "INSERT INTO hikkoshi.roles (name, created, can_log_in) VALUES ($1, true, true)
+                 ON CONFLICT (name) DO NOTHING",
+                &[name],
+            )
+            .await?;
+    }
+    for name in cannot_log_in {
+        client
+            .execute(
+                "INSERT INTO hikkoshi.roles (name, created, can_log_in) VALUES ($1, true, false)
+                 ON CONFLICT (name) DO UPDATE SET can_log_in = false",
+                &[name],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A role can log in now (a password was given).
+pub async fn logs_in(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE hikkoshi.roles SET can_log_in = true WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(())
+}
+
+/// LOGIN roles of the source that still cannot log in on the target (NOLOGIN there).
+pub async fn cannot_log_in(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    if !client
+        .query_one("SELECT to_regclass('hikkoshi.roles') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0)
+    {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT r.name FROM hikkoshi.roles r
+             WHERE NOT r.can_log_in
+               AND NOT coalesce((SELECT rolcanlogin FROM pg_roles WHERE rolname = r.name), false)
+             ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The roles the clone created (for `clean` to name).
+pub async fn created(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT name FROM hikkoshi.roles WHERE created ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
