@@ -76,6 +76,16 @@ pub async fn run(source_url: &str, target_url: &str, force: bool) -> Result<Clea
         drop_streams(client, side, &pattern, &mut cleaned).await?;
     }
     lift_fences(&source, &target, &mut cleaned).await?;
+    // roles are the cluster's, and they own the copied objects: they stay, and clean says which
+    if let Ok(created) = state::roles::created(&target).await
+        && !created.is_empty()
+    {
+        cleaned.warnings.push(format!(
+            "the clone created role(s) {} on the target; they own or are granted the copied objects, so \
+             they stay. To give up the migration entirely, drop the copied objects, then DROP ROLE each",
+            created.join(", ")
+        ));
+    }
     let _ = source
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await;

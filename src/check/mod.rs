@@ -2,6 +2,7 @@
 //! and every finding that is not ok carries its fix (the setting, the SQL, the cloud parameter). Nothing is
 //! created on either server.
 
+mod roles;
 mod source;
 mod target;
 mod versions;
@@ -153,6 +154,7 @@ pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
     extensions(&mut r, source, target).await?;
     encodings(&mut r, source, target).await?;
     target_state(&mut r, source, target, i.tables).await?;
+    roles::roles(&mut r, source, target, source_major).await?;
     if i.follow {
         cutover_proof(&mut r, (source_major, target_major), target).await?;
         write_fence(&mut r, source, i.tables).await?;

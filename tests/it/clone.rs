@@ -365,3 +365,128 @@ async fn status_reports_the_migration_and_clean_removes_every_trace() {
     // idempotent
     assert_success(&pair.hikkoshi(&["clean"]));
 }
+
+/// Issue 14 with a superuser source: the roles that own or are granted objects, and their members, are
+/// created on the target with their SCRAM verifiers copied (the same password logs in), their memberships
+/// (WITH ADMIN OPTION), settings and database grants; names with quotes, spaces and Unicode; a grant to
+/// PUBLIC; a role that exists on the target with other attributes is kept and the difference named; no
+/// verifier reaches the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_owners_and_grants_come_along_with_their_passwords() {
+    let pair = Pair::new(15, 18);
+    for (server, sql) in [
+        (
+            &pair.s,
+            "CREATE ROLE \"Owner \"\"Q\"\"\" NOLOGIN;
+             CREATE ROLE readers NOLOGIN;
+             CREATE ROLE \"ユーザー 1\" LOGIN PASSWORD 'unicode-pw' CONNECTION LIMIT 7;
+             CREATE ROLE old_app LOGIN PASSWORD 'old-pw' CREATEDB;
+             GRANT readers TO \"ユーザー 1\" WITH ADMIN OPTION;
+             ALTER ROLE \"ユーザー 1\" SET statement_timeout = '5s';",
+        ),
+        // the target knows old_app already, without CREATEDB and with its own password
+        (&pair.t, "CREATE ROLE old_app LOGIN PASSWORD 'target-pw';"),
+    ] {
+        connect(&server.socket_url("postgres"))
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap();
+    }
+    let Sides { pair, src, tgt } = pair
+        .source(
+            "CREATE SCHEMA shop AUTHORIZATION \"Owner \"\"Q\"\"\";
+             SET ROLE \"Owner \"\"Q\"\"\";
+             CREATE TABLE shop.items (id int PRIMARY KEY, name text);
+             INSERT INTO shop.items SELECT g, 'item ' || g FROM generate_series(1, 50) g;
+             GRANT USAGE ON SCHEMA shop TO readers, old_app;
+             GRANT SELECT ON shop.items TO readers;
+             GRANT SELECT ON shop.items TO PUBLIC;
+             GRANT UPDATE (name) ON shop.items TO old_app;
+             RESET ROLE;
+             GRANT CONNECT ON DATABASE app TO \"ユーザー 1\";",
+        )
+        .await;
+    let out = pair.hikkoshi(&["clone"]);
+    assert_success(&out);
+    let said = text(&out);
+    assert!(
+        said.contains(
+            "role old_app exists on the target with other attributes (CREATEDB on the source)"
+        ),
+        "{said}"
+    );
+    assert!(
+        !said.contains("SCRAM-SHA-256$"),
+        "a verifier reached the output:\n{said}"
+    );
+    assert_identical(&src, &tgt).await;
+    // owners and grants as on the source
+    // (the owner's own implicit privileges differ between versions: 17 adds MAINTAIN)
+    let acl = "SELECT pg_get_userbyid(c.relowner)::text,
+                      (SELECT string_agg(a.grantee::regrole::text || '=' || a.privilege_type, ',' ORDER BY 1)
+                       FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
+                      (SELECT attacl::text FROM pg_attribute WHERE attrelid = c.oid AND attname = 'name')
+               FROM pg_class c WHERE c.oid = 'shop.items'::regclass";
+    let (s, t) = (
+        src.query_one(acl, &[]).await.unwrap(),
+        tgt.query_one(acl, &[]).await.unwrap(),
+    );
+    assert_eq!(t.get::<_, String>(0), "Owner \"Q\"");
+    for i in [1, 2] {
+        assert_eq!(
+            s.get::<_, Option<String>>(i),
+            t.get::<_, Option<String>>(i),
+            "grants differ"
+        );
+    }
+    assert!(
+        t.get::<_, Option<String>>(1)
+            .is_some_and(|g| g.contains("readers=SELECT") && g.contains("-=SELECT")),
+        "{:?}",
+        t.get::<_, Option<String>>(1)
+    );
+    // the verifier is the source's, so the old password logs in on the target
+    let verifier = "SELECT rolpassword FROM pg_authid WHERE rolname = 'ユーザー 1'";
+    assert_eq!(
+        src.query_one(verifier, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        tgt.query_one(verifier, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    );
+    let login = format!(
+        "host=127.0.0.1 port={} user='ユーザー 1' password=unicode-pw dbname=app sslmode=disable",
+        pair.t.port
+    );
+    let app = connect(&login).await;
+    let n: i64 = app
+        .query_one("SELECT count(*) FROM shop.items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    let facts = "SELECT r.rolconnlimit, m.admin_option, s.setconfig::text
+                 FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid
+                 JOIN pg_roles g ON g.oid = m.roleid AND g.rolname = 'readers'
+                 LEFT JOIN pg_db_role_setting s ON s.setrole = r.oid
+                 WHERE r.rolname = 'ユーザー 1'";
+    let row = tgt.query_one(facts, &[]).await.unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i32>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, Option<String>>(2)
+        ),
+        (7, true, Some("{statement_timeout=5s}".to_string()))
+    );
+    // the role that was there keeps its password
+    let kept = format!(
+        "host=127.0.0.1 port={} user=old_app password=target-pw dbname=app sslmode=disable",
+        pair.t.port
+    );
+    connect(&kept).await;
+}
