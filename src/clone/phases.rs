@@ -328,6 +328,12 @@ impl<'a> Run<'a> {
             take_back_create(&self.target, &lent).await;
             restored?;
         }
+        state::roles::set_owners_kept(&self.target, keep_owners)
+            .await
+            .map_err(Error::sql(
+                Side::Target,
+                "recording whether owners were kept",
+            ))?;
         record(
             &self.target,
             "schema",

@@ -131,8 +131,9 @@ impl<'a> Switch<'a> {
             .iter()
             .map(|t| t.name.clone())
             .collect();
+        let access = state::roles::owners_kept(&self.ctl).await;
         let differences =
-            crate::verify::shape::differences(self.old.at(), self.new.at(), &names).await?;
+            crate::verify::shape::differences(self.old.at(), self.new.at(), &names, access).await?;
         if differences.is_empty() {
             return Ok(());
         }

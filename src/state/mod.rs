@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS hikkoshi.migration (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+-- whether the restore kept the source's owners and grants (then verify and the cutover compare them)
+ALTER TABLE hikkoshi.migration ADD COLUMN IF NOT EXISTS owners_kept boolean;
 CREATE TABLE IF NOT EXISTS hikkoshi.tables (
     schema_name  text NOT NULL,
     table_name   text NOT NULL,

@@ -76,3 +76,24 @@ pub async fn created(client: &Client) -> Result<Vec<String>, tokio_postgres::Err
         .map(|r| r.get(0))
         .collect())
 }
+
+/// Records whether the restore kept the source's owners and grants.
+pub async fn set_owners_kept(client: &Client, kept: bool) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("UPDATE hikkoshi.migration SET owners_kept = $1", &[&kept])
+        .await?;
+    Ok(())
+}
+
+/// Whether the migration on this target kept the source's owners and grants (false when unknown).
+pub async fn owners_kept(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT to_regclass('hikkoshi.migration') IS NOT NULL
+                    AND coalesce((SELECT bool_or(owners_kept) FROM hikkoshi.migration), false)",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false)
+}

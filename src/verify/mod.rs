@@ -126,7 +126,14 @@ pub async fn compare(
     let source = open(src_info, Side::Source).await?;
     let target = open(tgt_info, Side::Target).await?;
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
-    let shapes = shape::compare((&source, Side::Source), (&target, Side::Target), &names).await?;
+    let access = crate::state::roles::owners_kept(&target).await;
+    let shapes = shape::compare(
+        (&source, Side::Source),
+        (&target, Side::Target),
+        &names,
+        access,
+    )
+    .await?;
     // rows are compared on the columns both sides have; the schema differences say the rest
     let tables: Vec<Table> = tables.iter().filter_map(|t| shapes.comparable(t)).collect();
     let schema = shapes.differences;

@@ -4,6 +4,10 @@
 //! equal, and the application's first query that uses it would fail on the new primary. So `verify` and
 //! every cutover (whatever `--verify`) compare the shape too, and name each difference.
 //!
+//! With `access` (a migration that carried the roles), each table's owner, its grants to other roles and its
+//! columns' grants are compared too: a GRANT run on the source during the follow is in no stream either.
+//! The owner's own privileges are left out (PostgreSQL 17 adds MAINTAIN to them).
+//!
 //! NOT NULL constraints of PostgreSQL 18 (`pg_constraint.contype = 'n'`) are left out: the column's own
 //! `NOT NULL` says it on every version.
 
@@ -42,11 +46,32 @@ UNION ALL
 SELECT t.name, 'constraint', c.conname::text, pg_get_constraintdef(c.oid)
 FROM t JOIN pg_constraint c ON c.conrelid = t.oid AND c.contype <> 'n'
 UNION ALL
-SELECT s.name, 'table', '', 'missing' FROM unnest($1::text[]) AS s(name) WHERE to_regclass(s.name) IS NULL";
+SELECT s.name, 'table', '', 'missing' FROM unnest($1::text[]) AS s(name) WHERE to_regclass(s.name) IS NULL
+UNION ALL
+SELECT t.name, 'owner', '', quote_ident(pg_get_userbyid(c.relowner))
+FROM t JOIN pg_class c ON c.oid = t.oid WHERE $2
+UNION ALL
+SELECT t.name, 'grants', '',
+       coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+                                   || ' ' || a.privilege_type
+                                   || CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END, ', ' ORDER BY 1)
+                 FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner), 'none')
+FROM t JOIN pg_class c ON c.oid = t.oid WHERE $2
+UNION ALL
+SELECT t.name, 'column grants', a.attname::text,
+       (SELECT string_agg(CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(x.grantee)) END
+                          || ' ' || x.privilege_type, ', ' ORDER BY 1) FROM aclexplode(a.attacl) x)
+FROM t JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE $2 AND a.attacl IS NOT NULL";
 
-async fn shape(client: &Client, side: Side, tables: &[String]) -> Result<Shape, Error> {
+async fn shape(
+    client: &Client,
+    side: Side,
+    tables: &[String],
+    access: bool,
+) -> Result<Shape, Error> {
     Ok(client
-        .query(SHAPE, &[&tables])
+        .query(SHAPE, &[&tables, &access])
         .await
         .map_err(Error::sql(
             side,
@@ -58,6 +83,9 @@ async fn shape(client: &Client, side: Side, tables: &[String]) -> Result<Shape, 
                 "column" => "column",
                 "index" => "index",
                 "constraint" => "constraint",
+                "owner" => "owner",
+                "grants" => "grants",
+                "column grants" => "column grants",
                 _ => "table",
             };
             (
@@ -73,8 +101,9 @@ pub async fn differences(
     source: (&Client, Side),
     target: (&Client, Side),
     tables: &[QualifiedName],
+    access: bool,
 ) -> Result<Vec<String>, Error> {
-    Ok(compare(source, target, tables).await?.differences)
+    Ok(compare(source, target, tables, access).await?.differences)
 }
 
 /// Both shapes compared: the differences, and what the rows can still be compared on.
@@ -87,10 +116,10 @@ impl Compared {
     /// `table` as its rows can be compared on both servers: its columns that the target has too. None when
     /// the target lacks the table or a column of its key (the differences name it).
     pub fn comparable(&self, table: &Table) -> Option<Table> {
-        let quoted = table.name.quoted();
+        let shown = table.name.to_string();
         let on_target = |c: &str| {
             self.target
-                .contains_key(&(quoted.clone(), "column", c.to_string()))
+                .contains_key(&(shown.clone(), "column", c.to_string()))
         };
         if table.key.iter().any(|k| !on_target(k)) {
             return None;
@@ -101,17 +130,32 @@ impl Compared {
     }
 }
 
-/// Reads both shapes and compares them.
+/// Reads both shapes and compares them; with `access`, each table's owner and grants too (when the
+/// migration carried the roles: otherwise the target's role owns everything, on purpose).
 pub async fn compare(
     (source, source_side): (&Client, Side),
     (target, target_side): (&Client, Side),
     tables: &[QualifiedName],
+    access: bool,
 ) -> Result<Compared, Error> {
     let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let (s, t) = tokio::try_join!(
-        shape(source, source_side, &names),
-        shape(target, target_side, &names)
+        shape(source, source_side, &names, access),
+        shape(target, target_side, &names, access)
     )?;
+    // named as people write them (`app.users`, `public."Mixed Case"`), not fully quoted
+    let shown: std::collections::HashMap<String, String> =
+        tables.iter().map(|t| (t.quoted(), t.to_string())).collect();
+    let display = |shape: Shape| -> Shape {
+        shape
+            .into_iter()
+            .map(|((table, kind, name), def)| {
+                let table = shown.get(&table).cloned().unwrap_or(table);
+                ((table, kind, name), def)
+            })
+            .collect()
+    };
+    let (s, t) = (display(s), display(t));
     Ok(Compared {
         differences: diff(&s, &t, (source_side, target_side)),
         target: t,
@@ -120,32 +164,41 @@ pub async fn compare(
 
 /// The differences between two shapes, named from the first side's point of view.
 fn diff(s: &Shape, t: &Shape, (from, to): (Side, Side)) -> Vec<String> {
+    let missing = |shape: &Shape, table: &String| {
+        shape.contains_key(&(table.clone(), "table", String::new()))
+    };
+    let what = |kind: &str, name: &str| {
+        if name.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind} {name}")
+        }
+    };
     let mut out = Vec::new();
     for (key @ (table, kind, name), def) in s {
         if *kind == "table" {
             out.push(format!("{table} is missing on the {from}"));
-            continue;
-        }
-        if t.contains_key(&(table.clone(), "table", String::new())) {
-            continue;
-        }
-        match t.get(key) {
-            None => out.push(format!(
-                "{table}: {kind} {name} ({def}) is on the {from} only"
-            )),
-            Some(other) if other != def => out.push(format!(
-                "{table}: {kind} {name} is {def} on the {from}, {other} on the {to}"
-            )),
-            Some(_) => {}
+        } else if !missing(t, table) {
+            match t.get(key) {
+                None => out.push(format!(
+                    "{table}: {} ({def}) is on the {from} only",
+                    what(kind, name)
+                )),
+                Some(other) if other != def => out.push(format!(
+                    "{table}: {} is {def} on the {from}, {other} on the {to}",
+                    what(kind, name)
+                )),
+                Some(_) => {}
+            }
         }
     }
     for (key @ (table, kind, name), def) in t {
         if *kind == "table" {
             out.push(format!("{table} is missing on the {to}"));
-        } else if !s.contains_key(key) && !s.contains_key(&(table.clone(), "table", String::new()))
-        {
+        } else if !s.contains_key(key) && !missing(s, table) {
             out.push(format!(
-                "{table}: {kind} {name} ({def}) is on the {to} only"
+                "{table}: {} ({def}) is on the {to} only",
+                what(kind, name)
             ));
         }
     }

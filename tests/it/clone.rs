@@ -483,6 +483,29 @@ async fn roles_owners_and_grants_come_along_with_their_passwords() {
         ),
         (7, true, Some("{statement_timeout=5s}".to_string()))
     );
+    // owners and grants changed on the source afterwards are differences that verify names
+    let out = pair.hikkoshi(&["verify"]);
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 table(s) equal, 0 different"),
+        "{}",
+        text(&out)
+    );
+    src.batch_execute(
+        "REVOKE SELECT ON shop.items FROM PUBLIC; ALTER TABLE shop.items OWNER TO readers;",
+    )
+    .await
+    .unwrap();
+    let out = pair.hikkoshi(&["verify"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    for needle in [
+        "shop.items: owner is readers on the source, \"Owner \"\"Q\"\"\" on the target",
+        "shop.items: grants is",
+        "1 table(s) equal, 0 different",
+    ] {
+        assert!(report.contains(needle), "{needle:?} not in:\n{report}");
+    }
     // the role that was there keeps its password
     let kept = format!(
         "host=127.0.0.1 port={} user=old_app password=target-pw dbname=app sslmode=disable",
