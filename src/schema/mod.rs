@@ -247,7 +247,13 @@ pub async fn restore_pre_data(
                 pg_available_extensions) and run the same command again";
     let mut cmd = Command::new(tools.program("pg_restore"));
     cmd.arg("--section=pre-data");
-    if !keep_owners {
+    // with owners kept, the target's own public schema stays as it is there (see `without_public`)
+    let _list;
+    if keep_owners {
+        let list = without_public(tools, archive, target).await?;
+        cmd.arg(format!("--use-list={}", list.path().display()));
+        _list = list;
+    } else {
         cmd.arg("--no-owner").arg("--no-privileges");
     }
     if tools.restores_through_script() {
@@ -375,6 +381,45 @@ pub async fn script(
     Ok(script::filter(&text, &known))
 }
 
+/// Whether a TOC entry is the public schema itself, or its comment or grants.
+fn is_public_schema(line: &str) -> bool {
+    toc_key(line)
+        .is_some_and(|k| k.starts_with("SCHEMA - public ") || k.contains(" - SCHEMA public "))
+}
+
+/// The archive's table of contents without the public schema's own entries (the schema, its comment, its
+/// grants), for a restore that keeps owners: the target has its public schema already, owned there by the
+/// database's owner (15+) or a superuser, and a source before 15 gives it to its bootstrap superuser, which
+/// a managed target's role may not act as.
+async fn without_public(
+    tools: &DumpTools,
+    archive: &Archive,
+    target: &ConnInfo,
+) -> Result<tempfile::NamedTempFile, SchemaError> {
+    let mut cmd = Command::new(tools.program("pg_restore"));
+    cmd.arg("--list").arg(archive.file.path());
+    let list = output(cmd, target, "listing the schema archive").await?;
+    let kept: String = list
+        .lines()
+        .filter(|l| !is_public_schema(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let fail = |e: std::io::Error| SchemaError::Failed {
+        step: "writing the archive's table of contents".into(),
+        stderr: e.to_string(),
+        hint: "",
+    };
+    let file = tempfile::NamedTempFile::new().map_err(fail)?;
+    std::fs::write(file.path(), kept).map_err(fail)?;
+    // pg_restore runs as the server's user when we are root: it must read the list
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644));
+    }
+    Ok(file)
+}
+
 /// The roles that own objects in the archive.
 pub async fn archive_owners(
     tools: &DumpTools,
@@ -387,6 +432,9 @@ pub async fn archive_owners(
     Ok(list
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        // the public schema (and its comment and grants) exists on the target already: pg_dump (15+) gives
+        // it no owner to restore unless the source changed it, and then that owner owns more than it
+        .filter(|l| !is_public_schema(l))
         .filter_map(|l| l.split_whitespace().last())
         .filter(|o| *o != "-")
         .map(str::to_string)

@@ -2,6 +2,7 @@
 
 use crate::common::scenario::*;
 use crate::common::*;
+use hikkoshi::localserver::LocalServer;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clone_15_to_18_copies_schema_rows_indexes_and_sequences_identically() {
@@ -512,4 +513,99 @@ async fn roles_owners_and_grants_come_along_with_their_passwords() {
         pair.t.port
     );
     connect(&kept).await;
+}
+
+/// Issue 14 on PostgreSQL 13 → 15 with managed-server roles: the source's owner has REPLICATION and no
+/// superuser (it cannot read passwords); the target's admin has CREATEROLE and no superuser (before 16 it
+/// may grant itself any role it created). Owners and grants arrive as on the source; the LOGIN roles are
+/// NOLOGIN until given a password, then log in with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_createrole_admin_before_16_carries_owners_and_grants() {
+    let (s, t) = (server(13), server(15));
+    let source = managed_db(
+        &s,
+        "CREATE ROLE migrator LOGIN REPLICATION PASSWORD 'src-pw';
+         CREATE ROLE shop_rw NOLOGIN;
+         CREATE ROLE shop_app LOGIN PASSWORD 'app-pw' IN ROLE shop_rw;",
+        "migrator",
+        "src-pw",
+    )
+    .await;
+    let target = managed_db(
+        &t,
+        "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE PASSWORD 'tgt-pw';",
+        "tadmin",
+        "tgt-pw",
+    )
+    .await;
+    let src = connect(&source).await;
+    src.batch_execute(
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text);
+         INSERT INTO public.items SELECT g, 'item ' || g FROM generate_series(1, 20) g;
+         GRANT SELECT, INSERT ON public.items TO shop_rw;
+         ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO shop_rw;",
+    )
+    .await
+    .unwrap();
+    let check = hikkoshi(&["check", "--source", &source, "--target", &target]);
+    assert!(
+        text(&check).contains("--role-password 'shop_app=env:VARIABLE'"),
+        "{}",
+        text(&check)
+    );
+    let out = hikkoshi(&["clone", "--source", &source, "--target", &target]);
+    assert_success(&out);
+    assert!(text(&out).contains("created NOLOGIN"), "{}", text(&out));
+    let tgt = connect(&target).await;
+    assert_identical(&src, &tgt).await;
+    let access = "SELECT pg_get_userbyid(relowner)::text,
+                         (SELECT string_agg(a.grantee::regrole::text || '=' || a.privilege_type, ',' ORDER BY 1)
+                          FROM aclexplode(relacl) a WHERE a.grantee <> relowner),
+                         (SELECT defaclacl::text FROM pg_default_acl)
+                  FROM pg_class WHERE oid = 'public.items'::regclass";
+    let (a, b) = (
+        src.query_one(access, &[]).await.unwrap(),
+        tgt.query_one(access, &[]).await.unwrap(),
+    );
+    for i in 0..3 {
+        assert_eq!(a.get::<_, Option<String>>(i), b.get::<_, Option<String>>(i));
+    }
+    assert_eq!(b.get::<_, Option<String>>(0).as_deref(), Some("migrator"));
+    // the password, given on a later run, lets the application log in on the target
+    let out = hikkoshi_env(
+        &[
+            "clone",
+            "--source",
+            &source,
+            "--target",
+            &target,
+            "--role-password",
+            "shop_app=env:SHOP_APP_PW",
+        ],
+        &[("SHOP_APP_PW", "app-pw")],
+    );
+    assert_success(&out);
+    assert!(!text(&out).contains("app-pw"), "{}", text(&out));
+    let app = connect(&format!(
+        "host=127.0.0.1 port={} user=shop_app password=app-pw dbname=shop sslmode=disable",
+        t.port
+    ))
+    .await;
+    app.batch_execute("INSERT INTO public.items VALUES (100, 'by the app')")
+        .await
+        .unwrap();
+}
+
+/// A database `shop` owned by `owner` after `roles_sql` ran on `server`; its connection string as `owner`.
+async fn managed_db(server: &LocalServer, roles_sql: &str, owner: &str, password: &str) -> String {
+    let admin = connect(&server.socket_url("postgres")).await;
+    admin.batch_execute(roles_sql).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE shop OWNER {owner}"))
+        .await
+        .unwrap();
+    format!(
+        "host=127.0.0.1 port={} user={owner} password={password} dbname=shop sslmode=disable",
+        server.port
+    )
 }
