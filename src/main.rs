@@ -243,6 +243,10 @@ struct CloneArgs {
     /// source (managed servers); sent to the target as a SCRAM verifier. Repeatable.
     #[arg(long, value_name = "ROLE=env:VAR|file:PATH")]
     role_password: Vec<String>,
+    /// OLD=NEW: create the source's role OLD as NEW on the target (owners, grants, memberships and a SCRAM
+    /// password follow it). Repeatable.
+    #[arg(long, value_name = "OLD=NEW", conflicts_with = "no_roles")]
+    role_map: Vec<String>,
 }
 
 /// `PORT` (on loopback) or `HOST:PORT`.
@@ -394,6 +398,7 @@ async fn clone(args: CloneArgs) -> Result<ExitCode, Error> {
         sample_size,
         no_roles,
         role_password,
+        role_map,
     } = args;
     if rehearse {
         let report = hikkoshi::rehearse::run(&hikkoshi::rehearse::RehearseOptions {
@@ -426,6 +431,7 @@ async fn clone(args: CloneArgs) -> Result<ExitCode, Error> {
         follow,
         roles: !no_roles,
         role_passwords: role_password,
+        role_map,
         stop,
         source,
         target,

@@ -59,6 +59,8 @@ pub struct CloneOptions {
     pub roles: bool,
     /// `ROLE=env:VAR` or `ROLE=file:PATH`: passwords for roles whose verifier cannot be read on the source.
     pub role_passwords: Vec<String>,
+    /// `OLD=NEW`: a carried role's name on the target.
+    pub role_map: Vec<String>,
     /// Cancelled on SIGINT/SIGTERM: the copy stops (resumable), the follower drains and exits.
     pub stop: CancellationToken,
 }

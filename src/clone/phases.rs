@@ -145,10 +145,12 @@ impl<'a> Run<'a> {
             tables: resolved.tables.iter().map(|t| t.name.to_string()).collect(),
             ..Default::default()
         };
+        let role_map = roles::role_map(&opts.role_map)?;
         let options_json = serde_json::json!({
             "include": opts.include,
             "exclude": opts.exclude,
             "follow": opts.follow,
+            "role_map": role_map,
         });
         let (migration_id, phase) = match &existing {
             Some(m) if m.phase == Phase::Done => {
@@ -414,6 +416,12 @@ impl<'a> Run<'a> {
             self.resolved.tables.len(),
             t.elapsed().as_secs_f64()
         );
+        // everything the renamed roles own is restored: they take their names on the target
+        let map = roles::role_map(&opts.role_map)?;
+        roles::rename(target, &map).await?;
+        for (old, new) in &map {
+            let _ = state::roles::rename(target, old, new).await;
+        }
         state::copy::mark_tables_indexed(target)
             .await
             .map_err(Error::sql(Side::Target, "recording table states"))?;
@@ -451,6 +459,15 @@ impl<'a> Run<'a> {
             .get::<_, i32>(0) as u32;
         let source_roles = roles::read(&self.source, source_version).await?;
         let target_side = roles::target_side(&self.target).await?;
+        let created_earlier = state::roles::created(&self.target)
+            .await
+            .map_err(Error::sql(Side::Target, "reading the carried roles"))?;
+        roles::check_map(
+            &roles::role_map(&self.opts.role_map)?,
+            &source_roles,
+            &target_side,
+            &created_earlier,
+        )?;
         let plan = roles::plan(&source_roles, &target_side, &given);
         if !plan.created.is_empty() && !target_side.superuser && !target_side.createrole {
             self.warn(format!(

@@ -131,7 +131,15 @@ impl<'a> Switch<'a> {
             .iter()
             .map(|t| t.name.clone())
             .collect();
-        let access = state::roles::owners_kept(&self.ctl).await;
+        // `--role-map` renamed roles from the source to the target: a rollback compares the other way
+        let mut renamed = state::roles::renamed(&self.ctl).await;
+        if self.way == Way::Rollback {
+            renamed = renamed.into_iter().map(|(a, b)| (b, a)).collect();
+        }
+        let access = crate::verify::shape::Access {
+            compare: state::roles::owners_kept(&self.ctl).await,
+            renamed: &renamed,
+        };
         let differences =
             crate::verify::shape::differences(self.old.at(), self.new.at(), &names, access).await?;
         if differences.is_empty() {

@@ -227,6 +227,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         follow: true,
         roles: true,
         role_passwords: vec![],
+        role_map: vec![],
         stop: clone_stop.clone(),
     };
     let monitor = match opts.listen {

@@ -97,3 +97,36 @@ pub async fn owners_kept(client: &Client) -> bool {
         .map(|r| r.get::<_, bool>(0))
         .unwrap_or(false)
 }
+
+/// The roles `--role-map` renamed (source name, target name), as the clone recorded them.
+pub async fn renamed(client: &Client) -> Vec<(String, String)> {
+    let Ok(Some(m)) = super::load(client).await else {
+        return Vec::new();
+    };
+    m.options
+        .get("role_map")
+        .and_then(|v| v.as_array())
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p.get(0)?.as_str()?.to_string(),
+                        p.get(1)?.as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A role renamed by `--role-map`: its record follows it.
+pub async fn rename(client: &Client, old: &str, new: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE hikkoshi.roles SET name = $2 WHERE name = $1",
+            &[&old, &new],
+        )
+        .await?;
+    Ok(())
+}

@@ -126,7 +126,11 @@ pub async fn compare(
     let source = open(src_info, Side::Source).await?;
     let target = open(tgt_info, Side::Target).await?;
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
-    let access = crate::state::roles::owners_kept(&target).await;
+    let renamed = crate::state::roles::renamed(&target).await;
+    let access = shape::Access {
+        compare: crate::state::roles::owners_kept(&target).await,
+        renamed: &renamed,
+    };
     let shapes = shape::compare(
         (&source, Side::Source),
         (&target, Side::Target),

@@ -48,18 +48,18 @@ FROM t JOIN pg_constraint c ON c.conrelid = t.oid AND c.contype <> 'n'
 UNION ALL
 SELECT s.name, 'table', '', 'missing' FROM unnest($1::text[]) AS s(name) WHERE to_regclass(s.name) IS NULL
 UNION ALL
-SELECT t.name, 'owner', '', quote_ident(pg_get_userbyid(c.relowner))
+SELECT t.name, 'owner', '', quote_ident((SELECT coalesce(max(m.n), pg_get_userbyid(c.relowner)) FROM unnest($3::text[], $4::text[]) AS m(o, n) WHERE m.o = pg_get_userbyid(c.relowner)))
 FROM t JOIN pg_class c ON c.oid = t.oid WHERE $2
 UNION ALL
 SELECT t.name, 'grants', '',
-       coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+       coalesce((SELECT string_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident((SELECT coalesce(max(m.n), pg_get_userbyid(a.grantee)) FROM unnest($3::text[], $4::text[]) AS m(o, n) WHERE m.o = pg_get_userbyid(a.grantee))) END
                                    || ' ' || a.privilege_type
                                    || CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END, ', ' ORDER BY 1)
                  FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner), 'none')
 FROM t JOIN pg_class c ON c.oid = t.oid WHERE $2
 UNION ALL
 SELECT t.name, 'column grants', a.attname::text,
-       (SELECT string_agg(CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(x.grantee)) END
+       (SELECT string_agg(CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident((SELECT coalesce(max(m.n), pg_get_userbyid(x.grantee)) FROM unnest($3::text[], $4::text[]) AS m(o, n) WHERE m.o = pg_get_userbyid(x.grantee))) END
                           || ' ' || x.privilege_type, ', ' ORDER BY 1) FROM aclexplode(a.attacl) x)
 FROM t JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE $2 AND a.attacl IS NOT NULL";
@@ -69,9 +69,11 @@ async fn shape(
     side: Side,
     tables: &[String],
     access: bool,
+    renamed: &[(String, String)],
 ) -> Result<Shape, Error> {
+    let (old, new): (Vec<String>, Vec<String>) = renamed.iter().cloned().unzip();
     Ok(client
-        .query(SHAPE, &[&tables, &access])
+        .query(SHAPE, &[&tables, &access, &old, &new])
         .await
         .map_err(Error::sql(
             side,
@@ -101,9 +103,17 @@ pub async fn differences(
     source: (&Client, Side),
     target: (&Client, Side),
     tables: &[QualifiedName],
-    access: bool,
+    access: Access<'_>,
 ) -> Result<Vec<String>, Error> {
     Ok(compare(source, target, tables, access).await?.differences)
+}
+
+/// Whether owners and grants are compared (when the migration kept them), and the roles `--role-map`
+/// renamed (old name on the first server → new name on the second).
+#[derive(Clone, Copy, Debug)]
+pub struct Access<'a> {
+    pub compare: bool,
+    pub renamed: &'a [(String, String)],
 }
 
 /// Both shapes compared: the differences, and what the rows can still be compared on.
@@ -136,12 +146,12 @@ pub async fn compare(
     (source, source_side): (&Client, Side),
     (target, target_side): (&Client, Side),
     tables: &[QualifiedName],
-    access: bool,
+    access: Access<'_>,
 ) -> Result<Compared, Error> {
     let names: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
     let (s, t) = tokio::try_join!(
-        shape(source, source_side, &names, access),
-        shape(target, target_side, &names, access)
+        shape(source, source_side, &names, access.compare, access.renamed),
+        shape(target, target_side, &names, access.compare, &[])
     )?;
     // named as people write them (`app.users`, `public."Mixed Case"`), not fully quoted
     let shown: std::collections::HashMap<String, String> =
