@@ -41,6 +41,9 @@ pub struct SourceRole {
     pub createrole: bool,
     pub replication: bool,
     pub bypassrls: bool,
+    /// Owns something the schema step restores (or has default privileges): the target's role must be a
+    /// member of it to give it those objects.
+    pub owns: bool,
     pub password: Password,
     /// `ALTER ROLE … SET` settings: (in this database only, `name=value`).
     pub settings: Vec<(bool, String)>,
@@ -146,7 +149,8 @@ needed(r) AS (
     UNION SELECT m.member FROM pg_auth_members m JOIN needed ON m.roleid = needed.r
 )
 SELECT r.rolname::text, r.rolcanlogin, r.rolinherit, r.rolconnlimit, r.rolvaliduntil::text, r.rolsuper,
-       r.rolcreatedb, r.rolcreaterole, r.rolreplication, r.rolbypassrls
+       r.rolcreatedb, r.rolcreaterole, r.rolreplication, r.rolbypassrls,
+       r.oid IN (SELECT owner FROM objs WHERE owner IS NOT NULL)
 FROM pg_roles r WHERE r.oid IN (SELECT r FROM needed) AND r.rolname NOT LIKE 'pg\\_%'
 ORDER BY 1";
 
@@ -169,6 +173,7 @@ pub async fn read(source: &Client, version: u32) -> Result<SourceRoles, Error> {
             createrole: r.get(7),
             replication: r.get(8),
             bypassrls: r.get(9),
+            owns: r.get(10),
             password: Password::Unreadable,
             settings: Vec::new(),
         })
@@ -606,8 +611,9 @@ pub fn plan(source: &SourceRoles, target: &TargetSide, given: &[GivenPassword]) 
         }
         p.steps.push(Step { sql, says });
         p.created.push(r.name.clone());
-        // to restore objects owned by it, the admin must be a member with SET
-        if !target.superuser {
+        // to restore objects owned by it, the admin must be a member with SET (only of owners: a member
+        // may also end the role's sessions, which the fence does only where allowed)
+        if r.owns && !target.superuser {
             p.steps.push(Step {
                 sql: format!("GRANT {} TO {}", q(&r.name), q(&target.admin)),
                 says: format!(
@@ -755,6 +761,7 @@ mod tests {
             createrole: false,
             replication: false,
             bypassrls: false,
+            owns: true,
             password,
             settings: vec![],
         }
@@ -873,6 +880,7 @@ mod tests {
     #[test]
     fn memberships_settings_and_database_grants_follow_the_roles() {
         let mut app = role("app", true, Password::None);
+        app.owns = false;
         app.settings = vec![
             (false, "search_path=\"$user\", app".into()),
             (true, "statement_timeout=5s".into()),
@@ -904,6 +912,15 @@ mod tests {
         ] {
             assert!(sql.iter().any(|s| s == want), "{want} not in {sql:#?}");
         }
+        // the admin becomes a member of the owner only (a member may end a role's sessions)
+        assert!(
+            sql.iter().any(|s| s == "GRANT \"readers\" TO \"master\""),
+            "{sql:#?}"
+        );
+        assert!(
+            !sql.iter().any(|s| s == "GRANT \"app\" TO \"master\""),
+            "{sql:#?}"
+        );
         let old: Vec<String> = plan(&src, &rds_master(15), &[])
             .steps
             .into_iter()
