@@ -4,7 +4,8 @@
 //! Which roles: every role that owns an object the schema step restores, that is granted a privilege on one
 //! (tables, sequences, views, schemas, functions, types, default privileges, the database's CONNECT, CREATE
 //! and TEMP), and every member of those, recursively (an application role that gets its rights through a
-//! group role must exist too). Predefined roles (`pg_*`) exist everywhere and are left alone.
+//! group role must exist too). Predefined roles (`pg_*`) exist everywhere and are left alone, and so is the
+//! target's own `public` schema (its owner and grants are not restored: see `schema::restore_pre_data`).
 //!
 //! How: a role missing on the target is created with the attributes the target's admin may give (LOGIN,
 //! INHERIT, CONNECTION LIMIT, VALID UNTIL always; CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS and SUPERUSER
@@ -128,9 +129,10 @@ WITH RECURSIVE objs(owner, acl) AS (
       AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                                                AND d.deptype = 'e')
     UNION ALL
+    -- (the public schema stays as the target has it: its owner and grants are not restored)
     SELECT n.nspowner, n.nspacl FROM pg_namespace n
-    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'
-      AND n.nspname NOT LIKE 'pg\\_temp%'
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'public')
+      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
     UNION ALL
     SELECT p.proowner, p.proacl FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
