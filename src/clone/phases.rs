@@ -90,6 +90,14 @@ pub(super) async fn copy_part(
     if phase == Phase::Schema {
         if let Err(e) = run.pre_data(&archive, keep_owners).await {
             if run.existing.is_none() {
+                let roles = state::roles::created(&run.target).await.unwrap_or_default();
+                if !roles.is_empty() {
+                    tracing::warn!(
+                        "role(s) {} created by this run stay on the target (roles are the cluster's): a \
+                         rerun uses them; DROP ROLE removes them",
+                        roles.join(", ")
+                    );
+                }
                 // nothing of the schema stayed: dropping our state leaves the target as it was
                 let _ = run
                     .target

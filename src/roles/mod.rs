@@ -342,12 +342,28 @@ pub async fn target_side(target: &Client) -> Result<TargetSide, Error> {
 /// Runs the plan on the target (each statement on its own: a role is cluster-wide and outlives a failed
 /// clone; `clean` says how to drop what was created).
 pub async fn carry(target: &Client, plan: &Plan) -> Result<(), Error> {
+    let mut created: Vec<&str> = Vec::new();
     for s in &plan.steps {
         tracing::info!("roles: {}", s.says);
-        target
-            .batch_execute(&s.sql)
-            .await
-            .map_err(|e| Error::sql(Side::Target, format!("roles: {}", s.says))(e))?;
+        if let Err(e) = target.batch_execute(&s.sql).await {
+            let left = if created.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; role(s) {} were created before it and stay (a rerun uses them; DROP ROLE removes \
+                     them)",
+                    created.join(", ")
+                )
+            };
+            return Err(Error::sql(Side::Target, format!("roles: {}{left}", s.says))(e));
+        }
+        if let Some(name) = plan
+            .created
+            .iter()
+            .find(|n| s.says.starts_with(&format!("create role {n} (")))
+        {
+            created.push(name);
+        }
     }
     Ok(())
 }
