@@ -36,7 +36,7 @@ use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::session;
 use crate::state::{self, Step, lock};
-use crate::stream::follow::{Direction, FollowPlan};
+use crate::stream::follow::FollowPlan;
 
 /// What `clone` was asked to do.
 #[derive(Clone, Debug)]
@@ -153,14 +153,7 @@ async fn run_inner(opts: &CloneOptions) -> Result<CloneReport, Error> {
     let cutover = state::cutover::recorded(&target)
         .await
         .map_err(Error::sql(Side::Target, "reading the cutover state"))?;
-    let forward = FollowPlan {
-        source: src_info.clone(),
-        target: tgt_info.clone(),
-        control: tgt_info.clone(),
-        direction: Direction::Forward,
-        slot,
-        publication,
-    };
+    let forward = FollowPlan::forward(&src_info, &tgt_info, slot, publication);
     let reverse = forward.reverse();
     let plan = match cutover {
         Some((Step::Switched, true)) => reverse.clone(),

@@ -72,15 +72,7 @@ pub(super) async fn copy_part(
     run.record_start(&snap, phase).await?;
     if phase == Phase::Schema {
         if let Err(e) = run.carry_roles().await {
-            if run.existing.is_none() {
-                let _ = run
-                    .target
-                    .batch_execute("DROP SCHEMA hikkoshi CASCADE")
-                    .await;
-                if run.fresh_follow() {
-                    undo_slot(snap, &run.source, &run.publication()).await;
-                }
-            }
+            run.undo_new(snap).await;
             return Err(e);
         }
     } else {
@@ -89,24 +81,7 @@ pub(super) async fn copy_part(
     let keep_owners = run.keep_owners(&archive).await?;
     if phase == Phase::Schema {
         if let Err(e) = run.pre_data(&archive, keep_owners).await {
-            if run.existing.is_none() {
-                let roles = state::roles::created(&run.target).await.unwrap_or_default();
-                if !roles.is_empty() {
-                    tracing::warn!(
-                        "role(s) {} created by this run stay on the target (roles are the cluster's): a \
-                         rerun uses them; DROP ROLE removes them",
-                        roles.join(", ")
-                    );
-                }
-                // nothing of the schema stayed: dropping our state leaves the target as it was
-                let _ = run
-                    .target
-                    .batch_execute("DROP SCHEMA hikkoshi CASCADE")
-                    .await;
-                if run.fresh_follow() {
-                    undo_slot(snap, &run.source, &run.publication()).await;
-                }
-            }
+            run.undo_new(snap).await;
             return Err(e);
         }
         phase = Phase::Copy;
@@ -207,6 +182,32 @@ impl<'a> Run<'a> {
             }),
             phase,
         ))
+    }
+
+    /// A new migration that failed before its schema was restored: nothing of the schema stayed, so dropping
+    /// our state (and a following clone's slot and publication) leaves the target as it was; roles created
+    /// by this run are named, since they stay.
+    async fn undo_new(&self, snap: ExportedSnapshot) {
+        if self.existing.is_none() {
+            let roles = state::roles::created(&self.target)
+                .await
+                .unwrap_or_default();
+            if !roles.is_empty() {
+                tracing::warn!(
+                    "role(s) {} created by this run stay on the target (roles are the cluster's): a \
+                     rerun uses them; DROP ROLE removes them",
+                    roles.join(", ")
+                );
+            }
+            // nothing of the schema stayed: dropping our state leaves the target as it was
+            let _ = self
+                .target
+                .batch_execute("DROP SCHEMA hikkoshi CASCADE")
+                .await;
+            if self.fresh_follow() {
+                undo_slot(snap, &self.source, &self.publication()).await;
+            }
+        }
     }
 
     /// A new following clone: it creates the publication and keeps its slot.

@@ -50,7 +50,7 @@ use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::session;
 use crate::state::{self, Step};
-use crate::stream::follow::{Direction, FollowPlan};
+use crate::stream::follow::FollowPlan;
 
 /// Another advisory key: one cutover or rollback at a time ("hikc").
 const CUTOVER_LOCK: i64 = 0x6869_6b63;
@@ -270,14 +270,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     let recorded = state::cutover::recorded(&ctl)
         .await
         .map_err(Error::sql(Side::Target, "reading the cutover state"))?;
-    let forward = FollowPlan {
-        source: src_info.clone(),
-        target: tgt_info.clone(),
-        control: tgt_info.clone(),
-        direction: Direction::Forward,
-        slot,
-        publication,
-    };
+    let forward = FollowPlan::forward(&src_info, &tgt_info, slot, publication);
     let mut report = SwitchReport {
         migration_id: migration.id.clone(),
         step: match way {

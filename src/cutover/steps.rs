@@ -44,6 +44,10 @@ pub(super) struct Switch<'a> {
     proof: Option<proof::Prepared>,
     /// The reverse stream, once this run started setting it up (the undo removes it).
     reverse: Option<FollowPlan>,
+    /// Whether the clone kept the source's owners (then the shape comparison includes them), and the roles
+    /// `--role-map` renamed, old primary's name → new primary's: read once, not in the pause.
+    owners_kept: bool,
+    renamed: Vec<(String, String)>,
 }
 
 impl<'a> Switch<'a> {
@@ -60,6 +64,12 @@ impl<'a> Switch<'a> {
         report.new_primary = new.info.to_string();
         let resolved = selected(&migration, &old.client, old.side).await?;
         let proof_publication = crate::stream::names::proof(&migration.id);
+        let owners_kept = state::roles::owners_kept(&ctl).await;
+        // `--role-map` renamed roles from the source to the target: a rollback compares the other way
+        let mut renamed = state::roles::renamed(&ctl).await;
+        if way == Way::Rollback {
+            renamed = renamed.into_iter().map(|(a, b)| (b, a)).collect();
+        }
         Ok(Switch {
             opts,
             way,
@@ -76,6 +86,8 @@ impl<'a> Switch<'a> {
             proof_publication,
             proof: None,
             reverse: None,
+            owners_kept,
+            renamed,
         })
     }
 
@@ -131,14 +143,9 @@ impl<'a> Switch<'a> {
             .iter()
             .map(|t| t.name.clone())
             .collect();
-        // `--role-map` renamed roles from the source to the target: a rollback compares the other way
-        let mut renamed = state::roles::renamed(&self.ctl).await;
-        if self.way == Way::Rollback {
-            renamed = renamed.into_iter().map(|(a, b)| (b, a)).collect();
-        }
         let access = crate::verify::shape::Access {
-            compare: state::roles::owners_kept(&self.ctl).await,
-            renamed: &renamed,
+            compare: self.owners_kept,
+            renamed: &self.renamed,
         };
         let differences =
             crate::verify::shape::differences(self.old.at(), self.new.at(), &names, access).await?;

@@ -63,6 +63,23 @@ impl FollowPlan {
         super::names::forward_of(&self.slot)
     }
 
+    /// A migration's own stream (source → target, recorded on the target), reading `slot` and `publication`.
+    pub fn forward(
+        source: &ConnInfo,
+        target: &ConnInfo,
+        slot: String,
+        publication: String,
+    ) -> FollowPlan {
+        FollowPlan {
+            source: source.clone(),
+            target: target.clone(),
+            control: target.clone(),
+            direction: Direction::Forward,
+            slot,
+            publication,
+        }
+    }
+
     /// The reverse stream of a migration whose forward stream this is: from the new primary back to the
     /// old one, which a `cutover --reverse` starts so that a rollback loses nothing.
     pub fn reverse(&self) -> FollowPlan {
