@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const APPLY_AFTER_COMMIT: &str = "apply.after-commit";
 /// The applier wrote a batch and its applied LSN, before its COMMIT.
 pub const APPLY_BEFORE_COMMIT: &str = "apply.before-commit";
+/// The applier ran a DDL command from the source on the target, before the batch's commit.
+pub const APPLY_AFTER_DDL: &str = "apply.after-ddl";
 /// A chunk's rows and its state committed on the target.
 pub const COPY_AFTER_CHUNK_COMMIT: &str = "copy.after-chunk-commit";
 /// A chunk's rows written, before their commit.

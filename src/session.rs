@@ -13,6 +13,19 @@ pub fn resolve(side: Side, url: &str) -> Result<ConnInfo, Error> {
 
 /// Opens a session (with TLS as `sslmode` says); its connection task runs until the client is dropped.
 pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
+    let client = open(info, side).await?;
+    // hikkoshi's own DDL (its state, a fence, a publication) is not the application's: the capture of a
+    // following stream passes over it (see `stream::ddl::capture`)
+    let _ = client
+        .batch_execute(&format!(
+            "SET {} = off",
+            crate::stream::ddl::capture::OFF_SETTING
+        ))
+        .await;
+    Ok(client)
+}
+
+async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let config = info.to_driver_config("hikkoshi");
     let tls = tls::plan(info).map_err(|source| Error::Tls { side, source })?;
     let timeout = info.connect_timeout();

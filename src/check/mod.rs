@@ -158,12 +158,29 @@ pub async fn evaluate(i: &Inputs<'_>) -> Result<Report, Error> {
     if i.follow {
         cutover_proof(&mut r, (source_major, target_major), target).await?;
         write_fence(&mut r, source, i.tables).await?;
+        ddl_mode(&mut r, source).await;
     }
     if i.measure {
         estimate(&mut r, source, i.tables).await;
     }
     r.findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     Ok(r)
+}
+
+/// Which way DDL during the follow will go (`stream::ddl::capture`).
+async fn ddl_mode(r: &mut Report, source: &Client) {
+    let mode = crate::stream::ddl::capture::probe(source).await;
+    let (level, fix) = match &mode {
+        crate::stream::ddl::capture::Mode::Capture => (Level::Ok, None),
+        crate::stream::ddl::capture::Mode::Stop(_) => (
+            Level::Warning,
+            Some(
+                "To have schema changes replicated during the follow, clone as a role that may create                  event triggers (a superuser; rds_superuser on RDS). Otherwise apply each schema change                  on the target too, before or when the stream names it"
+                    .to_string(),
+            ),
+        ),
+    };
+    r.add(level, "ddl", Some(Side::Source), mode.describe(), fix);
 }
 
 impl Report {

@@ -228,6 +228,7 @@ impl<'a> Run<'a> {
         if self.fresh_follow() {
             // The publication must exist before the slot: pgoutput reads it as of each change's time.
             create_publication(&self.source, &publication, &self.resolved.tables).await?;
+            self.capture_ddl(&publication).await?;
         }
         // A following clone keeps its slot (the stream starts at its snapshot); any other run, and a
         // resumed one, takes a temporary slot just for a snapshot.
@@ -251,6 +252,29 @@ impl<'a> Run<'a> {
         self.report.snapshot_lsn = snap.lsn.to_string();
         tracing::info!(slot = %snap.slot, lsn = %snap.lsn, snapshot = %snap.snapshot, "exported snapshot");
         Ok(snap)
+    }
+
+    /// Installs the DDL capture for the new stream (in the publication before the slot exists, so that no
+    /// command goes uncaptured), or says why DDL will stop the stream instead.
+    async fn capture_ddl(&mut self, publication: &str) -> Result<(), Error> {
+        use crate::stream::ddl::capture;
+        let selection = Selection::parse(&self.opts.include, &self.opts.exclude)
+            .map_err(|e| Error::Usage(format!("{e}")))?;
+        match capture::install_on(&self.source, publication, &selection).await {
+            Ok(capture::Mode::Capture) => {
+                tracing::info!("{}", capture::Mode::Capture.describe());
+                Ok(())
+            }
+            Ok(mode) => {
+                tracing::warn!("{}", mode.describe());
+                self.report.warnings.push(mode.describe());
+                Ok(())
+            }
+            Err(e) => {
+                drop_publication(&self.source, publication).await;
+                Err(Error::sql(Side::Source, "installing the DDL capture")(e))
+            }
+        }
     }
 
     /// The schema archive in the snapshot. Warns of what the clone does not carry.

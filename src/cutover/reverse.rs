@@ -8,6 +8,7 @@ use super::servers::drop_stream;
 use crate::error::{Error, Side};
 use crate::ident::quote_ident;
 use crate::state;
+use crate::stream::ddl::capture;
 use crate::stream::follow::FollowPlan;
 
 /// The new primary must be able to hold a slot for the reverse stream.
@@ -52,17 +53,19 @@ pub(super) async fn preflight(new: &Client) -> Result<(), Error> {
     }
 }
 
-/// Publication and slot on the new primary, stream state on the old one.
+/// Publication, DDL capture and slot on the new primary, stream state on the old one. Returns a warning when
+/// DDL on the new primary cannot travel back.
 pub(super) async fn set_up(
     ctl: &Client,
     old: &Client,
     new: &Client,
     forward: &FollowPlan,
     plan: &FollowPlan,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let tables: Vec<String> = old
         .query(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables
+             WHERE pubname = $1 AND schemaname <> 'hikkoshi'",
             &[&forward.publication],
         )
         .await
@@ -84,6 +87,20 @@ pub(super) async fn set_up(
     ))
     .await
     .map_err(Error::sql(Side::Target, "creating the reverse publication"))?;
+    // every table on the new primary is the migration's: a new one there travels back too
+    let everything = crate::plan::Selection::parse(&[], &[]).unwrap_or_else(|_| unreachable!());
+    let mode = capture::install_on(new, &plan.publication, &everything)
+        .await
+        .map_err(Error::sql(Side::Target, "installing the reverse stream's DDL capture"))?;
+    let warning = match mode {
+        capture::Mode::Capture => None,
+        capture::Mode::Stop(why) => Some(format!(
+            "the reverse stream does not carry DDL run on the new primary ({}): a table changed \
+             there stops it with the difference named, and a rollback refuses while the old primary's \
+             schema differs",
+            why.replace("source", "new primary")
+        )),
+    };
     let lsn: String = new
         .query_one(
             "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -99,12 +116,13 @@ pub(super) async fn set_up(
     state::stream::record_reverse(old, ctl, (&plan.slot, &plan.publication), &lsn)
         .await
         .map_err(Error::sql(Side::Source, "recording the reverse stream"))?;
-    Ok(())
+    Ok(warning)
 }
 
 /// Removes a reverse stream set up by a cutover that was then undone (best effort: `clean` removes leftovers).
 pub(super) async fn drop(ctl: &Client, old: &Client, plan: &FollowPlan) {
     let _ = drop_stream(ctl, Side::Target, &plan.slot, &plan.publication).await;
+
     let _ = old
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await;

@@ -135,7 +135,7 @@ fn selection_of(m: &state::Migration) -> Result<Selection, Error> {
     Selection::parse(&list("include"), &list("exclude")).map_err(|e| Error::Usage(format!("{e}")))
 }
 
-/// Drops a finished stream's slot and publication on its upstream, once its follower has let go of it.
+/// Drops a finished stream's slot, publication and DDL capture on its upstream, once its follower has let go of it.
 pub(super) async fn drop_stream(
     upstream: &Client,
     side: Side,
@@ -171,8 +171,9 @@ pub(super) async fn drop_stream(
     }
     upstream
         .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            quote_ident(publication)
+            "DROP PUBLICATION IF EXISTS {};\n{}",
+            quote_ident(publication),
+            crate::stream::ddl::capture::remove(publication)
         ))
         .await
         .map_err(|e| {

@@ -413,14 +413,18 @@ impl<'a> Switch<'a> {
     async fn set_up_reverse(&mut self) -> Result<(), Error> {
         let plan = self.feeding.reverse();
         self.reverse = Some(plan.clone());
-        reverse::set_up(
+        if let Some(w) = reverse::set_up(
             &self.ctl,
             &self.old.client,
             &self.new.client,
             &self.feeding,
             &plan,
         )
-        .await?;
+        .await?
+        {
+            tracing::warn!("{w}");
+            self.report.warnings.push(w);
+        }
         self.report.reverse_slot = Some(plan.slot);
         Ok(())
     }

@@ -77,10 +77,36 @@ impl Pattern {
         })
     }
 
+    /// A SQL condition that holds exactly where `matches` does, over two text expressions.
+    fn sql(&self, schema: &str, table: &str) -> String {
+        format!(
+            "({schema} LIKE {} ESCAPE '\\' AND {table} LIKE {} ESCAPE '\\')",
+            like(&self.schema),
+            like(&self.table)
+        )
+    }
+
     pub fn matches(&self, name: &QualifiedName) -> bool {
         glob(&self.schema, &name.schema.chars().collect::<Vec<_>>())
             && glob(&self.table, &name.name.chars().collect::<Vec<_>>())
     }
+}
+
+/// A LIKE pattern (escape `\\`) as a quoted SQL literal.
+fn like(p: &[Tok]) -> String {
+    let mut out = String::new();
+    for t in p {
+        match t {
+            Tok::Any => out.push('%'),
+            Tok::One => out.push('_'),
+            Tok::Lit(c @ ('%' | '_' | '\\')) => {
+                out.push('\\');
+                out.push(*c);
+            }
+            Tok::Lit(c) => out.push(*c),
+        }
+    }
+    crate::ident::quote_literal(&out)
 }
 
 fn glob(p: &[Tok], s: &[char]) -> bool {
@@ -117,6 +143,27 @@ impl Selection {
     pub fn selects(&self, name: &QualifiedName) -> bool {
         (self.include.is_empty() || self.include.iter().any(|p| p.matches(name)))
             && !self.exclude.iter().any(|p| p.matches(name))
+    }
+
+    /// A SQL condition over two text expressions that holds exactly where `selects` does (the source's
+    /// DDL capture decides with it whether a new table joins the stream).
+    pub fn sql(&self, schema: &str, table: &str) -> String {
+        let any = |ps: &[Pattern]| {
+            ps.iter()
+                .map(|p| p.sql(schema, table))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
+        let include = if self.include.is_empty() {
+            "true".to_string()
+        } else {
+            format!("({})", any(&self.include))
+        };
+        if self.exclude.is_empty() {
+            include
+        } else {
+            format!("{include} AND NOT ({})", any(&self.exclude))
+        }
     }
 
     /// The patterns that match none of `names`: almost always a typo, so the caller refuses them.

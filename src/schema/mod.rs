@@ -308,6 +308,13 @@ pub async fn restore_post_data(
         {
             continue;
         }
+        // DDL captures' event triggers, this migration's or another's (their functions are in the schema
+        // hikkoshi, which the dump leaves out)
+        if key.starts_with("EVENT TRIGGER")
+            && key.split_whitespace().any(|w| w.starts_with("hikkoshi_"))
+        {
+            continue;
+        }
         if existing.iter().any(|e| key.starts_with(e.as_str())) {
             skipped += 1;
             continue;

@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod cutover;
+pub mod ddl;
 pub mod lock;
 pub mod report;
 pub mod roles;

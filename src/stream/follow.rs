@@ -311,7 +311,15 @@ fn transient(e: &Error) -> bool {
 
 /// Loads the target's tables with their convergence windows from the copy's chunk records.
 pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, TargetTable>, Error> {
-    let sql = Error::sql(Side::Target, "reading the target's tables");
+    read_target_tables(target)
+        .await
+        .map_err(Error::sql(Side::Target, "reading the target's tables"))
+}
+
+/// `target_tables`, with the driver's error (the applier rereads them after DDL, in its transaction).
+pub async fn read_target_tables(
+    target: &Client,
+) -> Result<HashMap<QualifiedName, TargetTable>, tokio_postgres::Error> {
     let rows = target
         .query(
             "SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
@@ -323,8 +331,7 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
                AND n.nspname NOT LIKE 'pg\\_toast%'",
             &[],
         )
-        .await
-        .map_err(sql)?;
+        .await?;
     let mut tables: HashMap<QualifiedName, TargetTable> = HashMap::new();
     for r in rows {
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
@@ -352,8 +359,7 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
              WHERE i.indisprimary GROUP BY 1, 2",
             &[],
         )
-        .await
-        .map_err(Error::sql(Side::Target, "reading primary keys"))?;
+        .await?;
     for r in keys {
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
         if let Some(t) = tables.get_mut(&name) {
@@ -370,8 +376,7 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
                 AND count(*) FILTER (WHERE (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary) = 0",
             &[],
         )
-        .await
-        .map_err(Error::sql(Side::Target, "reading unique indexes"))?;
+        .await?;
     for r in single {
         let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
         if let Some(t) = tables.get_mut(&name) {
@@ -380,11 +385,9 @@ pub async fn target_tables(target: &Client) -> Result<HashMap<QualifiedName, Tar
     }
     // Windows: per copied table (a partition's window applies to its root, which the stream names).
     let windows = crate::state::copy::copy_windows(target)
-        .await
-        .map_err(Error::sql(Side::Target, "reading chunk snapshots"))?;
+        .await?;
     let start = crate::state::stream::start_lsn(target)
-        .await
-        .map_err(Error::sql(Side::Target, "reading the stream state"))?;
+        .await?;
     for (name, min, max, whole_snapshot) in windows {
         let (min, max) = (min.unwrap_or(start), max.unwrap_or(start));
         if let Some(t) = tables.get_mut(&name) {

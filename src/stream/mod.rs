@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod confirm;
+pub mod ddl;
 pub mod fold;
 pub mod follow;
 pub mod names;

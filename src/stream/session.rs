@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Applier, ApplyError};
+use super::apply::{Applier, ApplyError, DdlContext};
 use super::confirm::Confirm;
 use super::follow::{
     Direction, FollowPlan, FollowReport, Pulse, end_earlier_appliers, stall_limit, target_tables,
@@ -158,7 +158,24 @@ impl<'a> Session<'a> {
             sender_timeout,
         )
         .await;
-        let applier = Applier::new(target, source, applied, tables, reorder);
+        let ddl = ddl_context(plan, control.as_ref().unwrap_or(&status)).await;
+        crate::state::ddl::ensure(&target)
+            .await
+            .map_err(Error::sql(Side::Target, "creating the DDL log"))?;
+        let search_path: String = target
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await
+            .map_err(Error::sql(Side::Target, "preparing the apply session"))?
+            .get(0);
+        let applier = Applier::new(
+            target,
+            source,
+            applied,
+            tables,
+            reorder,
+            ddl,
+            search_path,
+        );
         let mut repl = ReplicationConn::connect(&plan.source)
             .await
             .map_err(Error::replication("opening the replication connection"))?;
@@ -199,7 +216,8 @@ impl<'a> Session<'a> {
         let is_commit = matches!(msg, Message::Commit(_));
         self.applier.handle(msg).await.map_err(apply_err)?;
         if is_commit
-            && (self.applier.txns_in_batch >= MAX_BATCH_TXNS
+            && (self.applier.wants_commit()
+                || self.applier.txns_in_batch >= MAX_BATCH_TXNS
                 || self
                     .batch_started
                     .is_some_and(|t| t.elapsed() > Duration::from_millis(200)))
@@ -311,6 +329,21 @@ impl<'a> Session<'a> {
         report.applied = done;
         report.transactions += applier.applied_txns;
         Ok(done)
+    }
+}
+
+/// What the applier needs for DDL: the publication, and whether (and as whom) the clone kept owners, read
+/// where the migration's state is.
+async fn ddl_context(plan: &FollowPlan, state: &Client) -> DdlContext {
+    let renamed = crate::state::roles::renamed(state).await;
+    let role_map = match plan.direction {
+        Direction::Forward => renamed.into_iter().collect(),
+        Direction::Reverse => renamed.into_iter().map(|(old, new)| (new, old)).collect(),
+    };
+    DdlContext {
+        publication: plan.publication.clone(),
+        keep_owners: crate::state::roles::owners_kept(state).await,
+        role_map,
     }
 }
 

@@ -6,6 +6,7 @@ mod common;
 mod check;
 mod clone;
 mod cutover;
+mod ddl;
 mod demo;
 mod errors;
 mod faults;

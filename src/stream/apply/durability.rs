@@ -64,6 +64,7 @@ impl Applier {
                 self.drain().await?;
                 self.in_target_tx = false;
             }
+            self.commit_after = false;
             return Ok(self.applied);
         };
         self.flush_all().await?;
@@ -95,6 +96,7 @@ impl Applier {
         self.unflushed.push_back((end, at));
         self.in_target_tx = false;
         self.pending = None;
+        self.commit_after = false;
         self.txns_in_batch = 0;
         self.applied = end;
         Ok(end)

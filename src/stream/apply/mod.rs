@@ -20,8 +20,10 @@
 //! - `statements`: the SQL of each change, pure and unit-tested;
 //! - `hold`: changes folded or held per table, written as set-based statements;
 //! - `pipeline`: statements in flight and their row-count expectations;
-//! - `durability`: the batch commit with its LSN, and what the source may forget.
+//! - `durability`: the batch commit with its LSN, and what the source may forget;
+//! - `ddl`: a DDL command captured on the source, applied at its place in the stream.
 
+mod ddl;
 mod durability;
 mod hold;
 mod pipeline;
@@ -117,6 +119,17 @@ pub struct TargetTable {
     pub foldable: bool,
 }
 
+/// What the applier needs to apply DDL captured upstream (see `stream::ddl`).
+#[derive(Clone, Debug, Default)]
+pub struct DdlContext {
+    /// The stream's publication; its capture table is `stream::ddl::capture::table(publication)`.
+    pub publication: String,
+    /// The clone kept the source's owners: DDL runs as the source's role where the apply session may.
+    pub keep_owners: bool,
+    /// Source role → target role (`clone --role-map`, reversed for a reverse stream).
+    pub role_map: HashMap<String, String>,
+}
+
 /// Applies decoded messages to the target.
 pub struct Applier {
     client: Arc<Client>,
@@ -159,6 +172,22 @@ pub struct Applier {
     /// Commit time (µs since 2000) of the last applied source transaction.
     pub last_commit_time: i64,
     pub applied_txns: u64,
+    /// The capture table's name, and its relation once described: (oid, column names).
+    capture: QualifiedName,
+    capture_rel: Option<(u32, Vec<String>)>,
+    /// The log's key for this stream's commands (the publication).
+    capture_stream: String,
+    publication: String,
+    keep_owners: bool,
+    role_map: HashMap<String, String>,
+    /// The apply session's own search_path, restored after each command.
+    search_path: String,
+    /// The last statement a command was matched to: (its client statement, index in the string).
+    ddl_cursor: Option<((String, i32), usize)>,
+    /// A command was applied in this source transaction: the target commits right after it.
+    commit_after: bool,
+    /// New tables not yet in the stream (checked at the source commit).
+    unpublished: Vec<String>,
 }
 
 impl Applier {
@@ -170,8 +199,20 @@ impl Applier {
         applied: Lsn,
         tables: HashMap<QualifiedName, TargetTable>,
         reorder: bool,
+        ddl: DdlContext,
+        search_path: String,
     ) -> Self {
         Applier {
+            capture: super::ddl::capture::table(&ddl.publication),
+            capture_rel: None,
+            capture_stream: ddl.publication.clone(),
+            publication: ddl.publication,
+            keep_owners: ddl.keep_owners,
+            role_map: ddl.role_map,
+            search_path,
+            ddl_cursor: None,
+            commit_after: false,
+            unpublished: Vec::new(),
             client: Arc::new(client),
             source,
             tables,
@@ -204,12 +245,35 @@ impl Applier {
         self.current.is_some()
     }
 
+    /// Whether the batch should commit now: a DDL command was applied in the last source transaction.
+    pub fn wants_commit(&self) -> bool {
+        self.commit_after && self.current.is_none()
+    }
+
     /// Whether a target transaction with applied source transactions waits for its commit.
     pub fn has_uncommitted(&self) -> bool {
         self.pending.is_some()
     }
 
     pub async fn handle(&mut self, msg: Message) -> Result<(), ApplyError> {
+        // a row of the capture table is a DDL command, not a change to write
+        let changed = match &msg {
+            Message::Insert(i) => Some(i.relation),
+            Message::Update(u) => Some(u.relation),
+            Message::Delete(d) => Some(d.relation),
+            _ => None,
+        };
+        if let Some(oid) = changed
+            && self.capture_rel.as_ref().is_some_and(|c| c.0 == oid)
+        {
+            if let Message::Insert(i) = msg
+                && !self.skipping
+            {
+                let columns = self.capture_rel.as_ref().map(|c| c.1.clone());
+                self.ddl(&columns.unwrap_or_default(), &i.new).await?;
+            }
+            return Ok(());
+        }
         match msg {
             Message::Begin(b) => {
                 self.skipping = b.final_lsn < self.applied;
@@ -340,10 +404,12 @@ impl Applier {
 
     async fn commit_source(&mut self, c: Commit) -> Result<(), ApplyError> {
         self.current = None;
+        self.ddl_cursor = None;
         if self.skipping {
             self.skipping = false;
             return Ok(());
         }
+        self.check_unpublished().await?;
         self.pending = Some(c.end_lsn);
         self.last_commit_time = c.commit_time;
         self.txns_in_batch += 1;

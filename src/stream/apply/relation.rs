@@ -47,6 +47,10 @@ impl Rel {
 impl Applier {
     pub(super) async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         let name = QualifiedName::new(r.namespace.clone(), r.name.clone());
+        if name == self.capture {
+            self.capture_rel = Some((r.oid, r.columns.iter().map(|c| c.name.clone()).collect()));
+            return Ok(());
+        }
         let table = self.tables.get(&name).cloned().ok_or_else(|| {
             ApplyError::SchemaChanged(format!(
                 "the source sends changes of {name}, which the target does not have: it was added to the \

@@ -105,6 +105,12 @@ pub struct Sides {
 }
 
 impl Sides {
+    /// `sql` run on the source.
+    pub async fn then(self, sql: &str) -> Sides {
+        self.src.batch_execute(sql).await.unwrap();
+        self
+    }
+
     /// The application's role `app_writer` (see `app_url`) on both servers, as a migration brings roles
     /// along beforehand, and `sql` run on the source: the tables it writes and its grants.
     pub async fn with_writer(self, sql: &str) -> Sides {

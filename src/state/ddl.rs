@@ -1,0 +1,76 @@
+//! The log of DDL the stream applied (or skipped) on the target: `status` shows it, and a command applied
+//! by hand is recorded here so that the stream passes over it. Also the record of a table the stream
+//! created, so that verification covers it.
+
+use tokio_postgres::Client;
+
+const DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS hikkoshi;
+CREATE TABLE IF NOT EXISTS hikkoshi.ddl (
+    stream      text NOT NULL,
+    id          bigint NOT NULL,
+    source_at   timestamptz,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    tag         text,
+    statement   text,
+    outcome     text NOT NULL,
+    PRIMARY KEY (stream, id)
+)";
+
+/// Creates the log where the stream is applied (idempotent).
+pub async fn ensure(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let there: bool = client
+        .query_one("SELECT to_regclass('hikkoshi.ddl') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if there {
+        return Ok(());
+    }
+    client.batch_execute(DDL).await
+}
+
+/// Records a command: $1 stream, $2 id, $3 source time, $4 tag, $5 statement, $6 outcome. Sent in the
+/// target transaction that applies it.
+pub const RECORD: &str = "INSERT INTO hikkoshi.ddl (stream, id, source_at, tag, statement, outcome) \
+     VALUES ($1, $2::bigint, $3::timestamptz, $4, $5, $6) ON CONFLICT DO NOTHING";
+
+/// What became of a command already: $1 stream, $2 id.
+pub const OUTCOME: &str = "SELECT outcome FROM hikkoshi.ddl WHERE stream = $1 AND id = $2";
+
+/// A table the stream created on the target (its rows come with the stream from its first one): $1
+/// schema, $2 table.
+pub const REGISTER_TABLE: &str = "INSERT INTO hikkoshi.tables (schema_name, table_name, state, \
+     copy_format, streamed) VALUES ($1, $2, 'streaming', 'text', true) ON CONFLICT DO NOTHING";
+
+/// One logged command, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Logged {
+    pub stream: String,
+    pub id: i64,
+    pub source_at: Option<String>,
+    pub applied_at: String,
+    pub statement: String,
+    pub outcome: String,
+}
+
+/// The last `n` commands, newest first (none when there is no log).
+pub async fn recent(client: &Client, n: i64) -> Vec<Logged> {
+    let rows = client
+        .query(
+            "SELECT stream, id, source_at::text, applied_at::text, coalesce(statement, ''), outcome
+             FROM hikkoshi.ddl ORDER BY applied_at DESC, id DESC LIMIT $1",
+            &[&n],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| Logged {
+            stream: r.get(0),
+            id: r.get(1),
+            source_at: r.get(2),
+            applied_at: r.get(3),
+            statement: r.get(4),
+            outcome: r.get(5),
+        })
+        .collect()
+}

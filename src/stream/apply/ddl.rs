@@ -1,0 +1,338 @@
+//! A captured DDL command (a row of the capture table, see `stream::ddl::capture`), applied on the target
+//! at its place in the stream: after every change before it, before every change after it, in the same
+//! target transaction as the LSN that covers it, so that a crash leaves both or neither.
+
+use super::statements::Sql;
+use super::{Applier, ApplyError};
+use crate::ident::quote_literal;
+use crate::stream::ddl::{Captured, split};
+use crate::stream::pgoutput::{Tuple, Value};
+
+/// What the stream does with one command.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    /// Every table it touched is outside the selection (not on the target).
+    Outside,
+    /// Recorded on the target already (applied by hand, or in a transaction that committed).
+    Recorded,
+}
+
+impl Applier {
+    /// Applies one row of the capture table.
+    pub(super) async fn ddl(&mut self, columns: &[String], tuple: &Tuple) -> Result<(), ApplyError> {
+        let values: Vec<Option<String>> = tuple
+            .0
+            .iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect();
+        let c = Captured::from_row(columns, &values).map_err(ApplyError::Definite)?;
+        // changes before it are written with the shapes they were made in
+        self.flush_all().await?;
+        self.drain().await?;
+        let outcome = self.apply_ddl(&c).await?;
+        tracing::info!(id = c.id, tag = %c.tag, ?outcome, "DDL from the source");
+        if outcome != Outcome::Recorded {
+            let text = match outcome {
+                Outcome::Applied => "applied",
+                _ => "skipped: every table it touches is outside the selection",
+            };
+            self.send(
+                Sql::new(
+                    crate::state::ddl::RECORD,
+                    vec![
+                        Some(self.capture_stream.clone()),
+                        Some(c.id.to_string()),
+                        Some(c.at.clone()),
+                        Some(c.tag.clone()),
+                        Some(c.statement.clone()),
+                        Some(text.into()),
+                    ],
+                ),
+                None,
+            )
+            .await?;
+        }
+        if outcome == Outcome::Applied {
+            crate::failpoint::hit(crate::failpoint::APPLY_AFTER_DDL);
+            // the target's tables changed: what the applier knows of them follows
+            self.refresh_tables().await?;
+            // a new enum value, a new table: usable by later transactions only once committed
+            self.commit_after = true;
+        }
+        self.unpublished.extend(c.unpublished.iter().cloned());
+        Ok(())
+    }
+
+    async fn apply_ddl(&mut self, c: &Captured) -> Result<Outcome, ApplyError> {
+        let target = |what: &str| {
+            let what = what.to_string();
+            move |source| ApplyError::Target { what, source }
+        };
+        let done = self
+            .client
+            .query_opt(
+                crate::state::ddl::OUTCOME,
+                &[&self.capture_stream, &c.id],
+            )
+            .await
+            .map_err(target("reading the DDL log"))?;
+        if done.is_some() {
+            return Ok(Outcome::Recorded);
+        }
+        if let Some(why) = &c.refused {
+            return Err(ApplyError::SchemaChanged(format!(
+                "the source ran `{}` (DDL {} at {}): {why}, so the stream cannot carry them. Run \
+                 `hikkoshi clean` and clone again, or exclude the table (--exclude) in a new clone",
+                one_line(&c.statement),
+                c.id,
+                c.at
+            )));
+        }
+        // a command on tables the selection leaves out (they are not on the target) is not replayed
+        if !c.touched.is_empty() && c.created.is_empty() {
+            let here: bool = self
+                .client
+                .query_one(
+                    "SELECT coalesce(bool_or(to_regclass(t) IS NOT NULL), false) FROM unnest($1::text[]) t",
+                    &[&c.touched],
+                )
+                .await
+                .map_err(target("looking up the tables a DDL command touched"))?
+                .get(0);
+            if !here {
+                return Ok(Outcome::Outside);
+            }
+        }
+        let piece = self.piece_of(c)?;
+        let sql = split::for_target(&piece);
+        let role = self.role_for(&c.role).await?;
+        let mut run = format!(
+            "SELECT set_config('search_path', {}, true);",
+            quote_literal(&c.search_path)
+        );
+        if let Some(role) = &role {
+            run.push_str(&format!("SET ROLE {};", crate::ident::quote_ident(role)));
+        }
+        let restore = format!(
+            "{}SELECT set_config('search_path', {}, true)",
+            if role.is_some() { "RESET ROLE;" } else { "" },
+            quote_literal(&self.search_path)
+        );
+        self.client
+            .batch_execute(&run)
+            .await
+            .map_err(target("preparing to apply DDL"))?;
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let cause = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string());
+            let err = if e.as_db_error().is_none() {
+                ApplyError::Target {
+                    what: "applying DDL from the source".into(),
+                    source: e,
+                }
+            } else {
+                ApplyError::SchemaChanged(format!(
+                    "the source ran `{}` (DDL {} at {}); on the target it fails: {cause}. Nothing of this \
+                     batch was applied. Make the target able to take it (or apply it there by hand), then \
+                     record it as done on the target — INSERT INTO hikkoshi.ddl (stream, id, outcome) \
+                     VALUES ({}, {}, 'by hand') — and run the same command again",
+                    one_line(&sql),
+                    c.id,
+                    c.at,
+                    quote_literal(&self.capture_stream),
+                    c.id
+                ))
+            };
+            self.reset().await;
+            return Err(err);
+        }
+        self.client
+            .batch_execute(&restore)
+            .await
+            .map_err(target("applying DDL"))?;
+        for t in &c.created {
+            let Some((schema, name)) = split_qualified(t) else {
+                continue;
+            };
+            self.send(
+                Sql::new(
+                    crate::state::ddl::REGISTER_TABLE,
+                    vec![Some(schema), Some(name)],
+                ),
+                None,
+            )
+            .await?;
+        }
+        Ok(Outcome::Applied)
+    }
+
+    /// The statement of the query string that this command came from. Commands of one string arrive in
+    /// order; each takes the next statement whose words fit its tag.
+    fn piece_of(&mut self, c: &Captured) -> Result<split::Piece, ApplyError> {
+        let pieces = split::split(&c.statement);
+        let from = match &self.ddl_cursor {
+            Some((origin, at)) if *origin == c.origin => at + 1,
+            _ => 0,
+        };
+        let found = pieces
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, p)| split::fits(p, &c.tag));
+        match found {
+            Some((i, p)) => {
+                self.ddl_cursor = Some((c.origin.clone(), i));
+                Ok(p.clone())
+            }
+            None => Err(ApplyError::SchemaChanged(format!(
+                "the source ran {} (DDL {} at {}) from inside `{}`: a function, a DO block or a procedure \
+                 ran it, and replaying the whole of that on the target would run its other statements \
+                 twice. Apply the same change on the target by hand, record it as done there — INSERT \
+                 INTO hikkoshi.ddl (stream, id, outcome) VALUES ({}, {}, 'by hand') — and run the same \
+                 command again",
+                c.tag,
+                c.id,
+                c.at,
+                one_line(&c.statement),
+                quote_literal(&self.capture_stream),
+                c.id
+            ))),
+        }
+    }
+
+    /// The role to run a command as on the target: the source's (through the role map) when the clone
+    /// kept owners, the role exists and the apply session may become it; else the apply session's own.
+    async fn role_for(&self, source_role: &str) -> Result<Option<String>, ApplyError> {
+        if !self.keep_owners {
+            return Ok(None);
+        }
+        let role = self
+            .role_map
+            .get(source_role)
+            .cloned()
+            .unwrap_or_else(|| source_role.to_string());
+        let ok: bool = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
+                        AND $1 <> current_user AND pg_has_role(current_user, $1, 'MEMBER')",
+                &[&role],
+            )
+            .await
+            .map_err(|source| ApplyError::Target {
+                what: "looking up the role of a DDL command".into(),
+                source,
+            })?
+            .get(0);
+        Ok(ok.then_some(role))
+    }
+
+    /// Rereads the target's tables after DDL (in the open transaction, which sees it), and what each
+    /// described relation maps to.
+    async fn refresh_tables(&mut self) -> Result<(), ApplyError> {
+        let tables = crate::stream::follow::read_target_tables(&self.client)
+            .await
+            .map_err(|source| ApplyError::Target {
+                what: "rereading the target's tables after DDL".into(),
+                source,
+            })?;
+        for (_, rel) in self.relations.iter_mut() {
+            if let Some(t) = tables.get(&rel.table.name) {
+                rel.table = t.clone();
+            }
+        }
+        self.tables = tables;
+        Ok(())
+    }
+
+    /// At a source commit: a new table the selection takes that still has no replica identity cannot have
+    /// its rows streamed, which must not pass silently.
+    pub(super) async fn check_unpublished(&mut self) -> Result<(), ApplyError> {
+        if self.unpublished.is_empty() {
+            return Ok(());
+        }
+        let names = std::mem::take(&mut self.unpublished);
+        let rows = self
+            .source
+            .query(
+                "SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p
+                                   ON p.oid = pr.prpubid
+                                   WHERE p.pubname = $2 AND pr.prrelid = to_regclass(t))",
+                &[&names, &self.publication],
+            )
+            .await
+            .map_err(|source| ApplyError::Source {
+                what: "checking new tables on the source".into(),
+                source,
+            })?;
+        if let Some(r) = rows.first() {
+            let t: String = r.get(0);
+            return Err(ApplyError::SchemaChanged(format!(
+                "the source created the table {t}, which the selection takes, without a primary key: the \
+                 stream cannot carry its rows (PostgreSQL refuses UPDATE and DELETE on a published table \
+                 without one). Add a primary key on the source (or REPLICA IDENTITY FULL) while it is \
+                 still empty — the capture then adds it to the stream — and run the same command again; \
+                 or clone again with --exclude {t}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `schema.table` as the capture writes it (each part quoted only where needed) → both names.
+fn split_qualified(t: &str) -> Option<(String, String)> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    match parts.as_slice() {
+        [s, n] => Some((s.clone(), n.clone())),
+        _ => None,
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 300 {
+        format!("{}…", flat.chars().take(300).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualified_names_split_as_quoted() {
+        assert_eq!(
+            split_qualified("public.t"),
+            Some(("public".into(), "t".into()))
+        );
+        assert_eq!(
+            split_qualified(r#""My.Schema"."a ""b""""#),
+            Some(("My.Schema".into(), r#"a "b""#.into()))
+        );
+        assert_eq!(split_qualified("t"), None);
+    }
+}

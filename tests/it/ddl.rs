@@ -1,0 +1,239 @@
+//! Schema changes on the source during a follow (issue 15): captured by an event trigger, applied on the
+//! target in order with the rows, under a concurrent write load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hikkoshi::localserver::Install;
+use tokio_postgres::Client;
+
+use crate::common::live::wait_in_sync;
+use crate::common::scenario::{Live, Pair};
+use crate::common::*;
+
+const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL,
+                                                 created_at timestamptz NOT NULL DEFAULT now());
+     INSERT INTO app.tickets (note) SELECT 'before ' || g FROM generate_series(1, 500) g;";
+
+/// Inserts into app.tickets on `url`, one transaction each, until stopped; counts the commits.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    async fn start(url: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (s, d) = (stop.clone(), done.clone());
+        let c = connect(&url).await;
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                // the shape changes under it: an insert that names only the first columns stays valid
+                if c.batch_execute("INSERT INTO app.tickets (note) VALUES ('load')")
+                    .await
+                    .is_ok()
+                {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        });
+        Load { stop, done, task }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// `pg_dump --schema-only` of `url` with one pg_dump for both sides, without what differs by design:
+/// comments, settings, hikkoshi's own objects (its state, the capture, the fence), publications.
+fn schema_dump(url: &str) -> String {
+    let bin = Install::discover()
+        .into_iter()
+        .max_by_key(|i| i.major)
+        .expect("a PostgreSQL install")
+        .bin;
+    let out = std::process::Command::new(bin.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-publications",
+            "--no-subscriptions",
+            "--exclude-schema=hikkoshi",
+            "--exclude-schema=hikkoshi_fence",
+            "--dbname",
+            url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            !(l.trim().is_empty()
+                || l.starts_with("--")
+                || l.starts_with("SET ")
+                || l.starts_with("SELECT pg_catalog.set_config")
+                || l.starts_with("\\restrict")
+                || l.starts_with("\\unrestrict")
+                || l.contains("hikkoshi"))
+        })
+        // PostgreSQL 18 names the NOT NULL constraints a partition inherits; 13 to 17 have no such names
+        .map(|l| match (l.find(" CONSTRAINT "), l.find("_not_null NOT NULL")) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &l[..a], &l[b + "_not_null".len()..]),
+            _ => l.to_string(),
+        })
+        // a view's body: 16 and later leave out the table of a column when the view reads one table
+        .map(|l| {
+            if l.starts_with(' ') {
+                unqualified(&l)
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `line` without `name.` qualifiers (outside quotes).
+fn unqualified(line: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if !quoted && (c.is_ascii_alphanumeric() || c == '_') {
+            word.push(c);
+            continue;
+        }
+        let qualifier = !quoted
+            && c == '.'
+            && word.chars().next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_');
+        if !qualifier {
+            out.push_str(&word);
+            out.push(c);
+        }
+        word.clear();
+    }
+    out.push_str(&word);
+    out
+}
+
+/// The lines only one of two schema dumps has.
+fn schema_difference(source: &str, target: &str) -> Vec<String> {
+    let a: Vec<&str> = source.lines().collect();
+    let b: Vec<&str> = target.lines().collect();
+    let mut diff: Vec<String> = a
+        .iter()
+        .filter(|l| !b.contains(l))
+        .map(|l| format!("source only: {l}"))
+        .collect();
+    diff.extend(
+        b.iter()
+            .filter(|l| !a.contains(l))
+            .map(|l| format!("target only: {l}")),
+    );
+    diff
+}
+
+/// Runs `sql` on the source, each string as the client sends it (one string may hold several statements).
+async fn run(src: &Client, steps: &[&str]) {
+    for s in steps {
+        src.batch_execute(s)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order() {
+    let Live {
+        pair,
+        src,
+        tgt,
+        f: mut follower,
+    } = Pair::new(15, 18).app().await.then(TICKETS).await.following().await;
+    let load = Load::start(pair.s.socket_url("app")).await;
+    run(
+        &src,
+        &[
+            // a constant default (no rewrite), then a volatile one (the source computes every value)
+            "ALTER TABLE app.tickets ADD COLUMN priority int NOT NULL DEFAULT 3",
+            "ALTER TABLE app.tickets ADD COLUMN public_id uuid NOT NULL DEFAULT gen_random_uuid()",
+            "ALTER TABLE app.tickets RENAME COLUMN priority TO urgency",
+            "ALTER TABLE app.tickets ALTER COLUMN urgency TYPE bigint",
+            "CREATE INDEX CONCURRENTLY tickets_urgency ON app.tickets (urgency)",
+            // a new table, rows into it, then a foreign key to it
+            "BEGIN; CREATE TABLE app.labels (id int PRIMARY KEY, name text NOT NULL); \
+             INSERT INTO app.labels SELECT g, 'label ' || g FROM generate_series(1, 50) g; COMMIT",
+            "ALTER TABLE app.tickets ADD COLUMN label_id int REFERENCES app.labels (id)",
+            "UPDATE app.tickets SET label_id = 1 + id % 50 WHERE id % 7 = 0",
+            // DDL and DML in one string: the UPDATE must be applied once
+            "ALTER TABLE app.labels ADD COLUMN hits int NOT NULL DEFAULT 0; \
+             UPDATE app.labels SET hits = hits + 1 WHERE id <= 10",
+            "ALTER TABLE app.tickets DROP COLUMN urgency",
+            // an enum value, then rows using it
+            "CREATE TYPE app.mood AS ENUM ('calm', 'busy')",
+            "ALTER TABLE app.tickets ADD COLUMN mood app.mood",
+            "ALTER TYPE app.mood ADD VALUE 'frantic'",
+            "UPDATE app.tickets SET mood = 'frantic' WHERE id % 3 = 0",
+            // a partitioned table, and a filled table attached to it as a partition
+            "CREATE TABLE app.readings (id bigint, day date, value numeric, PRIMARY KEY (id, day)) \
+             PARTITION BY RANGE (day)",
+            "CREATE TABLE app.readings_2026 PARTITION OF app.readings \
+             FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+            "CREATE TABLE app.readings_2027 (id bigint, day date, value numeric, PRIMARY KEY (id, day))",
+            "INSERT INTO app.readings_2027 SELECT g, '2027-03-01', g / 3.0 FROM generate_series(1, 40) g",
+            "ALTER TABLE app.readings ATTACH PARTITION app.readings_2027 \
+             FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+            "INSERT INTO app.readings SELECT g, '2026-06-01', g FROM generate_series(1, 30) g",
+            "UPDATE app.readings SET value = value + 1 WHERE id % 2 = 0",
+            // a view and a function over the new shape
+            "CREATE VIEW app.frantic AS SELECT id, note FROM app.tickets WHERE mood = 'frantic'",
+            "CREATE FUNCTION app.label_of(t bigint) RETURNS text LANGUAGE sql STABLE \
+             AS $$ SELECT l.name FROM app.tickets k JOIN app.labels l ON l.id = k.label_id WHERE k.id = t $$",
+        ],
+    )
+    .await;
+    let writes = load.stop().await;
+    assert!(writes > 0, "the load wrote nothing");
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    // rows identical before any cutover: the stream carried everything, including the volatile default
+    assert_same_rows_and_schema(&src, &tgt).await;
+    let hits: i64 = tgt
+        .query_one("SELECT sum(hits)::bigint FROM app.labels", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hits, 10, "the UPDATE in the DDL's string was applied more than once");
+    let (a, b) = (
+        schema_dump(&pair.s.socket_url("app")),
+        schema_dump(&pair.t.socket_url("app")),
+    );
+    assert_eq!(schema_difference(&a, &b), Vec::<String>::new());
+    assert_eq!(a, b, "the schemas differ in order");
+    // status lists the DDL applied
+    let out = pair.hikkoshi(&["status"]);
+    let said = text(&out);
+    assert!(
+        said.contains("ADD COLUMN public_id") && said.contains("ATTACH PARTITION"),
+        "{said}"
+    );
+    let out = pair.hikkoshi(&["cutover"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    let src = connect(&pair.s.socket_url("app")).await;
+    assert_same_rows_and_schema(&src, &tgt).await;
+    assert_sequences_at_least(&src, &tgt).await;
+}
