@@ -85,6 +85,24 @@ impl std::fmt::Display for Status {
         if let Some(e) = &self.last_error {
             writeln!(f, "last error: {e}")?;
         }
+        if !self.recent_ddl.is_empty() {
+            writeln!(f, "schema changes from the stream (newest last):")?;
+            for d in self.recent_ddl.iter().rev() {
+                let statement: String =
+                    d.statement.split_whitespace().collect::<Vec<_>>().join(" ");
+                let statement = if statement.chars().count() > 160 {
+                    format!("{}…", statement.chars().take(160).collect::<String>())
+                } else {
+                    statement
+                };
+                writeln!(
+                    f,
+                    "  {}  {}: {statement}",
+                    d.source_at.as_deref().unwrap_or(&d.applied_at),
+                    d.outcome
+                )?;
+            }
+        }
         if !self.recent_events.is_empty() {
             writeln!(f, "recent events:")?;
             for (at, kind, msg) in self.recent_events.iter().rev() {

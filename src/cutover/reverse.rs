@@ -91,7 +91,10 @@ pub(super) async fn set_up(
     let everything = crate::plan::Selection::parse(&[], &[]).unwrap_or_else(|_| unreachable!());
     let mode = capture::install_on(new, &plan.publication, &everything)
         .await
-        .map_err(Error::sql(Side::Target, "installing the reverse stream's DDL capture"))?;
+        .map_err(Error::sql(
+            Side::Target,
+            "installing the reverse stream's DDL capture",
+        ))?;
     let warning = match mode {
         capture::Mode::Capture => None,
         capture::Mode::Stop(why) => Some(format!(

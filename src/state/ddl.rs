@@ -57,7 +57,8 @@ pub struct Logged {
 pub async fn recent(client: &Client, n: i64) -> Vec<Logged> {
     let rows = client
         .query(
-            "SELECT stream, id, source_at::text, applied_at::text, coalesce(statement, ''), outcome
+            "SELECT stream, id, to_char(source_at, 'YYYY-MM-DD HH24:MI:SS'),
+                    to_char(applied_at, 'YYYY-MM-DD HH24:MI:SS'), coalesce(statement, ''), outcome
              FROM hikkoshi.ddl ORDER BY applied_at DESC, id DESC LIMIT $1",
             &[&n],
         )

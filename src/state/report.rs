@@ -63,6 +63,8 @@ pub struct Status {
     pub tables: Vec<TableStatus>,
     pub stream: Option<StreamStatus>,
     pub recent_events: Vec<(String, String, String)>,
+    /// The last DDL commands the stream applied or passed over, newest first.
+    pub recent_ddl: Vec<super::ddl::Logged>,
     pub cutover: Option<CutoverStatus>,
     /// The last error recorded by a hikkoshi process, if nothing has progressed since.
     pub last_error: Option<String>,
@@ -82,6 +84,7 @@ pub async fn read(client: &Client) -> Result<Status, Error> {
             tables: vec![],
             stream: None,
             recent_events: vec![],
+            recent_ddl: vec![],
             cutover: None,
             last_error: None,
         });
@@ -199,5 +202,6 @@ pub async fn read(client: &Client) -> Result<Status, Error> {
         tables,
         stream,
         recent_events: events,
+        recent_ddl: super::ddl::recent(client, 20).await,
     })
 }

@@ -384,10 +384,8 @@ pub async fn read_target_tables(
         }
     }
     // Windows: per copied table (a partition's window applies to its root, which the stream names).
-    let windows = crate::state::copy::copy_windows(target)
-        .await?;
-    let start = crate::state::stream::start_lsn(target)
-        .await?;
+    let windows = crate::state::copy::copy_windows(target).await?;
+    let start = crate::state::stream::start_lsn(target).await?;
     for (name, min, max, whole_snapshot) in windows {
         let (min, max) = (min.unwrap_or(start), max.unwrap_or(start));
         if let Some(t) = tables.get_mut(&name) {

@@ -167,15 +167,7 @@ impl<'a> Session<'a> {
             .await
             .map_err(Error::sql(Side::Target, "preparing the apply session"))?
             .get(0);
-        let applier = Applier::new(
-            target,
-            source,
-            applied,
-            tables,
-            reorder,
-            ddl,
-            search_path,
-        );
+        let applier = Applier::new(target, source, applied, tables, reorder, ddl, search_path);
         let mut repl = ReplicationConn::connect(&plan.source)
             .await
             .map_err(Error::replication("opening the replication connection"))?;

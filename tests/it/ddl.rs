@@ -87,10 +87,14 @@ fn schema_dump(url: &str) -> String {
                 || l.contains("hikkoshi"))
         })
         // PostgreSQL 18 names the NOT NULL constraints a partition inherits; 13 to 17 have no such names
-        .map(|l| match (l.find(" CONSTRAINT "), l.find("_not_null NOT NULL")) {
-            (Some(a), Some(b)) if a < b => format!("{}{}", &l[..a], &l[b + "_not_null".len()..]),
-            _ => l.to_string(),
-        })
+        .map(
+            |l| match (l.find(" CONSTRAINT "), l.find("_not_null NOT NULL")) {
+                (Some(a), Some(b)) if a < b => {
+                    format!("{}{}", &l[..a], &l[b + "_not_null".len()..])
+                }
+                _ => l.to_string(),
+            },
+        )
         // a view's body: 16 and later leave out the table of a column when the view reads one table
         .map(|l| {
             if l.starts_with(' ') {
@@ -118,7 +122,10 @@ fn unqualified(line: &str) -> String {
         }
         let qualifier = !quoted
             && c == '.'
-            && word.chars().next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_');
+            && word
+                .chars()
+                .next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_');
         if !qualifier {
             out.push_str(&word);
             out.push(c);
@@ -162,7 +169,13 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
         src,
         tgt,
         f: mut follower,
-    } = Pair::new(15, 18).app().await.then(TICKETS).await.following().await;
+    } = Pair::new(15, 18)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .following()
+        .await;
     let load = Load::start(pair.s.socket_url("app")).await;
     run(
         &src,
@@ -215,7 +228,10 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
         .await
         .unwrap()
         .get(0);
-    assert_eq!(hits, 10, "the UPDATE in the DDL's string was applied more than once");
+    assert_eq!(
+        hits, 10,
+        "the UPDATE in the DDL's string was applied more than once"
+    );
     let (a, b) = (
         schema_dump(&pair.s.socket_url("app")),
         schema_dump(&pair.t.socket_url("app")),
@@ -223,7 +239,7 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
     assert_eq!(schema_difference(&a, &b), Vec::<String>::new());
     assert_eq!(a, b, "the schemas differ in order");
     // status lists the DDL applied
-    let out = pair.hikkoshi(&["status"]);
+    let out = hikkoshi(&["status", "--target", &pair.target_url()]);
     let said = text(&out);
     assert!(
         said.contains("ADD COLUMN public_id") && said.contains("ATTACH PARTITION"),

@@ -20,7 +20,11 @@ enum Outcome {
 
 impl Applier {
     /// Applies one row of the capture table.
-    pub(super) async fn ddl(&mut self, columns: &[String], tuple: &Tuple) -> Result<(), ApplyError> {
+    pub(super) async fn ddl(
+        &mut self,
+        columns: &[String],
+        tuple: &Tuple,
+    ) -> Result<(), ApplyError> {
         let values: Vec<Option<String>> = tuple
             .0
             .iter()
@@ -33,7 +37,7 @@ impl Applier {
         // changes before it are written with the shapes they were made in
         self.flush_all().await?;
         self.drain().await?;
-        let outcome = self.apply_ddl(&c).await?;
+        let (outcome, ran) = self.apply_ddl(&c).await?;
         tracing::info!(id = c.id, tag = %c.tag, ?outcome, "DDL from the source");
         if outcome != Outcome::Recorded {
             let text = match outcome {
@@ -48,7 +52,7 @@ impl Applier {
                         Some(c.id.to_string()),
                         Some(c.at.clone()),
                         Some(c.tag.clone()),
-                        Some(c.statement.clone()),
+                        Some(ran.unwrap_or_else(|| c.statement.clone())),
                         Some(text.into()),
                     ],
                 ),
@@ -67,21 +71,19 @@ impl Applier {
         Ok(())
     }
 
-    async fn apply_ddl(&mut self, c: &Captured) -> Result<Outcome, ApplyError> {
+    /// What became of the command, and the statement run on the target.
+    async fn apply_ddl(&mut self, c: &Captured) -> Result<(Outcome, Option<String>), ApplyError> {
         let target = |what: &str| {
             let what = what.to_string();
             move |source| ApplyError::Target { what, source }
         };
         let done = self
             .client
-            .query_opt(
-                crate::state::ddl::OUTCOME,
-                &[&self.capture_stream, &c.id],
-            )
+            .query_opt(crate::state::ddl::OUTCOME, &[&self.capture_stream, &c.id])
             .await
             .map_err(target("reading the DDL log"))?;
         if done.is_some() {
-            return Ok(Outcome::Recorded);
+            return Ok((Outcome::Recorded, None));
         }
         if let Some(why) = &c.refused {
             return Err(ApplyError::SchemaChanged(format!(
@@ -104,7 +106,7 @@ impl Applier {
                 .map_err(target("looking up the tables a DDL command touched"))?
                 .get(0);
             if !here {
-                return Ok(Outcome::Outside);
+                return Ok((Outcome::Outside, None));
             }
         }
         let piece = self.piece_of(c)?;
@@ -169,7 +171,7 @@ impl Applier {
             )
             .await?;
         }
-        Ok(Outcome::Applied)
+        Ok((Outcome::Applied, Some(sql)))
     }
 
     /// The statement of the query string that this command came from. Commands of one string arrive in

@@ -261,9 +261,11 @@ pub enum Mode {
 impl Mode {
     pub fn describe(&self) -> String {
         match self {
-            Mode::Capture => "DDL on the source is captured by an event trigger and applied on the target \
+            Mode::Capture => {
+                "DDL on the source is captured by an event trigger and applied on the target \
                               in order with the rows"
-                .into(),
+                    .into()
+            }
             Mode::Stop(why) => format!(
                 "DDL on the source is not captured ({why}): a table whose shape changes stops the stream \
                  with the difference named, and no schema difference passes a cutover"

@@ -58,7 +58,8 @@ pub fn split(sql: &str) -> Vec<Piece> {
             }
             b'\'' => {
                 // E'…' allows backslash escapes; '' is a quote in either form
-                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E') && !word_byte_before(b, i - 1);
+                let escapes =
+                    i > 0 && matches!(b[i - 1], b'e' | b'E') && !word_byte_before(b, i - 1);
                 i += 1;
                 while i < b.len() {
                     if escapes && b[i] == b'\\' {
@@ -103,7 +104,11 @@ pub fn split(sql: &str) -> Vec<Piece> {
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let from = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
                 {
                     i += 1;
                 }
@@ -153,7 +158,8 @@ fn is_routine(words: &[String]) -> bool {
     let w: Vec<&str> = words.iter().take(4).map(|s| s.as_str()).collect();
     matches!(
         w.as_slice(),
-        ["CREATE", "FUNCTION" | "PROCEDURE", ..] | ["CREATE", "OR", "REPLACE", "FUNCTION" | "PROCEDURE"]
+        ["CREATE", "FUNCTION" | "PROCEDURE", ..]
+            | ["CREATE", "OR", "REPLACE", "FUNCTION" | "PROCEDURE"]
     )
 }
 
@@ -235,8 +241,10 @@ mod tests {
             vec![r"SELECT E'it\'s;'", "SELECT 2"]
         );
         assert_eq!(
-            texts(r#"CREATE TABLE "a;b" (x int); -- c;d
-            /* e; /* f; */ g; */ DROP TABLE x"#),
+            texts(
+                r#"CREATE TABLE "a;b" (x int); -- c;d
+            /* e; /* f; */ g; */ DROP TABLE x"#
+            ),
             vec![
                 r#"CREATE TABLE "a;b" (x int)"#,
                 "-- c;d\n            /* e; /* f; */ g; */ DROP TABLE x"
@@ -246,31 +254,50 @@ mod tests {
 
     #[test]
     fn dollar_quotes_and_atomic_bodies_stay_whole() {
-        let f = "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$ BEGIN RETURN 1; END $body$";
+        let f =
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$ BEGIN RETURN 1; END $body$";
         assert_eq!(texts(&format!("{f}; SELECT f()")), vec![f, "SELECT f()"]);
         let g = "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); \
                  SELECT CASE WHEN true THEN 1 END; END";
-        assert_eq!(texts(&format!("{g}; ALTER TABLE t ADD y int")), vec![g, "ALTER TABLE t ADD y int"]);
+        assert_eq!(
+            texts(&format!("{g}; ALTER TABLE t ADD y int")),
+            vec![g, "ALTER TABLE t ADD y int"]
+        );
         // $1 is a parameter, not a quote
-        assert_eq!(texts("PREPARE p AS SELECT $1; SELECT 3"), vec!["PREPARE p AS SELECT $1", "SELECT 3"]);
+        assert_eq!(
+            texts("PREPARE p AS SELECT $1; SELECT 3"),
+            vec!["PREPARE p AS SELECT $1", "SELECT 3"]
+        );
     }
 
     #[test]
     fn a_tag_fits_the_statement_it_names() {
         let p = |s: &str| split(s).remove(0);
-        assert!(fits(&p("create unique index concurrently i on t (a)"), "CREATE INDEX"));
+        assert!(fits(
+            &p("create unique index concurrently i on t (a)"),
+            "CREATE INDEX"
+        ));
         assert!(fits(&p("CREATE TABLE t AS SELECT 1"), "CREATE TABLE AS"));
         assert!(fits(&p("SELECT 1 AS a INTO t2"), "SELECT INTO"));
         assert!(!fits(&p("UPDATE t SET a = 1"), "ALTER TABLE"));
-        assert!(!fits(&p("DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD b int'; END $$"), "ALTER TABLE"));
+        assert!(!fits(
+            &p("DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD b int'; END $$"),
+            "ALTER TABLE"
+        ));
         assert!(!fits(&p("CREATE INDEX i ON t (a)"), "CREATE TABLE"));
     }
 
     #[test]
     fn concurrently_is_dropped_for_the_target() {
         let p = |s: &str| for_target(&split(s).remove(0));
-        assert_eq!(p("CREATE INDEX CONCURRENTLY i ON t (a)"), "CREATE INDEX i ON t (a)");
-        assert_eq!(p("drop index concurrently if exists i"), "drop index if exists i");
+        assert_eq!(
+            p("CREATE INDEX CONCURRENTLY i ON t (a)"),
+            "CREATE INDEX i ON t (a)"
+        );
+        assert_eq!(
+            p("drop index concurrently if exists i"),
+            "drop index if exists i"
+        );
         assert_eq!(
             p(r#"CREATE INDEX "CONCURRENTLY" ON t (a)"#),
             r#"CREATE INDEX "CONCURRENTLY" ON t (a)"#
