@@ -104,7 +104,7 @@ mod tests {
         assert_eq!(text_array("{}"), Vec::<String>::new());
         assert_eq!(text_array("{public.t}"), vec!["public.t"]);
         assert_eq!(
-            text_array(r#"{public.t,"public.""Odd, name""","a\\b"}"#),
+            text_array(r#"{public.t,"public.\"Odd, name\"","a\\b"}"#),
             vec!["public.t", r#"public."Odd, name""#, r"a\b"]
         );
         assert_eq!(text_array(r#"{"",x}"#), vec!["", "x"]);
