@@ -130,6 +130,35 @@ impl<'a> Switch<'a> {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// `same_shape` before the fence: a difference may still be in the stream (DDL the capture carries), so
+    /// on a difference, wait until the new side has applied everything the old one holds now, and compare
+    /// again.
+    async fn same_shape_when_applied(&mut self, deadline: Instant) -> Result<(), Error> {
+        if self.same_shape("nothing was fenced").await.is_ok() {
+            return Ok(());
+        }
+        let (old, old_side) = self.old.at();
+        let now: String = old
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(Error::sql(old_side, "reading the WAL position"))?
+            .get(0);
+        let new_side = self.new.side;
+        while Instant::now() < deadline && !self.opts.stop.is_cancelled() {
+            let done = state::stream::reached(&self.new.client, &now, false)
+                .await
+                .map_err(Error::sql(new_side, "reading the applied position"))?;
+            if done {
+                break;
+            }
+            if let Some(e) = follower_failed(&mut self.follower).await {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.same_shape("nothing was fenced").await
     }
 
@@ -154,8 +183,9 @@ impl<'a> Switch<'a> {
         }
         Err(Error::Blocked(format!(
             "the tables' schema differs between the {old} and the {new}, so the {step} was not done \
-             ({then}):\n- {}\nhikkoshi does not carry schema changes made after the clone: apply the same \
-             DDL on the {new}, then run the {step} again (`hikkoshi verify` lists the differences)",
+             ({then}):\n- {}\nThe stream did not carry these changes: DDL is captured only where the role \
+             that started the stream may create event triggers (`hikkoshi check` says which). Apply the \
+             same DDL on the {new}, then run the {step} again (`hikkoshi verify` lists the differences)",
             differences.join("\n- "),
             old = self.old.side,
             new = self.new.side,
@@ -190,6 +220,11 @@ impl<'a> Switch<'a> {
         }
         self.wait_for_lag(Instant::now() + self.opts.timeout)
             .await?;
+        // a schema change the stream carries (DDL capture) reaches the new side with the stream; one it does
+        // not carry stops everything before the fence
+        self.same_shape_when_applied(Instant::now() + self.opts.timeout)
+            .await
+            .inspect_err(|_| self.follower_stop.cancel())?;
         if self.opts.verify == VerifyMode::None {
             return Ok(());
         }

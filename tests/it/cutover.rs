@@ -147,6 +147,14 @@ async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
     )
     .await
     .unwrap();
+    // DDL on the new primary travels back with the reverse stream (issue 15)
+    tgt.batch_execute(
+        "ALTER TABLE app.tickets ADD COLUMN channel text NOT NULL DEFAULT 'web';
+         UPDATE app.tickets SET channel = 'phone' WHERE id % 5 = 0;
+         CREATE INDEX tickets_channel ON app.tickets (channel);",
+    )
+    .await
+    .unwrap();
 
     let hook_log = std::env::temp_dir().join(format!("hikkoshi-rollback-{}", pair.t.port));
     let out = pair.hikkoshi(&[
@@ -173,12 +181,31 @@ async fn cutover_reverse_then_rollback_brings_the_new_primarys_writes_back() {
     assert_eq!(cutover_step(&pair.t).await.as_deref(), Some("rolled-back"));
     // the reverse slot is gone with the rollback; clean removes the rest on both sides
     assert!(hikkoshi_slots(&tgt).await.is_empty());
+    let phones: i64 = src
+        .query_one(
+            "SELECT count(*) FROM app.tickets WHERE channel = 'phone'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        phones > 0,
+        "the reverse stream carried no row of the new column"
+    );
     assert_success(&pair.hikkoshi(&["clean"]));
     assert!(!has_state(&src).await && !has_state(&tgt).await);
     assert_eq!(
         publication_count(&src).await + publication_count(&tgt).await,
         0
     );
+    // nothing of the DDL capture stays on either side
+    for server in [&pair.s, &pair.t] {
+        assert_eq!(
+            admin_count(server, "SELECT count(*) FROM pg_event_trigger").await,
+            0
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -902,17 +929,56 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     assert!(status.success(), "{log}");
 }
 
-/// Issue #15's report: a column added on the source during the follow, with no row of its table changed
-/// since, leaves every row equal and is in no stream. `verify` names it, and no cutover passes it, whatever
-/// `--verify`; once the target has the same column, the cutover goes through.
+/// Issue #15's report, where DDL is not captured (the source's role may not create event triggers): a column
+/// added on the source during the follow, with no row of its table changed since, leaves every row equal and
+/// is in no stream. `check` and the clone say DDL will not travel; `verify` names the change, and no cutover
+/// passes it, whatever `--verify`; once the target has the same column, the cutover goes through.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_schema_change_with_no_row_changed_after_it_stops_every_cutover() {
-    let Live {
-        pair,
-        src,
-        tgt,
-        f: follower,
-    } = following(Pair::new(15, 18), 0).await;
+async fn without_ddl_capture_a_schema_change_stops_every_cutover() {
+    let pair = Pair::new(15, 18);
+    let admin = connect(&pair.s.socket_url("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE migrator LOGIN REPLICATION PASSWORD '{PASSWORD}';
+             CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}';"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app OWNER migrator")
+        .await
+        .unwrap();
+    let t_admin = connect(&pair.t.socket_url("postgres")).await;
+    t_admin
+        .batch_execute(&format!(
+            "CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+    t_admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    let source = format!(
+        "host=127.0.0.1 port={} user=migrator password={PASSWORD} dbname=app sslmode=disable",
+        pair.s.port
+    );
+    let src = connect(&source).await;
+    src.batch_execute(FIXTURE_APP).await.unwrap();
+    src.batch_execute(
+        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    src.batch_execute(TICKETS).await.unwrap();
+    let check = hikkoshi(&["check", "--source", &source, "--target", &pair.target_url()]);
+    assert!(
+        text(&check).contains("DDL on the source is not captured"),
+        "{}",
+        text(&check)
+    );
+    let tgt = connect(&pair.t.socket_url("app")).await;
+    let mut follower = Follower::start_between(&source, &pair.target_url(), &["--no-roles"], &[]);
+    wait_in_sync(&src, &tgt, &mut follower).await;
+    let no_capture: i64 = admin_count(&pair.s, "SELECT count(*) FROM pg_event_trigger").await;
+    assert_eq!(no_capture, 0, "a capture was installed");
     src.batch_execute(
         "ALTER TABLE app.customers ADD COLUMN tier text NOT NULL DEFAULT 'basic';
          CREATE INDEX customers_tier ON app.customers (tier);
@@ -962,7 +1028,21 @@ async fn a_schema_change_with_no_row_changed_after_it_stops_every_cutover() {
     assert!(status.success(), "{log}");
     // the fence ended the old primary's other sessions, this one too
     let src = connect(&pair.s.socket_url("app")).await;
+    // --no-roles left the grants behind (the source's role could not read passwords): the same on both
+    tgt.batch_execute(&TICKETS[TICKETS.find("GRANT").unwrap()..])
+        .await
+        .unwrap();
     assert_identical_rows_and_sequences_at_least(&src, &tgt).await;
+}
+
+/// One number from `sql` on the `app` database of `server`, as its superuser.
+async fn admin_count(server: &LocalServer, sql: &str) -> i64 {
+    connect(&server.socket_url("app"))
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Each selected table's owner and the privileges granted to other roles (`schema.table owner role grants

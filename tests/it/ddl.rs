@@ -253,3 +253,68 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
     assert_same_rows_and_schema(&src, &tgt).await;
     assert_sequences_at_least(&src, &tgt).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_restart() {
+    let Live { pair, src, tgt, f } = Pair::new(15, 15)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .following()
+        .await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    let mut f = pair.follower(&[("HIKKOSHI_FAILPOINT", hikkoshi::failpoint::APPLY_AFTER_DDL)]);
+    let load = Load::start(pair.s.socket_url("app")).await;
+    run(
+        &src,
+        &[
+            "ALTER TABLE app.tickets ADD COLUMN edits int NOT NULL DEFAULT 0; \
+           UPDATE app.tickets SET edits = edits + 1, note = note || '+' WHERE id <= 20",
+        ],
+    )
+    .await;
+    let status = f.exits_by_itself().await;
+    assert!(
+        !status.success(),
+        "the failpoint did not kill it:\n{}",
+        f.log()
+    );
+    assert!(f.log().contains("failpoint"), "{}", f.log());
+    // killed after the DDL ran on the target, before its commit: nothing of it stayed
+    let column: bool = tgt
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                            WHERE table_name = 'tickets' AND column_name = 'edits')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!column, "the killed batch left the column behind");
+    run(
+        &src,
+        &["UPDATE app.tickets SET edits = edits + 1 WHERE id <= 5"],
+    )
+    .await;
+    assert!(load.stop().await > 0);
+    let mut f = pair.follower(&[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+    let (edits, logged): (i64, i64) = {
+        let r = tgt
+            .query_one(
+                "SELECT (SELECT sum(edits) FROM app.tickets)::bigint,
+                        (SELECT count(*) FROM hikkoshi.ddl WHERE statement LIKE 'ALTER TABLE app.tickets ADD COLUMN edits%')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(edits, 25, "an UPDATE was applied twice or not at all");
+    assert_eq!(logged, 1);
+}

@@ -177,7 +177,6 @@ pub struct Applier {
     capture_rel: Option<(u32, Vec<String>)>,
     /// The log's key for this stream's commands (the publication).
     capture_stream: String,
-    publication: String,
     keep_owners: bool,
     role_map: HashMap<String, String>,
     /// The apply session's own search_path, restored after each command.
@@ -186,8 +185,6 @@ pub struct Applier {
     ddl_cursor: Option<((String, i32), usize)>,
     /// A command was applied in this source transaction: the target commits right after it.
     commit_after: bool,
-    /// New tables not yet in the stream (checked at the source commit).
-    unpublished: Vec<String>,
 }
 
 impl Applier {
@@ -205,14 +202,12 @@ impl Applier {
         Applier {
             capture: super::ddl::capture::table(&ddl.publication),
             capture_rel: None,
-            capture_stream: ddl.publication.clone(),
-            publication: ddl.publication,
+            capture_stream: ddl.publication,
             keep_owners: ddl.keep_owners,
             role_map: ddl.role_map,
             search_path,
             ddl_cursor: None,
             commit_after: false,
-            unpublished: Vec::new(),
             client: Arc::new(client),
             source,
             tables,
@@ -409,7 +404,6 @@ impl Applier {
             self.skipping = false;
             return Ok(());
         }
-        self.check_unpublished().await?;
         self.pending = Some(c.end_lsn);
         self.last_commit_time = c.commit_time;
         self.txns_in_batch += 1;

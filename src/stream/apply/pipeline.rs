@@ -173,7 +173,6 @@ impl Applier {
         self.in_target_tx = false;
         self.pending = None;
         self.commit_after = false;
-        self.unpublished.clear();
         self.folded.clear();
         self.runs.clear();
         self.held_rows = 0;
