@@ -559,6 +559,8 @@ run_hikkoshi() {
     fi
     stamp
     setr "$r" hikkoshi init_s "$(secs $((NOW - t0)))"
+    # the DDL capture (an event trigger and its table in the publication) is part of what is measured
+    DDL_CAPTURE=$(src_q "$SRC_DB" "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'hikkoshi%'")
     setr "$r" hikkoshi init_rss_mb "$(awk -v k="$FOLLOW_HWM" 'BEGIN { printf "%.1f", k / 1024 }')"
     follower_stop
     if [[ $FOLLOW_RC != 0 ]]; then
@@ -868,6 +870,7 @@ echo "results: $JSON"
     done
     echo '  },'
     printf '  "ratios": {"drain_rate_hikkoshi/native": %s},\n' "$RATE_RATIO"
+    printf '  "hikkoshi_ddl_capture_event_triggers": %s,\n' "${DDL_CAPTURE:-0}"
     printf '  "problems": ['
     n=0
     for p in "${PROBLEMS[@]}"; do

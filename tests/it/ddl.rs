@@ -186,6 +186,8 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
             "ALTER TABLE app.tickets RENAME COLUMN priority TO urgency",
             "ALTER TABLE app.tickets ALTER COLUMN urgency TYPE bigint",
             "CREATE INDEX CONCURRENTLY tickets_urgency ON app.tickets (urgency)",
+            "CREATE INDEX CONCURRENTLY tickets_created ON app.tickets (created_at)",
+            "DROP INDEX CONCURRENTLY app.tickets_created",
             // a new table, rows into it, then a foreign key to it
             "BEGIN; CREATE TABLE app.labels (id int PRIMARY KEY, name text NOT NULL); \
              INSERT INTO app.labels SELECT g, 'label ' || g FROM generate_series(1, 50) g; COMMIT",
@@ -211,6 +213,12 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
              FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
             "INSERT INTO app.readings SELECT g, '2026-06-01', g FROM generate_series(1, 30) g",
             "UPDATE app.readings SET value = value + 1 WHERE id % 2 = 0",
+            // a sequence, and a trigger that changes rows on the source (the stream carries its result)
+            "CREATE SEQUENCE app.ticket_no START 100",
+            "CREATE FUNCTION app.stamp() RETURNS trigger LANGUAGE plpgsql \
+             AS $$ BEGIN NEW.note := NEW.note || ' #' || nextval('app.ticket_no'); RETURN NEW; END $$",
+            "CREATE TRIGGER tickets_stamp BEFORE UPDATE ON app.tickets FOR EACH ROW EXECUTE FUNCTION app.stamp()",
+            "UPDATE app.tickets SET label_id = 2 WHERE id % 11 = 0",
             // a view and a function over the new shape
             "CREATE VIEW app.frantic AS SELECT id, note FROM app.tickets WHERE mood = 'frantic'",
             "CREATE FUNCTION app.label_of(t bigint) RETURNS text LANGUAGE sql STABLE \
@@ -242,7 +250,7 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
     let out = hikkoshi(&["status", "--target", &pair.target_url()]);
     let said = text(&out);
     assert!(
-        said.contains("ADD COLUMN public_id") && said.contains("ATTACH PARTITION"),
+        said.contains("CREATE TRIGGER tickets_stamp") && said.contains("ATTACH PARTITION"),
         "{said}"
     );
     let out = pair.hikkoshi(&["cutover"]);

@@ -181,7 +181,7 @@ pub fn fits(piece: &Piece, tag: &str) -> bool {
 /// The statement to run on the target for `piece`: `CONCURRENTLY` is dropped, since the target applies in a
 /// transaction (where `CREATE INDEX CONCURRENTLY` cannot run) and no application waits on it there.
 pub fn for_target(piece: &Piece) -> String {
-    if !piece.words.iter().take(6).any(|w| w == "CONCURRENTLY") {
+    if !piece.words.iter().any(|w| w == "CONCURRENTLY") {
         return piece.text.clone();
     }
     // the first CONCURRENTLY outside quotes: re-scan for it at word boundaries
