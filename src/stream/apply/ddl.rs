@@ -83,6 +83,8 @@ impl Applier {
             let what = what.to_string();
             move |source| ApplyError::Target { what, source }
         };
+        // every command takes its statement of the string, applied or not, so the next one takes the next
+        let piece = self.piece_of(c);
         let done = self
             .client
             .query_opt(crate::state::ddl::OUTCOME, &[&self.capture_stream, &c.id])
@@ -115,8 +117,7 @@ impl Applier {
                 return Ok((Outcome::Outside, None));
             }
         }
-        let piece = self.piece_of(c)?;
-        let sql = split::for_target(&piece);
+        let sql = split::for_target(&piece?);
         let role = self.role_for(&c.role).await?;
         let mut run = format!(
             "SELECT set_config('search_path', {}, true);",
