@@ -37,10 +37,16 @@ pub const RECORD: &str = "INSERT INTO hikkoshi.ddl (stream, id, source_at, tag, 
 /// What became of a command already: $1 stream, $2 id.
 pub const OUTCOME: &str = "SELECT outcome FROM hikkoshi.ddl WHERE stream = $1 AND id = $2";
 
-/// A table the stream created on the target (its rows come with the stream from its first one): $1
-/// schema, $2 table.
-pub const REGISTER_TABLE: &str = "INSERT INTO hikkoshi.tables (schema_name, table_name, state, \
-     copy_format, streamed) VALUES ($1, $2, 'streaming', 'text', true) ON CONFLICT DO NOTHING";
+/// After DDL: the tables it touched or created ($1, `schema.table` quoted) that exist on the target are
+/// recorded as changed by the stream (so a quick verification compares them; a new or renamed one is added),
+/// and tables that no longer exist leave the record.
+pub const TRACK_TABLES: &str = "WITH gone AS (DELETE FROM hikkoshi.tables
+         WHERE to_regclass(format('%I.%I', schema_name, table_name)) IS NULL)
+     INSERT INTO hikkoshi.tables (schema_name, table_name, state, copy_format, streamed)
+     SELECT p[1], p[2], 'streaming', 'text', true
+     FROM (SELECT DISTINCT name FROM unnest($1::text[]) AS u(name)) AS t, parse_ident(t.name) AS p
+     WHERE cardinality(p) = 2 AND to_regclass(t.name) IS NOT NULL
+     ON CONFLICT (schema_name, table_name) DO UPDATE SET streamed = true";
 
 /// One logged command, for `status`.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -8,7 +8,8 @@ use hikkoshi::localserver::Install;
 use tokio_postgres::Client;
 
 use crate::common::live::wait_in_sync;
-use crate::common::scenario::{Live, Pair};
+use crate::common::live::Follower;
+use crate::common::scenario::{Live, Pair, Sides};
 use crate::common::*;
 
 const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL,
@@ -213,6 +214,9 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
              FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
             "INSERT INTO app.readings SELECT g, '2026-06-01', g FROM generate_series(1, 30) g",
             "UPDATE app.readings SET value = value + 1 WHERE id % 2 = 0",
+            // a partition detached keeps travelling as a table of its own
+            "ALTER TABLE app.readings DETACH PARTITION app.readings_2026",
+            "INSERT INTO app.readings_2026 VALUES (1000, '2026-02-02', 7)",
             // a sequence, and a trigger that changes rows on the source (the stream carries its result)
             "CREATE SEQUENCE app.ticket_no START 100",
             "CREATE FUNCTION app.stamp() RETURNS trigger LANGUAGE plpgsql \
@@ -325,4 +329,65 @@ async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_re
     };
     assert_eq!(edits, 25, "an UPDATE was applied twice or not at all");
     assert_eq!(logged, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_selection_decides_which_new_tables_travel_and_rows_never_streamed_are_refused() {
+    let Sides { pair, src, tgt } = Pair::new(13, 16)
+        .app()
+        .await
+        .then("CREATE TABLE app.scratch_0 (id int PRIMARY KEY)")
+        .await;
+    let mut f = Follower::start_between(
+        &pair.source_url(),
+        &pair.target_url(),
+        &["--exclude", "app.scratch_*"],
+        &[],
+    );
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let check = pair.hikkoshi(&["check"]);
+    assert!(
+        text(&check).contains("captured by an event trigger"),
+        "{}",
+        text(&check)
+    );
+    run(
+        &src,
+        &[
+            // one string: a table the selection leaves out, one it takes, rows into both
+            "CREATE TABLE app.scratch_1 (id int PRIMARY KEY, v text); \
+             CREATE TABLE app.kept (id int PRIMARY KEY, v text); \
+             INSERT INTO app.scratch_1 VALUES (1, 'a'); INSERT INTO app.kept VALUES (1, 'a'), (2, 'b')",
+            "ALTER TABLE app.scratch_1 ADD COLUMN w int; ALTER TABLE app.kept ADD COLUMN w int DEFAULT 5",
+            "UPDATE app.kept SET w = 6 WHERE id = 2",
+        ],
+    )
+    .await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_eq!(
+        rows_of(&tgt, "app.kept").await,
+        rows_of(&src, "app.kept").await
+    );
+    let (scratch, skipped): (bool, i64) = {
+        let r = tgt
+            .query_one(
+                "SELECT to_regclass('app.scratch_1') IS NOT NULL,
+                        (SELECT count(*) FROM hikkoshi.ddl WHERE outcome LIKE 'skipped%')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(!scratch, "a table outside the selection reached the target");
+    assert_eq!(skipped, 2, "the commands on the excluded table were not passed over");
+    // rows written before the table joined the stream were never streamed: a definite stop
+    run(&src, &["CREATE TABLE app.copied AS SELECT id, v FROM app.kept"]).await;
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("CREATE TABLE app.copied AS") && log.contains("already has rows"),
+        "{log}"
+    );
 }

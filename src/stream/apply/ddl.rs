@@ -165,19 +165,11 @@ impl Applier {
             .batch_execute(&restore)
             .await
             .map_err(target("applying DDL"))?;
-        for t in &c.created {
-            let Some((schema, name)) = split_qualified(t) else {
-                continue;
-            };
-            self.send(
-                Sql::new(
-                    crate::state::ddl::REGISTER_TABLE,
-                    vec![Some(schema), Some(name)],
-                ),
-                None,
-            )
-            .await?;
-        }
+        let tables: Vec<&String> = c.touched.iter().chain(&c.created).collect();
+        self.client
+            .execute(crate::state::ddl::TRACK_TABLES, &[&tables])
+            .await
+            .map_err(target("recording the tables DDL changed"))?;
         Ok((Outcome::Applied, Some(sql)))
     }
 
@@ -261,30 +253,6 @@ impl Applier {
     }
 }
 
-/// `schema.table` as the capture writes it (each part quoted only where needed) → both names.
-fn split_qualified(t: &str) -> Option<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = t.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                cur.push('"');
-            }
-            '"' => quoted = !quoted,
-            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    parts.push(cur);
-    match parts.as_slice() {
-        [s, n] => Some((s.clone(), n.clone())),
-        _ => None,
-    }
-}
-
 fn one_line(s: &str) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() > 300 {
@@ -294,20 +262,3 @@ fn one_line(s: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qualified_names_split_as_quoted() {
-        assert_eq!(
-            split_qualified("public.t"),
-            Some(("public".into(), "t".into()))
-        );
-        assert_eq!(
-            split_qualified(r#""My.Schema"."a ""b""""#),
-            Some(("My.Schema".into(), r#"a "b""#.into()))
-        );
-        assert_eq!(split_qualified("t"), None);
-    }
-}

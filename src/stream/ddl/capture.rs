@@ -87,6 +87,7 @@ DECLARE
     srr text;
     selected boolean;
     has_rows boolean;
+    touched_oids oid[] := '{{}}';
     rewrites text[];
     internal constant text[] := ARRAY['hikkoshi', 'hikkoshi_fence'];
 BEGIN
@@ -147,6 +148,7 @@ BEGIN
           AND NOT n.nspname = ANY (internal)
     LOOP
         touched := touched || format('%I.%I', r.nspname, r.relname);
+        touched_oids := touched_oids || r.oid;
         IF r.relispartition THEN
             -- a partition travels with its root, when the stream has the root
             selected := EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
@@ -158,22 +160,34 @@ BEGIN
         IF selected AND r.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
             created := created || format('%I.%I', r.nspname, r.relname);
         END IF;
-        -- a table the selection takes and the stream does not have yet
-        CONTINUE WHEN NOT selected OR r.relispartition OR EXISTS (
-            SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-            WHERE p.pubname = {pubname} AND pr.prrelid = r.oid);
+    END LOOP;
+    -- tables the selection takes that the stream does not have yet: new ones, and those that came into the
+    -- selection (renamed, moved to another schema, detached from a partitioned table)
+    FOR r IN
+        SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+          AND NOT n.nspname = ANY (internal) AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\_%' AND {selects}
+          AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                          WHERE p.pubname = {pubname} AND pr.prrelid = c.oid)
+    LOOP
+        -- rows this command brought (CREATE TABLE AS, a key added to a filled table) were never streamed; a
+        -- partition detached from a published table brought its rows through its root's stream
+        IF r.oid = ANY (touched_oids)
+           AND NOT (TG_TAG = 'ALTER TABLE' AND current_query() ~* '\mdetach\s+partition\M') THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', r.oid::regclass) INTO STRICT has_rows;
+            IF has_rows THEN
+                refused := format('%s already has rows that were written before it joined the stream',
+                                  r.oid::regclass);
+            END IF;
+        END IF;
         IF NOT EXISTS (
             SELECT 1 FROM pg_class c WHERE c.oid = r.oid AND (c.relreplident = 'f'
                OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
                OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))))
         THEN
-            unpublished := unpublished || format('%I.%I', r.nspname, r.relname);
+            unpublished := unpublished || r.oid::regclass::text;
             CONTINUE;
-        END IF;
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', r.oid::regclass) INTO STRICT has_rows;
-        IF has_rows THEN
-            refused := format('%s already has rows that were written before it joined the stream',
-                              r.oid::regclass);
         END IF;
         PERFORM set_config('{off}', 'off', true);
         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {pubname}, r.oid::regclass);
