@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hikkoshi::localserver::Install;
 use tokio_postgres::Client;
 
-use crate::common::live::wait_in_sync;
 use crate::common::live::Follower;
+use crate::common::live::wait_in_sync;
 use crate::common::scenario::{Live, Pair, Sides};
 use crate::common::*;
 
@@ -332,11 +332,15 @@ async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_re
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_selection_decides_which_new_tables_travel_and_rows_never_streamed_are_refused() {
+async fn new_tables_follow_the_selection_and_ddl_that_cannot_travel_stops_with_the_way_out() {
     let Sides { pair, src, tgt } = Pair::new(13, 16)
         .app()
         .await
-        .then("CREATE TABLE app.scratch_0 (id int PRIMARY KEY)")
+        .then(
+            "CREATE TABLE app.scratch_0 (id int PRIMARY KEY);
+             CREATE ROLE app_owner NOLOGIN; GRANT CREATE, USAGE ON SCHEMA app TO app_owner;
+             CREATE TABLE app.owned_before (id int PRIMARY KEY); ALTER TABLE app.owned_before OWNER TO app_owner;",
+        )
         .await;
     let mut f = Follower::start_between(
         &pair.source_url(),
@@ -380,9 +384,68 @@ async fn the_selection_decides_which_new_tables_travel_and_rows_never_streamed_a
         (r.get(0), r.get(1))
     };
     assert!(!scratch, "a table outside the selection reached the target");
-    assert_eq!(skipped, 2, "the commands on the excluded table were not passed over");
+    assert_eq!(
+        skipped, 2,
+        "the commands on the excluded table were not passed over"
+    );
+    // DDL run as the application's role: the new table has the same owner on the target
+    run(
+        &src,
+        &["SET ROLE app_owner; CREATE TABLE app.owned (id int PRIMARY KEY); RESET ROLE"],
+    )
+    .await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    for c in [&src, &tgt] {
+        let owner: String = c
+            .query_one(
+                "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'app.owned'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(owner, "app_owner");
+    }
+    // DDL from a DO block cannot be cut out of its string: a definite stop that says how to go on
+    run(
+        &src,
+        &["DO $$ BEGIN EXECUTE 'ALTER TABLE app.kept ADD COLUMN z int'; END $$"],
+    )
+    .await;
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("a DO block"), "{log}");
+    // the way out it names: the same change by hand on the target, recorded, then the same command
+    let record = log
+        .split("INSERT INTO hikkoshi.ddl")
+        .nth(1)
+        .and_then(|rest| rest.split(" — ").next())
+        .unwrap_or_else(|| panic!("no record to make in:\n{log}"))
+        .to_string();
+    tgt.batch_execute(&format!(
+        "ALTER TABLE app.kept ADD COLUMN z int; INSERT INTO hikkoshi.ddl{record}"
+    ))
+    .await
+    .unwrap();
+    let mut f = Follower::start_between(
+        &pair.source_url(),
+        &pair.target_url(),
+        &["--exclude", "app.scratch_*"],
+        &[],
+    );
+    run(&src, &["UPDATE app.kept SET z = id * 10"]).await;
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_eq!(
+        rows_of(&tgt, "app.kept").await,
+        rows_of(&src, "app.kept").await
+    );
     // rows written before the table joined the stream were never streamed: a definite stop
-    run(&src, &["CREATE TABLE app.copied AS SELECT id, v FROM app.kept"]).await;
+    run(
+        &src,
+        &["CREATE TABLE app.copied AS SELECT id, v FROM app.kept"],
+    )
+    .await;
     let status = f.exits_by_itself().await;
     let log = f.log();
     assert_eq!(status.code(), Some(1), "{log}");

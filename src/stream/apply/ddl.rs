@@ -261,4 +261,3 @@ fn one_line(s: &str) -> String {
         flat
     }
 }
-
