@@ -888,6 +888,12 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
         "{}",
         text(&out)
     );
+    // neither side's role may create event triggers: the report says DDL will not travel back
+    assert!(
+        text(&out).contains("the reverse stream does not carry DDL"),
+        "{}",
+        text(&out)
+    );
     assert!(
         !text(&out).contains("NOTICE"),
         "expected notices reached the output:\n{}",
