@@ -1,0 +1,177 @@
+-- The DDL capture of one stream (see capture.rs): its table, its function and its three event triggers.
+-- capture.rs fills in the placeholders in double braces; everything else is plain SQL.
+CREATE SCHEMA IF NOT EXISTS hikkoshi;
+CREATE TABLE IF NOT EXISTS {{TABLE}} (
+    id           bigserial PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    tag          text NOT NULL,
+    statement    text NOT NULL,
+    statement_at timestamptz NOT NULL,
+    pid          integer NOT NULL,
+    search_path  text NOT NULL,
+    role_name    text NOT NULL,
+    touched      text[] NOT NULL,
+    created      text[] NOT NULL,
+    unpublished  text[] NOT NULL,
+    refused      text
+);
+CREATE OR REPLACE FUNCTION {{FUNCTION}}() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $hikkoshi$
+DECLARE
+    r record;
+    touched text[] := '{}';
+    created text[] := '{}';
+    unpublished text[] := '{}';
+    refused text;
+    col text;
+    srr text;
+    selected boolean;
+    has_rows boolean;
+    touched_oids oid[] := '{}';
+    rewrites text[];
+    internal constant text[] := ARRAY['hikkoshi', 'hikkoshi_fence'];
+BEGIN
+    IF coalesce(current_setting('{{OFF}}', true), '') = 'off' THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'sql_drop' THEN
+        FOR r IN SELECT object_type, address_names, coalesce(is_temporary, false) AS temporary
+                 FROM pg_event_trigger_dropped_objects() LOOP
+            IF r.temporary OR r.address_names[1] = ANY (internal) THEN CONTINUE; END IF;
+            -- a command that dropped only temporary or hikkoshi objects is not replayed
+            PERFORM set_config('hikkoshi.dropped_kept', 'on', true);
+            IF r.object_type IN ('table', 'table column', 'index', 'table constraint', 'trigger') THEN
+                touched := touched || format('%I.%I', r.address_names[1], r.address_names[2]);
+            END IF;
+        END LOOP;
+        PERFORM set_config('hikkoshi.dropped',
+            array_to_string(string_to_array(coalesce(current_setting('hikkoshi.dropped', true), ''), E'\n')
+                            || touched, E'\n'), true);
+        PERFORM set_config('hikkoshi.dropped_any', 'on', true);
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'table_rewrite' THEN
+        PERFORM set_config('hikkoshi.rewrites',
+            coalesce(current_setting('hikkoshi.rewrites', true), '')
+            || pg_event_trigger_table_rewrite_oid()::oid::text || ':'
+            || pg_event_trigger_table_rewrite_reason()::text || ',', true);
+        RETURN;
+    END IF;
+    -- ddl_command_end
+    IF coalesce(current_setting('hikkoshi.dropped_any', true), '') = 'on' THEN
+        PERFORM set_config('hikkoshi.dropped_any', '', true);
+        IF coalesce(current_setting('hikkoshi.dropped_kept', true), '') <> 'on' THEN
+            PERFORM set_config('hikkoshi.dropped', '', true);
+            RETURN;
+        END IF;
+        PERFORM set_config('hikkoshi.dropped_kept', '', true);
+    END IF;
+    touched := array_remove(string_to_array(coalesce(current_setting('hikkoshi.dropped', true), ''), E'\n'), '');
+    PERFORM set_config('hikkoshi.dropped', '', true);
+    FOR r IN
+        SELECT DISTINCT c.oid, n.nspname, c.relname, c.relispartition, d.command_tag
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_class c ON c.oid = CASE
+            WHEN d.classid = 'pg_class'::regclass THEN
+                coalesce((SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = d.objid), d.objid)
+            WHEN d.classid = 'pg_constraint'::regclass THEN
+                (SELECT k.conrelid FROM pg_constraint k WHERE k.oid = d.objid)
+            WHEN d.classid = 'pg_trigger'::regclass THEN
+                (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid)
+            WHEN d.classid = 'pg_attrdef'::regclass THEN
+                (SELECT a.adrelid FROM pg_attrdef a WHERE a.oid = d.objid)
+            WHEN d.classid = 'pg_rewrite'::regclass THEN
+                (SELECT w.ev_class FROM pg_rewrite w WHERE w.oid = d.objid)
+            END
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT d.in_extension AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+          AND NOT n.nspname = ANY (internal)
+    LOOP
+        touched := touched || format('%I.%I', r.nspname, r.relname);
+        touched_oids := touched_oids || r.oid;
+        IF r.relispartition THEN
+            -- a partition travels with its root, when the stream has the root
+            selected := EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                                WHERE p.pubname = {{PUBLICATION}} AND pr.prrelid = pg_partition_root(r.oid));
+        ELSE
+            selected := EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE c.oid = r.oid AND {{SELECTED}});
+        END IF;
+        IF selected AND r.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
+            created := created || format('%I.%I', r.nspname, r.relname);
+        END IF;
+    END LOOP;
+    -- tables the selection takes that the stream does not have yet: new ones, and those that came into the
+    -- selection (renamed, moved to another schema, detached from a partitioned table)
+    FOR r IN
+        SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+          AND NOT n.nspname = ANY (internal) AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\_%' AND {{SELECTED}}
+          AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                          WHERE p.pubname = {{PUBLICATION}} AND pr.prrelid = c.oid)
+    LOOP
+        -- rows this command brought (CREATE TABLE AS, a key added to a filled table) were never streamed; a
+        -- partition detached from a published table brought its rows through its root's stream
+        IF r.oid = ANY (touched_oids)
+           AND NOT (TG_TAG = 'ALTER TABLE' AND current_query() ~* '\mdetach\s+partition\M') THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', r.oid::regclass) INTO STRICT has_rows;
+            IF has_rows THEN
+                refused := format('%s already has rows that were written before it joined the stream',
+                                  r.oid::regclass);
+            END IF;
+        END IF;
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_class c WHERE c.oid = r.oid AND (c.relreplident = 'f'
+               OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+               OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))))
+        THEN
+            unpublished := unpublished || r.oid::regclass::text;
+            CONTINUE;
+        END IF;
+        PERFORM set_config('{{OFF}}', 'off', true);
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {{PUBLICATION}}, r.oid::regclass);
+        PERFORM set_config('{{OFF}}', '', true);
+    END LOOP;
+    IF cardinality(touched) = 0 AND EXISTS (
+        SELECT 1 FROM pg_event_trigger_ddl_commands() d
+        WHERE d.schema_name = ANY (internal) OR d.schema_name LIKE 'pg\_temp%') THEN
+        RETURN;
+    END IF;
+    INSERT INTO {{TABLE}} (tag, statement, statement_at, pid, search_path, role_name, touched, created,
+                      unpublished, refused)
+    VALUES (TG_TAG, current_query(), statement_timestamp(), pg_backend_pid(),
+            current_setting('search_path'),
+            CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END,
+            touched, created, unpublished, refused);
+    -- values computed on the source by a rewrite: every row travels, so the target gets the same ones
+    rewrites := array_remove(string_to_array(coalesce(current_setting('hikkoshi.rewrites', true), ''), ','), '');
+    PERFORM set_config('hikkoshi.rewrites', '', true);
+    FOR r IN
+        SELECT DISTINCT c.oid FROM unnest(rewrites) w
+        JOIN pg_class c ON c.oid = split_part(w, ':', 1)::oid
+        WHERE (split_part(w, ':', 2)::int & 2 = 2
+               OR (split_part(w, ':', 2)::int & 4 = 4 AND current_query() ~* '\musing\M'))
+          AND EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                      WHERE p.pubname = {{PUBLICATION}}
+                        AND pr.prrelid IN (c.oid, coalesce(pg_partition_root(c.oid), c.oid)))
+    LOOP
+        SELECT a.attname INTO col FROM pg_attribute a
+        WHERE a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+          AND a.attidentity <> 'a'
+        ORDER BY a.attnum LIMIT 1;
+        CONTINUE WHEN col IS NULL;
+        srr := current_setting('session_replication_role');
+        PERFORM set_config('session_replication_role', 'replica', true);
+        EXECUTE format('UPDATE %s SET %I = %I', r.oid::regclass, col, col);
+        PERFORM set_config('session_replication_role', srr, true);
+    END LOOP;
+END
+$hikkoshi$;
+{{EVENT_TRIGGERS}}
+DO $join$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                   WHERE p.pubname = {{PUBLICATION}} AND pr.prrelid = {{TABLE_LITERAL}}::regclass) THEN
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {{PUBLICATION}}, {{TABLE_LITERAL}});
+    END IF;
+END $join$;
