@@ -223,6 +223,12 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
              AS $$ BEGIN NEW.note := NEW.note || ' #' || nextval('app.ticket_no'); RETURN NEW; END $$",
             "CREATE TRIGGER tickets_stamp BEFORE UPDATE ON app.tickets FOR EACH ROW EXECUTE FUNCTION app.stamp()",
             "UPDATE app.tickets SET label_id = 2 WHERE id % 11 = 0",
+            // unqualified names, found through the session's search_path
+            "SET search_path = app; CREATE TABLE notes (id int PRIMARY KEY, body text); \
+             INSERT INTO notes VALUES (1, 'first'); RESET search_path",
+            // an extension at an older version, then updated
+            "CREATE EXTENSION pg_trgm VERSION '1.4'",
+            "ALTER EXTENSION pg_trgm UPDATE TO '1.5'",
             // a view and a function over the new shape
             "CREATE VIEW app.frantic AS SELECT id, note FROM app.tickets WHERE mood = 'frantic'",
             "CREATE FUNCTION app.label_of(t bigint) RETURNS text LANGUAGE sql STABLE \
@@ -235,6 +241,18 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
     wait_in_sync(&src, &tgt, &mut follower).await;
     // rows identical before any cutover: the stream carried everything, including the volatile default
     assert_same_rows_and_schema(&src, &tgt).await;
+    let version: String = tgt
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_trgm'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        version, "1.5",
+        "ALTER EXTENSION UPDATE did not reach the target"
+    );
     let hits: i64 = tgt
         .query_one("SELECT sum(hits)::bigint FROM app.labels", &[])
         .await

@@ -41,6 +41,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
     let t = table(publication);
     let tq = t.quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
+    let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
     let pubname = quote_literal(publication);
     let selects = selection.sql("n.nspname", "c.relname");
     let events = [
@@ -63,6 +64,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
         .replace("{{TABLE_LITERAL}}", &quote_literal(&tq))
         .replace("{{TABLE}}", &tq)
         .replace("{{FUNCTION}}", &f)
+        .replace("{{BODY}}", &body)
         .replace("{{PUBLICATION}}", &pubname)
         .replace("{{OFF}}", OFF_SETTING)
         // last: it holds the user's patterns
@@ -73,6 +75,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
 pub fn remove(publication: &str) -> String {
     let t = table(publication).quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
+    let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
     let mut sql = String::new();
     for suffix in ["end", "drop", "rewrite"] {
         sql.push_str(&format!(
@@ -81,7 +84,8 @@ pub fn remove(publication: &str) -> String {
         ));
     }
     sql.push_str(&format!(
-        "DROP FUNCTION IF EXISTS {f}();\nDROP TABLE IF EXISTS {t};\n"
+        "DROP FUNCTION IF EXISTS {f}();\nDROP FUNCTION IF EXISTS {body}(text, text, text);\n\
+         DROP TABLE IF EXISTS {t};\n"
     ));
     sql
 }

@@ -15,8 +15,10 @@ CREATE TABLE IF NOT EXISTS {{TABLE}} (
     unpublished  text[] NOT NULL,
     refused      text
 );
-CREATE OR REPLACE FUNCTION {{FUNCTION}}() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $hikkoshi$
+-- The work, with a search_path of its own; the event trigger's function below passes it the event, the tag and
+-- the session's search_path (which a function with its own search_path could no longer read).
+CREATE OR REPLACE FUNCTION {{BODY}}(tg_event text, tg_tag text, outer_path text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $hikkoshi$
 DECLARE
     r record;
     touched text[] := '{}';
@@ -34,7 +36,7 @@ BEGIN
     IF coalesce(current_setting('{{OFF}}', true), '') = 'off' THEN
         RETURN;
     END IF;
-    IF TG_EVENT = 'sql_drop' THEN
+    IF tg_event = 'sql_drop' THEN
         FOR r IN SELECT object_type, address_names, coalesce(is_temporary, false) AS temporary
                  FROM pg_event_trigger_dropped_objects() LOOP
             IF r.temporary OR r.address_names[1] = ANY (internal) THEN CONTINUE; END IF;
@@ -50,7 +52,7 @@ BEGIN
         PERFORM set_config('hikkoshi.dropped_any', 'on', true);
         RETURN;
     END IF;
-    IF TG_EVENT = 'table_rewrite' THEN
+    IF tg_event = 'table_rewrite' THEN
         PERFORM set_config('hikkoshi.rewrites',
             coalesce(current_setting('hikkoshi.rewrites', true), '')
             || pg_event_trigger_table_rewrite_oid()::oid::text || ':'
@@ -68,6 +70,12 @@ BEGIN
     END IF;
     touched := array_remove(string_to_array(coalesce(current_setting('hikkoshi.dropped', true), ''), E'\n'), '');
     PERFORM set_config('hikkoshi.dropped', '', true);
+    -- the commands of an extension's script: the CREATE or ALTER EXTENSION that ran it is captured on its own
+    -- (a script's DROP reports no objects; it is told by the statement that ran it)
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d WHERE d.in_extension)
+       OR (tg_tag NOT LIKE '% EXTENSION' AND current_query() ~* '^\s*(create|alter)\s+extension\M') THEN
+        RETURN;
+    END IF;
     FOR r IN
         SELECT DISTINCT c.oid, n.nspname, c.relname, c.relispartition, d.command_tag
         FROM pg_event_trigger_ddl_commands() d
@@ -114,7 +122,7 @@ BEGIN
         -- rows this command brought (CREATE TABLE AS, a key added to a filled table) were never streamed; a
         -- partition detached from a published table brought its rows through its root's stream
         IF r.oid = ANY (touched_oids)
-           AND NOT (TG_TAG = 'ALTER TABLE' AND current_query() ~* '\mdetach\s+partition\M') THEN
+           AND NOT (tg_tag = 'ALTER TABLE' AND current_query() ~* '\mdetach\s+partition\M') THEN
             EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', r.oid::regclass) INTO STRICT has_rows;
             IF has_rows THEN
                 refused := format('%s already has rows that were written before it joined the stream',
@@ -140,8 +148,8 @@ BEGIN
     END IF;
     INSERT INTO {{TABLE}} (tag, statement, statement_at, pid, search_path, role_name, touched, created,
                       unpublished, refused)
-    VALUES (TG_TAG, current_query(), statement_timestamp(), pg_backend_pid(),
-            current_setting('search_path'),
+    VALUES (tg_tag, current_query(), statement_timestamp(), pg_backend_pid(),
+            outer_path,
             CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END,
             touched, created, unpublished, refused);
     -- values computed on the source by a rewrite: every row travels, so the target gets the same ones
@@ -166,6 +174,15 @@ BEGIN
         EXECUTE format('UPDATE %s SET %I = %I', r.oid::regclass, col, col);
         PERFORM set_config('session_replication_role', srr, true);
     END LOOP;
+END
+$hikkoshi$;
+REVOKE ALL ON FUNCTION {{BODY}}(text, text, text) FROM PUBLIC;
+-- runs as its owner (who may insert into the table and add tables to the publication); every name in it is
+-- qualified, since the session's search_path is still in force here
+CREATE OR REPLACE FUNCTION {{FUNCTION}}() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $hikkoshi$
+BEGIN
+    PERFORM {{BODY}}(TG_EVENT, TG_TAG, pg_catalog.current_setting('search_path'));
 END
 $hikkoshi$;
 {{EVENT_TRIGGERS}}
