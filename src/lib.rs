@@ -9,10 +9,10 @@
 //! | plan | `plan/` (`select`, `chunk`), `catalog` | `plan::resolve`: the selection against the catalog |
 //! | schema | `schema/` (`script` for older targets) | pre-data before the rows, post-data after |
 //! | copy | `clone/` (`phases`: one run phase by phase; `chunks`; `objects`), `copy` (the workers), `replication/` (`slot`: exported snapshots) | `clone::run`, the whole command |
-//! | stream | `stream/`: `pgoutput/` (decode), `apply/` (`relation`, `statements`, `hold`, `pipeline`, `durability`) + `fold`, `follow` (plans, reconnects, watchdog), `session` (one streaming session, an event at a time), `confirm` (which position may be confirmed), `names` (every slot and publication name) | `stream::follow::run` |
+//! | stream | `stream/`: `pgoutput/` (decode), `apply/` (`relation`, `statements`, `hold`, `pipeline`, `durability`) + `fold`, `follow` (plans, reconnects, watchdog), `session` (one streaming session, an event at a time), `confirm` (which position may be confirmed), `names` (every slot and publication name), `ddl/` (the DDL capture on the source and the splitting of its query strings; `apply/ddl` runs each command at its place) | `stream::follow::run` |
 //! | verify | `verify`, `cutover/proof/` (the two-part proof around the fence) | `verify::compare` |
 //! | cutover | `cutover/`: `decide` (what a run does), `steps` (one method per step, one undo), `servers`, `fence`, `reverse`, `hook` | `cutover::cutover` |
-//! | state | `state/` (the `hikkoshi` schema in the target: `copy`, `stream`, `cutover`, `lock`, `report`), `status`, `monitor` | `state::DDL` |
+//! | state | `state/` (the `hikkoshi` schema in the target: `copy`, `stream`, `cutover`, `lock`, `report`, `roles`, `ddl`), `status`, `monitor` | `state::DDL` |
 //! | clean | `clean` | `clean::run` |
 //! | around | `conninfo`, `session`, `tls` (connections), `error` (`Error::policy`: kind, exit code, retry, hint), `backoff`, `lsn`, `ident`, `sequence`, `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse/` | |
 //!
