@@ -77,11 +77,13 @@ pub(super) async fn undo_slot(
     drop_publication(source, publication).await;
 }
 
+/// Drops the publication of a following clone that failed before it began, and its DDL capture.
 pub(super) async fn drop_publication(source: &Client, name: &str) {
     let _ = source
         .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            crate::ident::quote_ident(name)
+            "DROP PUBLICATION IF EXISTS {};\n{}",
+            crate::ident::quote_ident(name),
+            crate::stream::ddl::capture::remove(name)
         ))
         .await;
 }

@@ -318,6 +318,13 @@ async fn a_following_clone_that_fails_in_the_schema_step_leaves_no_slot_or_publi
     assert!(hikkoshi_slots(&src).await.is_empty(), "{}", text(&out));
     let pubs = publication_count(&src).await;
     assert_eq!(pubs, 0, "{}", text(&out));
+    // nor the DDL capture
+    let triggers: i64 = src
+        .query_one("SELECT count(*) FROM pg_event_trigger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "{}", text(&out));
     assert!(!has_state(&tgt).await);
 }
 

@@ -221,8 +221,11 @@ impl Applier {
         let ok: bool = self
             .client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
-                        AND $1 <> current_user AND pg_has_role(current_user, $1, 'MEMBER')",
+                // 16 and later tell the right to SET ROLE from membership
+                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AND $1 <> current_user
+                        AND CASE WHEN current_setting('server_version_num')::int >= 160000
+                                 THEN pg_has_role(current_user, $1, 'SET')
+                                 ELSE pg_has_role(current_user, $1, 'MEMBER') END",
                 &[&role],
             )
             .await
