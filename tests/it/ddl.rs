@@ -275,13 +275,45 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
         said.contains("CREATE TRIGGER tickets_stamp") && said.contains("ATTACH PARTITION"),
         "{said}"
     );
-    let out = pair.hikkoshi(&["cutover"]);
+    let out = pair.hikkoshi(&["cutover", "--reverse"]);
     assert!(out.status.success(), "{}", text(&out));
-    let (status, log) = follower.stop();
-    assert!(status.success(), "{log}");
     let src = connect(&pair.s.socket_url("app")).await;
     assert_same_rows_and_schema(&src, &tgt).await;
     assert_sequences_at_least(&src, &tgt).await;
+    // the forward capture went with the forward stream; the reverse one stands on the new primary
+    assert_eq!(event_triggers(&src).await, 0);
+    assert_eq!(event_triggers(&tgt).await, 3);
+    // the follower goes on as the reverse stream: DDL on the new primary reaches the old one, in order
+    run(
+        &tgt,
+        &[
+            "ALTER TABLE app.labels ADD COLUMN archived boolean NOT NULL DEFAULT false",
+            "UPDATE app.labels SET archived = true WHERE id > 40",
+            "CREATE TABLE app.after_switch (id int PRIMARY KEY, v text NOT NULL)",
+            "INSERT INTO app.after_switch SELECT g, 'v' || g FROM generate_series(1, 25) g",
+            "ALTER TYPE app.mood ADD VALUE 'relieved'",
+            "UPDATE app.tickets SET mood = 'relieved' WHERE id % 4 = 0",
+        ],
+    )
+    .await;
+    wait_in_sync(&tgt, &src, &mut follower).await;
+    assert_same_rows_and_schema(&src, &tgt).await;
+    let (a, b) = (
+        schema_dump(&pair.s.socket_url("app")),
+        schema_dump(&pair.t.socket_url("app")),
+    );
+    assert_eq!(schema_difference(&a, &b), Vec::<String>::new());
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    assert_success(&pair.hikkoshi(&["clean"]));
+    assert_eq!(event_triggers(&src).await + event_triggers(&tgt).await, 0);
+}
+
+async fn event_triggers(c: &Client) -> i64 {
+    c.query_one("SELECT count(*) FROM pg_event_trigger", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
