@@ -504,3 +504,55 @@ async fn new_tables_follow_the_selection_and_ddl_that_cannot_travel_stops_with_t
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ddl_the_capture_fails_on_still_runs_on_the_source_and_stops_the_stream_there() {
+    let Live {
+        pair: _pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 15)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .following()
+        .await;
+    // a session setting the capture reads, spoiled: its work fails inside the application's DDL
+    run(
+        &src,
+        &[
+            "SET hikkoshi.rewrites = 'not an oid:2,'; ALTER TABLE app.tickets ADD COLUMN x int; \
+           RESET hikkoshi.rewrites",
+        ],
+    )
+    .await;
+    let added: bool = src
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                            WHERE table_name = 'tickets' AND column_name = 'x')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(added, "the application's DDL failed with the capture");
+    let status = f.exits_by_itself().await;
+    let log = f.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("ALTER TABLE app.tickets ADD COLUMN x int")
+            && log.contains("the capture failed on the source"),
+        "{log}"
+    );
+    let column: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'tickets' AND column_name = 'x'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(column, 0);
+}

@@ -95,8 +95,9 @@ impl Applier {
         }
         if let Some(why) = &c.refused {
             return Err(ApplyError::SchemaChanged(format!(
-                "the source ran `{}` (DDL {} at {}): {why}, so the stream cannot carry them. Run \
-                 `hikkoshi clean` and clone again, or exclude the table (--exclude) in a new clone",
+                "the source ran `{}` (DDL {} at {}), which the stream cannot carry: {why}. Nothing after \
+                 it was applied. Run `hikkoshi clean` and clone again (with --exclude for the table, if \
+                 it need not move)",
                 one_line(&c.statement),
                 c.id,
                 c.at

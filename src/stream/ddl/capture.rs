@@ -42,6 +42,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
     let tq = t.quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
     let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
+    let failed = QualifiedName::new("hikkoshi", format!("{publication}_capture_failed")).quoted();
     let pubname = quote_literal(publication);
     let selects = selection.sql("n.nspname", "c.relname");
     let events = [
@@ -65,6 +66,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
         .replace("{{TABLE}}", &tq)
         .replace("{{FUNCTION}}", &f)
         .replace("{{BODY}}", &body)
+        .replace("{{FAILED}}", &failed)
         .replace("{{PUBLICATION}}", &pubname)
         .replace("{{OFF}}", OFF_SETTING)
         // last: it holds the user's patterns
@@ -76,6 +78,7 @@ pub fn remove(publication: &str) -> String {
     let t = table(publication).quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
     let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
+    let failed = QualifiedName::new("hikkoshi", format!("{publication}_capture_failed")).quoted();
     let mut sql = String::new();
     for suffix in ["end", "drop", "rewrite"] {
         sql.push_str(&format!(
@@ -85,7 +88,7 @@ pub fn remove(publication: &str) -> String {
     }
     sql.push_str(&format!(
         "DROP FUNCTION IF EXISTS {f}();\nDROP FUNCTION IF EXISTS {body}(text, text, text);\n\
-         DROP TABLE IF EXISTS {t};\n"
+         DROP FUNCTION IF EXISTS {failed}(text, text, text);\nDROP TABLE IF EXISTS {t};\n"
     ));
     sql
 }

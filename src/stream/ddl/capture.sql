@@ -177,12 +177,32 @@ BEGIN
 END
 $hikkoshi$;
 REVOKE ALL ON FUNCTION {{BODY}}(text, text, text) FROM PUBLIC;
+-- When the work fails (a right the owner lacks, say), the application's DDL must still succeed: what the work
+-- did is undone, and a row says that the command could not be captured, so the stream stops there with the
+-- command named instead of going on without it.
+CREATE OR REPLACE FUNCTION {{FAILED}}(tg_tag text, outer_path text, why text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $hikkoshi$
+BEGIN
+    INSERT INTO {{TABLE}} (tag, statement, statement_at, pid, search_path, role_name, touched, created,
+                      unpublished, refused)
+    VALUES (tg_tag, current_query(), statement_timestamp(), pg_backend_pid(), outer_path,
+            CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END,
+            '{}', '{}', '{}', 'the capture failed on the source (' || why || ')');
+END
+$hikkoshi$;
+REVOKE ALL ON FUNCTION {{FAILED}}(text, text, text) FROM PUBLIC;
 -- runs as its owner (who may insert into the table and add tables to the publication); every name in it is
 -- qualified, since the session's search_path is still in force here
 CREATE OR REPLACE FUNCTION {{FUNCTION}}() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $hikkoshi$
 BEGIN
     PERFORM {{BODY}}(TG_EVENT, TG_TAG, pg_catalog.current_setting('search_path'));
+EXCEPTION WHEN OTHERS THEN
+    BEGIN
+        PERFORM {{FAILED}}(TG_TAG, pg_catalog.current_setting('search_path'), SQLERRM);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'hikkoshi could not capture this DDL (%): the stream will stop at the table it changed', SQLERRM;
+    END;
 END
 $hikkoshi$;
 {{EVENT_TRIGGERS}}
