@@ -27,7 +27,10 @@ pub fn support(source: u32, target: u32) -> (Level, String) {
         return (
             Level::Blocker,
             format!(
-                "PostgreSQL {source} → {target} is not supported: the {which} runs PostgreSQL {v}, and                  hikkoshi supports {oldest} and later (older servers lack what its stream and cutover rely                  on, and none is tested). Upgrade the {which} in place first (pg_upgrade), or move it with                  pg_dump/pg_restore in a maintenance window"
+                "PostgreSQL {source} → {target} is not supported: the {which} runs PostgreSQL {v}, and hikkoshi \
+                 supports {oldest} and later (older servers lack what its stream and cutover rely on, and \
+                 none is tested). Upgrade the {which} in place first (pg_upgrade), or move it with \
+                 pg_dump/pg_restore in a maintenance window"
             ),
         );
     }
@@ -42,7 +45,8 @@ pub fn support(source: u32, target: u32) -> (Level, String) {
         (
             Level::Warning,
             format!(
-                "PostgreSQL {source} → {target} is a downgrade by {} majors: not tested; the schema may                  use what the target lacks",
+                "PostgreSQL {source} → {target} is a downgrade by {} majors (the target is older than the \
+                 source): not tested; the schema may use what the target lacks",
                 source - target
             ),
         )
@@ -50,7 +54,8 @@ pub fn support(source: u32, target: u32) -> (Level, String) {
         (
             Level::Ok,
             format!(
-                "PostgreSQL {source} → {target}: expected to work (every major from 13 to 18 is tested,                  not this pair)"
+                "PostgreSQL {source} → {target}: expected to work (every major from 13 to 18 is tested, \
+                 not this pair)"
             ),
         )
     }
@@ -69,7 +74,9 @@ pub(super) fn versions(r: &mut Report, source: u32, target: u32, pg_bin: Option<
                 .to_string()
         }),
     );
-    if target < source {
+    // a downgrade by one major is "expected to work" above; say what it risks (more than one is a warning
+    // there already)
+    if target < source && target + 1 == source {
         r.add(
             Level::Warning,
             "versions",
@@ -79,14 +86,6 @@ pub(super) fn versions(r: &mut Report, source: u32, target: u32, pg_bin: Option<
                  schema may use features the target lacks"
             ),
             Some("test the schema step first (hikkoshi clone into a scratch database)".into()),
-        );
-    } else {
-        r.add(
-            Level::Ok,
-            "versions",
-            None,
-            format!("PostgreSQL {source} → {target}"),
-            None,
         );
     }
     match DumpTools::find(pg_bin, source, target) {
