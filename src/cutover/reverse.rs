@@ -88,7 +88,10 @@ pub(super) async fn set_up(
     .await
     .map_err(Error::sql(Side::Target, "creating the reverse publication"))?;
     // every table on the new primary is the migration's: a new one there travels back too
-    let everything = crate::plan::Selection::parse(&[], &[]).unwrap_or_else(|_| unreachable!());
+    let everything = crate::plan::Selection {
+        include: vec![],
+        exclude: vec![],
+    };
     let mode = capture::install_on(new, &plan.publication, &everything)
         .await
         .map_err(Error::sql(
@@ -125,7 +128,6 @@ pub(super) async fn set_up(
 /// Removes a reverse stream set up by a cutover that was then undone (best effort: `clean` removes leftovers).
 pub(super) async fn drop(ctl: &Client, old: &Client, plan: &FollowPlan) {
     let _ = drop_stream(ctl, Side::Target, &plan.slot, &plan.publication).await;
-
     let _ = old
         .batch_execute("DROP SCHEMA IF EXISTS hikkoshi CASCADE")
         .await;
