@@ -175,7 +175,9 @@ async fn ddl_mode(r: &mut Report, source: &Client) {
         crate::stream::ddl::capture::Mode::Stop(_) => (
             Level::Warning,
             Some(
-                "To have schema changes replicated during the follow, clone as a role that may create                  event triggers (a superuser; rds_superuser on RDS). Otherwise apply each schema change                  on the target too, before or when the stream names it"
+                "To have schema changes replicated during the follow, clone as a role that may create \
+                 event triggers (a superuser; rds_superuser on RDS). Otherwise apply each schema change \
+                 on the target too, before or when the stream names it"
                     .to_string(),
             ),
         ),
