@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hikkoshi::localserver::Install;
 use tokio_postgres::Client;
 
-use crate::common::live::Follower;
-use crate::common::live::wait_in_sync;
+use crate::common::live::{Follower, wait_in_sync};
 use crate::common::scenario::{Live, Pair, Sides};
 use crate::common::*;
 
