@@ -378,6 +378,15 @@ async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_re
     };
     assert_eq!(edits, 25, "an UPDATE was applied twice or not at all");
     assert_eq!(logged, 1);
+    // clean leaves nothing of the capture on the source
+    assert_success(&pair.hikkoshi(&["clean"]));
+    assert_eq!(event_triggers(&src).await, 0);
+    let schema: bool = src
+        .query_one("SELECT to_regnamespace('hikkoshi') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!schema, "the capture's schema stayed on the source");
 }
 
 #[tokio::test(flavor = "multi_thread")]
