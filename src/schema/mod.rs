@@ -308,11 +308,7 @@ pub async fn restore_post_data(
         {
             continue;
         }
-        // DDL captures' event triggers, this migration's or another's (their functions are in the schema
-        // hikkoshi, which the dump leaves out)
-        if key.starts_with("EVENT TRIGGER")
-            && key.split_whitespace().any(|w| w.starts_with("hikkoshi_"))
-        {
+        if is_capture_trigger(key) {
             continue;
         }
         if existing.iter().any(|e| key.starts_with(e.as_str())) {
@@ -442,10 +438,25 @@ pub async fn archive_owners(
         // the public schema (and its comment and grants) exists on the target already: pg_dump (15+) gives
         // it no owner to restore unless the source changed it, and then that owner owns more than it
         .filter(|l| !is_public_schema(l))
+        .filter(|l| !toc_key(l).is_some_and(is_hikkoshi_object))
         .filter_map(|l| l.split_whitespace().last())
         .filter(|o| *o != "-")
         .map(str::to_string)
         .collect())
+}
+
+/// A DDL capture's event trigger (`stream::ddl::capture`), this migration's or another's: not the user's, and
+/// never restored (its functions are in the schema hikkoshi, which the dump leaves out). `key` is `toc_key`'s.
+fn is_capture_trigger(key: &str) -> bool {
+    key.starts_with("EVENT TRIGGER") && key.split_whitespace().any(|w| w.starts_with("hikkoshi_"))
+}
+
+/// An object hikkoshi made on the source (a stream's publication and its tables, a capture's event
+/// trigger): its owner is hikkoshi's role, not an owner the target must keep.
+fn is_hikkoshi_object(key: &str) -> bool {
+    is_capture_trigger(key)
+        || (key.starts_with("PUBLICATION")
+            && key.split_whitespace().any(|w| w.starts_with("hikkoshi_")))
 }
 
 /// `TYPE SCHEMA NAME OWNER` of a TOC line (`ID; CATALOG-OID OBJECT-OID TYPE SCHEMA NAME OWNER`).

@@ -564,3 +564,88 @@ async fn ddl_the_capture_fails_on_still_runs_on_the_source_and_stops_the_stream_
         .get(0);
     assert_eq!(column, 0);
 }
+
+/// The usual managed move: a self-hosted source (superuser, so DDL is captured) to a target whose role may
+/// create roles but is no superuser (RDS's, Neon's). DDL the application runs as its own role arrives as that
+/// role, so the owners still match and the cutover, which compares them, goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn ddl_as_the_application_role_reaches_a_managed_target_with_its_owner() {
+    use hikkoshi::localserver::PASSWORD;
+    let s = server(15);
+    let t = server(18);
+    let admin = connect(&s.socket_url("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app_owner LOGIN PASSWORD '{PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app OWNER app_owner")
+        .await
+        .unwrap();
+    let owner_url = format!(
+        "host=127.0.0.1 port={} user=app_owner password={PASSWORD} dbname=app sslmode=disable",
+        s.port
+    );
+    let app = connect(&owner_url).await;
+    app.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.items (id int PRIMARY KEY, name text NOT NULL);
+         INSERT INTO app.items SELECT g, 'item ' || g FROM generate_series(1, 200) g;",
+    )
+    .await
+    .unwrap();
+    let t_admin = connect(&t.socket_url("postgres")).await;
+    t_admin
+        .batch_execute(&format!(
+            "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE REPLICATION PASSWORD '{PASSWORD}';
+             GRANT SET ON PARAMETER session_replication_role TO tadmin;"
+        ))
+        .await
+        .unwrap();
+    t_admin
+        .batch_execute("CREATE DATABASE app OWNER tadmin")
+        .await
+        .unwrap();
+    let target = format!(
+        "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
+        t.port
+    );
+    let src = connect(&s.socket_url("app")).await;
+    let tgt = connect(&target).await;
+    let mut f = Follower::start_between(&s.url("app"), &target, &[], &[]);
+    wait_in_sync(&src, &tgt, &mut f).await;
+    app.batch_execute(
+        "CREATE TABLE app.extra (id int PRIMARY KEY, item_id int REFERENCES app.items (id), v text);
+         INSERT INTO app.extra SELECT g, g, 'x' FROM generate_series(1, 30) g;
+         ALTER TABLE app.items ADD COLUMN note text NOT NULL DEFAULT 'none';
+         CREATE INDEX items_note ON app.items (note);
+         UPDATE app.items SET note = 'changed' WHERE id % 10 = 0;",
+    )
+    .await
+    .unwrap();
+    wait_in_sync(&src, &tgt, &mut f).await;
+    for table in ["app.items", "app.extra"] {
+        assert_eq!(
+            rows_of(&tgt, table).await,
+            rows_of(&src, table).await,
+            "{table}"
+        );
+        let owner: String = tgt
+            .query_one(
+                &format!(
+                    "SELECT relowner::regrole::text FROM pg_class WHERE oid = '{table}'::regclass"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(owner, "app_owner", "{table}");
+    }
+    let out = hikkoshi(&["cutover", "--source", &s.url("app"), "--target", &target]);
+    assert_success(&out);
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+}
