@@ -614,6 +614,16 @@ fn resumable(
             m.options
         )));
     }
+    if !same_role_map(m.options.get("role_map"), options_json.get("role_map")) {
+        return Err(Error::Blocked(format!(
+            "the clone recorded on the target was started with another --role-map ({}); run it again \
+             with the same --role-map to resume (the roles already created carry the old names), or \
+             `hikkoshi clean` and start over",
+            m.options
+                .get("role_map")
+                .unwrap_or(&serde_json::Value::Null)
+        )));
+    }
     if opts.follow && m.options.get("follow") != Some(&serde_json::Value::Bool(true)) {
         return Err(Error::Blocked(
             "the clone recorded on the target was started without --follow: no slot kept the \
@@ -623,6 +633,25 @@ fn resumable(
         ));
     }
     Ok(())
+}
+
+/// Whether two recorded role maps are the same; a clone recorded before `--role-map` existed has none, which
+/// is the same as an empty one.
+fn same_role_map(recorded: Option<&serde_json::Value>, new: Option<&serde_json::Value>) -> bool {
+    let empty = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(a)) => a.is_empty(),
+        Some(serde_json::Value::Object(o)) => o.is_empty(),
+        _ => false,
+    };
+    let sorted = |v: Option<&serde_json::Value>| -> Option<Vec<String>> {
+        let mut pairs: Vec<String> = v?.as_array()?.iter().map(|p| p.to_string()).collect();
+        pairs.sort();
+        Some(pairs)
+    };
+    (empty(recorded) && empty(new))
+        || recorded == new
+        || sorted(recorded).is_some_and(|r| Some(r) == sorted(new))
 }
 
 /// The preflight of `hikkoshi check`, before anything is created anywhere: blockers refuse the clone,
@@ -709,4 +738,27 @@ pub(super) async fn give_passwords(target: &Client, specs: &[String]) -> Result<
         tracing::info!("role {} may log in on the target (--role-password)", g.role);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod role_map_tests {
+    use super::same_role_map;
+    use serde_json::json;
+
+    #[test]
+    fn a_resume_must_use_the_recorded_role_map() {
+        assert!(same_role_map(None, Some(&json!([]))));
+        assert!(same_role_map(Some(&json!([])), Some(&json!([]))));
+        let a = json!([["app", "app_new"]]);
+        assert!(same_role_map(Some(&a), Some(&a.clone())));
+        assert!(!same_role_map(None, Some(&a)));
+        assert!(!same_role_map(Some(&a), Some(&json!([]))));
+        assert!(!same_role_map(Some(&a), Some(&json!([["app", "other"]]))));
+        // the order on the command line does not matter
+        let ab = json!([["a", "x"], ["b", "y"]]);
+        assert!(same_role_map(
+            Some(&ab),
+            Some(&json!([["b", "y"], ["a", "x"]]))
+        ));
+    }
 }

@@ -39,6 +39,12 @@ async fn crash_at_then_resume(failpoint: &str) {
         localserver_wait(|| async { hikkoshi_slots(&src).await.is_empty() }).await,
         "slot left behind"
     );
+    // a resume must name the roles as the first run did
+    let mut other = clone_args(&su, &tu, "2", "1MB").to_vec();
+    other.extend(["--role-map", "postgres=someone_else"]);
+    let out = hikkoshi(&other);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("another --role-map"), "{}", text(&out));
     let out = hikkoshi(&clone_args(&su, &tu, "2", "1MB"));
     assert_success(&out);
     assert!(
