@@ -767,18 +767,7 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
         .batch_execute("CREATE DATABASE app OWNER migrator")
         .await
         .unwrap();
-    let admin = connect(&t.socket_url("postgres")).await;
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE REPLICATION PASSWORD '{PASSWORD}';
-             GRANT SET ON PARAMETER session_replication_role TO tadmin;"
-        ))
-        .await
-        .unwrap();
-    admin
-        .batch_execute("CREATE DATABASE app OWNER tadmin")
-        .await
-        .unwrap();
+    let target = managed_target(&t).await;
     let source = format!(
         "host=127.0.0.1 port={} user=migrator password={PASSWORD} dbname=app sslmode=disable",
         s.port
@@ -791,10 +780,6 @@ async fn a_source_role_without_superuser_or_pg_signal_backend_cuts_over_and_roll
     .await
     .unwrap();
     src.batch_execute(TICKETS).await.unwrap();
-    let target = format!(
-        "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
-        t.port
-    );
     let check = hikkoshi(&["check", "--source", &source, "--target", &target]);
     assert!(
         text(&check).contains("GRANT pg_signal_backend TO \"migrator\""),

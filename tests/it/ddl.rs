@@ -8,7 +8,7 @@ use hikkoshi::localserver::Install;
 use tokio_postgres::Client;
 
 use crate::common::live::{Follower, wait_in_sync};
-use crate::common::scenario::{Live, Pair, Sides};
+use crate::common::scenario::{Live, Pair, Sides, managed_target};
 use crate::common::*;
 
 const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note text NOT NULL,
@@ -596,22 +596,7 @@ async fn ddl_as_the_application_role_reaches_a_managed_target_with_its_owner() {
     )
     .await
     .unwrap();
-    let t_admin = connect(&t.socket_url("postgres")).await;
-    t_admin
-        .batch_execute(&format!(
-            "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE REPLICATION PASSWORD '{PASSWORD}';
-             GRANT SET ON PARAMETER session_replication_role TO tadmin;"
-        ))
-        .await
-        .unwrap();
-    t_admin
-        .batch_execute("CREATE DATABASE app OWNER tadmin")
-        .await
-        .unwrap();
-    let target = format!(
-        "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
-        t.port
-    );
+    let target = managed_target(&t).await;
     let src = connect(&s.socket_url("app")).await;
     let tgt = connect(&target).await;
     let mut f = Follower::start_between(&s.url("app"), &target, &[], &[]);

@@ -176,3 +176,25 @@ pub async fn app_can_write(server: &LocalServer) -> Result<(), String> {
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+/// A managed target (RDS's, Neon's shape) on `server`: the role `tadmin` may create databases and roles and
+/// replicate, and may set `session_replication_role`, but is no superuser; it owns the database `app`.
+/// Returns its connection string (TCP, password).
+pub async fn managed_target(server: &LocalServer) -> String {
+    let admin = connect(&server.socket_url("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE tadmin LOGIN CREATEDB CREATEROLE REPLICATION PASSWORD '{PASSWORD}';
+             GRANT SET ON PARAMETER session_replication_role TO tadmin;"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app OWNER tadmin")
+        .await
+        .unwrap();
+    format!(
+        "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
+        server.port
+    )
+}
