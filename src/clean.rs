@@ -151,12 +151,12 @@ async fn drop_streams(
     for p in &pubs {
         let name: String = p.get(0);
         client
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                crate::ident::quote_ident(&name)
-            ))
+            .batch_execute(&crate::stream::ddl::capture::remove_with_publication(&name))
             .await
-            .map_err(Error::sql(side, "dropping a publication"))?;
+            .map_err(Error::sql(
+                side,
+                "dropping a publication and its DDL capture",
+            ))?;
         cleaned.publications.push(name);
     }
     Ok(())

@@ -80,11 +80,7 @@ pub(super) async fn undo_slot(
 /// Drops the publication of a following clone that failed before it began, and its DDL capture.
 pub(super) async fn drop_publication(source: &Client, name: &str) {
     let _ = source
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {};\n{}",
-            crate::ident::quote_ident(name),
-            crate::stream::ddl::capture::remove(name)
-        ))
+        .batch_execute(&crate::stream::ddl::capture::remove_with_publication(name))
         .await;
 }
 

@@ -8,7 +8,6 @@ use tokio_postgres::Client;
 use crate::catalog::Catalog;
 use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
-use crate::ident::quote_ident;
 use crate::lsn::Lsn;
 use crate::plan::{Resolved, Selection, resolve};
 use crate::state;
@@ -170,10 +169,8 @@ pub(super) async fn drop_stream(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     upstream
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {};\n{}",
-            quote_ident(publication),
-            crate::stream::ddl::capture::remove(publication)
+        .batch_execute(&crate::stream::ddl::capture::remove_with_publication(
+            publication,
         ))
         .await
         .map_err(|e| {

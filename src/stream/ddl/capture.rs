@@ -93,6 +93,15 @@ pub fn remove(publication: &str) -> String {
     sql
 }
 
+/// Drops a stream's publication and its DDL capture, which go together. Idempotent.
+pub fn remove_with_publication(publication: &str) -> String {
+    format!(
+        "DROP PUBLICATION IF EXISTS {};\n{}",
+        quote_ident(publication),
+        remove(publication)
+    )
+}
+
 /// How a following stream treats DDL on its upstream server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {

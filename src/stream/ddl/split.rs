@@ -60,35 +60,9 @@ pub fn split(sql: &str) -> Vec<Piece> {
                 // E'…' allows backslash escapes; '' is a quote in either form
                 let escapes =
                     i > 0 && matches!(b[i - 1], b'e' | b'E') && !word_byte_before(b, i - 1);
-                i += 1;
-                while i < b.len() {
-                    if escapes && b[i] == b'\\' {
-                        i += 2;
-                        continue;
-                    }
-                    if b[i] == b'\'' {
-                        if b.get(i + 1) == Some(&b'\'') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
+                i = closing_quote(b, i, escapes);
             }
-            b'"' => {
-                i += 1;
-                while i < b.len() {
-                    if b[i] == b'"' {
-                        if b.get(i + 1) == Some(&b'"') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-            }
+            b'"' => i = closing_quote(b, i, false),
             b'$' if !word_byte_before(b, i) => {
                 if let Some(tag_end) = dollar_tag(b, i) {
                     let tag = &sql[i..=tag_end];
@@ -129,6 +103,25 @@ pub fn split(sql: &str) -> Vec<Piece> {
     }
     push(start, sql.len(), &mut words);
     pieces
+}
+
+/// The position of the quote that closes the one at `open` (a doubled quote is part of the text; with
+/// `escapes`, so is a backslash's next byte), or the end.
+fn closing_quote(b: &[u8], open: usize, escapes: bool) -> usize {
+    let quote = b[open];
+    let mut i = open + 1;
+    while i < b.len() {
+        if escapes && b[i] == b'\\' {
+            i += 2;
+        } else if b[i] != quote {
+            i += 1;
+        } else if b.get(i + 1) == Some(&quote) {
+            i += 2;
+        } else {
+            return i;
+        }
+    }
+    b.len()
 }
 
 fn word_byte_before(b: &[u8], i: usize) -> bool {
