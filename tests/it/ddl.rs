@@ -15,6 +15,17 @@ const TICKETS: &str = "CREATE TABLE app.tickets (id bigserial PRIMARY KEY, note 
                                                  created_at timestamptz NOT NULL DEFAULT now());
      INSERT INTO app.tickets (note) SELECT 'before ' || g FROM generate_series(1, 500) g;";
 
+/// The app fixture and app.tickets on a source of major `source`, followed by a target of major `target`.
+async fn following_with_tickets(source: u32, target: u32) -> Live {
+    Pair::new(source, target)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .following()
+        .await
+}
+
 /// Inserts into app.tickets on `url`, one transaction each, until stopped; counts the commits.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -169,13 +180,7 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
         src,
         tgt,
         f: mut follower,
-    } = Pair::new(15, 18)
-        .app()
-        .await
-        .then(TICKETS)
-        .await
-        .following()
-        .await;
+    } = following_with_tickets(15, 18).await;
     let load = Load::start(pair.s.socket_url("app")).await;
     run(
         &src,
@@ -308,22 +313,9 @@ async fn an_alembic_like_migration_during_a_follow_reaches_the_target_in_order()
     assert_eq!(event_triggers(&src).await + event_triggers(&tgt).await, 0);
 }
 
-async fn event_triggers(c: &Client) -> i64 {
-    c.query_one("SELECT count(*) FROM pg_event_trigger", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_restart() {
-    let Live { pair, src, tgt, f } = Pair::new(15, 15)
-        .app()
-        .await
-        .then(TICKETS)
-        .await
-        .following()
-        .await;
+    let Live { pair, src, tgt, f } = following_with_tickets(15, 15).await;
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     let mut f = pair.follower(&[("HIKKOSHI_FAILPOINT", hikkoshi::failpoint::APPLY_AFTER_DDL)]);
@@ -344,16 +336,10 @@ async fn a_follower_killed_while_applying_ddl_applies_it_exactly_once_after_a_re
     );
     assert!(f.log().contains("failpoint"), "{}", f.log());
     // killed after the DDL ran on the target, before its commit: nothing of it stayed
-    let column: bool = tgt
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
-                            WHERE table_name = 'tickets' AND column_name = 'edits')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!column, "the killed batch left the column behind");
+    assert!(
+        !has_column(&tgt, "app.tickets", "edits").await,
+        "the killed batch left the column behind"
+    );
     run(
         &src,
         &["UPDATE app.tickets SET edits = edits + 1 WHERE id <= 5"],
@@ -454,15 +440,7 @@ async fn new_tables_follow_the_selection_and_ddl_that_cannot_travel_stops_with_t
     .await;
     wait_in_sync(&src, &tgt, &mut f).await;
     for c in [&src, &tgt] {
-        let owner: String = c
-            .query_one(
-                "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'app.owned'::regclass",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(owner, "app_owner");
+        assert_eq!(owner_of(c, "app.owned").await, "app_owner");
     }
     // DDL from a DO block cannot be cut out of its string: a definite stop that says how to go on
     run(
@@ -470,9 +448,7 @@ async fn new_tables_follow_the_selection_and_ddl_that_cannot_travel_stops_with_t
         &["DO $$ BEGIN EXECUTE 'ALTER TABLE app.kept ADD COLUMN z int'; END $$"],
     )
     .await;
-    let status = f.exits_by_itself().await;
-    let log = f.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = f.stops_with_an_error().await;
     assert!(log.contains("a DO block"), "{log}");
     // the way out it names: the same change by hand on the target, recorded, then the same command
     let record = log
@@ -504,9 +480,7 @@ async fn new_tables_follow_the_selection_and_ddl_that_cannot_travel_stops_with_t
         &["CREATE TABLE app.copied AS SELECT id, v FROM app.kept"],
     )
     .await;
-    let status = f.exits_by_itself().await;
-    let log = f.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = f.stops_with_an_error().await;
     assert!(
         log.contains("CREATE TABLE app.copied AS") && log.contains("already has rows"),
         "{log}"
@@ -520,13 +494,7 @@ async fn ddl_the_capture_fails_on_still_runs_on_the_source_and_stops_the_stream_
         src,
         tgt,
         mut f,
-    } = Pair::new(15, 15)
-        .app()
-        .await
-        .then(TICKETS)
-        .await
-        .following()
-        .await;
+    } = following_with_tickets(15, 15).await;
     // a session setting the capture reads, spoiled: its work fails inside the application's DDL
     run(
         &src,
@@ -536,33 +504,17 @@ async fn ddl_the_capture_fails_on_still_runs_on_the_source_and_stops_the_stream_
         ],
     )
     .await;
-    let added: bool = src
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
-                            WHERE table_name = 'tickets' AND column_name = 'x')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(added, "the application's DDL failed with the capture");
-    let status = f.exits_by_itself().await;
-    let log = f.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        has_column(&src, "app.tickets", "x").await,
+        "the application's DDL failed with the capture"
+    );
+    let log = f.stops_with_an_error().await;
     assert!(
         log.contains("ALTER TABLE app.tickets ADD COLUMN x int")
             && log.contains("the capture failed on the source"),
         "{log}"
     );
-    let column: i64 = tgt
-        .query_one(
-            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'tickets' AND column_name = 'x'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(column, 0);
+    assert!(!has_column(&tgt, "app.tickets", "x").await);
 }
 
 /// The usual managed move: a self-hosted source (superuser, so DDL is captured) to a target whose role may
@@ -617,17 +569,7 @@ async fn ddl_as_the_application_role_reaches_a_managed_target_with_its_owner() {
             rows_of(&src, table).await,
             "{table}"
         );
-        let owner: String = tgt
-            .query_one(
-                &format!(
-                    "SELECT relowner::regrole::text FROM pg_class WHERE oid = '{table}'::regclass"
-                ),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(owner, "app_owner", "{table}");
+        assert_eq!(owner_of(&tgt, table).await, "app_owner", "{table}");
     }
     let out = hikkoshi(&["cutover", "--source", &s.url("app"), "--target", &target]);
     assert_success(&out);

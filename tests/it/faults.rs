@@ -180,9 +180,7 @@ async fn a_second_follower_is_refused_and_never_applies() {
         } else {
             pair.spawn(&["clone"], &[])
         };
-        let status = second.exits_by_itself().await;
-        let log = second.log();
-        assert_eq!(status.code(), Some(1), "{log}");
+        let log = second.stops_with_an_error().await;
         assert!(
             log.contains("another hikkoshi process is already working on the migration"),
             "{log}"
@@ -230,9 +228,7 @@ async fn a_duplicate_key_on_the_target_names_table_and_key() {
     )
     .await
     .unwrap();
-    let status = f.exits_by_itself().await;
-    let log = f.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = f.stops_with_an_error().await;
     assert!(
         log.contains("app.events") && log.contains("(id)=(9000001)"),
         "the table and the key are named:\n{log}"
@@ -298,9 +294,7 @@ async fn invalidated_slot(major: u32) {
     }
     assert_eq!(lost, "lost", "the slot was not invalidated");
     let mut f = pair.follower(&[]);
-    let status = f.exits_by_itself().await;
-    let log = f.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = f.stops_with_an_error().await;
     assert!(
         log.contains("cannot continue") && log.contains("hikkoshi clean"),
         "{log}"
@@ -362,9 +356,7 @@ async fn cancelled_cutover(
     if let Some(sig) = signal {
         c.signal(sig);
     }
-    let status = c.exits_by_itself().await;
-    let log = c.log();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let log = c.stops_with_an_error().await;
     let app = connect(&app_url(&pair.s)).await;
     app.batch_execute("INSERT INTO app.tickets (note) VALUES ('after a cancelled cutover')")
         .await

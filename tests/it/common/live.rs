@@ -125,6 +125,14 @@ impl Follower {
         panic!("the follower kept going:\n{}", self.log());
     }
 
+    /// Waits until the follower stops on a definite error (exit status 1); returns its log.
+    pub async fn stops_with_an_error(&mut self) -> String {
+        let status = self.exits_by_itself().await;
+        let log = self.log();
+        assert_eq!(status.code(), Some(1), "{log}");
+        log
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill")

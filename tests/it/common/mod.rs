@@ -415,6 +415,37 @@ pub async fn schema_conflict_pair(s: &LocalServer, t: &LocalServer) -> (Client, 
     (src, tgt)
 }
 
+/// Event triggers in the database of `c` (the tests make none but hikkoshi's DDL capture's).
+pub async fn event_triggers(c: &Client) -> i64 {
+    c.query_one("SELECT count(*) FROM pg_event_trigger", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether `table` (`schema.table`) has the column `column`.
+pub async fn has_column(c: &Client, table: &str, column: &str) -> bool {
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped)",
+        &[&table, &column],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The owner of `table` (`schema.table`).
+pub async fn owner_of(c: &Client, table: &str) -> String {
+    c.query_one(
+        "SELECT relowner::regrole::text FROM pg_class WHERE oid = to_regclass($1)",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Publications on a server (any name: the source had none before the test).
 pub async fn publication_count(c: &Client) -> i64 {
     c.query_one("SELECT count(*) FROM pg_publication", &[])

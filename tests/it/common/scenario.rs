@@ -60,6 +60,16 @@ impl Pair {
         self.hikkoshi_env(args, &[])
     }
 
+    /// Runs `hikkoshi verify`, which must find differences (exit 1) and report each of `needles`.
+    pub fn verify_finds(&self, needles: &[&str]) {
+        let out = self.hikkoshi(&["verify"]);
+        let report = super::text(&out);
+        assert_eq!(out.status.code(), Some(1), "{report}");
+        for needle in needles {
+            assert!(report.contains(needle), "{needle:?} not in:\n{report}");
+        }
+    }
+
     pub fn hikkoshi_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         super::hikkoshi_env(&strs(&self.args(args)), env)
     }
@@ -197,4 +207,34 @@ pub async fn managed_target(server: &LocalServer) -> String {
         "host=127.0.0.1 port={} user=tadmin password={PASSWORD} dbname=app sslmode=disable",
         server.port
     )
+}
+
+/// A managed source (no superuser) on `server`: the role `migrator` may log in and replicate, and owns the
+/// database `app`, which holds the app fixture (its tables without key set to REPLICA IDENTITY FULL);
+/// `app_writer` is the application's role. Returns migrator's connection string and a session as it.
+pub async fn managed_source(server: &LocalServer) -> (String, Client) {
+    let admin = connect(&server.socket_url("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE migrator LOGIN REPLICATION PASSWORD '{PASSWORD}';
+             CREATE ROLE app_writer LOGIN PASSWORD '{PASSWORD}';"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE app OWNER migrator")
+        .await
+        .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=migrator password={PASSWORD} dbname=app sslmode=disable",
+        server.port
+    );
+    let src = connect(&url).await;
+    src.batch_execute(super::FIXTURE_APP).await.unwrap();
+    src.batch_execute(
+        "ALTER TABLE app.audit_log REPLICA IDENTITY FULL; ALTER TABLE app.clicks REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    (url, src)
 }
