@@ -428,7 +428,6 @@ impl<'a> Run<'a> {
                 jobs: opts.jobs,
                 keep_owners,
                 maintenance_work_mem: &opts.maintenance_work_mem,
-                own_publication: &self.publication(),
             },
         )
         .await?;

@@ -275,8 +275,6 @@ pub struct PostDataOptions<'a> {
     pub keep_owners: bool,
     /// maintenance_work_mem of each build.
     pub maintenance_work_mem: &'a str,
-    /// hikkoshi's own publication, which the archive holds but the target must not get.
-    pub own_publication: &'a str,
 }
 
 /// Restores the post-data section (`jobs` at a time), skipping what an interrupted earlier run already built.
@@ -302,13 +300,9 @@ pub async fn restore_post_data(
         let Some(key) = toc_key(line) else {
             continue;
         };
-        // hikkoshi's own publication exists on the source since before the snapshot: not the user's
-        if key.starts_with("PUBLICATION")
-            && key.split_whitespace().any(|w| w == opts.own_publication)
-        {
-            continue;
-        }
-        if is_capture_trigger(key) {
+        // hikkoshi's own publications and event triggers exist on the source since before the snapshot: not
+        // the user's
+        if is_hikkoshi_object(key) {
             continue;
         }
         if existing.iter().any(|e| key.starts_with(e.as_str())) {
@@ -445,18 +439,13 @@ pub async fn archive_owners(
         .collect())
 }
 
-/// A DDL capture's event trigger (`stream::ddl::capture`), this migration's or another's: not the user's, and
-/// never restored (its functions are in the schema hikkoshi, which the dump leaves out). `key` is `toc_key`'s.
-fn is_capture_trigger(key: &str) -> bool {
-    key.starts_with("EVENT TRIGGER") && key.split_whitespace().any(|w| w.starts_with("hikkoshi_"))
-}
-
-/// An object hikkoshi made on the source (a stream's publication and its tables, a capture's event
-/// trigger): its owner is hikkoshi's role, not an owner the target must keep.
+/// An object hikkoshi made on the source: a stream's publication (and its tables) or a DDL capture's event
+/// trigger (`stream::ddl::capture`), this migration's or another's. Not the user's: never restored (a
+/// capture's functions are in the schema hikkoshi, which the dump leaves out), and its owner is hikkoshi's
+/// role, not an owner the target must keep. `key` is `toc_key`'s.
 fn is_hikkoshi_object(key: &str) -> bool {
-    is_capture_trigger(key)
-        || (key.starts_with("PUBLICATION")
-            && key.split_whitespace().any(|w| w.starts_with("hikkoshi_")))
+    (key.starts_with("EVENT TRIGGER") || key.starts_with("PUBLICATION"))
+        && key.split_whitespace().any(crate::stream::names::is_ours)
 }
 
 /// `TYPE SCHEMA NAME OWNER` of a TOC line (`ID; CATALOG-OID OBJECT-OID TYPE SCHEMA NAME OWNER`).

@@ -42,6 +42,21 @@ pub fn pattern(migration_id: &str) -> String {
     format!("^hikkoshi_{migration_id}(_[0-9]+|_rev|_proof)?$")
 }
 
+/// Whether `name` is one hikkoshi gives a stream's publication (or slot) or a DDL capture's event trigger
+/// (`<publication>_end`, `_drop`, `_rewrite`): what a schema dump of the source holds that is not the user's.
+pub fn is_ours(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("hikkoshi_") else {
+        return false;
+    };
+    let Some(id) = rest.get(..8) else {
+        return false;
+    };
+    let suffix = &rest[8..];
+    let suffix = suffix.strip_prefix("_rev").unwrap_or(suffix);
+    id.chars().all(|c| c.is_ascii_hexdigit())
+        && matches!(suffix, "" | "_proof" | "_end" | "_drop" | "_rewrite")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +91,27 @@ mod tests {
         assert!(!matches("hikkoshi_other"));
         assert_eq!(forward_of(&reverse(&stream(id))), stream(id));
         assert_eq!(forward_of(&stream(id)), stream(id));
+    }
+
+    #[test]
+    fn ours_are_told_from_the_users() {
+        for n in [
+            "hikkoshi_3f9c2a1b",
+            "hikkoshi_3f9c2a1b_rev",
+            "hikkoshi_3f9c2a1b_proof",
+            "hikkoshi_3f9c2a1b_end",
+            "hikkoshi_3f9c2a1b_rev_rewrite",
+        ] {
+            assert!(is_ours(n), "{n}");
+        }
+        for n in [
+            "hikkoshi_items",
+            "hikkoshi_3f9c2a1b_x",
+            "hikkoshi_3f9c",
+            "orders",
+            "hikkoshi_zzzzzzzz",
+        ] {
+            assert!(!is_ours(n), "{n}");
+        }
     }
 }
