@@ -104,9 +104,14 @@ async fn lift_fences(source: &Client, target: &Client, cleaned: &mut Cleaned) ->
         let _ = client
             .batch_execute("SET client_min_messages = warning")
             .await;
-        cleaned
-            .warnings
-            .extend(crate::cutover::fence::lift(client, side).await?);
+        cleaned.warnings.extend(
+            crate::cutover::fence::lift(
+                client,
+                side,
+                crate::cutover::fence::subscriptions::AtLift::Leave,
+            )
+            .await?,
+        );
         if raised {
             cleaned.fences_lifted.push(side.to_string());
         }

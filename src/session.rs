@@ -16,11 +16,17 @@ pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let client = open(info, side).await?;
     // hikkoshi's own DDL (its state, a fence, a publication) is not the application's: the capture of a
     // following stream passes over it (see `stream::ddl::capture`)
+    // and the process's pass past a cutover's fence, sent as a parameter so that no query text shows it (it
+    // passes only where a fence registered it: see `cutover::fence::pass`)
     let _ = client
-        .batch_execute(&format!(
-            "SET {} = off",
-            crate::stream::ddl::capture::OFF_SETTING
-        ))
+        .query(
+            "SELECT set_config($1, 'off', false), set_config($2, $3, false)",
+            &[
+                &crate::stream::ddl::capture::OFF_SETTING,
+                &crate::cutover::fence::pass::SETTING,
+                &crate::cutover::fence::pass::secret(),
+            ],
+        )
         .await;
     Ok(client)
 }

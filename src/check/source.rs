@@ -395,6 +395,23 @@ pub(super) async fn write_fence(
             Some(w.fix),
         );
     }
+    let subscriptions = crate::cutover::fence::subscriptions::list(source, Side::Source).await?;
+    for s in subscriptions.iter().filter(|s| s.enabled && s.may_alter) {
+        r.add(
+            Level::Warning,
+            "subscriptions",
+            Some(Side::Source),
+            format!(
+                "subscription {} (owner {}) writes into this database as a replica session, which no \
+                 trigger can refuse: the cutover disables it before the write pause (enabled again if the \
+                 switch is undone), and its report says how to move it to the new primary on its slot {}",
+                s.name,
+                s.owner,
+                s.slot.as_deref().unwrap_or("(none)")
+            ),
+            None,
+        );
+    }
     Ok(())
 }
 

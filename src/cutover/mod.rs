@@ -95,6 +95,10 @@ pub struct SwitchReport {
     pub step: String,
     pub new_primary: String,
     pub fence_means: String,
+    /// The DDL fence: how, or why not.
+    pub ddl_fence: String,
+    /// Subscriptions into the old primary that the switch disabled, each with how to move it.
+    pub subscriptions_disabled: Vec<String>,
     pub sessions_ended: Vec<String>,
     pub fence_lsn: String,
     /// Lag when the fence went up.
@@ -152,6 +156,10 @@ impl std::fmt::Display for SwitchReport {
             "  fence:      {} ({} table(s), armed in {:.3}s before the pause)",
             self.fence_means, self.tables_fenced, self.fence_arm_seconds
         )?;
+        writeln!(f, "  ddl:        {}", self.ddl_fence)?;
+        for s in &self.subscriptions_disabled {
+            writeln!(f, "  subscription: {s}")?;
+        }
         if !self.sessions_ended.is_empty() {
             writeln!(
                 f,
@@ -287,7 +295,8 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     let resumed_fence = match decision {
         Decision::Refuse(why) => return Err(Error::Blocked(why)),
         Decision::UndoInterrupted => {
-            report.warnings = fence::lift(&src, Side::Source).await?;
+            report.warnings =
+                fence::lift(&src, Side::Source, fence::subscriptions::AtLift::Resume).await?;
             reverse::drop(&ctl, &src, &forward.reverse()).await;
             state::cutover::set_step(&ctl, Step::Aborted, "rollback undid an interrupted cutover")
                 .await

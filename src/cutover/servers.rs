@@ -118,6 +118,39 @@ pub(super) async fn selected(
     resolve(&cat, &selection)
 }
 
+/// The selected tables of the old primary that are not among `fenced` (relations as `regclass` text):
+/// created since the selection was resolved. One catalog query, for the pause.
+pub(super) async fn created_since(
+    m: &state::Migration,
+    old: &Client,
+    side: Side,
+    fenced: &[String],
+) -> Result<Vec<String>, Error> {
+    let selection = selection_of(m)?;
+    let sql = format!(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi', 'hikkoshi_fence')
+           AND n.nspname NOT LIKE 'pg\\_%'
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                           AND d.objid = c.oid AND d.deptype = 'e')
+           AND c.oid NOT IN (SELECT to_regclass(r) FROM unnest($1::text[]) r WHERE to_regclass(r) IS NOT NULL)
+           AND ({})
+         ORDER BY 1",
+        selection.sql("n.nspname", "c.relname")
+    );
+    Ok(old
+        .query(&sql, &[&fenced])
+        .await
+        .map_err(Error::sql(
+            side,
+            "looking for tables created during the switch",
+        ))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// The migration's table selection, as recorded by the clone.
 fn selection_of(m: &state::Migration) -> Result<Selection, Error> {
     let list = |key: &str| -> Vec<String> {

@@ -44,6 +44,10 @@ pub(super) struct Switch<'a> {
     proof: Option<proof::Prepared>,
     /// The reverse stream, once this run started setting it up (the undo removes it).
     reverse: Option<FollowPlan>,
+    /// The DDL fence, once this run raised it (or found it cannot), and whether the schema was compared
+    /// behind it (then the pause need not compare it again).
+    ddl: Option<fence::ddl::DdlFence>,
+    shape_fenced: bool,
     /// Whether the clone kept the source's owners (then the shape comparison includes them), and the roles
     /// `--role-map` renamed, old primary's name → new primary's: read once, not in the pause.
     owners_kept: bool,
@@ -86,6 +90,8 @@ impl<'a> Switch<'a> {
             proof_publication,
             proof: None,
             reverse: None,
+            ddl: None,
+            shape_fenced: false,
             owners_kept,
             renamed,
         })
@@ -131,6 +137,40 @@ impl<'a> Switch<'a> {
             }
         }
         Ok(())
+    }
+
+    /// In the pause, where DDL was not fenced: a selected table created on the old primary since the
+    /// selection was resolved is neither fenced nor compared, so it refuses the switch.
+    async fn no_table_created_since(&self) -> Result<(), Error> {
+        let (old, old_side) = self.old.at();
+        let created =
+            super::servers::created_since(&self.migration, old, old_side, &self.fenced_relations)
+                .await?;
+        if created.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Blocked(format!(
+            "table(s) {} were created on the {old_side} during the {}, which cannot refuse schema changes \
+             there (its role may not create event triggers): their writes would not be fenced. Nothing was \
+             switched; run the {} again once the deploy is done",
+            created.join(", "),
+            self.report.step,
+            self.report.step
+        )))
+    }
+
+    /// What the fence tells the application.
+    fn notice(&self) -> fence::Notice {
+        fence::Notice {
+            step: self.report.step.clone(),
+            migration_id: self.migration.id.clone(),
+            new_primary: format!(
+                "{}:{}/{}",
+                self.new.info.host(),
+                self.new.info.port(),
+                self.new.info.dbname()
+            ),
+        }
     }
 
     /// `same_shape` before the fence: a difference may still be in the stream (DDL the capture carries), so
@@ -216,22 +256,75 @@ impl<'a> Switch<'a> {
             }
         );
         if resumed_fence {
+            // the fence of the interrupted run: this run's pass, and the DDL fence (again)
+            self.fence_ddl().await?;
             return Ok(());
         }
         self.wait_for_lag(Instant::now() + self.opts.timeout)
             .await?;
+        let fenced = match self.fence_ddl().await {
+            Ok(()) => self.before_pause().await,
+            Err(e) => Err(e),
+        };
+        match fenced {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.follower_stop.cancel();
+                let (old, old_side) = self.old.at();
+                if let Err(u) =
+                    fence::lift(old, old_side, fence::subscriptions::AtLift::Resume).await
+                {
+                    tracing::warn!(
+                        "lifting the DDL fence on the {old_side} failed ({}): `hikkoshi clean` lifts it",
+                        crate::error::chain(&u)
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The fence's schema on the old primary (flags down) and this process's pass; then the DDL fence, where
+    /// the role may create event triggers. From here on the selection cannot change on the old primary, so
+    /// it is resolved again (tables created since the clone began join it).
+    async fn fence_ddl(&mut self) -> Result<(), Error> {
+        let notice = self.notice();
+        let (old, old_side) = self.old.at();
+        fence::prepare(old, old_side, &notice).await?;
+        let ddl = fence::ddl::raise(old, old_side, self.opts.timeout).await?;
+        if let fence::ddl::DdlFence::Open(why) = &ddl {
+            let w = format!(
+                "{why}: a table created or changed on the {old_side} during the switch is found by the \
+                 comparisons in the pause, which then grow with the number of tables"
+            );
+            tracing::warn!("{w}");
+            self.report.warnings.push(w);
+        }
+        self.report.ddl_fence = ddl.describe();
+        self.ddl = Some(ddl);
+        self.resolved = selected(&self.migration, old, old_side).await?;
+        let tables: Vec<QualifiedName> = self
+            .resolved
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        self.fenced_relations = fence::relations(old, old_side, &tables).await?;
+        Ok(())
+    }
+
+    /// Behind the DDL fence, before the write fence: the schema compared, the first part of the proof, the
+    /// lag again.
+    async fn before_pause(&mut self) -> Result<(), Error> {
         // a schema change the stream carries (DDL capture) reaches the new side with the stream; one it does
         // not carry stops everything before the fence
         self.same_shape_when_applied(Instant::now() + self.opts.timeout)
-            .await
-            .inspect_err(|_| self.follower_stop.cancel())?;
+            .await?;
+        self.shape_fenced = self.ddl == Some(fence::ddl::DdlFence::Up);
         if self.opts.verify == VerifyMode::None {
             return Ok(());
         }
-        self.proof = self
-            .prove_before_fence()
-            .await
-            .inspect_err(|_| self.follower_stop.cancel())?;
+        self.proof = self.prove_before_fence().await?;
         // the lag may have grown while the tables were hashed
         if let Err(e) = self.wait_for_lag(Instant::now() + self.opts.timeout).await {
             if let Some(p) = self.proof.take() {
@@ -245,30 +338,36 @@ impl<'a> Switch<'a> {
     /// Step 3a: Arms the fence before the pause (the triggers, one table at a time, letting writes pass), then
     /// records the step, so that a crash from the raise on is found by the next run.
     pub(super) async fn arm_fence(&mut self, resumed_fence: bool) -> Result<(), Error> {
-        let notice = fence::Notice {
-            step: self.report.step.clone(),
-            migration_id: self.migration.id.clone(),
-            new_primary: format!(
-                "{}:{}/{}",
-                self.new.info.host(),
-                self.new.info.port(),
-                self.new.info.dbname()
-            ),
-            pass: self.feeding.fence_pass().to_string(),
-        };
         let (old, old_side) = self.old.at();
         let armed = Instant::now();
         let deadline = Instant::now() + self.opts.timeout;
-        if let Err(e) = fence::arm(old, old_side, &self.fenced_relations, &notice, deadline).await {
-            self.follower_stop.cancel();
-            if let Some(p) = self.proof.take() {
-                p.abandon(&self.new.client).await;
+        let armed_result = match fence::arm(old, old_side, &self.fenced_relations, deadline).await {
+            Ok(w) => fence::subscriptions::disable(old, old_side, self.opts.timeout)
+                .await
+                .map(|subs| (w, subs)),
+            Err(e) => Err(e),
+        };
+        let (warning, subscriptions) = match armed_result {
+            Ok(done) => done,
+            Err(e) => {
+                self.follower_stop.cancel();
+                if let Some(p) = self.proof.take() {
+                    p.abandon(&self.new.client).await;
+                }
+                if !resumed_fence {
+                    let _ = fence::lift(old, old_side, fence::subscriptions::AtLift::Resume).await;
+                }
+                return Err(e);
             }
-            if !resumed_fence {
-                let _ = fence::lift(old, old_side).await;
-            }
-            return Err(e);
+        };
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+            self.report.warnings.push(w);
         }
+        self.report.subscriptions_disabled = subscriptions
+            .iter()
+            .map(fence::subscriptions::how_to_move)
+            .collect();
         self.report.fence_arm_seconds = armed.elapsed().as_secs_f64();
         self.report.tables_fenced = self.fenced_relations.len();
         match self.way {
@@ -302,8 +401,12 @@ impl<'a> Switch<'a> {
         self.report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
         let verify_started = Instant::now();
         let positions = self.move_sequences().await?;
-        // DDL is not fenced: the shape is compared again, now that nothing else moves
-        self.same_shape("undone").await?;
+        if !self.shape_fenced {
+            // DDL was not fenced before the schema was compared: compare it again, now that nothing else
+            // moves, and look for tables created since the selection was resolved
+            self.no_table_created_since().await?;
+            self.same_shape("undone").await?;
+        }
         self.verify(&positions).await?;
         self.report.verify_seconds = verify_started.elapsed().as_secs_f64();
         if self.way == Way::Cutover && self.opts.reverse {
@@ -538,7 +641,7 @@ impl<'a> Switch<'a> {
             let (new, new_side) = self.new.at();
             self.report
                 .warnings
-                .extend(fence::lift(new, new_side).await?);
+                .extend(fence::lift(new, new_side, fence::subscriptions::AtLift::Resume).await?);
         }
         self.follower_stop.cancel();
         if let Some(handle) = self.follower.take() {
@@ -561,7 +664,7 @@ impl<'a> Switch<'a> {
     async fn undo(&mut self, e: Error) -> Error {
         let (old, old_side) = self.old.at();
         let mut failed = Vec::new();
-        match fence::lift(old, old_side).await {
+        match fence::lift(old, old_side, fence::subscriptions::AtLift::Resume).await {
             Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
             Err(u) => failed.push(crate::error::chain(&u)),
         }

@@ -57,12 +57,6 @@ pub struct FollowPlan {
 }
 
 impl FollowPlan {
-    /// The value of `hikkoshi.fence_pass` that lets this migration's apply sessions through a write fence
-    /// (see `cutover::fence`): the forward stream's slot name, which both directions share.
-    pub fn fence_pass(&self) -> &str {
-        super::names::forward_of(&self.slot)
-    }
-
     /// A migration's own stream (source → target, recorded on the target), reading `slot` and `publication`.
     pub fn forward(
         source: &ConnInfo,

@@ -7,10 +7,6 @@
 //! - `hikkoshi_<id>_proof`: the cutover proof's publication on the new primary, and the prefix of its two
 //!   temporary slots.
 
-/// The setting by which hikkoshi's own apply sessions pass a cutover's write fence (`SET
-/// hikkoshi.fence_pass = <the forward stream's name>`, see `cutover::fence`).
-pub const FENCE_PASS_SETTING: &str = "hikkoshi.fence_pass";
-
 /// The migration's stream: slot and publication on the source.
 pub fn stream(migration_id: &str) -> String {
     format!("hikkoshi_{migration_id}")
@@ -24,11 +20,6 @@ pub fn temporary_slot(migration_id: &str, pid: u32) -> String {
 /// The reverse stream of a forward stream's slot or publication.
 pub fn reverse(forward: &str) -> String {
     format!("{forward}_rev")
-}
-
-/// The forward stream's name, given either stream's name (what both directions' apply sessions share).
-pub fn forward_of(name: &str) -> &str {
-    name.strip_suffix("_rev").unwrap_or(name)
 }
 
 /// The cutover proof's publication (and its slots' prefix).
@@ -89,8 +80,6 @@ mod tests {
             assert!(matches(&n), "{n}");
         }
         assert!(!matches("hikkoshi_other"));
-        assert_eq!(forward_of(&reverse(&stream(id))), stream(id));
-        assert_eq!(forward_of(&stream(id)), stream(id));
     }
 
     #[test]

@@ -361,15 +361,15 @@ async fn apply_session(plan: &FollowPlan, pulse: &Pulse) -> Result<(Client, bool
         .map_err(Error::sql(Side::Target, "preparing the apply session"))?
         .get(0);
     pulse.apply_pid.store(pid, Ordering::Relaxed);
-    // a reverse stream applies on a fenced old primary (a replica session passes the fence anyway)
-    target
-        .batch_execute(&format!(
-            "SET {} = {}",
-            super::names::FENCE_PASS_SETTING,
-            crate::ident::quote_literal(plan.fence_pass())
-        ))
-        .await
-        .map_err(Error::sql(Side::Target, "preparing the apply session"))?;
+    // a reverse stream applies on a fenced old primary: this process's secret passes there once registered
+    // (nobody else's does, replica sessions included)
+    if let Err(e) = crate::cutover::fence::pass::admit(&target).await {
+        tracing::warn!(
+            "could not register the apply session with the write fence on the {} ({}): its writes will be              refused there; run the follower as the role that ran the cutover",
+            Side::Target,
+            crate::error::chain(&e)
+        );
+    }
     end_earlier_appliers(&target).await?;
     // Triggers and foreign-key checks ran on the source already (as in native logical replication). Set-based
     // statements join their arrays to the table by its key, row by row through the index, whatever the

@@ -10,6 +10,7 @@ mod ddl;
 mod demo;
 mod errors;
 mod faults;
+mod fence;
 mod follow;
 mod monitor;
 mod rehearse;

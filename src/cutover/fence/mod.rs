@@ -11,9 +11,17 @@
 //! ```
 //!
 //! Statement triggers fire for every role, the table's owner included, for COPY FROM, INSERT … ON
-//! CONFLICT and MERGE (docs: CREATE TRIGGER, "Overview of Trigger Behavior"); they do not fire under
-//! `session_replication_role = replica`, so hikkoshi's own reverse stream, applying as a replica, passes
-//! (and so does its apply session when it could not set that role: it says `hikkoshi.fence_pass`).
+//! CONFLICT and MERGE (docs: CREATE TRIGGER, "Overview of Trigger Behavior"). They are set `ENABLE ALWAYS`
+//! where the role owns the table, so that replica-mode sessions (`session_replication_role = replica`) are
+//! refused too. hikkoshi's own sessions pass by a secret no other session can learn (`pass`).
+//!
+//! Around the write fence stand three more things (issue 23: each was a way around it):
+//! - the DDL fence (`ddl`), raised before the schema is compared and the proof is made: CREATE, ALTER, DROP,
+//!   ALTER TABLE … DISABLE TRIGGER by any role are refused from then on, so no table can appear unfenced and
+//!   the shape compared before the pause cannot change in it;
+//! - subscriptions into the old primary (`subscriptions`): their apply workers fire no statement trigger, so
+//!   they are disabled before the pause, and enabled again if the switch is undone;
+//! - the pass (`pass`).
 //!
 //! It goes up in two steps, so that the write pause does not grow with the number of tables:
 //! 1. **Arm**, before the pause: the triggers are created, one table per transaction (a `CREATE TRIGGER`
@@ -37,8 +45,11 @@
 //! the fence warns and holds all the same. The fence stays after the cutover's point of no return; `rollback`
 //! or `clean` lifts it (the flag first, so writes pass at once; then the triggers and the schema).
 //!
-//! A superuser can still bypass it (`session_replication_role = replica`, `ALTER TABLE … DISABLE
-//! TRIGGER`); tables outside the selection are not fenced; `nextval` is not a write (see `sequence`).
+//! What stays open, because PostgreSQL gives no way to close it: a superuser can drop or disable any of it
+//! (`ALTER EVENT TRIGGER … DISABLE`, `DROP SCHEMA hikkoshi_fence CASCADE`); a role that may not create event
+//! triggers leaves DDL open (`ddl` says so in the report); replica sessions pass on the tables the role does
+//! not own; tables outside the selection are not fenced; `nextval` is not a write (see `sequence`); large
+//! objects have no trigger (the switch compares them instead).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -53,8 +64,10 @@ use crate::ident::{QualifiedName, quote_literal};
 pub const SCHEMA: &str = "hikkoshi_fence";
 /// The trigger's name on every fenced table.
 pub const TRIGGER: &str = "hikkoshi_fence";
-/// The setting by which hikkoshi's own apply sessions pass the fence.
-pub use crate::stream::names::FENCE_PASS_SETTING as PASS_SETTING;
+pub mod ddl;
+pub mod pass;
+pub mod subscriptions;
+
 /// The advisory lock the triggers share and the raise takes exclusively ("hikf", 1).
 const LOCK: (i32, i32) = (0x6869_6b66, 1);
 /// How long one `CREATE TRIGGER` or `DROP TRIGGER` may wait for the application's writers before it is
@@ -82,8 +95,6 @@ pub struct Notice {
     pub migration_id: String,
     /// `host:port/dbname` of the new primary: never a password, nor even a user.
     pub new_primary: String,
-    /// The value of `hikkoshi.fence_pass` that lets hikkoshi's own apply sessions through.
-    pub pass: String,
 }
 
 /// The relations to fence, as `regclass` text: the selected tables, their partitions and their partitioned
@@ -227,6 +238,11 @@ pub async fn preflight(
         });
         return Ok(found);
     }
+    let subs = subscriptions::list(client, side).await?;
+    if let Some(c) = subscriptions::refusal(&subs, &user) {
+        found.refusal = Some(c);
+        return Ok(found);
+    }
     let prepared: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
@@ -274,16 +290,12 @@ pub fn signal_warning(user: &str, superuser: bool, may_signal: bool) -> Option<C
     }
 }
 
-/// Arms the fence before the pause: schema, flag (down), function and a trigger on every relation that
-/// lacks one. Idempotent. Each `CREATE TRIGGER` commits on its own; one whose table stays locked by the
-/// application's writers is tried again until `deadline`, and then named.
-pub async fn arm(
-    client: &Client,
-    side: Side,
-    relations: &[String],
-    notice: &Notice,
-    deadline: Instant,
-) -> Result<(), Error> {
+/// Creates (or brings up to date) the fence's schema with its flags down: the flags, the pass table, the
+/// trigger function; and registers this process's pass. Idempotent, and safe on a fence an interrupted
+/// run left raised (the pass is registered before any DDL).
+pub async fn prepare(client: &Client, side: Side, notice: &Notice) -> Result<(), Error> {
+    let register = |e| Error::sql(side, "registering hikkoshi's pass with the fence")(e);
+    pass::admit(client).await.map_err(register)?;
     let message = format!(
         "hikkoshi: the {} of migration {} moved the primary to {}; this database refuses writes",
         notice.step, notice.migration_id, notice.new_primary
@@ -295,39 +307,71 @@ pub async fn arm(
     let sql = format!(
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
          CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.up;
+         CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.ddl;
+         CREATE TABLE IF NOT EXISTS {SCHEMA}.pass (hash bytea PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS {SCHEMA}.subscription (name text PRIMARY KEY);
          CREATE OR REPLACE FUNCTION {SCHEMA}.refuse() RETURNS trigger
          LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $hikkoshi$
          BEGIN
-             IF current_setting({pass_setting}, true) = {pass} THEN
-                 RETURN NULL;
-             END IF;
              PERFORM pg_advisory_xact_lock_shared({k1}, {k2});
              IF pg_sequence_last_value({flag}) IS NOT NULL THEN
-                 RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction', MESSAGE = {message},
-                     HINT = {hint};
+                 IF NOT {passes} THEN
+                     RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction', MESSAGE = {message},
+                         HINT = {hint};
+                 END IF;
              END IF;
              RETURN NULL;
          END
-         $hikkoshi$;",
-        pass_setting = quote_literal(PASS_SETTING),
-        pass = quote_literal(&notice.pass),
+         $hikkoshi$;
+         {ddl}",
         k1 = LOCK.0,
         k2 = LOCK.1,
         flag = quote_literal(&format!("{SCHEMA}.up")),
+        passes = pass::passes_sql(),
         message = quote_literal(&message),
         hint = quote_literal(&hint),
+        ddl = ddl::functions_sql(notice),
     );
     client
         .batch_execute(&sql)
         .await
         .map_err(Error::sql(side, "creating the fence's function"))?;
+    pass::admit(client).await.map_err(register)
+}
+
+/// Arms the write fence before the pause: a trigger on every relation that lacks one, `ENABLE ALWAYS` where
+/// the role owns the table (replica sessions are refused there too). Each table's statements commit on
+/// their own; one whose table stays locked by the application's writers is tried again until `deadline`,
+/// and then named. Returns a warning for the tables where replica sessions would pass.
+pub async fn arm(
+    client: &Client,
+    side: Side,
+    relations: &[String],
+    deadline: Instant,
+) -> Result<Option<String>, Error> {
+    let not_owned: Vec<String> = client
+        .query(
+            "SELECT r FROM unnest($1::text[]) r
+             WHERE NOT pg_has_role((SELECT relowner FROM pg_class WHERE oid = r::regclass), 'USAGE')",
+            &[&relations],
+        )
+        .await
+        .map_err(Error::sql(side, "reading the tables' owners"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let mut todo = unfenced(client, side, relations).await?;
     while !todo.is_empty() {
         let waited = per_table(client, &todo, |r| {
-            format!(
+            let create = format!(
                 "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} \
-                     FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse()"
-            )
+                 FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse()"
+            );
+            if not_owned.iter().any(|n| n == r) {
+                create
+            } else {
+                format!("{create}; ALTER TABLE {r} ENABLE ALWAYS TRIGGER {TRIGGER}")
+            }
         })
         .await
         .map_err(Error::sql(side, "creating the fence's triggers"))?;
@@ -349,7 +393,17 @@ pub async fn arm(
         }
         todo = waited;
     }
-    Ok(())
+    Ok((!not_owned.is_empty()).then(|| {
+        format!(
+            "the fence on the {side} cannot refuse replica-mode sessions (`session_replication_role = \
+             replica`, which only a superuser or a role granted SET on it may use) on {} table(s) the \
+             cutover's role does not own ({}{}): only the owner may make a trigger fire for them. Run the \
+             cutover as the tables' owner to close that too",
+            not_owned.len(),
+            not_owned.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if not_owned.len() > 5 { ", …" } else { "" }
+        )
+    }))
 }
 
 /// The relations that do not have the fence's trigger yet.
@@ -466,6 +520,27 @@ pub async fn raise(client: &Client, side: Side, wait: Duration) -> Result<Fence,
         .map_err(Error::sql(side, "raising the write fence"))?;
     let (ended, warnings) = end_sessions(client, side).await?;
     // Every transaction that passed a trigger before the flag went up holds the lock shared.
+    drain(client, side, LOCK.1, wait, "wrote before it").await?;
+    let total: usize = ended.values().sum();
+    Ok(Fence {
+        means: format!(
+            "trigger {TRIGGER} refuses writes on every migrated table for every role (flag \
+             {SCHEMA}.up); {total} other session(s) ended with pg_terminate_backend"
+        ),
+        sessions_ended: ended.iter().map(|(r, n)| format!("{r} ({n})")).collect(),
+        warnings,
+    })
+}
+
+/// Takes the advisory lock `(hikf, key)` exclusively and lets it go: granted once every transaction that
+/// took it shared (a trigger call before the flag went up) has ended. `what` says what they did.
+async fn drain(
+    client: &Client,
+    side: Side,
+    key: i32,
+    wait: Duration,
+    what: &str,
+) -> Result<(), Error> {
     let until = Instant::now() + wait;
     loop {
         let left = until
@@ -473,15 +548,14 @@ pub async fn raise(client: &Client, side: Side, wait: Duration) -> Result<Fence,
             .max(Duration::from_millis(1));
         let r = client
             .batch_execute(&format!(
-                "SET lock_timeout = {}; SELECT pg_advisory_lock({k1}, {k2}); \
-                 SELECT pg_advisory_unlock({k1}, {k2}); RESET lock_timeout",
+                "SET lock_timeout = {}; SELECT pg_advisory_lock({k1}, {key}); \
+                 SELECT pg_advisory_unlock({k1}, {key}); RESET lock_timeout",
                 left.as_millis(),
                 k1 = LOCK.0,
-                k2 = LOCK.1
             ))
             .await;
         match r {
-            Ok(()) => break,
+            Ok(()) => return Ok(()),
             // a deadlock through a lock outside the fence: the other side was chosen to wait, try again
             Err(e) if e.code().is_some_and(|c| c.code() == "40P01") && Instant::now() < until => {}
             Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => {
@@ -494,30 +568,26 @@ pub async fn raise(client: &Client, side: Side, wait: Duration) -> Result<Fence,
                          WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int::oid
                            AND l.objid = $2::int::oid AND l.objsubid = 2
                          ORDER BY 1 LIMIT 10",
-                        &[&LOCK.0, &LOCK.1],
+                        &[&LOCK.0, &key],
                     )
                     .await
                     .unwrap_or_default();
                 return Err(Error::Blocked(format!(
-                    "the fence on the {side} waited {}s for transactions that wrote before it to end, and \
+                    "the fence on the {side} waited {}s for transactions that {what} to end, and \
                      they did not{}. End them (`SELECT pg_terminate_backend(<pid>)`; granting the cutover's \
                      role pg_signal_backend lets it do so itself) and run the cutover again",
                     wait.as_secs(),
                     sessions_text(&holders)
                 )));
             }
-            Err(e) => return Err(Error::sql(side, "waiting for the writers before the fence")(e)),
+            Err(e) => {
+                return Err(Error::sql(
+                    side,
+                    format!("waiting for the transactions that {what}"),
+                )(e));
+            }
         }
     }
-    let total: usize = ended.values().sum();
-    Ok(Fence {
-        means: format!(
-            "trigger {TRIGGER} refuses writes on every migrated table for every role (flag \
-             {SCHEMA}.up); {total} other session(s) ended with pg_terminate_backend"
-        ),
-        sessions_ended: ended.iter().map(|(r, n)| format!("{r} ({n})")).collect(),
-        warnings,
-    })
 }
 
 /// Ends the other client sessions of the database where the role may; the ones it may not are warned
@@ -587,10 +657,15 @@ pub async fn is_raised(client: &Client) -> bool {
         .unwrap_or(false)
 }
 
-/// Lifts the fence: the flag first (writes pass at once), then the triggers, one table per transaction,
-/// then the schema. Returns warnings for triggers left behind (harmless: the flag is down; `clean`
-/// removes them). Nothing to lift is fine.
-pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
+/// Lifts the fence: the flags first (writes and DDL pass at once), the subscriptions it disabled enabled
+/// again (unless `subscriptions` says to leave them: the switch is done and they belong on the new
+/// primary), then the triggers, one table per transaction, then the schema. Returns warnings for what was
+/// left behind (harmless: the flags are down; `clean` removes them). Nothing to lift is fine.
+pub async fn lift(
+    client: &Client,
+    side: Side,
+    subscriptions: subscriptions::AtLift,
+) -> Result<Vec<String>, Error> {
     let exists: bool = client
         .query_one(
             &format!("SELECT to_regnamespace('{SCHEMA}') IS NOT NULL"),
@@ -605,13 +680,14 @@ pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
     client
         .batch_execute(&format!(
             "SELECT setval(c.oid::regclass, 1, false) FROM pg_class c
-             WHERE c.oid = to_regclass('{SCHEMA}.up')"
+             WHERE c.oid IN (to_regclass('{SCHEMA}.up'), to_regclass('{SCHEMA}.ddl'))"
         ))
         .await
         .map_err(Error::sql(
             side,
             "lifting the write fence (run `SELECT setval('hikkoshi_fence.up', 1, false)` by hand)",
         ))?;
+    let mut warnings = subscriptions::at_lift(client, side, subscriptions).await;
     let fenced: Vec<String> = client
         .query(
             &format!(
@@ -636,7 +712,6 @@ pub async fn lift(client: &Client, side: Side) -> Result<Vec<String>, Error> {
         .await
         .map_err(Error::sql(side, "dropping the fence's triggers"))?;
     }
-    let mut warnings = Vec::new();
     if left.is_empty() {
         let dropped = per_table(client, &[SCHEMA.to_string()], |s| {
             format!("DROP SCHEMA IF EXISTS {s} CASCADE")
