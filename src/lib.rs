@@ -11,10 +11,10 @@
 //! | copy | `clone/` (`phases`: one run phase by phase; `chunks`; `objects`), `copy` (the workers), `replication/` (`slot`: exported snapshots) | `clone::run`, the whole command |
 //! | stream | `stream/`: `pgoutput/` (decode), `apply/` (`relation`, `statements`, `hold`, `pipeline`, `durability`) + `fold`, `follow` (plans, reconnects, watchdog), `session` (one streaming session, an event at a time), `confirm` (which position may be confirmed), `names` (every slot and publication name), `ddl/` (the DDL capture on the source and the splitting of its query strings; `apply/ddl` runs each command at its place) | `stream::follow::run` |
 //! | verify | `verify`, `cutover/proof/` (the two-part proof around the fence) | `verify::compare` |
-//! | cutover | `cutover/`: `decide` (what a run does), `steps` (one method per step, one undo), `servers`, `fence`, `reverse`, `hook` | `cutover::cutover` |
+//! | cutover | `cutover/`: `decide` (what a run does), `steps` (one method per step, one undo), `servers`, `fence/` (writes, `ddl`, `pass`, `subscriptions`), `reverse`, `hook` | `cutover::cutover` |
 //! | state | `state/` (the `hikkoshi` schema in the target: `copy`, `stream`, `cutover`, `lock`, `report`, `roles`, `ddl`), `status`, `monitor` | `state::DDL` |
 //! | clean | `clean` | `clean::run` |
-//! | around | `conninfo`, `session`, `tls` (connections), `error` (`Error::policy`: kind, exit code, retry, hint), `backoff`, `lsn`, `ident`, `sequence`, `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse/` | |
+//! | around | `conninfo`, `session`, `tls` (connections), `error` (`Error::policy`: kind, exit code, retry, hint), `backoff`, `lsn`, `ident`, `sequence`, `large_objects` (in no stream: copied by clone, levelled by the cutover), `matviews` (refresh order, contents compared), `failpoint`, `localserver` (throwaway servers), `demo`, `rehearse/` | |
 //!
 //! Commands depend on `stream`, `state` and the modules around them, never on each other: `cutover` runs a
 //! follower through `stream::follow`, not through `clone`.
@@ -31,8 +31,10 @@ pub mod demo;
 pub mod error;
 pub mod failpoint;
 pub mod ident;
+pub mod large_objects;
 pub mod localserver;
 pub mod lsn;
+pub mod matviews;
 pub mod monitor;
 pub mod plan;
 pub mod progress;

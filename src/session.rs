@@ -20,7 +20,11 @@ pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     // passes only where a fence registered it: see `cutover::fence::pass`)
     let _ = client
         .query(
-            "SELECT set_config($1, 'off', false), set_config($2, $3, false)",
+            // and, where the server has it (14+), a statement running for a client that is gone ends
+            // within a second (a follower killed while applying lets its successor take over at once)
+            "SELECT set_config($1, 'off', false), set_config($2, $3, false),
+                    (SELECT set_config('client_connection_check_interval', '1000', false)
+                     WHERE current_setting('server_version_num')::int >= 140000)",
             &[
                 &crate::stream::ddl::capture::OFF_SETTING,
                 &crate::cutover::fence::pass::SETTING,

@@ -127,34 +127,33 @@ pub(super) async fn missing_roles(
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-/// Fills the materialized views that are populated on the source (the schema creates them empty).
+/// Fills the materialized views that are populated on the source (the schema creates them empty), in
+/// dependency order: one that reads another (also through views) after it (see `matviews`).
 pub(super) async fn refresh_matviews(
     source: &Client,
     target: &Client,
     matviews: &[QualifiedName],
 ) -> Result<(), Error> {
-    for m in matviews {
-        let populated: Option<bool> = source
-            .query_opt(
-                "SELECT relispopulated FROM pg_class WHERE oid = to_regclass($1)",
-                &[&m.quoted()],
-            )
-            .await
-            .map_err(Error::sql(Side::Source, "reading materialized views"))?
-            .map(|r| r.get(0));
+    let wanted: Vec<String> = source
+        .query(
+            "SELECT to_regclass(m)::text FROM unnest($1::text[]) m WHERE to_regclass(m) IS NOT NULL",
+            &[&matviews.iter().map(QualifiedName::quoted).collect::<Vec<_>>()],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading materialized views"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // the source's populated ones, in its dependency order (the target has the same definitions)
+    let levels = crate::matviews::levels(source, Side::Source).await?;
+    for name in levels.iter().flatten().filter(|n| wanted.contains(n)) {
         let exists: bool = target
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&m.quoted()])
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[name])
             .await
             .map_err(Error::sql(Side::Target, "reading materialized views"))?
             .get(0);
-        if populated == Some(true) && exists {
-            target
-                .batch_execute(&format!("REFRESH MATERIALIZED VIEW {}", m.quoted()))
-                .await
-                .map_err(Error::sql(
-                    Side::Target,
-                    format!("refreshing materialized view {m}"),
-                ))?;
+        if exists {
+            crate::matviews::refresh(target, Side::Target, std::slice::from_ref(name)).await?;
         }
     }
     Ok(())

@@ -437,6 +437,22 @@ impl<'a> Run<'a> {
             t.elapsed().as_secs_f64()
         );
         refresh_matviews(&self.source, target, &self.resolved.matviews).await?;
+        // large objects are in no stream and no table: copied whole (a cutover levels them again)
+        let objects =
+            crate::large_objects::sync((&self.source, Side::Source), (target, Side::Target), &[])
+                .await?;
+        if objects.compared > 0 {
+            tracing::info!(
+                "large objects: {} copied, {} removed in {:.1}s",
+                objects.copied,
+                objects.removed,
+                objects.seconds
+            );
+        }
+        for w in objects.warnings {
+            tracing::warn!("{w}");
+            self.report.warnings.push(w);
+        }
         let positions =
             sequence::read(&self.source, Side::Source, &self.resolved.sequences).await?;
         sequence::apply(target, &positions).await?;

@@ -122,6 +122,11 @@ pub struct SwitchReport {
     pub rows_compared_in_pause: usize,
     pub tables_hashed_in_pause: Vec<String>,
     pub sequences_moved: usize,
+    /// Large objects (in no stream): compared and copied before the fence, and again in the pause.
+    pub large_objects_before_fence: String,
+    pub large_objects_in_pause: String,
+    /// Materialized views whose contents differed, refreshed on both servers in the pause.
+    pub matviews_refreshed: Vec<String>,
     pub verify: String,
     pub tables_verified: usize,
     pub rows_verified: i64,
@@ -173,6 +178,16 @@ impl std::fmt::Display for SwitchReport {
             self.catch_up_seconds, self.fence_seconds, self.lag_bytes_at_fence, self.fence_lsn
         )?;
         writeln!(f, "  sequences:  {} moved", self.sequences_moved)?;
+        for m in &self.matviews_refreshed {
+            writeln!(f, "  matview:    {m}")?;
+        }
+        if !self.large_objects_in_pause.is_empty() {
+            writeln!(
+                f,
+                "  large objects: before the fence {}; in the pause {}",
+                self.large_objects_before_fence, self.large_objects_in_pause
+            )?;
+        }
         writeln!(
             f,
             "  verify:     {} ({} table(s), {} row(s) equal; sequences and verify {:.3}s)",

@@ -48,6 +48,9 @@ pub(super) struct Switch<'a> {
     /// behind it (then the pause need not compare it again).
     ddl: Option<fence::ddl::DdlFence>,
     shape_fenced: bool,
+    /// Materialized views whose contents differed before the pause (name, rows on the old and the new
+    /// primary), in refresh order.
+    matviews_differing: Vec<(String, i64, i64)>,
     /// Whether the clone kept the source's owners (then the shape comparison includes them), and the roles
     /// `--role-map` renamed, old primary's name → new primary's: read once, not in the pause.
     owners_kept: bool,
@@ -92,6 +95,7 @@ impl<'a> Switch<'a> {
             reverse: None,
             ddl: None,
             shape_fenced: false,
+            matviews_differing: Vec::new(),
             owners_kept,
             renamed,
         })
@@ -157,6 +161,65 @@ impl<'a> Switch<'a> {
             self.report.step,
             self.report.step
         )))
+    }
+
+    /// Brings the new primary's large objects level with the old one's (see `large_objects`); `in_pause`
+    /// says which of the two passes this is, for the report.
+    async fn sync_large_objects(&mut self, in_pause: bool) -> Result<(), Error> {
+        let done = crate::large_objects::sync(self.old.at(), self.new.at(), &self.renamed).await?;
+        for w in &done.warnings {
+            tracing::warn!("{w}");
+        }
+        self.report.warnings.extend(done.warnings.iter().cloned());
+        if done.compared > 0 {
+            let line = format!(
+                "{} compared, {} copied, {} removed in {:.3}s",
+                done.compared, done.copied, done.removed, done.seconds
+            );
+            if in_pause {
+                self.report.large_objects_in_pause = line;
+            } else {
+                self.report.large_objects_before_fence = line;
+            }
+        }
+        Ok(())
+    }
+
+    /// In the pause, once the tables are equal: the materialized views that differed are refreshed on both
+    /// servers (in dependency order), so that both hold what a refresh at the switch gives.
+    async fn refresh_differing_matviews(&mut self) -> Result<(), Error> {
+        if !self.shape_fenced {
+            // REFRESH was not refused on the old primary: compare again
+            let levels = crate::matviews::levels(&self.old.client, self.old.side).await?;
+            self.matviews_differing =
+                crate::matviews::differing(self.old.at(), self.new.at(), &levels).await?;
+        }
+        if self.matviews_differing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = self
+            .matviews_differing
+            .iter()
+            .map(|(n, _, _)| n.clone())
+            .collect();
+        let (a, b) = futures_util::future::join(
+            crate::matviews::refresh(&self.old.client, self.old.side, &names),
+            crate::matviews::refresh(&self.new.client, self.new.side, &names),
+        )
+        .await;
+        a?;
+        b?;
+        self.report.matviews_refreshed = self
+            .matviews_differing
+            .iter()
+            .map(|(n, o, w)| {
+                format!(
+                    "{n} ({o} row(s) on the {}, {w} on the {}): refreshed on both",
+                    self.old.side, self.new.side
+                )
+            })
+            .collect();
+        Ok(())
     }
 
     /// What the fence tells the application.
@@ -321,6 +384,12 @@ impl<'a> Switch<'a> {
         self.same_shape_when_applied(Instant::now() + self.opts.timeout)
             .await?;
         self.shape_fenced = self.ddl == Some(fence::ddl::DdlFence::Up);
+        // large objects are in no stream: the bulk of them now, what changes since in the pause
+        self.sync_large_objects(false).await?;
+        // materialized views change only by REFRESH, which the DDL fence now refuses on the old primary
+        let levels = crate::matviews::levels(&self.old.client, self.old.side).await?;
+        self.matviews_differing =
+            crate::matviews::differing(self.old.at(), self.new.at(), &levels).await?;
         if self.opts.verify == VerifyMode::None {
             return Ok(());
         }
@@ -401,6 +470,8 @@ impl<'a> Switch<'a> {
         self.report.catch_up_seconds = fenced_at.elapsed().as_secs_f64();
         let verify_started = Instant::now();
         let positions = self.move_sequences().await?;
+        self.sync_large_objects(true).await?;
+        self.refresh_differing_matviews().await?;
         if !self.shape_fenced {
             // DDL was not fenced before the schema was compared: compare it again, now that nothing else
             // moves, and look for tables created since the selection was resolved
@@ -686,7 +757,7 @@ impl<'a> Switch<'a> {
             Error::Blocked(format!(
                 "{why}; and lifting the write fence failed too ({}): the {old_side} still refuses writes. \
                  Run `hikkoshi rollback` (or `hikkoshi clean`) to lift it, or `SELECT \
-                 setval('hikkoshi_fence.up', 1, false)` on it",
+                 setval('hikkoshi_fence.up', 1, false), setval('hikkoshi_fence.ddl', 1, false)` on it",
                 failed.join("; ")
             ))
         }

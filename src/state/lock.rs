@@ -36,16 +36,66 @@ pub async fn try_lock(client: &Client) -> Result<bool, tokio_postgres::Error> {
         .get(0))
 }
 
+/// How long a new process waits for the sessions of one that died (kill -9) while they finish a statement.
+const DEAD_SESSIONS_WAIT: Duration = Duration::from_secs(30);
+
 /// Connects to the target and takes the migration lock, which lives as long as the returned session.
+///
+/// A process killed with `kill -9` leaves its sessions on the target until the server notices: at once for
+/// an idle one (the socket closes), at the end of its statement for a busy one (within a second where the
+/// server has `client_connection_check_interval`, which `session::connect` sets). So while the holder is
+/// running a statement, or has just gone, this waits (at most `DEAD_SESSIONS_WAIT`, saying so) instead of
+/// refusing at once; an idle holder is a live process, and refuses.
 pub async fn lock(tgt_info: &ConnInfo) -> Result<Client, Error> {
     let target = session::connect(tgt_info, Side::Target).await?;
-    if !try_lock(&target)
-        .await
-        .map_err(Error::sql(Side::Target, "taking the migration lock"))?
-    {
-        return Err(another_process(tgt_info));
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        if try_lock(&target)
+            .await
+            .map_err(Error::sql(Side::Target, "taking the migration lock"))?
+        {
+            return Ok(target);
+        }
+        let holder = target
+            .query_opt(
+                &format!(
+                    "SELECT a.pid, coalesce(a.state, ''), coalesce(left(a.query, 60), '')
+                     FROM pg_stat_activity a WHERE a.pid IN ({}) LIMIT 1",
+                    lock_holders_sql()
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::sql(
+                Side::Target,
+                "looking at the migration lock's holder",
+            ))?;
+        let busy = match &holder {
+            // gone between the two looks: try again at once
+            None => true,
+            Some(r) => r.get::<_, String>(1) == "active",
+        };
+        let waited = started.elapsed();
+        // an idle holder gets a moment for the server to notice a closed socket
+        if (!busy && waited > Duration::from_secs(2)) || waited > DEAD_SESSIONS_WAIT {
+            return Err(another_process(tgt_info));
+        }
+        if busy
+            && !said
+            && let Some(r) = &holder
+        {
+            said = true;
+            tracing::info!(
+                "the migration lock is held by session {} on the target, still running a statement \
+                 (`{}`): waiting up to {}s for it to end (a previous hikkoshi process that was killed?)",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(2),
+                DEAD_SESSIONS_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(target)
 }
 
 /// Takes the migration lock again on a new session when its session has ended (a restart of the target,

@@ -59,6 +59,8 @@ pub struct SequenceResult {
 pub struct VerifyReport {
     /// Differences in the tables' shape (columns, indexes, constraints), one line each (see `shape`).
     pub schema: Vec<String>,
+    /// Differences in what no stream carries: large objects and materialized views' contents.
+    pub objects: Vec<String>,
     pub tables: Vec<TableResult>,
     pub sequences: Vec<SequenceResult>,
     pub seconds: f64,
@@ -67,6 +69,7 @@ pub struct VerifyReport {
 impl VerifyReport {
     pub fn equal(&self) -> bool {
         self.schema.is_empty()
+            && self.objects.is_empty()
             && self.tables.iter().all(|t| t.matched)
             && self.sequences.iter().all(|s| s.ok)
     }
@@ -94,14 +97,39 @@ pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, Error> {
         .await
         .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
     let resolved = resolve(&cat, &selection)?;
-    compare(
+    let mut report = compare(
         &src_info,
         &tgt_info,
         resolved.tables,
         SourceSequences::ReadNow(&resolved.sequences),
         opts.jobs,
     )
-    .await
+    .await?;
+    let target = open(&tgt_info, Side::Target).await?;
+    report.objects = objects(&source, &target).await?;
+    Ok(report)
+}
+
+/// What no stream carries, compared: large objects (owner, grants, contents) and the contents of the
+/// materialized views.
+async fn objects(source: &Client, target: &Client) -> Result<Vec<String>, Error> {
+    let renamed = crate::state::roles::renamed(target).await;
+    let (a, b) = futures_util::future::join(
+        crate::large_objects::inventory(source, Side::Source),
+        crate::large_objects::inventory(target, Side::Target),
+    )
+    .await;
+    let mut out = crate::large_objects::differences(&a?, &b?, &renamed);
+    let levels = crate::matviews::levels(source, Side::Source).await?;
+    for (name, s, t) in
+        crate::matviews::differing((source, Side::Source), (target, Side::Target), &levels).await?
+    {
+        out.push(format!(
+            "materialized view {name} has other contents ({s} row(s) on the source, {t} on the target; \
+             a cutover refreshes it on both)"
+        ));
+    }
+    Ok(out)
 }
 
 /// The source positions that the target's sequences must be at or past.
@@ -172,6 +200,7 @@ pub async fn compare(
     let sequences = verify_sequences(&source, &target, sequences).await?;
     Ok(VerifyReport {
         schema,
+        objects: Vec::new(),
         tables,
         sequences,
         seconds: started.elapsed().as_secs_f64(),
@@ -696,6 +725,9 @@ impl std::fmt::Display for VerifyReport {
         for d in &self.schema {
             writeln!(f, "schema: {d}")?;
         }
+        for d in &self.objects {
+            writeln!(f, "object: {d}")?;
+        }
         let bad = self.tables.iter().filter(|t| !t.matched).count();
         let seq_bad = self.sequences.iter().filter(|s| !s.ok).count();
         writeln!(
@@ -703,10 +735,14 @@ impl std::fmt::Display for VerifyReport {
             "{} table(s) equal, {bad} different; {} sequence(s) at or past the source, {seq_bad} behind{}; {:.1}s",
             self.tables.len() - bad,
             self.sequences.len() - seq_bad,
-            if self.schema.is_empty() {
+            if self.schema.is_empty() && self.objects.is_empty() {
                 String::new()
             } else {
-                format!("; {} schema difference(s)", self.schema.len())
+                format!(
+                    "; {} schema and {} object difference(s)",
+                    self.schema.len(),
+                    self.objects.len()
+                )
             },
             self.seconds
         )

@@ -28,6 +28,8 @@
 //! 13. A long, silent replay (2 M rows outside the publication, spilled): `a_long_silent_replay_completes_without_reconnecting`.
 //!
 //! Found by the soak: `a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot`.
+//! Issue 23, a restart at once after kill -9 while applying:
+//! `a_follower_restarted_at_once_after_kill_9_mid_apply_waits_for_the_old_sessions_and_loses_nothing`.
 //!
 //! The randomized mix of all of these is `tests/it/soak.rs`.
 
@@ -766,5 +768,57 @@ async fn a_table_truncated_during_the_copy_is_copied_again_in_a_new_snapshot() {
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("truncated or rewritten"), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}
+
+/// Issue 23: a follower killed with `kill -9` while it applies a large transaction, started again at once
+/// (as systemd or Kubernetes would): the new process waits for the dead one's sessions on the target to
+/// end instead of exiting with "another hikkoshi process", then applies everything exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_restarted_at_once_after_kill_9_mid_apply_waits_for_the_old_sessions_and_loses_nothing()
+ {
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18)
+        .app()
+        .await
+        .then("CREATE TABLE app.bulk (id int PRIMARY KEY, pad text NOT NULL)")
+        .await
+        .following()
+        .await;
+    src.batch_execute(
+        "INSERT INTO app.bulk SELECT g, repeat('x', 200) FROM generate_series(1, 400000) g",
+    )
+    .await
+    .unwrap();
+    // kill it while its apply session runs a statement on the target
+    let mut busy = false;
+    for _ in 0..600 {
+        busy = tgt
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE application_name = 'hikkoshi apply' AND state = 'active')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if busy {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(busy, "the follower never applied the transaction");
+    f.signal("-KILL");
+    let _ = f.child.wait();
+    let mut again = pair.follower(&[]);
+    wait_in_sync(&src, &tgt, &mut again).await;
+    let log = again.log();
+    assert!(!log.contains("another hikkoshi process"), "{log}");
+    let (status, log) = again.stop();
+    assert!(status.success(), "{log}");
     assert_same_rows_and_schema(&src, &tgt).await;
 }

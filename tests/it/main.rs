@@ -17,5 +17,6 @@ mod rehearse;
 mod resume;
 mod soak;
 mod tls;
+mod unstreamed;
 mod verify;
 mod versions;

@@ -475,14 +475,22 @@ async fn each_in_own_transaction(
 
 /// The sessions whose transactions write to `relations`, for an error message.
 async fn writers_holding(client: &Client, relations: &[String]) -> String {
+    // a prepared transaction holds its locks without a session: pg_locks shows it as '-1/<xid>'
     let rows = client
         .query(
-            "SELECT DISTINCT a.pid, coalesce(a.usename::text, '?'), coalesce(a.state, '?'),
-                    coalesce(to_char(a.xact_start, 'HH24:MI:SS'), '?')
-             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
+            "SELECT DISTINCT coalesce(a.pid, 0), coalesce(a.usename::text, p.owner::text, '?'),
+                    coalesce(a.state, '?'),
+                    coalesce(to_char(coalesce(a.xact_start, p.prepared), 'HH24:MI:SS'), '?'),
+                    coalesce(p.gid, '')
+             FROM pg_locks l
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+             LEFT JOIN pg_prepared_xacts p ON l.pid IS NULL
+                                          AND l.virtualtransaction = '-1/' || p.transaction::text
+             WHERE l.locktype = 'relation' AND l.granted
+               AND l.mode IN ('RowExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                              'AccessExclusiveLock')
                AND l.relation = ANY (SELECT r::regclass FROM unnest($1::text[]) r)
-               AND a.pid <> pg_backend_pid()
+               AND l.pid IS DISTINCT FROM pg_backend_pid()
              ORDER BY 1 LIMIT 10",
             &[&relations],
         )
@@ -498,13 +506,22 @@ fn sessions_text(rows: &[tokio_postgres::Row]) -> String {
     let list: Vec<String> = rows
         .iter()
         .map(|r| {
-            format!(
-                "pid {} ({}, {}, in a transaction since {})",
-                r.get::<_, i32>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            )
+            let gid: Option<String> = r.try_get(4).ok().filter(|g: &String| !g.is_empty());
+            match gid {
+                Some(gid) => format!(
+                    "the prepared transaction '{gid}' ({}, prepared at {}; it belongs to no session: \
+                     `COMMIT PREPARED '{gid}'` or `ROLLBACK PREPARED '{gid}'` ends it)",
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(3)
+                ),
+                None => format!(
+                    "pid {} ({}, {}, in a transaction since {})",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                ),
+            }
         })
         .collect();
     format!(": {}", list.join("; "))
@@ -685,7 +702,7 @@ pub async fn lift(
         .await
         .map_err(Error::sql(
             side,
-            "lifting the write fence (run `SELECT setval('hikkoshi_fence.up', 1, false)` by hand)",
+            "lifting the write fence (run `SELECT setval('hikkoshi_fence.up', 1, false), setval('hikkoshi_fence.ddl', 1, false)` by hand)",
         ))?;
     let mut warnings = subscriptions::at_lift(client, side, subscriptions).await;
     let fenced: Vec<String> = client

@@ -402,6 +402,7 @@ impl Prepared {
         compared.sort_by(|a, b| a.table.cmp(&b.table));
         let report = VerifyReport {
             schema: Vec::new(),
+            objects: Vec::new(),
             tables: compared,
             sequences,
             seconds: started.elapsed().as_secs_f64(),
