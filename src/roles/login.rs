@@ -95,7 +95,8 @@ pub fn can_log_in(source: Verifier, target: Option<&OnTarget>, auth: &Auth) -> V
     };
     let q = quote_ident(&t.name);
     let given = format!(
-        "`hikkoshi clone --follow --role-password '{}=env:VARIABLE'` (it sets LOGIN and a SCRAM password)",
+        "`--role-password '{}=env:VARIABLE'` on `hikkoshi clone --follow` (restart it with it: it sets \
+         LOGIN and a SCRAM password)",
         t.name
     );
     if !t.login {

@@ -11,6 +11,7 @@ mod demo;
 mod errors;
 mod faults;
 mod follow;
+mod logins;
 mod monitor;
 mod rehearse;
 mod resume;
