@@ -104,6 +104,9 @@ pub struct ServerOptions {
     pub tls: Option<(String, String)>,
     /// Accept TCP connections only over TLS (pg_hba `hostssl`).
     pub tls_only: bool,
+    /// The pg_hba.conf method of TCP connections (initdb `--auth-host`): `scram-sha-256` unless set, as
+    /// PostgreSQL 18 and managed servers ask; `md5` as older servers did (it accepts md5 verifiers too).
+    pub host_auth: Option<String>,
 }
 
 impl LocalServer {
@@ -134,6 +137,10 @@ impl LocalServer {
             run_as,
             keep: false,
         };
+        let auth_host = format!(
+            "--auth-host={}",
+            opts.host_auth.as_deref().unwrap_or("scram-sha-256")
+        );
         server.run(
             "initdb",
             &[
@@ -144,7 +151,7 @@ impl LocalServer {
                 "--pwfile",
                 &pwfile.to_string_lossy(),
                 "--auth-local=trust",
-                "--auth-host=scram-sha-256",
+                &auth_host,
                 "--encoding=UTF8",
                 "--locale=C",
                 "--no-sync",

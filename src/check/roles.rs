@@ -1,5 +1,6 @@
 //! The "roles" section: which roles `clone` will create on the target, which attributes it cannot give,
-//! and which passwords it cannot carry (see `roles`).
+//! which passwords it cannot carry, and which LOGIN roles could not log in there (the cutover's own
+//! judgement, `roles::can_log_in`, so that check and cutover agree; see `roles`).
 
 use tokio_postgres::Client;
 
@@ -71,6 +72,28 @@ pub(super) async fn roles(
     }
     for n in &plan.notices {
         r.add(Level::Warning, "roles", Some(Side::Target), n.clone(), None);
+    }
+    // the cutover's own judgement, on the target as the clone will leave it
+    for (name, verdict) in roles::judge(target, &source_roles, &plan, &[]).await? {
+        let (what, fix) = match verdict {
+            roles::Verdict::LogsIn => continue,
+            roles::Verdict::Doubt(why) => {
+                (format!("role {name} may not log in on the target"), why)
+            }
+            roles::Verdict::Refused(why) => (
+                format!(
+                    "role {name} logs in on the source but could not on the target: the cutover refuses                      until it can"
+                ),
+                why,
+            ),
+        };
+        r.add(
+            Level::Warning,
+            "role logins",
+            Some(Side::Target),
+            what,
+            Some(fix),
+        );
     }
     if !plan.cannot_log_in.is_empty() {
         r.add(

@@ -531,6 +531,20 @@ impl<'a> Run<'a> {
         for n in plan.notices.clone() {
             self.warn(n);
         }
+        let given_names: Vec<String> = given.iter().map(|g| g.role.clone()).collect();
+        for (name, verdict) in
+            roles::judge(&self.target, &source_roles, &plan, &given_names).await?
+        {
+            match verdict {
+                roles::Verdict::LogsIn => {}
+                roles::Verdict::Doubt(why) => {
+                    self.warn(format!("role {name} may not log in on the target: {why}"))
+                }
+                roles::Verdict::Refused(why) => self.warn(format!(
+                    "role {name} cannot log in on the target, and the cutover refuses until it can: {why}"
+                )),
+            }
+        }
         if !plan.cannot_log_in.is_empty() {
             self.warn(format!(
                 "role(s) {} log in on the source, but their passwords cannot be read there: created NOLOGIN \
@@ -540,6 +554,18 @@ impl<'a> Run<'a> {
             ));
         }
         state::roles::record(&self.target, &plan.created, &plan.cannot_log_in)
+            .await
+            .map_err(Error::sql(Side::Target, "recording the carried roles"))?;
+        let sources: Vec<(String, Option<i64>, bool)> = source_roles
+            .roles
+            .iter()
+            .filter(|r| plan.created.contains(&r.name))
+            .map(|r| {
+                let given = given.iter().any(|g| g.role == r.name);
+                (r.name.clone(), r.row_version, given)
+            })
+            .collect();
+        state::roles::record_sources(&self.target, &sources)
             .await
             .map_err(Error::sql(Side::Target, "recording the carried roles"))?;
         if !plan.created.is_empty() {

@@ -3,7 +3,9 @@
 //!
 //! Both are the same walk, in opposite directions (cutover: source → target; rollback: target → source over
 //! the reverse stream that `cutover --reverse` started):
-//! 1. Refuse early: the clone must be complete and streaming, the slot healthy, the fence possible.
+//! 1. Refuse early: the clone must be complete and streaming, the slot healthy, the fence possible. Then
+//!    the roles again (see `logins`): what changed on the source since the clone is carried, and every
+//!    LOGIN role of the source must be able to log in on the new primary.
 //! 2. Wait until the stream's lag is under `--max-lag`. Unless `--verify none`, make the first part of the
 //!    proof while the application still writes (see `proof`: the tables hashed in snapshots of both
 //!    servers, and a stream of the keys each server changes from then on), and wait for the lag again.
@@ -26,12 +28,13 @@
 //! leaves the step recorded: `hikkoshi cutover` again finishes it, `hikkoshi rollback` undoes it.
 //!
 //! Where each part lives: `decide` (what a run does, from the recorded step: pure), `steps` (one method per
-//! step, and the one undo), `servers` (the two servers and what is read and recorded on them), `fence`,
+//! step, and the one undo), `logins` (the roles, before the fence), `servers` (the two servers and what is read and recorded on them), `fence`,
 //! `proof`, `reverse` (the reverse stream's set-up), `hook`.
 
 mod decide;
 pub mod fence;
 pub mod hook;
+mod logins;
 pub mod proof;
 mod reverse;
 mod servers;
@@ -137,6 +140,9 @@ pub struct SwitchReport {
     pub write_pause_seconds: f64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// Role changes made on the source since the clone and carried before the fence (`role: what`, such
+    /// as `app: password`; never a verifier).
+    pub roles_carried: Vec<String>,
     /// A rollback that found an interrupted cutover only lifted its fence.
     pub undid_interrupted_cutover: bool,
 }
@@ -216,6 +222,12 @@ impl std::fmt::Display for SwitchReport {
                 f,
                 "  reverse:    slot {s} on the new primary keeps its changes for the old one; keep \
                  `hikkoshi clone --follow` running (or let `hikkoshi rollback` catch up by itself)"
+            )?;
+        }
+        for r in &self.roles_carried {
+            writeln!(
+                f,
+                "  role:       {r} (changed on the source since the clone, carried)"
             )?;
         }
         for w in &self.warnings {
@@ -341,6 +353,7 @@ async fn switch(opts: &CutoverOptions, way: Way) -> Result<SwitchReport, Error> 
     };
     let mut s = Switch::open(opts, way, ctl, servers, feeding, migration, report).await?;
     s.refuse_early(resumed_fence).await?;
+    s.logins(resumed_fence).await?;
     s.catch_up(resumed_fence).await?;
     s.arm_fence(resumed_fence).await?;
     let fenced_at = Instant::now();

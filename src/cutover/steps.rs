@@ -102,7 +102,7 @@ impl<'a> Switch<'a> {
     }
 
     /// Step 1: Refuse early: a broken slot, a fence that cannot hold, a new primary that cannot keep a reverse
-    /// slot. Nothing is changed yet.
+    /// slot. Nothing is changed yet. (The roles come right after: `logins`.)
     pub(super) async fn refuse_early(&mut self, resumed_fence: bool) -> Result<(), Error> {
         let (old, old_side) = self.old.at();
         slot_healthy(old, old_side, &self.feeding.slot).await?;
@@ -124,21 +124,6 @@ impl<'a> Switch<'a> {
         }
         if self.way == Way::Cutover && self.opts.reverse {
             reverse::preflight(&self.new.client).await?;
-        }
-        if self.way == Way::Cutover && !self.opts.allow_nologin_roles {
-            let stuck = state::roles::cannot_log_in(&self.ctl)
-                .await
-                .map_err(Error::sql(Side::Target, "reading the carried roles"))?;
-            if !stuck.is_empty() {
-                return Err(Error::Blocked(format!(
-                    "role(s) {} log in on the source but cannot on the target: their passwords could not be \
-                     read there, so they were created NOLOGIN. The application would be locked out after the \
-                     switch. Nothing was fenced. Give each a password (`hikkoshi clone --follow \
-                     --role-password ROLE=env:VARIABLE ...` sets it, or ALTER ROLE ... LOGIN PASSWORD on the \
-                     target), or cut over with --allow-nologin-roles",
-                    stuck.join(", ")
-                )));
-            }
         }
         Ok(())
     }

@@ -14,26 +14,34 @@
 //! attributes and password; each difference is reported.
 //!
 //! Passwords: the source's SCRAM verifier is copied as it is (the same password works; no plain text
-//! travels) where the source role may read `pg_authid`; an md5 verifier is copied with a warning. Where it
+//! travels) where the source role may read `pg_authid`; so is an md5 verifier, and whether the target will
+//! accept it is `login::can_log_in`'s to say (`check`, `clone` and the cutover ask it). Where it
 //! cannot be read, `--role-password ROLE=env:VAR` (or `=file:PATH`) gives one, hashed here into a SCRAM
 //! verifier before it is sent; otherwise the role is created NOLOGIN and reported, and the cutover refuses
 //! until it can log in. No verifier or password is ever printed, logged or stored in the state.
 //!
+//! At the cutover the roles are read again (`recheck`): what changed on the source since the clone is
+//! carried, and every LOGIN role is judged on the target (`login`).
+//!
 //! To own restored objects the admin must be a member of their owners: it grants itself each role it
 //! created (PostgreSQL 16+ gives a CREATEROLE role ADMIN on the roles it creates).
 
+mod login;
 mod map;
 mod passwords;
 mod plan;
+mod recheck;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio_postgres::Client;
 
 use crate::error::{Error, Side};
+pub use login::{Auth, HbaRule, OnTarget, Verdict, Verifier, can_log_in};
 pub use map::{check_map, rename, role_map};
 pub use passwords::{GivenPassword, given_password, scram};
-pub use plan::{Plan, Step, plan};
+pub use plan::{Plan, Step, grant, plan};
+pub use recheck::{Change, Record, TargetRole, judge, since_clone, target_auth, target_roles};
 
 /// A role as the source has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +60,9 @@ pub struct SourceRole {
     /// member of it to give it those objects.
     pub owns: bool,
     pub password: Password,
+    /// The version of its `pg_authid` row (`xmin`, where readable): any ALTER ROLE on the source changes
+    /// it, so the cutover tells a role changed since the clone without keeping its verifier.
+    pub row_version: Option<i64>,
     /// `ALTER ROLE … SET` settings: (in this database only, `name=value`).
     pub settings: Vec<(bool, String)>,
 }
@@ -183,19 +194,25 @@ pub async fn read(source: &Client, version: u32) -> Result<SourceRoles, Error> {
             bypassrls: r.get(9),
             owns: r.get(10),
             password: Password::Unreadable,
+            row_version: None,
             settings: Vec::new(),
         })
         .collect();
     let names: Vec<String> = roles.iter().map(|r| r.name.clone()).collect();
     // pg_authid is readable by superusers only (and, on some managed servers, by nobody)
-    let verifiers: Option<HashMap<String, Option<String>>> = source
+    type Row = (Option<String>, i64);
+    let verifiers: Option<HashMap<String, Row>> = source
         .query(
-            "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1)",
+            "SELECT rolname::text, rolpassword, xmin::text::bigint FROM pg_authid WHERE rolname = ANY($1)",
             &[&names],
         )
         .await
         .ok()
-        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect()
+        });
     let settings: Vec<(String, bool, Vec<String>)> = source
         .query(
             "SELECT r.rolname::text, s.setdatabase <> 0, s.setconfig FROM pg_db_role_setting s
@@ -212,7 +229,9 @@ pub async fn read(source: &Client, version: u32) -> Result<SourceRoles, Error> {
         .collect();
     for role in &mut roles {
         if let Some(v) = &verifiers {
-            role.password = Password::of(v.get(&role.name).cloned().flatten());
+            let (verifier, version) = v.get(&role.name).cloned().unzip();
+            role.password = Password::of(verifier.flatten());
+            role.row_version = version;
         }
         for (name, in_db, config) in &settings {
             if *name == role.name {

@@ -1,7 +1,7 @@
 //! The plan: the statements that carry the roles, computed from what both servers say (pure, so each
 //! case is a unit test), with what each does as it may be shown (never a verifier).
 
-use super::{GivenPassword, Password, SourceRole, SourceRoles, TargetSide, scram};
+use super::{GivenPassword, Membership, Password, SourceRole, SourceRoles, TargetSide, scram};
 use crate::ident::{quote_ident, quote_literal};
 
 /// One statement of the plan: its SQL (which may hold a verifier: never shown) and what it does, as shown.
@@ -21,7 +21,7 @@ impl std::fmt::Debug for Step {
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// Attributes dropped, differences of existing roles, md5 verifiers: one line each.
+    /// Attributes dropped, differences of existing roles, verifiers not copied: one line each.
     pub notices: Vec<String>,
     /// LOGIN roles that cannot log in on the target (created NOLOGIN: no verifier and no password given).
     pub cannot_log_in: Vec<String>,
@@ -122,14 +122,8 @@ fn password(
     match (&r.password, given) {
         (_, Some(g)) => (Some(scram(&g.password)), "password from --role-password"),
         (Password::Scram(v), None) => (Some(v.clone()), "SCRAM verifier copied"),
-        (Password::Md5(v), None) => {
-            p.notices.push(format!(
-                "role {}: its md5 password verifier was copied; servers that only accept SCRAM (Amazon \
-                 RDS 14+ by default) refuse it: set a new password there",
-                r.name
-            ));
-            (Some(v.clone()), "md5 verifier copied")
-        }
+        // whether the target accepts it is `login::can_log_in`'s to say (check, clone and cutover ask it)
+        (Password::Md5(v), None) => (Some(v.clone()), "md5 verifier copied"),
         (Password::None, None) => (None, "no password on the source either"),
         (Password::Other, None) => {
             p.notices.push(format!(
@@ -202,33 +196,38 @@ fn create(p: &mut Plan, r: &SourceRole, target: &TargetSide, given: Option<&Give
 /// The memberships among the carried roles (ADMIN; INHERIT and SET on 16+).
 fn memberships(p: &mut Plan, source: &SourceRoles, target: &TargetSide) {
     for m in &source.memberships {
-        let mut with = Vec::new();
-        if m.admin {
-            with.push("ADMIN OPTION".to_string());
+        p.steps.push(grant(m, target.version));
+    }
+}
+
+/// The statement that grants one membership on a target of `version` (ADMIN; INHERIT and SET on 16+).
+pub fn grant(m: &Membership, version: u32) -> Step {
+    let mut with = Vec::new();
+    if m.admin {
+        with.push("ADMIN OPTION".to_string());
+    }
+    if version >= 16 {
+        if let Some(i) = m.inherit {
+            with.push(format!("INHERIT {}", if i { "TRUE" } else { "FALSE" }));
         }
-        if target.version >= 16 {
-            if let Some(i) = m.inherit {
-                with.push(format!("INHERIT {}", if i { "TRUE" } else { "FALSE" }));
-            }
-            if let Some(s) = m.set {
-                with.push(format!("SET {}", if s { "TRUE" } else { "FALSE" }));
-            }
+        if let Some(s) = m.set {
+            with.push(format!("SET {}", if s { "TRUE" } else { "FALSE" }));
         }
-        let with = if with.is_empty() {
-            String::new()
-        } else if target.version >= 16 {
-            format!(" WITH {}", with.join(", "))
-        } else {
-            " WITH ADMIN OPTION".into()
-        };
-        p.steps.push(Step {
-            sql: format!(
-                "GRANT {} TO {}{with}",
-                quote_ident(&m.role),
-                quote_ident(&m.member)
-            ),
-            says: format!("grant role {} to {}{with}", m.role, m.member),
-        });
+    }
+    let with = if with.is_empty() {
+        String::new()
+    } else if version >= 16 {
+        format!(" WITH {}", with.join(", "))
+    } else {
+        " WITH ADMIN OPTION".into()
+    };
+    Step {
+        sql: format!(
+            "GRANT {} TO {}{with}",
+            quote_ident(&m.role),
+            quote_ident(&m.member)
+        ),
+        says: format!("grant role {} to {}{with}", m.role, m.member),
     }
 }
 
@@ -304,7 +303,7 @@ fn existing_differences(p: &mut Plan, r: &SourceRole, have: &[bool; 7]) {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::roles::{DatabaseGrant, Membership};
+    use crate::roles::DatabaseGrant;
 
     pub(in crate::roles) fn role(name: &str, login: bool, password: Password) -> SourceRole {
         SourceRole {
@@ -320,6 +319,7 @@ pub(super) mod tests {
             bypassrls: false,
             owns: true,
             password,
+            row_version: None,
             settings: vec![],
         }
     }

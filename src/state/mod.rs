@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS hikkoshi.roles (
     created     boolean NOT NULL,
     can_log_in  boolean NOT NULL
 );
+ALTER TABLE hikkoshi.roles ADD COLUMN IF NOT EXISTS source_version bigint;
+ALTER TABLE hikkoshi.roles ADD COLUMN IF NOT EXISTS password_given boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS hikkoshi.events (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),

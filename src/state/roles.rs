@@ -1,7 +1,9 @@
-//! The roles the clone carried: `hikkoshi.roles` on the target. The cutover refuses while a LOGIN role of
-//! the source cannot log in on the target (see `roles`).
+//! The roles the clone carried: `hikkoshi.roles` on the target, which the cutover reads to carry what
+//! changed on the source since (see `roles::recheck`).
 
 use tokio_postgres::Client;
+
+use crate::roles::Record;
 
 /// Records what the roles step did: the roles it created, and the LOGIN roles that cannot log in.
 pub async fn record(
@@ -34,33 +36,61 @@ pub async fn record(
 pub async fn logs_in(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "UPDATE hikkoshi.roles SET can_log_in = true WHERE name = $1",
+            "UPDATE hikkoshi.roles SET can_log_in = true, password_given = true WHERE name = $1",
             &[&name],
         )
         .await?;
     Ok(())
 }
 
-/// LOGIN roles of the source that still cannot log in on the target (NOLOGIN there).
-pub async fn cannot_log_in(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
-    if !client
-        .query_one("SELECT to_regclass('hikkoshi.roles') IS NOT NULL", &[])
-        .await?
-        .get::<_, bool>(0)
-    {
-        return Ok(Vec::new());
+/// Records, for the roles the clone created, the version of their source row it carried, and whether
+/// `--role-password` gave their password (never the verifier: see `roles::recheck`).
+pub async fn record_sources(
+    client: &Client,
+    rows: &[(String, Option<i64>, bool)],
+) -> Result<(), tokio_postgres::Error> {
+    for (name, version, given) in rows {
+        client
+            .execute(
+                "UPDATE hikkoshi.roles SET source_version = $2, password_given = password_given OR $3
+                 WHERE name = $1",
+                &[name, version, given],
+            )
+            .await?;
     }
+    Ok(())
+}
+
+/// The cutover carried a role's changes: the source row version it carried.
+pub async fn carried(
+    client: &Client,
+    name: &str,
+    version: i64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE hikkoshi.roles SET source_version = $2 WHERE name = $1",
+            &[&name, &version],
+        )
+        .await?;
+    Ok(())
+}
+
+/// What the state says of each carried role.
+pub async fn records(client: &Client) -> Result<Vec<Record>, tokio_postgres::Error> {
     Ok(client
         .query(
-            "SELECT r.name FROM hikkoshi.roles r
-             WHERE NOT r.can_log_in
-               AND NOT coalesce((SELECT rolcanlogin FROM pg_roles WHERE rolname = r.name), false)
-             ORDER BY 1",
+            "SELECT name, created, source_version, password_given FROM hikkoshi.roles ORDER BY 1",
             &[],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| Record {
+            name: r.get(0),
+            created: r.get(1),
+            source_version: r.get(2),
+            password_given: r.get(3),
+        })
         .collect())
 }
 

@@ -12,6 +12,7 @@ mod errors;
 mod faults;
 mod fence;
 mod follow;
+mod logins;
 mod monitor;
 mod rehearse;
 mod resume;
