@@ -9,8 +9,10 @@
 # generator saw. After each run, the source's pgbench_history rows must all be on the target (counted up to the
 # source's last mtime; the target has the load's later rows too); the run fails otherwise.
 #
-# --tables N adds N small keyed tables (10 rows each) to the database, to measure what the write fence costs
-# with many tables: it is armed before the pause (fence_arm_seconds) and raised in it (fence_seconds).
+# --tables N runs every run twice, in the same bench run: once with pgbench's 4 tables, once with N small
+# keyed tables (10 rows each) added, to measure what the fence costs with many tables: it is armed before
+# the pause (fence_arm_seconds) and raised in it (fence_seconds). The end reports the median pause of each
+# and their ratio (issue 23's target: within 2x).
 #
 # usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--tables 0] [--keep]
 # Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --bins --examples`.
@@ -46,57 +48,77 @@ bench_start
 mkdir -p "$RESULTS_DIR"
 out=$RESULTS_DIR/cutover-$STAMP.json
 echo "[" >"$out"
+VARIANTS=0
+((TABLES > 0)) && VARIANTS="0 $TABLES"
+n=0
 for run in $(seq 1 "$RUNS"); do
-    db=bench_cutover_$run
+for extra in $VARIANTS; do
+    n=$((n + 1))
+    db=bench_cutover_${run}_$extra
     src_psql postgres -c "CREATE DATABASE $db"
     dst_psql postgres -c "CREATE DATABASE $db"
     as_pg "$PG15_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$SRC_PORT" -U postgres "$db" >/dev/null 2>&1
     # pgbench_history has no key: the stream needs a replica identity
     src_psql "$db" -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
-    if ((TABLES > 0)); then
-        src_psql "$db" -q -c "DO \$\$ BEGIN FOR i IN 1..$TABLES LOOP
+    if ((extra > 0)); then
+        src_psql "$db" -q -c "DO \$\$ BEGIN FOR i IN 1..$extra LOOP
             EXECUTE format('CREATE TABLE extra_%s (id int PRIMARY KEY, v text); INSERT INTO extra_%s
                 SELECT g, md5(g::text) FROM generate_series(1, 10) g', i, i); END LOOP; END \$\$"
     fi
-    switch=$WORK/switch-$run stopfile=$WORK/stop-$run
+    switch=$WORK/switch-$n stopfile=$WORK/stop-$n
     echo "$SRC_PORT" >"$switch"
     rm -f "$stopfile"
     "$HIKKOSHI_BIN" clone --follow --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --jobs 2 \
-        >"$LOGS/follow-$run.out" 2>"$LOGS/follow-$run.err" &
+        >"$LOGS/follow-$n.out" 2>"$LOGS/follow-$n.err" &
     BG_PIDS+=($!)
     follower=$!
     "$LOADGEN" "host=127.0.0.1 user=postgres dbname=$db" "$switch" "$RATE" "$CLIENTS" "$stopfile" \
-        >"$WORK/load-$run.json" 2>"$LOGS/load-$run.err" &
+        >"$WORK/load-$n.json" 2>"$LOGS/load-$n.err" &
     BG_PIDS+=($!)
     load=$!
     # wait until streaming, then let the load settle
     until "$HIKKOSHI_BIN" status --target "$(dst_conn "$db")" --json 2>/dev/null \
         | grep -q '"follower_running": true'; do sleep 0.5; done
     sleep 10
-    log "run $run: cutover under $RATE TPS"
+    log "run $run ($extra extra tables): cutover under $RATE TPS"
     "$HIKKOSHI_BIN" cutover --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --verify "$VERIFY" \
-        --hook "echo \$HIKKOSHI_NEW_PRIMARY_PORT > $switch" --json >"$WORK/cutover-$run.json" \
-        2>"$LOGS/cutover-$run.err" || { cat "$LOGS/cutover-$run.err" >&2; die "cutover failed"; }
+        --hook "echo \$HIKKOSHI_NEW_PRIMARY_PORT > $switch" --json >"$WORK/cutover-$n.json" \
+        2>"$LOGS/cutover-$n.err" || { cat "$LOGS/cutover-$n.err" >&2; die "cutover failed"; }
     sleep 5
     touch "$stopfile"
     wait "$load" || true
     wait "$follower" || true
-    pause=$(grep -o '"write_pause_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
-    gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$run.json" | awk '{print $2}')
-    before=$(grep -o '"verify_before_fence_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
-    compared=$(grep -o '"rows_compared_in_pause": [0-9]*' "$WORK/cutover-$run.json" | awk '{print $2}')
-    fence=$(grep -o '"fence_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
-    armed=$(grep -o '"fence_arm_seconds": [0-9.]*' "$WORK/cutover-$run.json" | awk '{print $2}')
-    fenced=$(grep -o '"tables_fenced": [0-9]*' "$WORK/cutover-$run.json" | awk '{print $2}')
+    pause=$(grep -o '"write_pause_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$n.json" | awk '{print $2}')
+    before=$(grep -o '"verify_before_fence_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    compared=$(grep -o '"rows_compared_in_pause": [0-9]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    fence=$(grep -o '"fence_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    armed=$(grep -o '"fence_arm_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    fenced=$(grep -o '"tables_fenced": [0-9]*' "$WORK/cutover-$n.json" | awk '{print $2}')
     # the source's rows must all be on the target (the target has the load's later rows too)
     s=$(src_psql "$db" -At -c "SELECT count(*) FROM pgbench_history")
     last=$(src_psql "$db" -At -c "SELECT max(mtime) FROM pgbench_history")
     t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= '$last'")
     [[ $s == "$t" ]] || die "run $run: the source has $s history rows up to $last, the target $t"
-    log "run $run: hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause; fence on $fenced tables: armed in ${armed}s before the pause, raised in ${fence}s); history rows source $s, target $t"
-    ((run > 1)) && echo "," >>"$out"
+    log "run $run ($extra extra tables): hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause; fence on $fenced tables: armed in ${armed}s before the pause, raised in ${fence}s); history rows source $s, target $t"
+    ((n > 1)) && echo "," >>"$out"
     printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "extra_tables": %d, "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
-        "$run" "$SCALE" "$RATE" "$VERIFY" "$TABLES" "$pause" "$gap" "$(cat "$WORK/cutover-$run.json")" "$(cat "$WORK/load-$run.json")" >>"$out"
+        "$run" "$SCALE" "$RATE" "$VERIFY" "$extra" "$pause" "$gap" "$(cat "$WORK/cutover-$n.json")" "$(cat "$WORK/load-$n.json")" >>"$out"
+done
 done
 echo "]" >>"$out"
 log "results: $out"
+# the median pause with each table count, and their ratio
+python3 - "$out" <<'PY'
+import json, statistics, sys
+runs = json.load(open(sys.argv[1]))
+by = {}
+for r in runs:
+    by.setdefault(r["extra_tables"], []).append(r["hikkoshi_pause_seconds"])
+med = {k: statistics.median(v) for k, v in sorted(by.items())}
+for k, v in med.items():
+    print(f"pause with {k} extra tables: median {v:.3f}s over {len(by[k])} run(s): {by[k]}")
+if len(med) == 2:
+    (a, pa), (b, pb) = med.items()
+    print(f"ratio ({b} extra tables / {a}): {pb / pa:.2f}")
+PY

@@ -240,9 +240,13 @@ impl TypeInfo {
     async fn load(client: &Client) -> Result<TypeInfo, tokio_postgres::Error> {
         let rows = client
             .query(
-                "SELECT oid, typtype::text, typelem, typbasetype,
-                        typcategory = 'A' AS is_array, typsend <> 0 AND typreceive <> 0 AS has_binary
-                 FROM pg_type WHERE oid >= 16384",
+                // user types, and the built-in ones without binary I/O (aclitem) with their arrays
+                "SELECT t.oid, t.typtype::text, t.typelem, t.typbasetype,
+                        t.typcategory = 'A' AS is_array, t.typsend <> 0 AND t.typreceive <> 0 AS has_binary
+                 FROM pg_type t
+                 WHERE t.oid >= 16384 OR t.typsend = 0 OR t.typreceive = 0
+                    OR (t.typcategory = 'A' AND EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem
+                                                        AND (e.typsend = 0 OR e.typreceive = 0)))",
                 &[],
             )
             .await?;
@@ -265,16 +269,45 @@ impl TypeInfo {
 
     /// Binary COPY writes the element type's OID into every array and the field types' OIDs into every
     /// composite; user-defined types get different OIDs on the target, so such values must travel as text.
+    /// A type without binary input or output (`aclitem`, some extensions' types) travels as text too.
     fn binary_portable(&self, oid: u32) -> bool {
-        if oid < FIRST_NORMAL_OID {
-            return true;
-        }
         match self.types.get(&oid) {
+            // a built-in type with binary I/O (those without it are loaded, marked '?')
+            None => oid < FIRST_NORMAL_OID,
             // enum labels and extension base types (vector, ...) carry no OIDs in their binary form
             Some(('e', _, _)) | Some(('b', _, _)) => true,
             Some(('d', _, base)) => self.binary_portable(*base),
-            Some(('A', elem, _)) => *elem < FIRST_NORMAL_OID,
+            Some(('A', elem, _)) => *elem < FIRST_NORMAL_OID && self.binary_portable(*elem),
             _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_without_binary_io_and_their_arrays_and_domains_travel_as_text() {
+        // as `TypeInfo::load` reads them: aclitem (no binary I/O) and its array, a user enum, an array of
+        // it, a domain over aclitem, a user base type with binary I/O (vector), a composite
+        let info = TypeInfo {
+            types: HashMap::from([
+                (1033, ('?', 0, 0)),
+                (1034, ('A', 1033, 0)),
+                (16400, ('e', 0, 0)),
+                (16401, ('A', 16400, 0)),
+                (16402, ('d', 0, 1033)),
+                (16403, ('b', 0, 0)),
+                (16404, ('c', 0, 0)),
+            ]),
+        };
+        // int4, text, int4[]: built in, with binary I/O
+        for oid in [23, 25, 1007, 16400, 16403] {
+            assert!(info.binary_portable(oid), "{oid}");
+        }
+        for oid in [1033, 1034, 16401, 16402, 16404] {
+            assert!(!info.binary_portable(oid), "{oid}");
         }
     }
 }

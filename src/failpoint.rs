@@ -16,6 +16,9 @@ pub const APPLY_AFTER_COMMIT: &str = "apply.after-commit";
 pub const APPLY_BEFORE_COMMIT: &str = "apply.before-commit";
 /// The applier ran a DDL command from the source on the target, before the batch's commit.
 pub const APPLY_AFTER_DDL: &str = "apply.after-ddl";
+/// The post-data schema restored (indexes, constraints, rules, statistics), before the materialized
+/// views, large objects, sequences and the phase `done`.
+pub const CLONE_AFTER_POST_DATA: &str = "clone.after-post-data";
 /// A chunk's rows and its state committed on the target.
 pub const COPY_AFTER_CHUNK_COMMIT: &str = "copy.after-chunk-commit";
 /// A chunk's rows written, before their commit.

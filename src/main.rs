@@ -125,6 +125,10 @@ enum Command {
         exclude: Vec<String>,
         #[arg(long, env = "HIKKOSHI_PG_BIN")]
         pg_bin: Option<PathBuf>,
+        /// Check for a plain `clone` (no change stream): what only `--follow` and the cutover need (replica
+        /// identity, logged tables, the fence) is reported without blocking.
+        #[arg(long)]
+        no_follow: bool,
         #[arg(long)]
         json: bool,
     },
@@ -510,6 +514,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             include,
             exclude,
             pg_bin,
+            no_follow,
             json,
         } => {
             let report = hikkoshi::check::run(&hikkoshi::check::CheckOptions {
@@ -518,6 +523,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 include,
                 exclude,
                 pg_bin,
+                follow: !no_follow,
             })
             .await?;
             print_report(&report, json);

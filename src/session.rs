@@ -22,7 +22,10 @@ pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
         .query(
             // and, where the server has it (14+), a statement running for a client that is gone ends
             // within a second (a follower killed while applying lets its successor take over at once)
+            // NOTICEs such as "schema hikkoshi already exists, skipping" tell the user nothing: warnings
+            // and errors only
             "SELECT set_config($1, 'off', false), set_config($2, $3, false),
+                    set_config('client_min_messages', 'warning', false),
                     (SELECT set_config('client_connection_check_interval', '1000', false)
                      WHERE current_setting('server_version_num')::int >= 140000)",
             &[

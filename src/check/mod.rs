@@ -87,6 +87,8 @@ pub struct CheckOptions {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub pg_bin: Option<PathBuf>,
+    /// The command checked for is `clone --follow` (and a cutover), not a plain clone.
+    pub follow: bool,
 }
 
 /// Runs every check. Errors only when a server cannot be reached or the arguments are wrong.
@@ -107,8 +109,8 @@ pub async fn run(opts: &CheckOptions) -> Result<Report, Error> {
         catalog: &cat,
         tables: &resolved.tables,
         pg_bin: opts.pg_bin.as_deref(),
-        // the change stream is what hikkoshi is for: check for it
-        follow: true,
+        // the change stream is what hikkoshi is for: checked for unless --no-follow says otherwise
+        follow: opts.follow,
         measure: true,
     })
     .await

@@ -176,7 +176,8 @@ pub(super) async fn tables(
     follow: bool,
 ) -> Result<(), Error> {
     access(r, source, tables, follow).await?;
-    identity(r, tables, follow);
+    let roots = roots_without_identity(source, tables).await?;
+    identity(r, tables, &roots, follow);
     other_objects(r, source).await
 }
 
@@ -249,16 +250,59 @@ async fn access(
     Ok(())
 }
 
-/// A key or replica identity for every table (its updates and deletes are streamed by it), and logged
-/// tables (unlogged ones are not in the WAL).
-fn identity(r: &mut Report, tables: &[Table], follow: bool) {
-    let mut no_identity: Vec<String> = tables
+/// The partitioned roots of selected partitions that have neither a primary key nor a replica identity of
+/// their own: the stream publishes partitions through their root, and an UPDATE or DELETE then carries the
+/// root's identity, whatever the partition's.
+async fn roots_without_identity(source: &Client, tables: &[Table]) -> Result<Vec<String>, Error> {
+    let mut roots: Vec<String> = tables
+        .iter()
+        .filter_map(|t| t.root.as_ref().map(|r| r.quoted()))
+        .collect();
+    roots.sort();
+    roots.dedup();
+    if roots.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(source
+        .query(
+            "SELECT format('%s.%s', quote_ident(n.nspname), quote_ident(c.relname))
+             FROM unnest($1::text[]) r JOIN pg_class c ON c.oid = r::regclass
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relreplident = 'n'
+                OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i
+                                                          WHERE i.indrelid = c.oid AND i.indisprimary))
+             ORDER BY 1",
+            &[&roots],
+        )
+        .await
+        .map_err(Error::sql(Side::Source, "reading the partitioned tables' replica identity"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A key or replica identity for every table (its updates and deletes are streamed by it), partitioned
+/// roots included (`roots`: those without one), and logged tables (unlogged ones are not in the WAL).
+fn identity(r: &mut Report, tables: &[Table], roots: &[String], follow: bool) {
+    let lacking: Vec<&Table> = tables
         .iter()
         .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && t.key.is_empty()))
+        .collect();
+    // named by their root; fixed table by table (a partition does not take its parent's replica identity)
+    let mut no_identity: Vec<String> = lacking
+        .iter()
         .map(|t| t.root.as_ref().unwrap_or(&t.name).to_string())
+        .chain(roots.iter().cloned())
         .collect();
     no_identity.sort();
     no_identity.dedup();
+    let mut to_fix: Vec<String> = lacking
+        .iter()
+        .map(|t| t.name.to_string())
+        .chain(roots.iter().cloned())
+        .collect();
+    to_fix.sort();
+    to_fix.dedup();
     if no_identity.is_empty() {
         r.add(
             Level::Ok,
@@ -280,7 +324,7 @@ fn identity(r: &mut Report, tables: &[Table], follow: bool) {
             ),
             Some(format!(
                 "{} — or leave them out with --exclude",
-                no_identity
+                to_fix
                     .iter()
                     .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
                     .collect::<Vec<_>>()
@@ -295,16 +339,28 @@ fn identity(r: &mut Report, tables: &[Table], follow: bool) {
         .collect();
     if !unlogged.is_empty() {
         r.add(
-            Level::Warning,
+            if follow { Level::Blocker } else { Level::Warning },
             "unlogged tables",
             Some(Side::Source),
             format!(
-                "{} are unlogged: copied once, but their changes are not in the WAL and cannot be streamed",
+                "{} are unlogged: their changes are not in the WAL, so no publication can hold them and \
+                 `clone --follow` cannot stream them (it refuses them); a plain clone copies their rows once",
                 unlogged.join(", ")
             ),
-            Some("ALTER TABLE ... SET LOGGED; on the source before the migration, or accept that the \
-                  target has their rows as of the copy"
-                .into()),
+            Some(format!(
+                "either make them logged on the source ({}) or leave them out ({}), and say so to whoever \
+                 relies on their rows after the switch",
+                unlogged
+                    .iter()
+                    .map(|t| format!("ALTER TABLE {t} SET LOGGED;"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                unlogged
+                    .iter()
+                    .map(|t| format!("--exclude {t}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
         );
     }
 }

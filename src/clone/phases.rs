@@ -351,7 +351,11 @@ impl<'a> Run<'a> {
 
     /// Pre-data in one transaction (the tables are all there, an earlier run restored them, or none), then
     /// the chunk plan.
-    async fn pre_data(&self, archive: &schema::Archive, keep_owners: bool) -> Result<(), Error> {
+    async fn pre_data(
+        &mut self,
+        archive: &schema::Archive,
+        keep_owners: bool,
+    ) -> Result<(), Error> {
         if !all_tables_exist(&self.target, &self.resolved.tables).await? {
             let lent = if keep_owners {
                 lend_create(&self.source, &self.target).await?
@@ -362,6 +366,12 @@ impl<'a> Run<'a> {
                 schema::restore_pre_data(&self.tools, archive, self.tgt_info, keep_owners).await;
             take_back_create(&self.target, &lent).await;
             restored?;
+        }
+        if keep_owners {
+            // the restore leaves the target's own schema public as it is: its grants come here
+            for w in schema::grants::carry_public(&self.source, &self.target).await? {
+                self.warn(w);
+            }
         }
         state::roles::set_owners_kept(&self.target, keep_owners)
             .await
@@ -436,6 +446,7 @@ impl<'a> Run<'a> {
             "indexes, constraints and triggers built in {:.1}s",
             t.elapsed().as_secs_f64()
         );
+        crate::failpoint::hit(crate::failpoint::CLONE_AFTER_POST_DATA);
         refresh_matviews(&self.source, target, &self.resolved.matviews).await?;
         // large objects are in no stream and no table: copied whole (a cutover levels them again)
         let objects =

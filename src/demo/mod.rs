@@ -206,6 +206,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         include: vec![],
         exclude: vec![],
         pg_bin: Some(install.bin.clone()),
+        follow: true,
     })
     .await?;
     print!("{report}");

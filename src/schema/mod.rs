@@ -8,6 +8,7 @@
 //! script that hikkoshi filters and runs itself (see `script`). The password reaches pg_dump through
 //! `PGPASSWORD`, never its command line.
 
+pub mod grants;
 pub mod script;
 
 use std::collections::HashSet;
@@ -482,7 +483,26 @@ async fn existing_post_data(client: &Client) -> Result<Vec<String>, tokio_postgr
              UNION ALL
              SELECT 'POLICY ' || n.nspname || ' ' || t.relname || ' ' || p.polname || ' '
              FROM pg_policy p JOIN pg_class t ON t.oid = p.polrelid
-             JOIN pg_namespace n ON n.oid = t.relnamespace",
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             UNION ALL
+             -- a NOT VALID CHECK of a table or a domain is dumped apart from its object, as CHECK CONSTRAINT
+             SELECT 'CHECK CONSTRAINT ' || n.nspname || ' ' || t.relname || ' ' || c.conname || ' '
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE c.contype = 'c' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             UNION ALL
+             SELECT 'CHECK CONSTRAINT ' || n.nspname || ' ' || y.typname || ' ' || c.conname || ' '
+             FROM pg_constraint c JOIN pg_type y ON y.oid = c.contypid
+             JOIN pg_namespace n ON n.oid = y.typnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             UNION ALL
+             SELECT 'RULE ' || n.nspname || ' ' || t.relname || ' ' || r.rulename || ' '
+             FROM pg_rewrite r JOIN pg_class t ON t.oid = r.ev_class
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE r.rulename <> '_RETURN' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'hikkoshi')
+             UNION ALL
+             SELECT 'STATISTICS ' || n.nspname || ' ' || x.stxname || ' '
+             FROM pg_statistic_ext x JOIN pg_namespace n ON n.oid = x.stxnamespace",
             &[],
         )
         .await?;

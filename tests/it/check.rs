@@ -166,3 +166,63 @@ async fn an_extension_the_target_cannot_create_is_a_blocker_with_the_package_to_
         "a downgrade is named: {stdout}"
     );
 }
+
+/// Issue 22: `check` blocks only on what the command it prepares needs. For `clone --follow` (the default),
+/// partitions without replica identity and unlogged tables are blockers, and the fix it prints works as
+/// printed, partitions included; with `--no-follow` (a plain clone) they are warnings. Once fixed, `check`
+/// says ready and the following clone starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_blocks_only_for_the_command_it_prepares_and_its_fixes_work_as_printed() {
+    let Sides { pair, src, tgt } = Pair::new(15, 18)
+        .source(
+            "CREATE TABLE measures (day date NOT NULL, v int) PARTITION BY RANGE (day);
+             CREATE TABLE measures_2024 PARTITION OF measures FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+             CREATE TABLE measures_2025 PARTITION OF measures FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             INSERT INTO measures VALUES ('2024-03-01', 1), ('2025-03-01', 2);
+             CREATE UNLOGGED TABLE scratch (k int PRIMARY KEY, v text);
+             INSERT INTO scratch VALUES (1, 'x');
+             CREATE TABLE keyed (id int PRIMARY KEY);",
+        )
+        .await;
+    let out = pair.hikkoshi(&["check", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let f = findings(&out);
+    let b = blockers(&f);
+    assert!(b.contains(&"replica identity".to_string()), "{f:?}");
+    assert!(b.contains(&"unlogged tables".to_string()), "{f:?}");
+    let plain = pair.hikkoshi(&["check", "--no-follow", "--json"]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain));
+    assert!(blockers(&findings(&plain)).is_empty());
+    // the printed fixes, as printed
+    for check in ["replica identity", "unlogged tables"] {
+        let fix = f
+            .iter()
+            .find(|x| x["check"] == check)
+            .and_then(|x| x["fix"].as_str())
+            .unwrap()
+            .to_string();
+        let statements: Vec<&str> = fix
+            .split(['(', ')', '—'])
+            .flat_map(|part| part.split(';'))
+            .map(str::trim)
+            .filter(|s| s.starts_with("ALTER TABLE"))
+            .collect();
+        assert!(!statements.is_empty(), "{fix}");
+        for s in statements {
+            src.batch_execute(s)
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+    }
+    let out = pair.hikkoshi(&["check", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mut f = pair.follower(&[]);
+    crate::common::live::wait_in_sync(&src, &tgt, &mut f).await;
+    src.batch_execute("UPDATE measures SET v = v + 1; DELETE FROM scratch")
+        .await
+        .unwrap();
+    crate::common::live::wait_in_sync(&src, &tgt, &mut f).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert_same_rows_and_schema(&src, &tgt).await;
+}

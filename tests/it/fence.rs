@@ -106,6 +106,13 @@ async fn a_deploy_during_the_switch_is_refused_at_the_fence_and_loses_nothing() 
     );
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
+    // no PostgreSQL NOTICE reaches hikkoshi's output ("… already exists, skipping")
+    for said in [text(&out), log] {
+        assert!(
+            !said.contains("NOTICE") && !said.contains("skipping"),
+            "{said}"
+        );
+    }
     // the fence ended the old primary's sessions: fresh ones
     let src = {
         drop(src);

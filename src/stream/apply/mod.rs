@@ -73,6 +73,22 @@ pub enum ApplyError {
     Decode(#[from] super::pgoutput::DecodeError),
 }
 
+/// An UPDATE or DELETE of a relation the stream describes with no key and no full identity names no row
+/// (the old image holds only the key, which is empty): a partitioned table published through its root,
+/// whose root has no replica identity of its own (a partition's does not count there).
+fn no_row_named(rel: &relation::Rel, what: &str) -> Result<(), ApplyError> {
+    if rel.identity == 'f' || !rel.key_positions.is_empty() {
+        return Ok(());
+    }
+    let t = &rel.table.name;
+    Err(ApplyError::SchemaChanged(format!(
+        "{what} of {t} arrived without a key or full row to find it by: {t} has no primary key and no replica \
+         identity of its own (a partitioned table is published through its root, and a partition's replica \
+         identity does not count there). Run `ALTER TABLE {t} REPLICA IDENTITY FULL` on the source (and \
+         on each partition without a key), then `hikkoshi clean` and clone again"
+    )))
+}
+
 impl ApplyError {
     /// Whether running again may succeed without anyone changing anything.
     pub fn is_transient(&self) -> bool {
@@ -355,6 +371,7 @@ impl Applier {
         }
         self.before_direct(u.relation).await?;
         let rel = self.rel(u.relation)?;
+        no_row_named(rel, "an UPDATE")?;
         for (q, expect) in statements::update(rel, u.old.as_ref(), &u.new, converge) {
             self.send(q, expect).await?;
         }
@@ -376,6 +393,7 @@ impl Applier {
             return Ok(());
         }
         self.before_direct(d.relation).await?;
+        no_row_named(self.rel(d.relation)?, "a DELETE")?;
         let (q, expect) = statements::delete(self.rel(d.relation)?, &d.old, converge);
         self.send(q, expect).await
     }
