@@ -3,6 +3,7 @@
 //! created on either server.
 
 mod roles;
+pub mod schema;
 mod source;
 mod target;
 mod versions;
@@ -103,7 +104,7 @@ pub async fn run(opts: &CheckOptions) -> Result<Report, Error> {
         .await
         .map_err(Error::sql(Side::Source, "reading the source catalog"))?;
     let resolved = resolve(&cat, &selection)?;
-    evaluate(&Inputs {
+    let mut report = evaluate(&Inputs {
         source: &source,
         target: &target,
         catalog: &cat,
@@ -113,7 +114,67 @@ pub async fn run(opts: &CheckOptions) -> Result<Report, Error> {
         follow: opts.follow,
         measure: true,
     })
-    .await
+    .await?;
+    rehearse_schema(
+        &mut report,
+        opts,
+        (&src_info, &tgt_info),
+        (&cat, &target),
+        &resolved,
+    )
+    .await?;
+    report.findings.sort_by_key(|f| std::cmp::Reverse(f.level));
+    Ok(report)
+}
+
+/// The schema step rehearsed on the target (see `schema`), where the target has none of the selected
+/// tables yet (a resume finds them there, and the clone skips what exists).
+async fn rehearse_schema(
+    r: &mut Report,
+    opts: &CheckOptions,
+    infos: (&crate::conninfo::ConnInfo, &crate::conninfo::ConnInfo),
+    (cat, target): (&Catalog, &Client),
+    resolved: &crate::plan::Resolved,
+) -> Result<(), Error> {
+    let names: Vec<String> = resolved.tables.iter().map(|t| t.name.quoted()).collect();
+    let existing: i64 = target
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL",
+            &[&names],
+        )
+        .await
+        .map_err(Error::sql(Side::Target, "looking for the selected tables"))?
+        .get(0);
+    if existing > 0 {
+        return Ok(());
+    }
+    let target_major: u32 = setting(target, Side::Target, "server_version_num")
+        .await?
+        .parse::<u32>()
+        .unwrap_or(0)
+        / 10000;
+    let tools = match crate::schema::DumpTools::find(
+        opts.pg_bin.as_deref(),
+        cat.major_version() as u32,
+        target_major,
+    ) {
+        Ok(t) => t,
+        // the versions line says what is missing
+        Err(_) => return Ok(()),
+    };
+    if let Err(e) = schema::pre_data(r, infos, target, resolved, &tools).await {
+        r.add(
+            Level::Warning,
+            "schema",
+            Some(Side::Target),
+            format!(
+                "the schema restore could not be rehearsed ({}): the clone's schema step is not predicted",
+                crate::error::chain(&e)
+            ),
+            None,
+        );
+    }
+    Ok(())
 }
 
 /// What `evaluate` looks at; `clone` passes its own sessions and selection.

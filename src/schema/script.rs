@@ -26,6 +26,8 @@ use crate::error::Side;
 pub struct Entry {
     /// pg_restore's object type (`INDEX`, `CONSTRAINT`, `FK CONSTRAINT`, …).
     pub kind: String,
+    /// The object as the header names it: `schema.name` (`name` alone where it has no schema).
+    pub name: String,
     /// The session settings in force before it, as statements.
     pub settings: Vec<String>,
     pub sql: String,
@@ -84,8 +86,17 @@ pub fn entries(script: &str) -> Vec<Entry> {
                 .find_map(|part| part.strip_prefix("Type: "))
         {
             out.extend(current.take());
+            let name = header.split("; ").next().unwrap_or_default();
+            let schema = header
+                .split("; ")
+                .find_map(|part| part.strip_prefix("Schema: "))
+                .filter(|s| *s != "-");
             current = Some(Entry {
                 kind: kind.to_string(),
+                name: match schema {
+                    Some(s) => format!("{s}.{name}"),
+                    None => name.to_string(),
+                },
                 settings: settings.iter().map(|(_, l)| l.clone()).collect(),
                 sql: String::new(),
             });
@@ -317,6 +328,7 @@ ALTER TABLE ONLY public.orders
             ["CONSTRAINT", "INDEX", "FK CONSTRAINT"]
         );
         assert!(e[0].sql.contains("users_pkey PRIMARY KEY"), "{:?}", e[0]);
+        assert_eq!(e[2].name, "public.orders orders_user_fk");
         assert!(
             e[0].settings
                 .contains(&"SET default_tablespace = '';".to_string())

@@ -226,3 +226,50 @@ async fn check_blocks_only_for_the_command_it_prepares_and_its_fixes_work_as_pri
     assert!(status.success(), "{log}");
     assert_same_rows_and_schema(&src, &tgt).await;
 }
+
+/// Issue 22: what the target cannot hold is named by `check`, every object, before anything is created —
+/// not found by the clone's schema step at the first one. PostgreSQL 18 here is built without ICU and lz4.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_every_object_the_target_cannot_hold_and_creates_nothing() {
+    let Sides { pair, tgt, .. } = Pair::new(15, 18)
+        .source(
+            "CREATE COLLATION und_icu (provider = icu, locale = 'und');
+             CREATE TABLE uses_icu (id int PRIMARY KEY, name text COLLATE und_icu);
+             CREATE TABLE packed (id int PRIMARY KEY, doc text COMPRESSION lz4);
+             CREATE TABLE plain (id int PRIMARY KEY, note text);",
+        )
+        .await;
+    // whether this PostgreSQL 18 build has ICU, tried in a transaction that is rolled back
+    let icu = tgt
+        .batch_execute("BEGIN; CREATE COLLATION probe (provider = icu, locale = 'und')")
+        .await
+        .is_ok();
+    tgt.batch_execute("ROLLBACK").await.unwrap();
+    let out = pair.hikkoshi(&["check", "--json"]);
+    let f = findings(&out);
+    let schema: Vec<String> = f
+        .iter()
+        .filter(|x| x["check"] == "schema")
+        .map(|x| format!("{} {} | {}", x["level"], x["message"], x["fix"]))
+        .collect();
+    if icu {
+        // a target built with ICU (and lz4) holds it all
+        assert!(schema.iter().all(|s| s.starts_with("\"ok\"")), "{schema:?}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = schema.join("\n");
+    for needle in [
+        "COLLATION public.und_icu",
+        "TABLE public.uses_icu",
+        "TABLE public.packed",
+    ] {
+        assert!(said.contains(needle), "{needle} not named:\n{said}");
+    }
+    assert!(!said.contains("TABLE public.plain"), "{said}");
+    assert!(
+        said.contains("ICU") && said.contains("SET COMPRESSION"),
+        "{said}"
+    );
+    assert_eq!(user_tables(&tgt).await.len(), 0, "check created something");
+}
