@@ -29,6 +29,11 @@ pub fn table(publication: &str) -> QualifiedName {
     QualifiedName::new("hikkoshi", format!("{publication}_ddl"))
 }
 
+/// The names the stream's tables had when the capture last saw them (see capture.sql), next to its table.
+fn names(publication: &str) -> QualifiedName {
+    QualifiedName::new("hikkoshi", format!("{publication}_names"))
+}
+
 /// The event triggers' names (global names: they carry the stream's).
 fn trigger(publication: &str, event: &str) -> String {
     format!("{publication}_{event}")
@@ -64,6 +69,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
         .replace("{{EVENT_TRIGGERS}}", &events)
         .replace("{{TABLE_LITERAL}}", &quote_literal(&tq))
         .replace("{{TABLE}}", &tq)
+        .replace("{{NAMES}}", &names(publication).quoted())
         .replace("{{FUNCTION}}", &f)
         .replace("{{BODY}}", &body)
         .replace("{{FAILED}}", &failed)
@@ -76,6 +82,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
 /// Removes the capture of `publication` (its event triggers, function and table). Idempotent.
 pub fn remove(publication: &str) -> String {
     let t = table(publication).quoted();
+    let n = names(publication).quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
     let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
     let failed = QualifiedName::new("hikkoshi", format!("{publication}_capture_failed")).quoted();
@@ -88,7 +95,8 @@ pub fn remove(publication: &str) -> String {
     }
     sql.push_str(&format!(
         "DROP FUNCTION IF EXISTS {f}();\nDROP FUNCTION IF EXISTS {body}(text, text, text);\n\
-         DROP FUNCTION IF EXISTS {failed}(text, text, text);\nDROP TABLE IF EXISTS {t};\n"
+         DROP FUNCTION IF EXISTS {failed}(text, text, text);\nDROP TABLE IF EXISTS {t};\n\
+         DROP TABLE IF EXISTS {n};\n"
     ));
     sql
 }
@@ -194,7 +202,7 @@ mod tests {
             "{sql}"
         );
         assert!(
-            !sql.contains("{{PUBLICATION") && !sql.contains("{{EVENT"),
+            !sql.contains("{{PUBLICATION") && !sql.contains("{{EVENT") && !sql.contains("{{NAMES"),
             "{sql}"
         );
         assert!(sql.contains(r#""hikkoshi"."hikkoshi_ab12_ddl""#));
