@@ -13,7 +13,13 @@
 //!     refuses it;
 //!   - a published table rewritten with values computed there (`ADD COLUMN … DEFAULT gen_random_uuid()`, or
 //!     `ALTER COLUMN … TYPE … USING`) has every row touched (`UPDATE t SET c = c`, user triggers off): the
-//!     stream then carries the source's values, which overwrite the ones the target computed.
+//!     stream then carries the source's values, which overwrite the ones the target computed;
+//!   - the stream's tables whose name changed since the capture last saw them (kept in `<stream>_names`:
+//!     at `ddl_command_end` the catalog has only the new name, the target only the old), and whether the
+//!     selection still takes the new name;
+//!   - the session's TimeZone, DateStyle and IntervalStyle (a type change converts under them), and the
+//!     missing values of the touched tables' columns (`ADD COLUMN … DEFAULT now()` computes one value and
+//!     rewrites nothing), for the applier to replay the same values.
 //!
 //! Sessions with `hikkoshi.capture = off` (every hikkoshi session) are not captured, nor are objects in
 //! temporary schemas or in hikkoshi's own.
