@@ -34,6 +34,35 @@ impl fmt::Display for QualifiedName {
     }
 }
 
+impl QualifiedName {
+    /// Reads back `schema.name` as PostgreSQL's `format('%I.%I', …)` writes it (quoted where needed, `""`
+    /// for a quote inside quotes). None when it is not two names.
+    pub fn parse(s: &str) -> Option<QualifiedName> {
+        let mut parts = Vec::new();
+        let mut cur = String::new();
+        let mut chars = s.chars().peekable();
+        let mut quoted = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    chars.next();
+                    cur.push('"');
+                }
+                '"' => quoted = !quoted,
+                '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        parts.push(cur);
+        match <[String; 2]>::try_from(parts) {
+            Ok([schema, name]) if !quoted && !schema.is_empty() && !name.is_empty() => {
+                Some(QualifiedName { schema, name })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Double-quotes an identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -69,5 +98,19 @@ mod tests {
             QualifiedName::new("app", "Mixed Case").to_string(),
             "app.\"Mixed Case\""
         );
+    }
+
+    #[test]
+    fn qualified_names_read_back_as_postgresql_writes_them() {
+        assert_eq!(
+            QualifiedName::parse("app.tickets"),
+            Some(QualifiedName::new("app", "tickets"))
+        );
+        assert_eq!(
+            QualifiedName::parse(r#""Odd.Schema"."a ""b"" c""#),
+            Some(QualifiedName::new("Odd.Schema", r#"a "b" c"#))
+        );
+        assert_eq!(QualifiedName::parse("tickets"), None);
+        assert_eq!(QualifiedName::parse("a.b.c"), None);
     }
 }

@@ -48,6 +48,21 @@ pub const TRACK_TABLES: &str = "WITH gone AS (DELETE FROM hikkoshi.tables
      WHERE cardinality(p) = 2 AND to_regclass(t.name) IS NOT NULL
      ON CONFLICT (schema_name, table_name) DO UPDATE SET streamed = true";
 
+/// After DDL that renamed tables ($1 old names, $2 new names, `schema.table` quoted): their records, chunks
+/// (the copy's windows) and the partitions' roots follow the new name. One statement: the chunks' foreign
+/// key is checked once both have moved.
+pub const RENAME_TABLES: &str = "WITH r AS (
+         SELECT parse_ident(o) AS o, parse_ident(n) AS n FROM unnest($1::text[], $2::text[]) AS u(o, n)),
+     chunks AS (UPDATE hikkoshi.chunks c SET schema_name = r.n[1], table_name = r.n[2] FROM r
+         WHERE ARRAY[c.schema_name, c.table_name] = r.o)
+     UPDATE hikkoshi.tables t SET
+         schema_name = coalesce((SELECT r.n[1] FROM r WHERE r.o = ARRAY[t.schema_name, t.table_name]), t.schema_name),
+         table_name = coalesce((SELECT r.n[2] FROM r WHERE r.o = ARRAY[t.schema_name, t.table_name]), t.table_name),
+         root_schema = coalesce((SELECT r.n[1] FROM r WHERE r.o = ARRAY[t.root_schema, t.root_name]), t.root_schema),
+         root_name = coalesce((SELECT r.n[2] FROM r WHERE r.o = ARRAY[t.root_schema, t.root_name]), t.root_name)
+     WHERE ARRAY[t.schema_name, t.table_name] IN (SELECT o FROM r)
+        OR ARRAY[t.root_schema, t.root_name] IN (SELECT o FROM r)";
+
 /// One logged command, for `status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Logged {

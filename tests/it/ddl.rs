@@ -576,3 +576,181 @@ async fn ddl_as_the_application_role_reaches_a_managed_target_with_its_owner() {
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
 }
+
+/// Source and target hold the same rows, the same schema objects and the same `pg_dump --schema-only`.
+async fn assert_same_rows_and_dump(pair: &Pair, src: &Client, tgt: &Client) {
+    assert_same_rows_and_schema(src, tgt).await;
+    let (a, b) = (
+        schema_dump(&pair.s.socket_url("app")),
+        schema_dump(&pair.t.socket_url("app")),
+    );
+    assert_eq!(schema_difference(&a, &b), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renamed_or_moved_table_streams_on_under_its_new_name_and_a_name_outside_the_selection_stops()
+ {
+    let Sides { pair, src, tgt } = Pair::new(15, 18)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .then(
+            "CREATE TABLE app.scratch_0 (id int PRIMARY KEY);
+             CREATE TABLE app.jobs (id int PRIMARY KEY, v text NOT NULL);
+             INSERT INTO app.jobs SELECT g, 'job ' || g FROM generate_series(1, 300) g;",
+        )
+        .await;
+    let mut f = Follower::start_between(
+        &pair.source_url(),
+        &pair.target_url(),
+        &["--exclude", "app.scratch_*"],
+        &[],
+    );
+    wait_in_sync(&src, &tgt, &mut f).await;
+    let load = Load::start(pair.s.socket_url("app")).await;
+    run(
+        &src,
+        &[
+            // the table the selection leaves out goes (passed over on the target, which never had it)
+            "DROP TABLE app.scratch_0",
+            "CREATE SCHEMA archive",
+            "ALTER TABLE app.jobs RENAME TO tasks",
+            "INSERT INTO app.tasks SELECT g, 'task ' || g FROM generate_series(301, 350) g",
+            "UPDATE app.tasks SET v = v || '!' WHERE id % 10 = 0",
+            "ALTER TABLE app.tasks SET SCHEMA archive",
+            "DELETE FROM archive.tasks WHERE id % 25 = 0",
+            "ALTER TABLE archive.tasks RENAME COLUMN v TO label",
+            "UPDATE archive.tasks SET label = upper(label) WHERE id < 20",
+            // the rename and rows under the new name in one transaction
+            "BEGIN; ALTER TABLE archive.tasks RENAME TO jobs; \
+             INSERT INTO archive.jobs VALUES (1000, 'late'); UPDATE archive.jobs SET label = 'moved' WHERE id = 1; \
+             COMMIT",
+        ],
+    )
+    .await;
+    assert!(load.stop().await > 0, "the load wrote nothing");
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_same_rows_and_dump(&pair, &src, &tgt).await;
+    // the migration's record follows the name (verification and the cutover compare by it)
+    let recorded: Vec<String> = tgt
+        .query(
+            "SELECT schema_name || '.' || table_name FROM hikkoshi.tables
+             WHERE table_name IN ('jobs', 'tasks') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(recorded, vec!["archive.jobs"]);
+    let skipped: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM hikkoshi.ddl WHERE outcome LIKE 'skipped%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(skipped, 1, "a rename was passed over");
+    // a name the selection leaves out: the stream stops at the command, with the choice named
+    run(
+        &src,
+        &[
+            "ALTER TABLE archive.jobs SET SCHEMA app",
+            "ALTER TABLE app.jobs RENAME TO scratch_jobs",
+            "INSERT INTO app.scratch_jobs VALUES (2000, 'after')",
+        ],
+    )
+    .await;
+    let log = f.stops_with_an_error().await;
+    assert!(
+        log.contains("ALTER TABLE app.jobs RENAME TO scratch_jobs")
+            && log.contains("leaves app.scratch_jobs out")
+            && log.contains("'by hand'"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("added to the publication after the clone"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volatile_default_added_to_a_replica_identity_full_table_streams_on_without_drift() {
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = Pair::new(15, 18)
+        .app()
+        .await
+        .then(TICKETS)
+        .await
+        .then(
+            "CREATE TABLE app.readings_log (id int NOT NULL, kind text NOT NULL);
+             ALTER TABLE app.readings_log REPLICA IDENTITY FULL;
+             INSERT INTO app.readings_log SELECT g, 'k' || g % 9 FROM generate_series(1, 600) g;",
+        )
+        .await
+        .following()
+        .await;
+    let load = Load::start(pair.s.socket_url("app")).await;
+    run(
+        &src,
+        &[
+            "ALTER TABLE app.readings_log ADD COLUMN score double precision DEFAULT random()",
+            "UPDATE app.readings_log SET kind = kind || '+' WHERE id % 5 = 0",
+            "DELETE FROM app.readings_log WHERE id % 7 = 0",
+            // the rewrite, then the application's changes in the same transaction
+            "BEGIN; ALTER TABLE app.readings_log ADD COLUMN tag uuid DEFAULT gen_random_uuid(); \
+             UPDATE app.readings_log SET kind = 'x' WHERE id < 10; DELETE FROM app.readings_log WHERE id = 11; \
+             COMMIT",
+            // a value computed once (no rewrite) on the same table
+            "ALTER TABLE app.readings_log ADD COLUMN seen timestamptz DEFAULT now()",
+            "UPDATE app.readings_log SET kind = 'y' WHERE id % 3 = 0",
+            "DELETE FROM app.readings_log WHERE id % 13 = 0",
+        ],
+    )
+    .await;
+    assert!(load.stop().await > 0, "the load wrote nothing");
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_same_rows_and_dump(&pair, &src, &tgt).await;
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("drifted"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_the_source_computed_at_ddl_time_reach_the_target_unchanged() {
+    let Live {
+        pair,
+        src,
+        tgt,
+        mut f,
+    } = following_with_tickets(15, 18).await;
+    let load = Load::start(pair.s.socket_url("app")).await;
+    run(
+        &src,
+        &[
+            // now() is stable: no rewrite, every row reads the value of the ALTER's moment
+            "ALTER TABLE app.tickets ADD COLUMN seen_at timestamptz NOT NULL DEFAULT now()",
+            "ALTER TABLE app.tickets ADD COLUMN seen_on date DEFAULT current_date",
+            // a rewrite whose values depend on the session's TimeZone
+            "SET TimeZone = 'Asia/Tokyo'; \
+             ALTER TABLE app.tickets ALTER COLUMN created_at TYPE timestamp; RESET TimeZone",
+            "UPDATE app.tickets SET note = note || '.' WHERE id % 9 = 0",
+        ],
+    )
+    .await;
+    assert!(load.stop().await > 0, "the load wrote nothing");
+    wait_in_sync(&src, &tgt, &mut f).await;
+    assert_same_rows_and_dump(&pair, &src, &tgt).await;
+    // hikkoshi's own comparison agrees (sequences move at the cutover)
+    let out = pair.hikkoshi(&["verify"]);
+    assert!(text(&out).contains(" 0 different"), "{}", text(&out));
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+}

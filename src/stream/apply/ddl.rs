@@ -2,9 +2,11 @@
 //! at its place in the stream: after every change before it, before every change after it, in the same
 //! target transaction as the LSN that covers it, so that a crash leaves both or neither.
 
+use std::collections::{HashMap, HashSet};
+
 use super::statements::Sql;
-use super::{Applier, ApplyError};
-use crate::ident::quote_literal;
+use super::{Applier, ApplyError, TargetTable};
+use crate::ident::{QualifiedName, quote_literal};
 use crate::stream::ddl::{Captured, split};
 use crate::stream::pgoutput::{Tuple, Value};
 
@@ -62,8 +64,6 @@ impl Applier {
         }
         if outcome == Outcome::Applied {
             crate::failpoint::hit(crate::failpoint::APPLY_AFTER_DDL);
-            // the target's tables changed: what the applier knows of them follows
-            self.refresh_tables().await?;
             // a new enum value, a new table: usable by later transactions only once committed
             self.commit_after = true;
         }
@@ -103,13 +103,31 @@ impl Applier {
                 c.at
             )));
         }
-        // a command on tables the selection leaves out (they are not on the target) is not replayed
-        if !c.touched.is_empty() && c.created.is_empty() {
+        if let Some((old, new)) = c.renamed_out.first() {
+            return Err(ApplyError::SchemaChanged(format!(
+                "the source ran `{}` (DDL {} at {}), which moves {old} to {new}: the selection this clone \
+                 was made with (--include/--exclude) leaves {new} out, so the stream cannot tell whether \
+                 the table is still to move. Nothing after it was applied. To keep moving it under its new \
+                 name: run the same command on the target, record it as done there — INSERT INTO \
+                 hikkoshi.ddl (stream, id, outcome) VALUES ({}, {}, 'by hand') — and run the same command \
+                 again. To leave it behind: `hikkoshi clean`, and clone again with the selection you want",
+                one_line(&c.statement),
+                c.id,
+                c.at,
+                quote_literal(&self.capture_stream),
+                c.id
+            )));
+        }
+        // a command on tables the selection leaves out (they are not on the target) is not replayed; a
+        // renamed table is on the target under its old name
+        let mut names = c.touched.clone();
+        names.extend(c.renamed.iter().map(|(old, _)| old.clone()));
+        if !names.is_empty() && c.created.is_empty() {
             let here: bool = self
                 .client
                 .query_one(
                     "SELECT coalesce(bool_or(to_regclass(t) IS NOT NULL), false) FROM unnest($1::text[]) t",
-                    &[&c.touched],
+                    &[&names],
                 )
                 .await
                 .map_err(target("looking up the tables a DDL command touched"))?
@@ -127,11 +145,49 @@ impl Applier {
         if let Some(role) = &role {
             run.push_str(&format!("SET ROLE {};", crate::ident::quote_ident(role)));
         }
-        let restore = format!(
-            "{}SELECT set_config('search_path', {}, true)",
+        // the session settings the source computed values under (a timestamptz → timestamp rewrite reads
+        // TimeZone), and the apply session's own, restored after it
+        let settings = replayed_settings(&c.settings);
+        let mut restore = format!(
+            "{}SELECT set_config('search_path', {}, true);",
             if role.is_some() { "RESET ROLE;" } else { "" },
             quote_literal(&self.search_path)
         );
+        for (name, value) in &settings {
+            let own: String = self
+                .client
+                .query_one("SELECT current_setting($1)", &[name])
+                .await
+                .map_err(target("reading the apply session's settings"))?
+                .get(0);
+            run.push_str(&format!(
+                "SELECT set_config({}, {}, true);",
+                quote_literal(name),
+                quote_literal(value)
+            ));
+            restore.push_str(&format!(
+                "SELECT set_config({}, {}, true);",
+                quote_literal(name),
+                quote_literal(&own)
+            ));
+        }
+        // the columns of the tables it touches as the target has them before (a renamed one: under its old
+        // name), to tell the columns whose values it computes
+        let before: Vec<(QualifiedName, Option<TargetTable>)> = c
+            .touched
+            .iter()
+            .filter_map(|t| QualifiedName::parse(t))
+            .map(|name| {
+                let was = c
+                    .renamed
+                    .iter()
+                    .find(|(_, new)| QualifiedName::parse(new).as_ref() == Some(&name))
+                    .and_then(|(old, _)| QualifiedName::parse(old))
+                    .unwrap_or_else(|| name.clone());
+                let t = self.tables.get(&was).cloned();
+                (name, t)
+            })
+            .collect();
         self.client
             .batch_execute(&run)
             .await
@@ -166,12 +222,116 @@ impl Applier {
             .batch_execute(&restore)
             .await
             .map_err(target("applying DDL"))?;
+        let (from, to): (Vec<&String>, Vec<&String>) =
+            c.renamed.iter().map(|(old, new)| (old, new)).unzip();
+        if !from.is_empty() {
+            self.client
+                .execute(crate::state::ddl::RENAME_TABLES, &[&from, &to])
+                .await
+                .map_err(target("recording the tables DDL renamed"))?;
+        }
         let tables: Vec<&String> = c.touched.iter().chain(&c.created).collect();
         self.client
             .execute(crate::state::ddl::TRACK_TABLES, &[&tables])
             .await
             .map_err(target("recording the tables DDL changed"))?;
+        // the target's tables changed: what the applier knows of them follows
+        self.refresh_tables(&c.renamed).await?;
+        for (name, was) in before {
+            let Some(now) = self.tables.get(&name) else {
+                continue;
+            };
+            let computed = computed_columns(was.as_ref().map(|t| &t.columns), &now.columns);
+            if computed.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.carry_missing(c, &name, &computed).await {
+                self.reset().await;
+                return Err(e);
+            }
+            self.recomputed.entry(name).or_default().extend(computed);
+        }
+        self.share_recomputed();
         Ok((Outcome::Applied, Some(sql)))
+    }
+
+    /// Columns the command added whose rows read a value the source computed once (a missing value:
+    /// `ADD COLUMN … DEFAULT now()` rewrites nothing, and the target computed its own when it ran the same
+    /// command): every row of the table on the target takes the source's value.
+    async fn carry_missing(
+        &mut self,
+        c: &Captured,
+        table: &QualifiedName,
+        computed: &HashSet<String>,
+    ) -> Result<(), ApplyError> {
+        for m in &c.missing {
+            if QualifiedName::parse(&m.table).as_ref() != Some(table)
+                || !computed.contains(&m.column)
+            {
+                continue;
+            }
+            let Some(ty) = self
+                .tables
+                .get(table)
+                .and_then(|t| t.columns.get(&m.column))
+            else {
+                continue;
+            };
+            let (t, col) = (table.quoted(), crate::ident::quote_ident(&m.column));
+            let value = format!("(($1::text)::{ty}[])[1]");
+            let differs =
+                format!("SELECT {col}::text IS DISTINCT FROM {value}::text FROM {t} LIMIT 1");
+            let carried = async {
+                let differs: Option<bool> = self
+                    .client
+                    .query_opt(&differs, &[&m.value])
+                    .await?
+                    .map(|r| r.get(0));
+                if differs == Some(true) {
+                    self.client
+                        .execute(&format!("UPDATE {t} SET {col} = {value}"), &[&m.value])
+                        .await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            }
+            .await;
+            if let Err(e) = carried {
+                if e.as_db_error().is_none() {
+                    return Err(ApplyError::Target {
+                        what: "carrying a value the source computed for a new column".into(),
+                        source: e,
+                    });
+                }
+                return Err(ApplyError::SchemaChanged(format!(
+                    "the source ran `{}` (DDL {} at {}), which gave the rows of {table} a value it computed \
+                     once for column {}; the target computed its own, and setting the source's there \
+                     fails: {}. Nothing of this batch was applied. Set the column on the target to the \
+                     source's value by hand after applying the command there, record it as done — INSERT \
+                     INTO hikkoshi.ddl (stream, id, outcome) VALUES ({}, {}, 'by hand') — and run the same \
+                     command again",
+                    one_line(&c.statement),
+                    c.id,
+                    c.at,
+                    crate::ident::display_ident(&m.column),
+                    e.as_db_error().map(|d| d.message()).unwrap_or_default(),
+                    quote_literal(&self.capture_stream),
+                    c.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every described relation learns which of its columns hold values the source computed in this
+    /// source transaction.
+    pub(super) fn share_recomputed(&mut self) {
+        for rel in self.relations.values_mut() {
+            rel.recomputed = self
+                .recomputed
+                .get(&rel.table.name)
+                .cloned()
+                .unwrap_or_default();
+        }
     }
 
     /// The statement of the query string that this command came from. Commands of one string arrive in
@@ -240,7 +400,8 @@ impl Applier {
 
     /// Rereads the target's tables after DDL (in the open transaction, which sees it), and what each
     /// described relation maps to.
-    async fn refresh_tables(&mut self) -> Result<(), ApplyError> {
+    /// A renamed table is found under its new name.
+    async fn refresh_tables(&mut self, renamed: &[(String, String)]) -> Result<(), ApplyError> {
         let tables = crate::stream::follow::read_target_tables(&self.client)
             .await
             .map_err(|source| ApplyError::Target {
@@ -248,7 +409,12 @@ impl Applier {
                 source,
             })?;
         for (_, rel) in self.relations.iter_mut() {
-            if let Some(t) = tables.get(&rel.table.name) {
+            let name = renamed
+                .iter()
+                .find(|(old, _)| QualifiedName::parse(old).as_ref() == Some(&rel.table.name))
+                .and_then(|(_, new)| QualifiedName::parse(new))
+                .unwrap_or_else(|| rel.table.name.clone());
+            if let Some(t) = tables.get(&name) {
                 rel.table = t.clone();
             }
         }
@@ -257,11 +423,82 @@ impl Applier {
     }
 }
 
+/// The source session's settings that a command is replayed under: those that values computed by DDL
+/// depend on, and no other (the capture row is data; it does not choose what the apply session runs).
+fn replayed_settings(settings: &[(String, String)]) -> Vec<(String, String)> {
+    settings
+        .iter()
+        .filter(|(name, _)| matches!(name.as_str(), "TimeZone" | "DateStyle" | "IntervalStyle"))
+        .cloned()
+        .collect()
+}
+
+/// The columns whose values a command computed: added, or given another type (the rewrite converted
+/// them). A table that is new has none: its rows all came through the stream.
+fn computed_columns(
+    before: Option<&HashMap<String, String>>,
+    after: &HashMap<String, String>,
+) -> HashSet<String> {
+    let Some(before) = before else {
+        return HashSet::new();
+    };
+    after
+        .iter()
+        .filter(|(c, ty)| before.get(*c) != Some(*ty))
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
 fn one_line(s: &str) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() > 300 {
         format!("{}…", flat.chars().take(300).collect::<String>())
     } else {
         flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn columns(cs: &[(&str, &str)]) -> HashMap<String, String> {
+        cs.iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_columns_a_command_computed_are_the_added_and_retyped_ones() {
+        let before = columns(&[("id", "bigint"), ("at", "timestamp with time zone")]);
+        let after = columns(&[
+            ("id", "bigint"),
+            ("at", "timestamp without time zone"),
+            ("score", "double precision"),
+        ]);
+        let mut got: Vec<String> = computed_columns(Some(&before), &after)
+            .into_iter()
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["at", "score"]);
+        assert!(computed_columns(Some(&before), &before).is_empty());
+        // a new table's rows all travel in the stream
+        assert!(computed_columns(None, &after).is_empty());
+    }
+
+    #[test]
+    fn only_the_settings_values_depend_on_are_replayed() {
+        let got = replayed_settings(&[
+            ("TimeZone".into(), "Asia/Tokyo".into()),
+            ("session_replication_role".into(), "origin".into()),
+            ("DateStyle".into(), "SQL, DMY".into()),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ("TimeZone".into(), "Asia/Tokyo".into()),
+                ("DateStyle".into(), "SQL, DMY".into())
+            ]
+        );
     }
 }

@@ -201,6 +201,10 @@ pub struct Applier {
     ddl_cursor: Option<((String, i32), usize)>,
     /// A command was applied in this source transaction: the target commits right after it.
     commit_after: bool,
+    /// Columns whose values a command in this source transaction computed (added, retyped): the target
+    /// computed its own, which the source's replace as the stream carries them, so an old row image does
+    /// not match on them (REPLICA IDENTITY FULL).
+    recomputed: HashMap<QualifiedName, std::collections::HashSet<String>>,
 }
 
 impl Applier {
@@ -224,6 +228,7 @@ impl Applier {
             search_path,
             ddl_cursor: None,
             commit_after: false,
+            recomputed: HashMap::new(),
             client: Arc::new(client),
             source,
             tables,
@@ -418,6 +423,11 @@ impl Applier {
     async fn commit_source(&mut self, c: Commit) -> Result<(), ApplyError> {
         self.current = None;
         self.ddl_cursor = None;
+        if !self.recomputed.is_empty() {
+            // every row of those tables carries the source's values by now
+            self.recomputed.clear();
+            self.share_recomputed();
+        }
         if self.skipping {
             self.skipping = false;
             return Ok(());

@@ -18,6 +18,9 @@ pub(super) struct Rel {
     pub(super) identity: char,
     /// Changes are folded into net changes per key (see `fold`).
     pub(super) foldable: bool,
+    /// Columns whose values DDL in this source transaction computed, which the target computed
+    /// differently until the stream brings the source's: not matched on (see `Applier::recomputed`).
+    pub(super) recomputed: std::collections::HashSet<String>,
 }
 
 impl Rel {
@@ -150,6 +153,7 @@ impl Applier {
                 key_positions,
                 identity: r.replica_identity,
                 foldable,
+                recomputed: self.recomputed.get(&name).cloned().unwrap_or_default(),
             },
         );
         Ok(())

@@ -13,7 +13,13 @@
 //!     refuses it;
 //!   - a published table rewritten with values computed there (`ADD COLUMN … DEFAULT gen_random_uuid()`, or
 //!     `ALTER COLUMN … TYPE … USING`) has every row touched (`UPDATE t SET c = c`, user triggers off): the
-//!     stream then carries the source's values, which overwrite the ones the target computed.
+//!     stream then carries the source's values, which overwrite the ones the target computed;
+//!   - the stream's tables whose name changed since the capture last saw them (kept in `<stream>_names`:
+//!     at `ddl_command_end` the catalog has only the new name, the target only the old), and whether the
+//!     selection still takes the new name;
+//!   - the session's TimeZone, DateStyle and IntervalStyle (a type change converts under them), and the
+//!     missing values of the touched tables' columns (`ADD COLUMN … DEFAULT now()` computes one value and
+//!     rewrites nothing), for the applier to replay the same values.
 //!
 //! Sessions with `hikkoshi.capture = off` (every hikkoshi session) are not captured, nor are objects in
 //! temporary schemas or in hikkoshi's own.
@@ -27,6 +33,11 @@ pub const OFF_SETTING: &str = "hikkoshi.capture";
 /// The capture table of a stream (its publication's name + `_ddl`), in schema `hikkoshi`.
 pub fn table(publication: &str) -> QualifiedName {
     QualifiedName::new("hikkoshi", format!("{publication}_ddl"))
+}
+
+/// The names the stream's tables had when the capture last saw them (see capture.sql), next to its table.
+fn names(publication: &str) -> QualifiedName {
+    QualifiedName::new("hikkoshi", format!("{publication}_names"))
 }
 
 /// The event triggers' names (global names: they carry the stream's).
@@ -64,6 +75,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
         .replace("{{EVENT_TRIGGERS}}", &events)
         .replace("{{TABLE_LITERAL}}", &quote_literal(&tq))
         .replace("{{TABLE}}", &tq)
+        .replace("{{NAMES}}", &names(publication).quoted())
         .replace("{{FUNCTION}}", &f)
         .replace("{{BODY}}", &body)
         .replace("{{FAILED}}", &failed)
@@ -76,6 +88,7 @@ pub fn install(publication: &str, selection: &Selection) -> String {
 /// Removes the capture of `publication` (its event triggers, function and table). Idempotent.
 pub fn remove(publication: &str) -> String {
     let t = table(publication).quoted();
+    let n = names(publication).quoted();
     let f = QualifiedName::new("hikkoshi", format!("{publication}_capture")).quoted();
     let body = QualifiedName::new("hikkoshi", format!("{publication}_capture_body")).quoted();
     let failed = QualifiedName::new("hikkoshi", format!("{publication}_capture_failed")).quoted();
@@ -88,7 +101,8 @@ pub fn remove(publication: &str) -> String {
     }
     sql.push_str(&format!(
         "DROP FUNCTION IF EXISTS {f}();\nDROP FUNCTION IF EXISTS {body}(text, text, text);\n\
-         DROP FUNCTION IF EXISTS {failed}(text, text, text);\nDROP TABLE IF EXISTS {t};\n"
+         DROP FUNCTION IF EXISTS {failed}(text, text, text);\nDROP TABLE IF EXISTS {t};\n\
+         DROP TABLE IF EXISTS {n};\n"
     ));
     sql
 }
@@ -194,7 +208,7 @@ mod tests {
             "{sql}"
         );
         assert!(
-            !sql.contains("{{PUBLICATION") && !sql.contains("{{EVENT"),
+            !sql.contains("{{PUBLICATION") && !sql.contains("{{EVENT") && !sql.contains("{{NAMES"),
             "{sql}"
         );
         assert!(sql.contains(r#""hikkoshi"."hikkoshi_ab12_ddl""#));

@@ -15,6 +15,17 @@ CREATE TABLE IF NOT EXISTS {{TABLE}} (
     unpublished  text[] NOT NULL,
     refused      text
 );
+-- what the applier needs to replay a command as the source ran it (added later: an older capture gets them)
+ALTER TABLE {{TABLE}} ADD COLUMN IF NOT EXISTS renamed text[] NOT NULL DEFAULT '{}',
+    ADD COLUMN IF NOT EXISTS renamed_out text[] NOT NULL DEFAULT '{}',
+    ADD COLUMN IF NOT EXISTS settings text[] NOT NULL DEFAULT '{}',
+    ADD COLUMN IF NOT EXISTS missing text[] NOT NULL DEFAULT '{}';
+-- the names the stream's tables (and their partitions) had when last seen: a rename is told by the old name,
+-- which the target still has, and which the catalog no longer holds at ddl_command_end
+CREATE TABLE IF NOT EXISTS {{NAMES}} (
+    relid oid PRIMARY KEY,
+    name  text NOT NULL
+);
 -- The work, with a search_path of its own; the event trigger's function below passes it the event, the tag and
 -- the session's search_path (which a function with its own search_path could no longer read).
 CREATE OR REPLACE FUNCTION {{BODY}}(tg_event text, tg_tag text, outer_path text) RETURNS void
@@ -31,6 +42,11 @@ DECLARE
     has_rows boolean;
     touched_oids oid[] := '{}';
     rewrites text[];
+    renamed text[] := '{}';
+    renamed_out text[] := '{}';
+    settings text[];
+    missing text[] := '{}';
+    saved text[];
     internal constant text[] := ARRAY['hikkoshi', 'hikkoshi_fence'];
 BEGIN
     IF coalesce(current_setting('{{OFF}}', true), '') = 'off' THEN
@@ -141,17 +157,61 @@ BEGIN
         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {{PUBLICATION}}, r.oid::regclass);
         PERFORM set_config('{{OFF}}', '', true);
     END LOOP;
-    IF cardinality(touched) = 0 AND EXISTS (
+    -- the stream's tables under a new name (ALTER TABLE … RENAME TO or SET SCHEMA, ALTER SCHEMA … RENAME): the
+    -- target has them under the old one. A name the selection leaves out is the operator's choice to make.
+    FOR r IN
+        SELECT k.relid, k.name AS old_name, format('%I.%I', n.nspname, c.relname) AS new_name,
+               (c.relispartition OR {{SELECTED}}) AS kept
+        FROM {{NAMES}} k JOIN pg_class c ON c.oid = k.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE k.name <> format('%I.%I', n.nspname, c.relname)
+    LOOP
+        renamed := renamed || r.old_name || r.new_name;
+        IF NOT r.kept THEN
+            renamed_out := renamed_out || r.old_name || r.new_name;
+        END IF;
+        UPDATE {{NAMES}} SET name = r.new_name WHERE relid = r.relid;
+    END LOOP;
+    DELETE FROM {{NAMES}} k WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = k.relid);
+    INSERT INTO {{NAMES}} (relid, name)
+    SELECT t.relid, format('%I.%I', n.nspname, c.relname)
+    FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+    -- a plain table has no partition tree: itself
+CROSS JOIN LATERAL (SELECT pr.prrelid AS relid UNION SELECT relid FROM pg_partition_tree(pr.prrelid)) t
+    JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.pubname = {{PUBLICATION}} AND NOT n.nspname = ANY (internal)
+    ON CONFLICT (relid) DO NOTHING;
+    -- the session's settings that values computed by the command depend on (timestamptz → timestamp, text →
+    -- date): the applier runs the command under the same ones
+    settings := ARRAY['TimeZone', current_setting('TimeZone'), 'DateStyle', current_setting('DateStyle'),
+                      'IntervalStyle', current_setting('IntervalStyle')];
+    -- values computed once and kept as a column's missing value (ADD COLUMN … DEFAULT now(), no rewrite):
+    -- in a form any session reads back the same; the applier sets them where the target computed others
+    IF tg_tag = 'ALTER TABLE' AND cardinality(touched_oids) > 0 THEN
+        saved := ARRAY[current_setting('DateStyle'), current_setting('IntervalStyle'),
+                       current_setting('extra_float_digits'), current_setting('bytea_output')];
+        PERFORM set_config('DateStyle', 'ISO, YMD', true), set_config('IntervalStyle', 'postgres', true),
+                set_config('extra_float_digits', '3', true), set_config('bytea_output', 'hex', true);
+        FOR r IN
+            SELECT format('%I.%I', n.nspname, c.relname) AS t, a.attname::text AS col, a.attmissingval::text AS v
+            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE a.attrelid = ANY (touched_oids) AND a.atthasmissing AND NOT a.attisdropped
+        LOOP
+            missing := missing || r.t || r.col || r.v;
+        END LOOP;
+        PERFORM set_config('DateStyle', saved[1], true), set_config('IntervalStyle', saved[2], true),
+                set_config('extra_float_digits', saved[3], true), set_config('bytea_output', saved[4], true);
+    END IF;
+    IF cardinality(touched) = 0 AND cardinality(renamed) = 0 AND EXISTS (
         SELECT 1 FROM pg_event_trigger_ddl_commands() d
         WHERE d.schema_name = ANY (internal) OR d.schema_name LIKE 'pg\_temp%') THEN
         RETURN;
     END IF;
     INSERT INTO {{TABLE}} (tag, statement, statement_at, pid, search_path, role_name, touched, created,
-                      unpublished, refused)
+                      unpublished, refused, renamed, renamed_out, settings, missing)
     VALUES (tg_tag, current_query(), statement_timestamp(), pg_backend_pid(),
             outer_path,
             CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END,
-            touched, created, unpublished, refused);
+            touched, created, unpublished, refused, renamed, renamed_out, settings, missing);
     -- values computed on the source by a rewrite: every row travels, so the target gets the same ones
     rewrites := array_remove(string_to_array(coalesce(current_setting('hikkoshi.rewrites', true), ''), ','), '');
     PERFORM set_config('hikkoshi.rewrites', '', true);
@@ -212,3 +272,11 @@ DO $join$ BEGIN
         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {{PUBLICATION}}, {{TABLE_LITERAL}});
     END IF;
 END $join$;
+INSERT INTO {{NAMES}} (relid, name)
+SELECT t.relid, format('%I.%I', n.nspname, c.relname)
+FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+-- a plain table has no partition tree: itself
+CROSS JOIN LATERAL (SELECT pr.prrelid AS relid UNION SELECT relid FROM pg_partition_tree(pr.prrelid)) t
+JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.pubname = {{PUBLICATION}} AND n.nspname NOT IN ('hikkoshi', 'hikkoshi_fence')
+ON CONFLICT (relid) DO NOTHING;

@@ -25,6 +25,24 @@ pub struct Captured {
     pub unpublished: Vec<String>,
     /// Why the capture could not carry it, when it could not.
     pub refused: Option<String>,
+    /// Tables of the stream it gave a new name: (old, new), quoted.
+    pub renamed: Vec<(String, String)>,
+    /// Of those, the ones whose new name the selection leaves out.
+    pub renamed_out: Vec<(String, String)>,
+    /// The source session's settings that values computed by the command depend on (TimeZone, …).
+    pub settings: Vec<(String, String)>,
+    /// Columns of the tables it touched whose rows read a value computed once (a missing value), in ISO
+    /// form: (table, column, value as a one-element array).
+    pub missing: Vec<Missing>,
+}
+
+/// A column's missing value on the source: what rows written before the column was added read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missing {
+    pub table: String,
+    pub column: String,
+    /// A one-element array in text form (`{"2026-12-01 10:00:00+00"}`).
+    pub value: String,
 }
 
 impl Captured {
@@ -55,8 +73,26 @@ impl Captured {
             created: text_array(get("created").unwrap_or("{}")),
             unpublished: text_array(get("unpublished").unwrap_or("{}")),
             refused: get("refused").map(str::to_string),
+            renamed: pairs(text_array(get("renamed").unwrap_or("{}"))),
+            renamed_out: pairs(text_array(get("renamed_out").unwrap_or("{}"))),
+            settings: pairs(text_array(get("settings").unwrap_or("{}"))),
+            missing: text_array(get("missing").unwrap_or("{}"))
+                .chunks_exact(3)
+                .map(|m| Missing {
+                    table: m[0].clone(),
+                    column: m[1].clone(),
+                    value: m[2].clone(),
+                })
+                .collect(),
         })
     }
+}
+
+/// A flat array of pairs (`{a,b,c,d}`) as pairs.
+fn pairs(flat: Vec<String>) -> Vec<(String, String)> {
+    flat.chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect()
 }
 
 /// A one-dimensional text array in PostgreSQL's output form (`{a,"b c","d\"e"}`).
@@ -108,5 +144,59 @@ mod tests {
             vec!["public.t", r#"public."Odd, name""#, r"a\b"]
         );
         assert_eq!(text_array(r#"{"",x}"#), vec!["", "x"]);
+    }
+
+    #[test]
+    fn renames_settings_and_missing_values_read_back_from_a_capture_row() {
+        let columns: Vec<String> = [
+            "id",
+            "at",
+            "tag",
+            "statement",
+            "statement_at",
+            "pid",
+            "search_path",
+            "role_name",
+            "renamed",
+            "settings",
+            "missing",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let values: Vec<Option<String>> = [
+            "7",
+            "2026-12-01",
+            "ALTER TABLE",
+            "ALTER TABLE app.t RENAME TO u",
+            "2026-12-01",
+            "42",
+            "public",
+            "postgres",
+            "{app.t,app.u}",
+            r#"{TimeZone,Asia/Tokyo,DateStyle,"ISO, MDY"}"#,
+            r#"{app.u,stamp,"{\"2026-12-01 10:00:00+00\"}"}"#,
+        ]
+        .iter()
+        .map(|s| Some(s.to_string()))
+        .collect();
+        let c = Captured::from_row(&columns, &values).unwrap();
+        assert_eq!(c.renamed, vec![("app.t".into(), "app.u".into())]);
+        assert!(c.renamed_out.is_empty());
+        assert_eq!(
+            c.settings,
+            vec![
+                ("TimeZone".into(), "Asia/Tokyo".into()),
+                ("DateStyle".into(), "ISO, MDY".into())
+            ]
+        );
+        assert_eq!(
+            c.missing,
+            vec![Missing {
+                table: "app.u".into(),
+                column: "stamp".into(),
+                value: r#"{"2026-12-01 10:00:00+00"}"#.into()
+            }]
+        );
     }
 }
