@@ -288,19 +288,6 @@ impl<'a> Run<'a> {
             },
         )
         .await?;
-        let large_objects: i64 = self
-            .source
-            .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
-            .await
-            .map_err(Error::sql(Side::Source, "counting large objects"))?
-            .get(0);
-        if large_objects > 0 {
-            self.warn(format!(
-                "the source has {large_objects} large object(s) (pg_largeobject); hikkoshi does not copy \
-                 them yet: move them separately (e.g. `pg_dump --large-objects --data-only -t none`) \
-                 before switching over"
-            ));
-        }
         Ok(archive)
     }
 

@@ -9,7 +9,9 @@
 //! The owner's own privileges are left out (PostgreSQL 17 adds MAINTAIN to them).
 //!
 //! NOT NULL constraints of PostgreSQL 18 (`pg_constraint.contype = 'n'`) are left out: the column's own
-//! `NOT NULL` says it on every version.
+//! `NOT NULL` says it on every version. A constraint the server derived from a parent's (a foreign key to
+//! each partition of a partitioned table, `conparentid <> 0`) is named by its definition: 15 names it
+//! `…_fkey1`, 18 `…_fkey_1`, and pg_restore gives the target's names too.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +45,10 @@ UNION ALL
 SELECT t.name, 'index', i.relname::text, pg_get_indexdef(i.oid)
 FROM t JOIN pg_index x ON x.indrelid = t.oid JOIN pg_class i ON i.oid = x.indexrelid
 UNION ALL
-SELECT t.name, 'constraint', c.conname::text, pg_get_constraintdef(c.oid)
+SELECT t.name, 'constraint',
+       CASE WHEN c.conparentid <> 0 THEN 'made by the server for ' || pg_get_constraintdef(c.oid)
+            ELSE c.conname::text END,
+       pg_get_constraintdef(c.oid)
 FROM t JOIN pg_constraint c ON c.conrelid = t.oid AND c.contype <> 'n'
 UNION ALL
 SELECT s.name, 'table', '', 'missing' FROM unnest($1::text[]) AS s(name) WHERE to_regclass(s.name) IS NULL

@@ -204,10 +204,21 @@ async fn a_subscription_into_the_source_is_stopped_by_the_switch_and_its_feed_go
         .await
         .unwrap_err();
     assert_eq!(code(&e), "25006", "{e}");
-    // the move the report gives
+    // the move the report gives, from where the feed stopped on the old primary
+    let advance = moved
+        .split("pg_replication_origin_advance(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').find(|part| part.contains(", '")))
+        .and_then(|part| part.rsplit('\'').nth(1))
+        .expect("the position to start from")
+        .to_string();
+    assert!(advance.contains('/'), "{advance}: {moved}");
     tgt.batch_execute(&format!(
         "CREATE SUBSCRIPTION feedsub CONNECTION '{}' PUBLICATION feedpub
-             WITH (create_slot = false, slot_name = 'feedsub', copy_data = false)",
+             WITH (create_slot = false, slot_name = 'feedsub', copy_data = false, enabled = false);
+         SELECT pg_replication_origin_advance('pg_' || (SELECT oid FROM pg_subscription
+                                                         WHERE subname = 'feedsub'), '{advance}');
+         ALTER SUBSCRIPTION feedsub ENABLE;",
         pair.s.url("feed")
     ))
     .await
@@ -341,4 +352,46 @@ async fn only_hikkoshi_passes_the_fence_not_the_owner_nor_a_replica_session_nor_
     assert_same_rows_and_schema(&src, &tgt).await;
     // the source is the primary again, for its application and its owners
     app_can_write(&pair.s).await.unwrap();
+}
+
+/// A prepared transaction belongs to no session: it could commit after the fence, and no pid can be
+/// ended. The cutover refuses before anything is fenced, naming it by its gid with the way out; once it is
+/// resolved, the switch goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepared_transaction_is_named_by_its_gid_and_the_cutover_waits_for_it_to_be_resolved() {
+    let pair = Pair::of(
+        server_with(
+            15,
+            hikkoshi::localserver::ServerOptions {
+                conf: vec!["max_prepared_transactions = 5".into()],
+                ..Default::default()
+            },
+        ),
+        server(18),
+    );
+    let Live { pair, src, tgt, f } = pair.app().await.with_writer(TICKETS).await.following().await;
+    src.batch_execute(
+        "BEGIN; INSERT INTO app.tickets (note) VALUES ('in doubt'); PREPARE TRANSACTION 'payment-42'",
+    )
+    .await
+    .unwrap();
+    let out = pair.hikkoshi(&["cutover"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("'payment-42'") && said.contains("COMMIT PREPARED"),
+        "{said}"
+    );
+    app_can_write(&pair.s).await.unwrap();
+    src.batch_execute("COMMIT PREPARED 'payment-42'").await.unwrap();
+    let out = pair.hikkoshi(&["cutover"]);
+    assert_success(&out);
+    let (status, log) = f.stop();
+    assert!(status.success(), "{log}");
+    let src = connect(&pair.s.socket_url("app")).await;
+    assert!(
+        rows_of(&tgt, "app.tickets").await.iter().any(|r| r.contains("in doubt")),
+        "the prepared transaction's row did not reach the new primary"
+    );
+    assert_same_rows_and_schema(&src, &tgt).await;
 }

@@ -243,21 +243,29 @@ pub async fn preflight(
         found.refusal = Some(c);
         return Ok(found);
     }
-    let prepared: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+    let prepared: Vec<String> = client
+        .query(
+            "SELECT format('''%s'' (%s, prepared at %s)', gid, owner,
+                           to_char(prepared, 'YYYY-MM-DD HH24:MI:SS'))
+             FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
             &[],
         )
         .await
         .map_err(Error::sql(side, "looking for prepared transactions"))?
-        .get(0);
-    if prepared > 0 {
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !prepared.is_empty() {
         found.refusal = Some(Concern {
             problem: format!(
-                "database {db} has {prepared} prepared transaction(s) (pg_prepared_xacts): they could \
-                 commit after the fence and their writes would be lost"
+                "database {db} has {} prepared transaction(s), which belong to no session (no pid to end): \
+                 {}. They could commit after the fence and their writes would be lost",
+                prepared.len(),
+                prepared.join(", ")
             ),
-            fix: "COMMIT PREPARED or ROLLBACK PREPARED them, then run the cutover".into(),
+            fix: "`COMMIT PREPARED '<gid>'` or `ROLLBACK PREPARED '<gid>'` each (their transaction manager \
+                  decides which), then run the cutover"
+                .into(),
         });
     }
     Ok(found)
@@ -659,13 +667,15 @@ async fn end_sessions(
     Ok((ended, warnings))
 }
 
-/// Whether a fence is up on this server (flag set).
+/// Whether a fence is up on this server (the write flag or the DDL flag set).
 pub async fn is_raised(client: &Client) -> bool {
     client
         .query_one(
             &format!(
-                "SELECT to_regclass('{SCHEMA}.up') IS NOT NULL
-                        AND pg_sequence_last_value(to_regclass('{SCHEMA}.up')) IS NOT NULL"
+                "SELECT (to_regclass('{SCHEMA}.up') IS NOT NULL
+                         AND pg_sequence_last_value(to_regclass('{SCHEMA}.up')) IS NOT NULL)
+                     OR (to_regclass('{SCHEMA}.ddl') IS NOT NULL
+                         AND pg_sequence_last_value(to_regclass('{SCHEMA}.ddl')) IS NOT NULL)"
             ),
             &[],
         )

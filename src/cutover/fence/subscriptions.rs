@@ -28,6 +28,10 @@ pub struct Subscription {
     pub may_alter: bool,
     pub slot: Option<String>,
     pub publications: Vec<String>,
+    /// Where its feed stopped: the publisher's LSN of the last transaction it applied (its replication
+    /// origin's `remote_lsn`), read once its workers have ended. A subscription moved to the new primary
+    /// starts there: its slot's confirmed position may be behind it, and would send those rows again.
+    pub stopped_at: Option<String>,
 }
 
 /// What `lift` does with the subscriptions the fence disabled.
@@ -62,6 +66,7 @@ pub async fn list(client: &Client, side: Side) -> Result<Vec<Subscription>, Erro
             may_alter: r.get(3),
             slot: r.get(4),
             publications: r.get(5),
+            stopped_at: None,
         })
         .collect())
 }
@@ -116,7 +121,7 @@ pub async fn disable(
                 format!("disabling the subscription {}", s.name),
             ))?;
     }
-    let names: Vec<&str> = enabled.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<String> = enabled.iter().map(|s| s.name.clone()).collect();
     let until = Instant::now() + wait;
     loop {
         let running: i64 = client
@@ -129,6 +134,24 @@ pub async fn disable(
             .map_err(Error::sql(side, "waiting for the subscriptions' workers"))?
             .get(0);
         if running == 0 {
+            let mut enabled = enabled;
+            // readable by superusers and pg_read_all_stats members; the report says where to look otherwise
+            if let Ok(rows) = client
+                .query(
+                    "SELECT s.subname::text, o.remote_lsn::text FROM pg_subscription s
+                     JOIN pg_replication_origin_status o ON o.external_id = 'pg_' || s.oid::text
+                     WHERE s.subname = ANY($1)",
+                    &[&names],
+                )
+                .await
+            {
+                for r in rows {
+                    let name: String = r.get(0);
+                    if let Some(s) = enabled.iter_mut().find(|s| s.name == name) {
+                        s.stopped_at = r.get(1);
+                    }
+                }
+            }
             return Ok(enabled);
         }
         if Instant::now() > until {
@@ -143,20 +166,28 @@ pub async fn disable(
     }
 }
 
-/// How to move a disabled subscription to the new primary, on the same slot (it goes on where it stopped).
+/// How to move a disabled subscription to the new primary, on the same slot and from where it stopped
+/// (the slot's confirmed position may be behind what it applied: starting there would apply those rows
+/// twice), so that the feed loses and doubles nothing.
 pub fn how_to_move(s: &Subscription) -> String {
     let name = quote_ident(&s.name);
     let slot = s.slot.as_deref().unwrap_or(&s.name);
     let publications: Vec<String> = s.publications.iter().map(|p| quote_ident(p)).collect();
+    let position = match &s.stopped_at {
+        Some(lsn) => crate::ident::quote_literal(lsn),
+        None => "'<remote_lsn of pg_replication_origin_status for it on the old primary>'".to_string(),
+    };
     format!(
-        "subscription {} was disabled on the old primary. To move it to the new primary on its slot {slot} \
-         (the feed goes on where it stopped): on the new one `CREATE SUBSCRIPTION {name} CONNECTION '<its \
-         connection string>' PUBLICATION {} WITH (create_slot = false, slot_name = {}, copy_data = false)`; \
-         on the old one, once `hikkoshi clean` has lifted its fence, `ALTER SUBSCRIPTION {name} SET \
-         (slot_name = NONE); DROP SUBSCRIPTION {name}`",
+        "subscription {} was disabled on the old primary. To move it to the new primary on its slot {slot}, \
+         from where it stopped: on the new one `CREATE SUBSCRIPTION {name} CONNECTION '<its connection \
+         string>' PUBLICATION {} WITH (create_slot = false, slot_name = {}, copy_data = false, enabled = \
+         false); SELECT pg_replication_origin_advance('pg_' || (SELECT oid FROM pg_subscription WHERE subname \
+         = {}), {position}); ALTER SUBSCRIPTION {name} ENABLE`; on the old one, once `hikkoshi clean` has lifted \
+         its fence, `ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name}`",
         s.name,
         publications.join(", "),
-        crate::ident::quote_literal(slot)
+        crate::ident::quote_literal(slot),
+        crate::ident::quote_literal(&s.name),
     )
 }
 
