@@ -122,6 +122,10 @@ pub fn pg_restore(
     jobs: u32,
 ) -> String {
     let mut cmd = Command::new(s.install.bin.join("pg_restore"));
+    if jobs == 1 {
+        // names the archive entry before each error (`from TOC entry`), which only --verbose shows
+        cmd.arg("--verbose");
+    }
     cmd.arg("--dbname")
         .arg(s.socket_url(dbname))
         .arg(format!("--jobs={jobs}"));
@@ -131,7 +135,7 @@ pub fn pg_restore(
     let out = cmd.arg(dump).output().expect("running pg_restore");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
-        // warnings only
+        // warnings and progress only
         String::new()
     } else {
         assert!(
