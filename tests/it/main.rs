@@ -14,6 +14,7 @@ mod fence;
 mod follow;
 mod logins;
 mod monitor;
+mod regression;
 mod rehearse;
 mod resume;
 mod soak;

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 pub mod live;
 pub mod proxy;
+pub mod regression;
 pub mod scenario;
 
 use hikkoshi::localserver::{Install, LocalServer, ServerOptions};
