@@ -33,13 +33,17 @@ pub fn fix_for(r: &Refused) -> String {
          `ALTER TABLE … ALTER COLUMN … SET COMPRESSION pglz` on the source (new values only; `VACUUM FULL` \
          rewrites the old ones)"
             .into()
-    } else if r.sqlstate == "58P01" || m.contains("could not access file") || m.contains("$libdir")
+    } else if r.sqlstate == "58P01"
+        || m.contains("could not access file")
+        || m.contains("could not load library")
+        || m.contains("incompatible library")
+        || m.contains("$libdir")
     {
         "a C library the target does not have: install the extension or library on the target (built for \
          its major version), or drop what uses it on the source, or leave out the tables that use it with \
          --exclude"
             .into()
-    } else if m.contains("xml") && m.contains("support") {
+    } else if m.contains("xml") && (m.contains("support") || m.contains("feature")) {
         "the target's PostgreSQL was built without libxml: use a build with it, or store those values as \
          text on the source"
             .into()
@@ -138,7 +142,8 @@ pub(super) async fn pre_data(
         );
         return Ok(());
     }
-    const SHOWN: usize = 40;
+    // every one: each is something to decide about (the regression database has about 60)
+    const SHOWN: usize = 500;
     for x in refused.iter().take(SHOWN) {
         r.add(
             Level::Blocker,
@@ -188,6 +193,17 @@ mod tests {
                 "could not access file \"/x/regress.so\": No such file"
             ))
             .contains("C library")
+        );
+        assert!(
+            fix_for(&refused(
+                "XX000",
+                "could not load library \"/x/regress.so\": undefined symbol: pg_char_to_encoding"
+            ))
+            .contains("C library")
+        );
+        assert!(
+            fix_for(&refused("0A000", "unsupported XML feature")).contains("libxml"),
+            "xml"
         );
         assert!(fix_for(&refused("42704", "type \"x\" does not exist")).contains("refused above"));
         assert!(fix_for(&refused("42601", "syntax error")).contains("--exclude"));

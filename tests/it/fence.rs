@@ -369,7 +369,13 @@ async fn a_prepared_transaction_is_named_by_its_gid_and_the_cutover_waits_for_it
         ),
         server(18),
     );
-    let Live { pair, src, tgt, f } = pair.app().await.with_writer(TICKETS).await.following().await;
+    let Live { pair, src, tgt, f } = pair
+        .app()
+        .await
+        .with_writer(TICKETS)
+        .await
+        .following()
+        .await;
     src.batch_execute(
         "BEGIN; INSERT INTO app.tickets (note) VALUES ('in doubt'); PREPARE TRANSACTION 'payment-42'",
     )
@@ -383,14 +389,19 @@ async fn a_prepared_transaction_is_named_by_its_gid_and_the_cutover_waits_for_it
         "{said}"
     );
     app_can_write(&pair.s).await.unwrap();
-    src.batch_execute("COMMIT PREPARED 'payment-42'").await.unwrap();
+    src.batch_execute("COMMIT PREPARED 'payment-42'")
+        .await
+        .unwrap();
     let out = pair.hikkoshi(&["cutover"]);
     assert_success(&out);
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     let src = connect(&pair.s.socket_url("app")).await;
     assert!(
-        rows_of(&tgt, "app.tickets").await.iter().any(|r| r.contains("in doubt")),
+        rows_of(&tgt, "app.tickets")
+            .await
+            .iter()
+            .any(|r| r.contains("in doubt")),
         "the prepared transaction's row did not reach the new primary"
     );
     assert_same_rows_and_schema(&src, &tgt).await;

@@ -175,7 +175,9 @@ pub fn how_to_move(s: &Subscription) -> String {
     let publications: Vec<String> = s.publications.iter().map(|p| quote_ident(p)).collect();
     let position = match &s.stopped_at {
         Some(lsn) => crate::ident::quote_literal(lsn),
-        None => "'<remote_lsn of pg_replication_origin_status for it on the old primary>'".to_string(),
+        None => {
+            "'<remote_lsn of pg_replication_origin_status for it on the old primary>'".to_string()
+        }
     };
     format!(
         "subscription {} was disabled on the old primary. To move it to the new primary on its slot {slot}, \
