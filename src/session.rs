@@ -15,25 +15,22 @@ pub fn resolve(side: Side, url: &str) -> Result<ConnInfo, Error> {
 pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let client = open(info, side).await?;
     // hikkoshi's own DDL (its state, a fence, a publication) is not the application's: the capture of a
-    // following stream passes over it (see `stream::ddl::capture`)
-    // and the process's pass past a cutover's fence, sent as a parameter so that no query text shows it (it
-    // passes only where a fence registered it: see `cutover::fence::pass`)
+    // following stream passes over it (see `stream::ddl::capture`). The process's pass past a cutover's
+    // fence (it passes only where a fence registered it: see `cutover::fence::pass`); shown in
+    // pg_stat_activity only to this role's members and pg_read_all_stats, until the session's next
+    // statement. NOTICEs ("schema hikkoshi already exists, skipping") tell the user nothing. Where the
+    // server has it (14+), a statement running for a client that is gone ends within a second (a follower
+    // killed while applying lets its successor take over at once). Simple-query protocol: an extended
+    // query here made the apply session stall on its first error (tests/it/faults.rs, duplicate key).
     let _ = client
-        .query(
-            // and, where the server has it (14+), a statement running for a client that is gone ends
-            // within a second (a follower killed while applying lets its successor take over at once)
-            // NOTICEs such as "schema hikkoshi already exists, skipping" tell the user nothing: warnings
-            // and errors only
-            "SELECT set_config($1, 'off', false), set_config($2, $3, false),
-                    set_config('client_min_messages', 'warning', false),
-                    (SELECT set_config('client_connection_check_interval', '1000', false)
-                     WHERE current_setting('server_version_num')::int >= 140000)",
-            &[
-                &crate::stream::ddl::capture::OFF_SETTING,
-                &crate::cutover::fence::pass::SETTING,
-                &crate::cutover::fence::pass::secret(),
-            ],
-        )
+        .batch_execute(&format!(
+            "SET {} = off; SET {} = {}; SET client_min_messages = warning;
+             SELECT set_config('client_connection_check_interval', '1000', false)
+             WHERE current_setting('server_version_num')::int >= 140000",
+            crate::stream::ddl::capture::OFF_SETTING,
+            crate::cutover::fence::pass::SETTING,
+            crate::ident::quote_literal(crate::cutover::fence::pass::secret()),
+        ))
         .await;
     Ok(client)
 }

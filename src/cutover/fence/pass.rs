@@ -3,7 +3,8 @@
 //! application role through).
 //!
 //! Each hikkoshi process draws a random secret when it starts and sets it in every session it opens
-//! (`session::connect`, as a bind parameter, so that `pg_stat_activity` never shows it). A fence lets a
+//! (`session::connect`; its `SET` shows in `pg_stat_activity` only to members of hikkoshi's role and of
+//! pg_read_all_stats, and only until the session's next statement). A fence lets a
 //! session through when the SHA-256 of its setting is in `hikkoshi_fence.pass`, a table only the fence's
 //! owner may read or write (the fence's functions are `SECURITY DEFINER`): the process that raises a fence
 //! registers its own secret, and so does the apply session of a reverse stream that writes into a fenced
