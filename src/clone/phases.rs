@@ -494,15 +494,7 @@ impl<'a> Run<'a> {
             .iter()
             .map(|s| roles::given_password(s))
             .collect::<Result<_, _>>()?;
-        let source_version = self
-            .source
-            .query_one(
-                "SELECT current_setting('server_version_num')::int / 10000",
-                &[],
-            )
-            .await
-            .map_err(Error::sql(Side::Source, "reading the server version"))?
-            .get::<_, i32>(0) as u32;
+        let source_version = roles::major(&self.source, Side::Source).await?;
         let source_roles = roles::read(&self.source, source_version).await?;
         let target_side = roles::target_side(&self.target).await?;
         let created_earlier = state::roles::created(&self.target)

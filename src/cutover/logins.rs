@@ -20,14 +20,7 @@ impl Switch<'_> {
             return Ok(());
         }
         let old = &self.old.client;
-        let version = old
-            .query_one(
-                "SELECT current_setting('server_version_num')::int / 10000",
-                &[],
-            )
-            .await
-            .map_err(Error::sql(Side::Source, "reading the server version"))?
-            .get::<_, i32>(0) as u32;
+        let version = roles::major(old, Side::Source).await?;
         let source = roles::read(old, version).await?;
         let renamed = state::roles::renamed(&self.ctl).await;
         let on_target = |n: &str| {
@@ -165,14 +158,7 @@ impl Switch<'_> {
             .await
             .map_err(Error::sql(Side::Target, "reading the carried roles"))?;
         let target = roles::target_roles(new, names).await?;
-        let version = new
-            .query_one(
-                "SELECT current_setting('server_version_num')::int / 10000",
-                &[],
-            )
-            .await
-            .map_err(Error::sql(Side::Target, "reading the server version"))?
-            .get::<_, i32>(0) as u32;
+        let version = roles::major(new, Side::Target).await?;
         let changes = roles::since_clone(source, &target, &records, renamed, version);
         let mut versions: Vec<(String, i64)> = Vec::new();
         for c in &changes {

@@ -106,13 +106,7 @@ impl<'a> Switch<'a> {
     pub(super) async fn refuse_early(&mut self, resumed_fence: bool) -> Result<(), Error> {
         let (old, old_side) = self.old.at();
         slot_healthy(old, old_side, &self.feeding.slot).await?;
-        let tables: Vec<QualifiedName> = self
-            .resolved
-            .tables
-            .iter()
-            .map(|t| t.name.clone())
-            .collect();
-        self.fenced_relations = fence::relations(old, old_side, &tables).await?;
+        self.fenced_relations = self.relations_to_fence().await?;
         if !resumed_fence {
             let warnings = fence::preflight(old, old_side, &self.fenced_relations)
                 .await?
@@ -351,14 +345,21 @@ impl<'a> Switch<'a> {
         self.report.ddl_fence = ddl.describe();
         self.ddl = Some(ddl);
         self.resolved = selected(&self.migration, old, old_side).await?;
+        self.fenced_relations = self.relations_to_fence().await?;
+        Ok(())
+    }
+
+    /// The relations the fence covers for the resolved selection (its tables, their partitions and
+    /// partitioned ancestors).
+    async fn relations_to_fence(&self) -> Result<Vec<String>, Error> {
         let tables: Vec<QualifiedName> = self
             .resolved
             .tables
             .iter()
             .map(|t| t.name.clone())
             .collect();
-        self.fenced_relations = fence::relations(old, old_side, &tables).await?;
-        Ok(())
+        let (old, old_side) = self.old.at();
+        fence::relations(old, old_side, &tables).await
     }
 
     /// Behind the DDL fence, before the write fence: the schema compared, the first part of the proof, the

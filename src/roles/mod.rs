@@ -173,6 +173,18 @@ SELECT r.rolname::text, r.rolcanlogin, r.rolinherit, r.rolconnlimit, r.rolvalidu
 FROM pg_roles r WHERE r.oid IN (SELECT r FROM needed) AND r.rolname NOT LIKE 'pg\\_%'
 ORDER BY 1";
 
+/// The server's major version (`roles::read` and the target's verifiers differ by it).
+pub async fn major(client: &Client, side: Side) -> Result<u32, Error> {
+    Ok(client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await
+        .map_err(Error::sql(side, "reading the server version"))?
+        .get::<_, i32>(0) as u32)
+}
+
 /// Reads the roles to carry from the source.
 pub async fn read(source: &Client, version: u32) -> Result<SourceRoles, Error> {
     let sql = |what: &'static str| Error::sql(Side::Source, what);
