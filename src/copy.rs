@@ -28,6 +28,8 @@ pub struct TableCopy {
     pub name: QualifiedName,
     /// Quoted column list, the same on both sides (empty for a table without columns).
     pub columns: String,
+    /// Each column's name and SQL type, to name them in an error.
+    pub types: Vec<(String, String)>,
     pub binary: bool,
 }
 
@@ -40,6 +42,20 @@ pub struct CopyContext {
     pub tables: HashMap<QualifiedName, TableCopy>,
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
+    /// Tables whose binary rows the target refused: copied as text from then on (recorded, so a resume
+    /// does the same).
+    pub text_after_refusal: std::sync::Mutex<std::collections::HashSet<QualifiedName>>,
+}
+
+impl CopyContext {
+    fn binary(&self, table: &TableCopy) -> bool {
+        table.binary
+            && !self
+                .text_after_refusal
+                .lock()
+                .unwrap()
+                .contains(&table.name)
+    }
 }
 
 /// Runs `jobs` workers until no chunk is pending; the first error stops the others.
@@ -95,7 +111,11 @@ async fn worker(ctx: &CopyContext, n: usize) -> Result<(), Error> {
         let Some(chunk) = claim(&target).await? else {
             break;
         };
-        copy_chunk(ctx, &source, &mut target, &chunk).await?;
+        match copy_chunk(ctx, &source, &mut target, &chunk).await {
+            Ok(()) => {}
+            Err(Refusal::Binary(e)) => text_from_now_on(ctx, &target, &chunk, &e).await?,
+            Err(Refusal::Other(e)) => return Err(e),
+        }
     }
     let _ = source.batch_execute("COMMIT").await;
     Ok(())
@@ -122,12 +142,79 @@ async fn claim(target: &Client) -> Result<Option<Claimed>, Error> {
     }))
 }
 
+/// How a chunk failed: the target refused its binary rows for a reason no retry fixes (a type whose binary
+/// form differs between the servers: the same chunk then goes as text), or anything else.
+enum Refusal {
+    Binary(tokio_postgres::Error),
+    Other(Error),
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Refusal {
+        Refusal::Other(e)
+    }
+}
+
+/// The target refused a table's binary rows: it goes as text from now on, recorded in `hikkoshi.tables`,
+/// and the chunk is given back to be copied again.
+async fn text_from_now_on(
+    ctx: &CopyContext,
+    target: &Client,
+    chunk: &Claimed,
+    refused: &tokio_postgres::Error,
+) -> Result<(), Error> {
+    tracing::warn!(
+        table = %chunk.table,
+        "the target refused the binary rows of {} chunk {} ({}); the table is copied as text from now on",
+        chunk.table,
+        chunk.no,
+        crate::error::chain(refused)
+    );
+    ctx.text_after_refusal
+        .lock()
+        .unwrap()
+        .insert(chunk.table.clone());
+    crate::state::copy::copy_as_text(target, &chunk.table, chunk.no)
+        .await
+        .map_err(Error::sql(
+            Side::Target,
+            "recording that a table is copied as text",
+        ))
+}
+
+/// A failure no retry fixes, with the column PostgreSQL named in the error's context and its type.
+fn refused(table: &TableCopy, chunk: i32, side: Side, source: tokio_postgres::Error) -> Error {
+    let column = source
+        .as_db_error()
+        .and_then(|db| db.where_())
+        .and_then(column_in_context)
+        .and_then(|c| table.types.iter().find(|(name, _)| *name == c).cloned());
+    Error::CopyRefused {
+        table: table.name.clone(),
+        chunk,
+        side,
+        column,
+        source,
+    }
+}
+
+/// The column in a COPY error's context: `COPY t, line 3, column c: "value"` (or without the value).
+fn column_in_context(context: &str) -> Option<String> {
+    let line = context.lines().find(|l| l.starts_with("COPY "))?;
+    let (_, rest) = line.split_once(", column ")?;
+    let name = match rest.split_once(": ") {
+        Some((name, _)) => name,
+        None => rest,
+    };
+    Some(name.to_string())
+}
+
 async fn copy_chunk(
     ctx: &CopyContext,
     source: &Client,
     target: &mut Client,
     chunk: &Claimed,
-) -> Result<(), Error> {
+) -> Result<(), Refusal> {
     let table = ctx.tables.get(&chunk.table).ok_or_else(|| {
         Error::Blocked(format!(
             "hikkoshi.chunks lists {} but the source has no such table any more: \
@@ -139,17 +226,25 @@ async fn copy_chunk(
     if let Some(p) = &progress {
         p.active.fetch_add(1, Ordering::Relaxed);
     }
+    let binary = ctx.binary(table);
     let copy_err = |side: Side| {
-        let table = chunk.table.clone();
         let no = chunk.no;
-        move |source| Error::Copy {
-            table,
-            chunk: no,
-            side,
-            source,
+        move |source: tokio_postgres::Error| {
+            if !crate::error::is_definite(&source) {
+                Refusal::Other(Error::Copy {
+                    table: table.name.clone(),
+                    chunk: no,
+                    side,
+                    source,
+                })
+            } else if binary && side == Side::Target {
+                Refusal::Binary(source)
+            } else {
+                Refusal::Other(refused(table, no, side, source))
+            }
         }
     };
-    let format = if table.binary { " (FORMAT binary)" } else { "" };
+    let format = if binary { " (FORMAT binary)" } else { "" };
     let list = if table.columns.is_empty() {
         String::new()
     } else {
@@ -185,7 +280,7 @@ async fn copy_chunk(
         .map_err(copy_err(Side::Source))?
         .get(0);
     if rewritten {
-        return Err(Error::Rewritten(chunk.table.clone()));
+        return Err(Error::Rewritten(chunk.table.clone()).into());
     }
 
     let tx = target.transaction().await.map_err(copy_err(Side::Target))?;
@@ -212,7 +307,7 @@ async fn copy_chunk(
         }
         if ctx.cancel.is_cancelled() {
             // Dropping the transaction rolls the chunk back; it stays claimed and is reset on the next run.
-            return Err(Error::Interrupted);
+            return Err(Error::Interrupted.into());
         }
     }
     let rows = sink
@@ -253,4 +348,28 @@ pub fn column_list(columns: &[crate::catalog::Column]) -> String {
         .map(|c| quote_ident(&c.name))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::column_in_context;
+
+    #[test]
+    fn the_column_comes_from_the_copy_context_of_either_format() {
+        // text COPY names the value, binary COPY does not; a name may hold spaces and commas
+        assert_eq!(
+            column_in_context("COPY t, line 3, column n: \"4294967296\"").as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            column_in_context("COPY big table, line 1, column a, b").as_deref(),
+            Some("a, b")
+        );
+        assert_eq!(
+            column_in_context("SQL function \"f\"\nCOPY t, line 9, column c: \"x\"").as_deref(),
+            Some("c")
+        );
+        assert_eq!(column_in_context("COPY t, line 2"), None);
+        assert_eq!(column_in_context("PL/pgSQL function g() line 3"), None);
+    }
 }

@@ -87,6 +87,20 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A chunk that no retry can copy: a server refused its data (a value, a type, a constraint).
+    #[error(
+        "copying {table} chunk {chunk} failed: the {side} refused it{}",
+        column.as_ref().map(|(c, t)| format!(" at column {c}, of type {t} on the source")).unwrap_or_default()
+    )]
+    CopyRefused {
+        table: QualifiedName,
+        chunk: i32,
+        side: Side,
+        /// The column PostgreSQL named in the error's context, with its type.
+        column: Option<(String, String)>,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("schema step failed")]
     Schema(#[from] SchemaError),
     #[error("{0}")]
@@ -212,6 +226,12 @@ impl Error {
                 "the chunk was rolled back on the target; fix the cause and run the same command again: \
                  it resumes with {table} chunk {chunk} and copies nothing twice"
             )),
+            Error::CopyRefused {
+                table,
+                side,
+                column,
+                ..
+            } => Policy::of(Kind::Definite).hint(copy_refused_hint(table, *side, column.as_ref())),
             Error::Schema(SchemaError::Failed { hint, .. }) if !hint.is_empty() => {
                 Policy::of(Kind::Definite).hint(hint.to_string())
             }
@@ -251,6 +271,40 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         self.policy().hint
     }
+}
+
+/// What to do about a chunk that no retry copies: the clone stops there, with every chunk copied so far
+/// kept, and says both ways on.
+fn copy_refused_hint(
+    table: &QualifiedName,
+    side: Side,
+    column: Option<&(String, String)>,
+) -> String {
+    let fix = match (side, column) {
+        (Side::Target, Some((c, t))) => format!(
+            "make the target's column {c} accept the source's {t} values: the same type and extension \
+             version, no stricter constraint or domain (compare `\\d {table}` on both servers; a column \
+             changed on the target since the clone began goes back with ALTER TABLE … ALTER COLUMN {c} \
+             TYPE …), then run the same command again: it resumes and copies nothing twice"
+        ),
+        (Side::Target, None) => "make the target accept the source's rows (compare the table on both \
+             servers: types, extension versions, constraints, triggers), then run the same command again: \
+             it resumes and copies nothing twice"
+            .to_string(),
+        (Side::Source, _) => "make the source able to output every row (a type whose output function \
+             fails, a damaged page), then run the same command again: it resumes and copies nothing twice"
+            .to_string(),
+    };
+    format!(
+        "a retry fails the same way, so the clone stopped; the chunks copied so far are kept. Either {fix}; \
+         or leave the table out: `hikkoshi clean`, then clone again with --exclude {table} and copy it \
+         another way"
+    )
+}
+
+/// Whether an error is one no retry of the same statement fixes (a value, a type, a constraint).
+pub fn is_definite(e: &tokio_postgres::Error) -> bool {
+    classify(e) == Kind::Definite
 }
 
 /// The replication connection's errors: refused logins and TLS are the operator's; a dropped connection, a

@@ -96,6 +96,11 @@ pub(super) async fn copy(
                 TableCopy {
                     name: t.name.clone(),
                     columns: copy::column_list(&t.columns),
+                    types: t
+                        .columns
+                        .iter()
+                        .map(|c| (c.name.clone(), c.type_sql.clone()))
+                        .collect(),
                     binary: formats.get(&t.name).map(String::as_str) == Some("binary"),
                 },
             )
@@ -109,6 +114,7 @@ pub(super) async fn copy(
         tables,
         progress: progress.clone(),
         cancel: opts.stop.child_token(),
+        text_after_refusal: Default::default(),
     });
     let pending = chunk_states
         .iter()

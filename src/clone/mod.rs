@@ -96,7 +96,11 @@ pub async fn run(opts: &CloneOptions) -> Result<CloneReport, Error> {
             && let Ok(client) = session::connect(&info, Side::Target).await
             && state::exists(&client).await.unwrap_or(false)
         {
-            let _ = state::event(&client, "error", &crate::error::chain(e)).await;
+            let message = match e.hint() {
+                Some(hint) => format!("{} ({hint})", crate::error::chain(e)),
+                None => crate::error::chain(e),
+            };
+            let _ = state::event(&client, "error", &message).await;
         }
     }
     result

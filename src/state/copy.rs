@@ -249,6 +249,29 @@ pub async fn restart_table(
         .await
 }
 
+/// The target refused a table's binary rows: the table is copied as text from now on, and the chunk that
+/// failed (its rows rolled back) goes back to pending.
+pub async fn copy_as_text(
+    target: &Client,
+    table: &QualifiedName,
+    chunk: i32,
+) -> Result<(), tokio_postgres::Error> {
+    target
+        .execute(
+            "UPDATE hikkoshi.tables SET copy_format = 'text' WHERE schema_name = $1 AND table_name = $2",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    target
+        .execute(
+            "UPDATE hikkoshi.chunks SET state = 'pending', started_at = NULL
+             WHERE schema_name = $1 AND table_name = $2 AND chunk_no = $3 AND state = 'copying'",
+            &[&table.schema, &table.name, &chunk],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Takes the largest pending chunk (largest first keeps the workers' finish times close): its table, number
 /// and predicate.
 pub async fn claim_chunk(

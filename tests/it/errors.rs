@@ -324,3 +324,85 @@ async fn passwords_come_from_pgpass_and_the_environment_and_never_reach_output_o
     let status = hikkoshi(&["status", "--target", &pair.target_url()]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains(hikkoshi::localserver::PASSWORD));
 }
+
+/// A chunk the target refuses for a reason no retry fixes (issue 22). The target's columns are changed
+/// after the copy began (bigint → integer, as an operator might). Pass:
+/// - the binary rows of `fits` are refused, so that table goes as text (recorded) and is copied whole;
+/// - `too_big` holds a value integer cannot hold: the clone exits 1 naming the table, the column, its type
+///   and both ways on, and `status` shows that error;
+/// - the fix the message gives (the column changed back) and the same command end identical, nothing
+///   copied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_the_target_refuses_goes_as_text_or_stops_naming_table_column_and_type() {
+    use hikkoshi::failpoint;
+    let Sides { pair, src, tgt } = Pair::new(15, 18)
+        .source(
+            "CREATE TABLE big (id int PRIMARY KEY, pad text);
+             INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g;
+             CREATE TABLE fits (id int PRIMARY KEY, n bigint);
+             INSERT INTO fits SELECT g, g * 7 FROM generate_series(1, 1000) g;
+             CREATE TABLE too_big (id int PRIMARY KEY, n bigint);
+             INSERT INTO too_big SELECT g, g FROM generate_series(1, 1000) g;
+             INSERT INTO too_big VALUES (1001, 4294967296);",
+        )
+        .await;
+    // the largest table's only chunk commits first, then the process dies
+    let out = pair.hikkoshi_env(
+        &["clone", "--jobs", "1"],
+        &[(
+            "HIKKOSHI_FAILPOINT",
+            &failpoint::nth(failpoint::COPY_AFTER_CHUNK_COMMIT, 1),
+        )],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    tgt.batch_execute(
+        "ALTER TABLE fits ALTER COLUMN n TYPE integer;
+         ALTER TABLE too_big ALTER COLUMN n TYPE integer;",
+    )
+    .await
+    .unwrap();
+
+    let out = pair.hikkoshi(&["clone", "--jobs", "1"]);
+    let said = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for needle in [
+        "public.too_big",
+        "column n, of type bigint on the source",
+        "out of range",
+        "ALTER COLUMN n TYPE",
+        "--exclude public.too_big",
+        "hikkoshi clean",
+    ] {
+        assert!(said.contains(needle), "{needle:?} not in:\n{said}");
+    }
+    assert!(
+        said.contains("copied as text"),
+        "the refused binary rows of fits are said:\n{said}"
+    );
+    let format: String = tgt
+        .query_one(
+            "SELECT copy_format FROM hikkoshi.tables WHERE table_name = 'fits'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(format, "text");
+    assert_eq!(rows_of(&src, "fits").await, rows_of(&tgt, "fits").await);
+    let status = text(&hikkoshi(&["status", "--target", &pair.target_url()]));
+    assert!(
+        status.contains("last error: copying public.too_big chunk 0 failed")
+            && status.contains("column n, of type bigint"),
+        "{status}"
+    );
+
+    tgt.batch_execute(
+        "ALTER TABLE fits ALTER COLUMN n TYPE bigint;
+         ALTER TABLE too_big ALTER COLUMN n TYPE bigint;",
+    )
+    .await
+    .unwrap();
+    assert_success(&pair.hikkoshi(&["clone", "--jobs", "1"]));
+    assert_same_rows_and_schema(&src, &tgt).await;
+    assert_success(&pair.hikkoshi(&["verify"]));
+}
