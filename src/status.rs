@@ -58,6 +58,14 @@ impl std::fmt::Display for Status {
                 st.transactions_applied,
                 st.apply_rate_tps
             )?;
+            if self.large_objects > 0 {
+                writeln!(
+                    f,
+                    "  large objects ({} on the target): their changes are not streamed (logical decoding \
+                     does not carry them); the cutover compares every one and copies what changed",
+                    self.large_objects
+                )?;
+            }
             if let (Some(stall), Some(timeout)) =
                 (st.stall_limit_seconds, st.source_wal_sender_timeout_ms)
             {

@@ -68,6 +68,9 @@ pub struct Status {
     pub cutover: Option<CutoverStatus>,
     /// The last error recorded by a hikkoshi process, if nothing has progressed since.
     pub last_error: Option<String>,
+    /// Large objects on the target. Logical decoding does not carry them: the stream does not move their
+    /// changes; the cutover compares them and copies what changed.
+    pub large_objects: i64,
 }
 
 /// Reads the whole picture from the target (an empty one when there is no migration).
@@ -87,6 +90,7 @@ pub async fn read(client: &Client) -> Result<Status, Error> {
             recent_ddl: vec![],
             cutover: None,
             last_error: None,
+            large_objects: 0,
         });
     };
     let rows = client
@@ -193,9 +197,18 @@ pub async fn read(client: &Client) -> Result<Status, Error> {
         .await
         .map_err(sql("reading hikkoshi.events"))?
         .map(|r| r.get(0));
+    let large_objects: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_largeobject_metadata",
+            &[],
+        )
+        .await
+        .map_err(sql("counting large objects"))?
+        .get(0);
     Ok(Status {
         cutover,
         last_error,
+        large_objects,
         migration_id: Some(m.id),
         source: Some(m.source),
         phase: Some(m.phase.as_str().to_string()),

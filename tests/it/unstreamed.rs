@@ -60,6 +60,11 @@ async fn large_objects_written_during_the_follow_are_on_the_new_primary_after_th
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = text(&hikkoshi(&["status", "--target", &pair.target_url()]));
+    assert!(
+        status.contains("large objects (3 on the target): their changes are not streamed"),
+        "status says the stream does not carry them:\n{status}"
+    );
     pair.verify_finds(&[
         "is on the source only",
         "has other contents",
