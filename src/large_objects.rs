@@ -13,12 +13,15 @@
 //! of `CHUNK` bytes (`lo_get` with an offset, `lo_put`), so memory stays bounded whatever an object's size.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_postgres::Client;
 
+use crate::conninfo::ConnInfo;
 use crate::error::{Error, Side};
 use crate::ident::quote_ident;
+use crate::session;
 
 /// Bytes read and written at a time.
 const CHUNK: i32 = 1 << 20;
@@ -171,6 +174,88 @@ pub async fn sync(
     }
     done.seconds = started.elapsed().as_secs_f64();
     Ok(done)
+}
+
+/// The clone's copy: the source's large objects as of the copy's snapshot, `jobs` at a time (each worker a
+/// source session in the snapshot and a target session); what the target has and the source had not is
+/// removed. Comparing first makes a resume copy only what is missing or different.
+pub async fn copy_in_snapshot(
+    (src_info, tgt_info): (&ConnInfo, &ConnInfo),
+    snapshot: &str,
+    jobs: usize,
+) -> Result<Synced, Error> {
+    let started = Instant::now();
+    let source = in_snapshot(src_info, snapshot).await?;
+    let target = session::connect(tgt_info, Side::Target).await?;
+    let (a, b) = futures_util::future::join(
+        inventory(&source, Side::Source),
+        inventory(&target, Side::Target),
+    )
+    .await;
+    let (a, b) = (Arc::new(a?), Arc::new(b?));
+    let p = plan(&a, &b, &[]);
+    let mut done = Synced {
+        compared: a.len().max(b.len()),
+        copied: p.copy.len(),
+        ..Default::default()
+    };
+    for oid in &p.remove {
+        target
+            .execute("SELECT lo_unlink($1::int8::oid)", &[oid])
+            .await
+            .map_err(Error::sql(
+                Side::Target,
+                format!("removing large object {oid}"),
+            ))?;
+        done.removed += 1;
+    }
+    let workers = jobs.max(1).min(p.copy.len());
+    let queue = Arc::new(std::sync::Mutex::new(p.copy));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (queue, a, b) = (queue.clone(), a.clone(), b.clone());
+        let (src_info, tgt_info) = (src_info.clone(), tgt_info.clone());
+        let snapshot = snapshot.to_string();
+        set.spawn(async move {
+            let source = in_snapshot(&src_info, &snapshot).await?;
+            let target = session::connect(&tgt_info, Side::Target).await?;
+            let mut warnings = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(oid) = next else { break };
+                let exists = b.contains_key(&oid);
+                copy_one(
+                    (&source, Side::Source),
+                    (&target, Side::Target),
+                    oid,
+                    exists,
+                )
+                .await?;
+                warnings.extend(set_access(&target, oid, &a[&oid], &[]).await);
+            }
+            Ok::<Vec<String>, Error>(warnings)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let warnings =
+            r.map_err(|e| Error::Blocked(format!("a large-object copy task failed: {e}")))??;
+        done.warnings.extend(warnings);
+    }
+    done.seconds = started.elapsed().as_secs_f64();
+    Ok(done)
+}
+
+/// A source session whose transaction reads the exported snapshot.
+async fn in_snapshot(src_info: &ConnInfo, snapshot: &str) -> Result<Client, Error> {
+    let source = session::connect(src_info, Side::Source).await?;
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::ident::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(Error::sql(Side::Source, "importing the copy's snapshot"))?;
+    Ok(source)
 }
 
 /// Copies one object's contents, chunk by chunk, replacing the new side's (in one transaction there).

@@ -127,12 +127,13 @@ pub(super) async fn missing_roles(
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-/// Fills the materialized views that are populated on the source (the schema creates them empty), in
-/// dependency order: one that reads another (also through views) after it (see `matviews`).
+/// Refreshes the copied materialized views on the target in the source's dependency order: the views of
+/// one level read only views of earlier levels, so each level's are refreshed `jobs` at a time.
 pub(super) async fn refresh_matviews(
     source: &Client,
-    target: &Client,
+    (target, tgt_info): (&Client, &ConnInfo),
     matviews: &[QualifiedName],
+    jobs: usize,
 ) -> Result<(), Error> {
     let wanted: Vec<String> = source
         .query(
@@ -146,15 +147,22 @@ pub(super) async fn refresh_matviews(
         .collect();
     // the source's populated ones, in its dependency order (the target has the same definitions)
     let levels = crate::matviews::levels(source, Side::Source).await?;
-    for name in levels.iter().flatten().filter(|n| wanted.contains(n)) {
-        let exists: bool = target
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[name])
-            .await
-            .map_err(Error::sql(Side::Target, "reading materialized views"))?
-            .get(0);
-        if exists {
-            crate::matviews::refresh(target, Side::Target, std::slice::from_ref(name)).await?;
+    for level in levels {
+        let mut statements = Vec::new();
+        for name in level.into_iter().filter(|n| wanted.contains(n)) {
+            let exists: bool = target
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map_err(Error::sql(Side::Target, "reading materialized views"))?
+                .get(0);
+            if exists {
+                statements.push((
+                    format!("REFRESH MATERIALIZED VIEW {name}"),
+                    format!("refreshing materialized view {name}"),
+                ));
+            }
         }
+        on_target_in_parallel(tgt_info, jobs, statements).await?;
     }
     Ok(())
 }
@@ -165,28 +173,48 @@ pub(super) async fn analyze(
     tables: &[Table],
     jobs: usize,
 ) -> Result<(), Error> {
-    let queue = Arc::new(std::sync::Mutex::new(
-        tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
-    ));
+    let statements = tables
+        .iter()
+        .map(|t| {
+            (
+                format!("ANALYZE {}", t.name.quoted()),
+                format!("analyzing {}", t.name),
+            )
+        })
+        .collect();
+    on_target_in_parallel(tgt_info, jobs, statements).await
+}
+
+/// Runs independent statements on the target, `jobs` sessions at a time: (SQL, what it does, for errors).
+async fn on_target_in_parallel(
+    tgt_info: &ConnInfo,
+    jobs: usize,
+    statements: Vec<(String, String)>,
+) -> Result<(), Error> {
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let sessions = jobs.max(1).min(statements.len());
+    let queue = Arc::new(std::sync::Mutex::new(statements));
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..jobs.max(1).min(tables.len().max(1)) {
+    for _ in 0..sessions {
         let queue = queue.clone();
         let info = tgt_info.clone();
         set.spawn(async move {
             let client = session::connect(&info, Side::Target).await?;
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some(t) = next else { break };
+                let Some((sql, what)) = next else { break };
                 client
-                    .batch_execute(&format!("ANALYZE {}", t.quoted()))
+                    .batch_execute(&sql)
                     .await
-                    .map_err(Error::sql(Side::Target, format!("analyzing {t}")))?;
+                    .map_err(Error::sql(Side::Target, what))?;
             }
             Ok::<(), Error>(())
         });
     }
     while let Some(r) = set.join_next().await {
-        r.map_err(|e| Error::Blocked(format!("an analyze task failed: {e}")))??;
+        r.map_err(|e| Error::Blocked(format!("a task on the target failed: {e}")))??;
     }
     Ok(())
 }

@@ -392,6 +392,26 @@ impl<'a> Run<'a> {
             snap,
         )
         .await?;
+        // large objects are in no stream and no table: copied whole, in the snapshot (a resume compares
+        // them again and copies what differs; a cutover levels them again)
+        let objects = crate::large_objects::copy_in_snapshot(
+            (self.src_info, self.tgt_info),
+            &snap.snapshot,
+            self.opts.jobs,
+        )
+        .await?;
+        if objects.compared > 0 {
+            tracing::info!(
+                "large objects: {} copied, {} removed in {:.1}s",
+                objects.copied,
+                objects.removed,
+                objects.seconds
+            );
+        }
+        for w in objects.warnings {
+            tracing::warn!("{w}");
+            self.report.warnings.push(w);
+        }
         tracing::info!("copy phase done in {:.1}s", t.elapsed().as_secs_f64());
         self.report.chunks_copied = chunks;
         self.report.rows = rows;
@@ -434,22 +454,19 @@ impl<'a> Run<'a> {
             t.elapsed().as_secs_f64()
         );
         crate::failpoint::hit(crate::failpoint::CLONE_AFTER_POST_DATA);
-        refresh_matviews(&self.source, target, &self.resolved.matviews).await?;
-        // large objects are in no stream and no table: copied whole (a cutover levels them again)
-        let objects =
-            crate::large_objects::sync((&self.source, Side::Source), (target, Side::Target), &[])
-                .await?;
-        if objects.compared > 0 {
+        let t = Instant::now();
+        refresh_matviews(
+            &self.source,
+            (target, self.tgt_info),
+            &self.resolved.matviews,
+            opts.jobs,
+        )
+        .await?;
+        if !self.resolved.matviews.is_empty() {
             tracing::info!(
-                "large objects: {} copied, {} removed in {:.1}s",
-                objects.copied,
-                objects.removed,
-                objects.seconds
+                "materialized views refreshed in {:.1}s",
+                t.elapsed().as_secs_f64()
             );
-        }
-        for w in objects.warnings {
-            tracing::warn!("{w}");
-            self.report.warnings.push(w);
         }
         let positions =
             sequence::read(&self.source, Side::Source, &self.resolved.sequences).await?;
