@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/clone.sh: `hikkoshi clone` against its peers (pgcopydb clone, pg_dump -Fd + pg_restore) on the same data.
+# bench/clone.sh: `hikkoshi clone` against its peers (pgcopydb clone, pg_dump -Fd + pg_restore) and the raw limit
+# (bench/raw-copy.sh: binary COPY pipes split by ctid, then post-data) on the same data.
 #
 # Starts its own PostgreSQL 15 source and PostgreSQL 18 target on free loopback ports, loads one or two
 # datasets on the source, then clones each dataset --runs times with every tool into a fresh, empty target
@@ -245,6 +246,11 @@ run_tool() {
             R_WALL=$M_WALL R_TREE_MB=$M_TREE_MB R_PROC_MB=$M_PROC_MB
             rm -rf "$dir"
             ;;
+        raw_limit)
+            measure "$lp.log" "$SCRIPT_DIR/raw-copy.sh" "$(src_conn "$srcdb")" "$(dst_conn "$dstdb")" "$JOBS" "$PG18_BIN"
+            [[ $M_RC == 0 ]] || R_STATUS=failed
+            R_WALL=$M_WALL R_TREE_MB=$M_TREE_MB R_PROC_MB=$M_PROC_MB
+            ;;
         pg_dump_restore)
             local dir=$WORK/dump
             rm -rf "$dir"
@@ -274,8 +280,9 @@ show_log_tail() {
     done
 }
 
-TOOLS=(hikkoshi pgcopydb pg_dump_restore)
-declare -A LABEL=([hikkoshi]=hikkoshi [pgcopydb]=pgcopydb [pg_dump_restore]="pg_dump+pg_restore")
+TOOLS=(hikkoshi pgcopydb pg_dump_restore raw_limit)
+declare -A LABEL=([hikkoshi]=hikkoshi [pgcopydb]=pgcopydb [pg_dump_restore]="pg_dump+pg_restore"
+    [raw_limit]="raw limit")
 mkdir -p "$RESULTS_DIR"
 HIKKOSHI_FAILED=0
 SUMMARY=()
@@ -286,6 +293,10 @@ bench_dataset() {
         pgbench) load_pgbench ;;
         json) load_json ;;
     esac
+    # Frozen and analyzed once, after loading: otherwise the first tool to read the fresh rows sets their hint
+    # bits (and writes every page again), and pays for the others.
+    log "VACUUM (FREEZE, ANALYZE) on the source"
+    src_psql "$srcdb" -c 'VACUUM (FREEZE, ANALYZE)'
     local src_bytes src_pretty
     src_bytes=$(src_psql "$srcdb" -At -c 'SELECT pg_database_size(current_database())')
     src_pretty=$(src_psql "$srcdb" -At -c 'SELECT pg_size_pretty(pg_database_size(current_database()))')
@@ -347,7 +358,8 @@ bench_dataset() {
     local md mr
     md=$(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $7 }' "$results" | median)
     mr=$(awk -F'\t' '$3 == "pg_dump_restore" && $9 == "ok" { print $8 }' "$results" | median)
-    local rw_c rm_c rw_d rm_d wall_met mem_met
+    local rw_c rm_c rw_d rm_d rw_r wall_met mem_met
+    rw_r=$(ratio "${MW[hikkoshi]}" "${MW[raw_limit]}")
     rw_c=$(ratio "${MW[hikkoshi]}" "${MW[pgcopydb]}")
     rm_c=$(ratio "${MT[hikkoshi]}" "${MT[pgcopydb]}")
     rw_d=$(ratio "${MW[hikkoshi]}" "${MW[pg_dump_restore]}")
@@ -378,6 +390,7 @@ bench_dataset() {
         printf '%-34s %8s %16s\n' ratio wall "peak tree RSS"
         printf '%-34s %8s %16s   %s\n' "hikkoshi / pgcopydb" "$rw_c" "$rm_c" "(target: wall <= 0.9)"
         printf '%-34s %8s %16s\n' "hikkoshi / (pg_dump+pg_restore)" "$rw_d" "$rm_d"
+        printf '%-34s %8s\n' "hikkoshi / raw limit" "$rw_r"
         echo "hikkoshi peak memory: ${MT[hikkoshi]} MB for the process tree, ${MP[hikkoshi]} MB for its largest process (target: < 150 MB)"
         echo "results: $json"
     )
@@ -409,12 +422,14 @@ bench_dataset() {
         echo '  "median": {'
         printf '    "hikkoshi": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s},\n' "${MW[hikkoshi]}" "${MT[hikkoshi]}" "${MP[hikkoshi]}"
         printf '    "pgcopydb": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s},\n' "${MW[pgcopydb]}" "${MT[pgcopydb]}" "${MP[pgcopydb]}"
-        printf '    "pg_dump_restore": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s, "pg_dump_s": %s, "pg_restore_s": %s}\n' \
+        printf '    "pg_dump_restore": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s, "pg_dump_s": %s, "pg_restore_s": %s},\n' \
             "${MW[pg_dump_restore]}" "${MT[pg_dump_restore]}" "${MP[pg_dump_restore]}" "$md" "$mr"
+        printf '    "raw_limit": {"wall_s": %s, "peak_tree_rss_mb": %s, "max_process_rss_mb": %s}\n' "${MW[raw_limit]}" "${MT[raw_limit]}" "${MP[raw_limit]}"
         echo '  },'
         echo '  "ratios": {'
         printf '    "hikkoshi/pgcopydb": {"wall": %s, "peak_tree_rss": %s},\n' "$rw_c" "$rm_c"
-        printf '    "hikkoshi/pg_dump_restore": {"wall": %s, "peak_tree_rss": %s}\n' "$rw_d" "$rm_d"
+        printf '    "hikkoshi/pg_dump_restore": {"wall": %s, "peak_tree_rss": %s},\n' "$rw_d" "$rm_d"
+        printf '    "hikkoshi/raw_limit": {"wall": %s}\n' "$rw_r"
         echo '  },'
         printf '  "targets": {"wall_vs_pgcopydb_max": 0.9, "peak_rss_mb_max": 150, "wall_met": %s, "memory_met": %s}\n' "$wall_met" "$mem_met"
         echo '}'
