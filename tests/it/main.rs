@@ -8,6 +8,7 @@ mod clone;
 mod cutover;
 mod ddl;
 mod demo;
+mod deploy;
 mod errors;
 mod faults;
 mod fence;
