@@ -29,8 +29,28 @@ async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore(
     ));
     assert_success(&out);
 
+    assert_like_the_reference(&t, "cloned").await;
+
+    let verify = hikkoshi(&[
+        "verify",
+        "--source",
+        &s.url("regression"),
+        "--target",
+        &t.url("cloned"),
+    ]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "verify between the source and the clone:\n{}",
+        text(&verify)
+    );
+}
+
+/// Compares database `cloned` of `t` with database `reference` (pg_dump | pg_restore's copy): rows of every
+/// table and populated materialized view, sequences, large objects and the schema dump.
+async fn assert_like_the_reference(t: &LocalServer, cloned_db: &str) {
     let reference = connect(&t.socket_url("reference")).await;
-    let cloned = connect(&t.socket_url("cloned")).await;
+    let cloned = connect(&t.socket_url(cloned_db)).await;
     let mut differences = compare_rows(&reference, &cloned).await;
     let (rs, cs) = (sequences(&reference).await, sequences(&cloned).await);
     differences.extend(compare_maps("sequence", &rs, &cs));
@@ -45,7 +65,7 @@ async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore(
             "large objects: {rl} in the reference, {cl} in the clone"
         ));
     }
-    let (rd, cd) = (schema_dump(&t, "reference"), schema_dump(&t, "cloned"));
+    let (rd, cd) = (schema_dump(t, "reference"), schema_dump(t, cloned_db));
     differences.extend(compare_schema_dumps(&rd, &cd));
     let compared = relations(&reference).await.len();
     eprintln!(
@@ -68,6 +88,74 @@ async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore(
         differences.join("\n")
     );
 
+}
+
+/// A clone of the regression database killed (kill -9 of hikkoshi and its pg_restore) in the middle of its
+/// post-data step, while pg_restore builds indexes and constraints; run again, it skips what exists and ends
+/// like pg_dump | pg_restore's copy, and `verify` says equal.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_regression_database_clone_killed_in_post_data_resumes_to_what_pg_restore_gives() {
+    use std::os::unix::process::CommandExt;
+    let f = fixture();
+    let s = regression_server(Copy::For18);
+    let t = server(18);
+    restore_globals(&t, &f);
+    create_database(&t, "reference");
+    dump_into(&s, &t, "reference");
+    create_database(&t, "cloned");
+    let (source, target) = (s.url("regression"), t.url("cloned"));
+    let args = clone_args(&source, &target, "2", "16MB");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
+        .args(&args)
+        .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let tgt = connect(&t.socket_url("cloned")).await;
+    // in post-data, once pg_restore has built part of the indexes (the regression database has >1000)
+    let (mut phase, mut indexes) = (String::new(), 0i64);
+    for _ in 0..3000 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let Ok(r) = tgt
+            .query_one(
+                "SELECT (SELECT phase FROM hikkoshi.migration),
+                        (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+                         WHERE c.relnamespace <> 'pg_catalog'::regnamespace
+                           AND c.relnamespace <> 'pg_toast'::regnamespace
+                           AND c.relnamespace <> 'hikkoshi'::regnamespace)",
+                &[],
+            )
+            .await
+        else {
+            continue;
+        };
+        (phase, indexes) = (r.get(0), r.get(1));
+        if phase == "post-data" && indexes >= 100 {
+            break;
+        }
+    }
+    let group = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before it finished");
+    assert!(
+        phase == "post-data" && indexes >= 100,
+        "killed in the middle of post-data (phase {phase}, {indexes} indexes)"
+    );
+    let out = hikkoshi(&args);
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resumed"),
+        "{}",
+        text(&out)
+    );
+    assert_like_the_reference(&t, "cloned").await;
     let verify = hikkoshi(&[
         "verify",
         "--source",
@@ -75,12 +163,7 @@ async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore(
         "--target",
         &t.url("cloned"),
     ]);
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "verify between the source and the clone:\n{}",
-        text(&verify)
-    );
+    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify));
 }
 
 #[tokio::test(flavor = "multi_thread")]
