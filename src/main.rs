@@ -309,6 +309,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os("HIKKOSHI_PARSE_ONLY").is_some_and(|v| v == "1") {
+        return parse_only(&cli.command);
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -653,5 +656,47 @@ mod tests {
         assert_eq!(parse_size("1gb"), Ok(1 << 30));
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("12 parsecs").is_err());
+    }
+}
+
+/// `HIKKOSHI_PARSE_ONLY=1`: the command line and the environment it reads have parsed; check what can be
+/// checked without a server (connection strings, --role-password, --role-map), run nothing, exit 0 or 2.
+fn parse_only(command: &Command) -> ExitCode {
+    let mut urls: Vec<&str> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    match command {
+        Command::Clone(a) => {
+            urls.extend([a.source.as_str(), a.target.as_str()]);
+            for spec in &a.role_password {
+                if let Err(e) = hikkoshi::roles::given_password(spec) {
+                    errors.push(e.to_string());
+                }
+            }
+            if let Err(e) = hikkoshi::roles::role_map(&a.role_map) {
+                errors.push(e.to_string());
+            }
+        }
+        Command::Check { source, target, .. }
+        | Command::Verify { source, target, .. }
+        | Command::Clean { source, target, .. } => urls.extend([source.as_str(), target.as_str()]),
+        Command::Status { target, .. } => urls.push(target),
+        Command::Cutover { switch, .. } | Command::Rollback { switch } => {
+            urls.extend([switch.source.as_str(), switch.target.as_str()])
+        }
+        Command::Demo { .. } => {}
+    }
+    for url in urls {
+        if let Err(e) = hikkoshi::conninfo::ConnInfo::parse(url) {
+            errors.push(format!("a connection string does not parse: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        eprintln!("hikkoshi: HIKKOSHI_PARSE_ONLY=1: the command line parses; nothing was run");
+        ExitCode::SUCCESS
+    } else {
+        for e in errors {
+            eprintln!("hikkoshi: error: {e}");
+        }
+        ExitCode::from(2)
     }
 }

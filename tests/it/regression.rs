@@ -87,7 +87,6 @@ async fn assert_like_the_reference(t: &LocalServer, cloned_db: &str) {
         differences.len(),
         differences.join("\n")
     );
-
 }
 
 /// A clone of the regression database killed (kill -9 of hikkoshi and its pg_restore) in the middle of its
