@@ -646,19 +646,6 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("64MB"), Ok(64 << 20));
-        assert_eq!(parse_size("1gb"), Ok(1 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("12 parsecs").is_err());
-    }
-}
-
 /// `HIKKOSHI_PARSE_ONLY=1`: the command line and the environment it reads have parsed; check what can be
 /// checked without a server (connection strings, --role-password, --role-map), run nothing, exit 0 or 2.
 fn parse_only(command: &Command) -> ExitCode {
@@ -698,5 +685,18 @@ fn parse_only(command: &Command) -> ExitCode {
             eprintln!("hikkoshi: error: {e}");
         }
         ExitCode::from(2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_size("1gb"), Ok(1 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12 parsecs").is_err());
     }
 }

@@ -105,7 +105,7 @@ async fn the_regression_database_clone_killed_in_post_data_resumes_to_what_pg_re
     let (source, target) = (s.url("regression"), t.url("cloned"));
     let args = clone_args(&source, &target, "2", "16MB");
     let mut child = Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
-        .args(&args)
+        .args(args)
         .env("HIKKOSHI_PG_BIN", pg_bin_for_dump())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
