@@ -29,8 +29,21 @@ struct SwitchArgs {
     target: String,
     /// Shell command that switches the application (load balancer, secret, DNS, pooler); gets the new
     /// primary in HIKKOSHI_NEW_PRIMARY_* and PG* variables. Repeatable; run in order.
+    /// (HIKKOSHI_HOOKS: one hook a line, used when no --hook is given; a hook may also run a mounted
+    /// file: `sh /run/secrets/switch.sh`.) On an undo, each hook that ran runs again with the old primary
+    /// as HIKKOSHI_NEW_PRIMARY_* and HIKKOSHI_STEP=undo.
     #[arg(long)]
     hook: Vec<String>,
+    /// PgBouncer admin console (postgres://user@host:port/pgbouncer); repeatable. Its databases that lead to
+    /// the old primary are PAUSEd just before the fence and RELOADed and RESUMEd after the hooks (which
+    /// repoint it: see deploy/pgbouncer/repoint.sh). HIKKOSHI_PGBOUNCER: one URL a line.
+    #[arg(
+        long,
+        env = "HIKKOSHI_PGBOUNCER",
+        hide_env_values = true,
+        value_delimiter = '\n'
+    )]
+    pgbouncer: Vec<String>,
     /// Fence only once the new primary trails the old one by less than this (e.g. 1MB).
     #[arg(long, default_value = "1MB", value_parser = parse_size)]
     max_lag: i64,
@@ -58,16 +71,37 @@ impl SwitchArgs {
         hikkoshi::cutover::CutoverOptions {
             source: self.source,
             target: self.target,
-            hooks: self.hook,
+            hooks: hooks_or_env(self.hook),
             reverse,
             max_lag: self.max_lag,
             timeout: std::time::Duration::from_secs(self.timeout),
             verify: self.verify.into(),
             jobs: self.jobs.max(1),
             allow_nologin_roles: self.allow_nologin_roles,
+            pgbouncer: self
+                .pgbouncer
+                .into_iter()
+                .filter(|u| !u.trim().is_empty())
+                .collect(),
             stop,
         }
     }
+}
+
+/// The `--hook`s given, or else the lines of HIKKOSHI_HOOKS (a task's environment, or a secret).
+fn hooks_or_env(given: Vec<String>) -> Vec<String> {
+    if !given.is_empty() {
+        return given;
+    }
+    std::env::var("HIKKOSHI_HOOKS")
+        .map(|v| {
+            v.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Clone, Copy, ValueEnum)]

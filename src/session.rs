@@ -35,7 +35,8 @@ pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     Ok(client)
 }
 
-async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
+/// A session without hikkoshi's settings: for servers that take no SET, such as a PgBouncer admin console.
+pub async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let config = info.to_driver_config("hikkoshi");
     let tls = tls::plan(info).map_err(|source| Error::Tls { side, source })?;
     let timeout = info.connect_timeout();

@@ -35,6 +35,7 @@ mod decide;
 pub mod fence;
 pub mod hook;
 mod logins;
+pub mod pgbouncer;
 pub mod proof;
 mod reverse;
 mod servers;
@@ -88,6 +89,8 @@ pub struct CutoverOptions {
     pub stop: CancellationToken,
     /// Cut over although a LOGIN role of the source cannot log in on the new primary.
     pub allow_nologin_roles: bool,
+    /// PgBouncer admin consoles: their databases that lead to the old primary are paused around the fence.
+    pub pgbouncer: Vec<String>,
 }
 
 /// What the switch did.
@@ -138,6 +141,9 @@ pub struct SwitchReport {
     pub reverse_slot: Option<String>,
     /// From the fence until the hooks were done: how long nothing could be written anywhere.
     pub write_pause_seconds: f64,
+    /// With --pgbouncer: from the PAUSE until the RESUME, how long the poolers held their clients' queries
+    /// (what the application saw as its longest wait).
+    pub pooler_pause_seconds: Option<f64>,
     pub seconds: f64,
     pub warnings: Vec<String>,
     /// Role changes made on the source since the clone and carried before the fence (`role: what`, such
@@ -232,6 +238,12 @@ impl std::fmt::Display for SwitchReport {
         }
         for w in &self.warnings {
             writeln!(f, "  warning:    {w}")?;
+        }
+        if let Some(p) = self.pooler_pause_seconds {
+            writeln!(
+                f,
+                "  poolers:    paused {p:.3}s (PAUSE → RESUME: the application's queries waited, none failed)"
+            )?;
         }
         writeln!(
             f,

@@ -13,7 +13,7 @@ use super::decide::Way;
 use super::servers::{
     Server, drop_stream, fence_marker, follower_failed, lag_bytes, selected, slot_healthy,
 };
-use super::{CutoverOptions, SwitchReport, VerifyMode, fence, hook, proof, reverse};
+use super::{CutoverOptions, SwitchReport, VerifyMode, fence, hook, pgbouncer, proof, reverse};
 use crate::error::{Error, Side};
 use crate::ident::QualifiedName;
 use crate::plan::Resolved;
@@ -55,6 +55,8 @@ pub(super) struct Switch<'a> {
     /// `--role-map` renamed, old primary's name → new primary's: read once, not in the pause.
     owners_kept: bool,
     renamed: Vec<(String, String)>,
+    /// `--pgbouncer`: the poolers in front of the old primary, paused around the fence.
+    poolers: Vec<pgbouncer::Pooler>,
 }
 
 impl<'a> Switch<'a> {
@@ -98,6 +100,7 @@ impl<'a> Switch<'a> {
             matviews_differing: Vec::new(),
             owners_kept,
             renamed,
+            poolers: Vec::new(),
         })
     }
 
@@ -118,6 +121,15 @@ impl<'a> Switch<'a> {
         }
         if self.way == Way::Cutover && self.opts.reverse {
             reverse::preflight(&self.new.client).await?;
+        }
+        if !self.opts.pgbouncer.is_empty() {
+            let (poolers, warnings) =
+                pgbouncer::connect(&self.opts.pgbouncer, self.old.info.dbname()).await?;
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            self.report.warnings.extend(warnings);
+            self.poolers = poolers;
         }
         Ok(())
     }
@@ -441,11 +453,47 @@ impl<'a> Switch<'a> {
 
     /// Steps 3b–8: everything in the write pause, from the raise to the hooks. A failure is undone here, in one
     /// place; the pause ends with the hooks.
+    /// With `--pgbouncer`, the poolers are paused first and resumed at the end, whichever way it ends.
     pub(super) async fn fenced(&mut self, fenced_at: Instant) -> Result<(), Error> {
-        match self.in_pause(fenced_at).await {
+        let paused_at = if self.poolers.is_empty() {
+            None
+        } else {
+            let at = pgbouncer::pause(&mut self.poolers, self.opts.timeout).await?;
+            tracing::info!(
+                "{}: {} pooler(s) paused",
+                self.report.step,
+                self.poolers.len()
+            );
+            Some(at)
+        };
+        let result = match self.in_pause(fenced_at).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.undo(e).await),
+        };
+        if let Some(at) = paused_at {
+            let failed = pgbouncer::resume(&mut self.poolers).await;
+            self.report.pooler_pause_seconds = Some(at.elapsed().as_secs_f64());
+            for f in &failed {
+                tracing::error!("resuming a pooler failed: {f}");
+            }
+            if !failed.is_empty() {
+                let why = format!(
+                    "a pooler could not be resumed, so its clients wait: {}",
+                    failed.join("; ")
+                );
+                return match result {
+                    Ok(()) => {
+                        self.report.warnings.push(why);
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::Blocked(format!(
+                        "{}; and {why}",
+                        crate::error::chain(&e)
+                    ))),
+                };
+            }
         }
+        result
     }
 
     async fn in_pause(&mut self, fenced_at: Instant) -> Result<(), Error> {
@@ -673,6 +721,36 @@ impl<'a> Switch<'a> {
         Ok(())
     }
 
+    /// On an undo: the hooks that ran point the application (or a pooler) at the new primary; each runs
+    /// again, last first, with the old primary as `HIKKOSHI_NEW_PRIMARY_*` and `HIKKOSHI_STEP=undo`, so it
+    /// points back. Returns what failed.
+    async fn hooks_back(&mut self) -> Vec<String> {
+        if self.report.hooks.is_empty() {
+            return Vec::new();
+        }
+        let fence_lsn = self.report.fence_lsn.clone();
+        let ctx = hook::HookContext {
+            step: "undo",
+            migration_id: &self.migration.id,
+            fence_lsn: &fence_lsn,
+            new_primary: &self.old.info,
+            old_primary: &self.new.info,
+        };
+        let mut failed = Vec::new();
+        // the undo must not be cancelled by the signal that caused it
+        let stop = CancellationToken::new();
+        for h in self.report.hooks.iter().rev() {
+            match hook::run(&h.command, &ctx, self.opts.timeout, &stop).await {
+                Ok(_) => tracing::warn!(
+                    "undone: hook `{}` ran again towards the old primary",
+                    h.command
+                ),
+                Err(why) => failed.push(format!("{why} (run again towards the old primary)")),
+            }
+        }
+        failed
+    }
+
     /// Step 9: The point of no return: from here on, everything runs to completion.
     pub(super) async fn point_of_no_return(&mut self, fenced_at: Instant) -> Result<(), Error> {
         self.report.write_pause_seconds = fenced_at.elapsed().as_secs_f64();
@@ -729,6 +807,7 @@ impl<'a> Switch<'a> {
             reverse::drop(&self.ctl, old, plan).await;
         }
         proof::drop_publication(&self.new.client, &self.proof_publication).await;
+        failed.extend(self.hooks_back().await);
         let back = match self.way {
             Way::Cutover => Step::Aborted,
             Way::Rollback => Step::Switched,

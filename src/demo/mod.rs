@@ -434,6 +434,7 @@ async fn story(
         jobs: 2,
         stop: stop.clone(),
         allow_nologin_roles: false,
+        pgbouncer: vec![],
     })
     .await?;
     print!("{cut}");

@@ -15,6 +15,7 @@ mod fence;
 mod follow;
 mod logins;
 mod monitor;
+mod pgbouncer;
 mod regression;
 mod rehearse;
 mod resume;

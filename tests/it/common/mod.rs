@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
 pub mod live;
+pub mod pgbouncer;
 pub mod proxy;
 pub mod regression;
 pub mod scenario;
