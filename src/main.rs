@@ -221,6 +221,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a completion script for a shell: `hikkoshi completions bash > /etc/bash_completion.d/hikkoshi`
+    /// (zsh: into a directory of $fpath as `_hikkoshi`; fish: ~/.config/fish/completions/hikkoshi.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `hikkoshi man > /usr/local/share/man/man1/hikkoshi.1`; with --dir,
+    /// write one page per command there (hikkoshi.1, hikkoshi-clone.1, ...).
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// The arguments of `hikkoshi clone`.
@@ -343,6 +355,28 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "hikkoshi", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let written = match dir {
+                Some(dir) => clap_mangen::generate_to(command, dir),
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+            };
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hikkoshi: error: writing the manual pages: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     if std::env::var_os("HIKKOSHI_PARSE_ONLY").is_some_and(|v| v == "1") {
         return parse_only(&cli.command);
     }
@@ -544,6 +578,8 @@ fn print_clone(report: &hikkoshi::clone::CloneReport, json: bool) {
 
 async fn run(command: Command) -> Result<ExitCode, Error> {
     match command {
+        // printed before any runtime exists (see `main`)
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
         Command::Clone(args) => clone(args).await,
         Command::Check {
             source,
@@ -704,7 +740,7 @@ fn parse_only(command: &Command) -> ExitCode {
         Command::Cutover { switch, .. } | Command::Rollback { switch } => {
             urls.extend([switch.source.as_str(), switch.target.as_str()])
         }
-        Command::Demo { .. } => {}
+        Command::Demo { .. } | Command::Completions { .. } | Command::Man { .. } => {}
     }
     for url in urls {
         if let Err(e) = hikkoshi::conninfo::ConnInfo::parse(url) {

@@ -31,8 +31,9 @@ trap 'rm -f "$tmp"' EXIT
 } >"$tmp"
 if [ -f "$file" ]; then
     cp -p "$file" "$file.before-hikkoshi"
-    chmod --reference="$file" "$tmp" 2>/dev/null || true
-    chown --reference="$file" "$tmp" 2>/dev/null || true
+    # (stat -c works with GNU coreutils and BusyBox alike; --reference does not exist in BusyBox)
+    chmod "$(stat -c %a "$file")" "$tmp"
+    chown "$(stat -c %u:%g "$file")" "$tmp" 2>/dev/null || true
 else
     chmod 644 "$tmp"
 fi

@@ -406,3 +406,39 @@ async fn a_chunk_the_target_refuses_goes_as_text_or_stops_naming_table_column_an
     assert_same_rows_and_schema(&src, &tgt).await;
     assert_success(&pair.hikkoshi(&["verify"]));
 }
+
+/// Shell completions and the manual pages come from the same definitions as the command line: every command
+/// and a flag added late (`--pgbouncer`) are in them, and bash parses its script.
+#[test]
+fn completions_and_manual_pages_come_from_the_command_line_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = hikkoshi(&["completions", shell]);
+        assert_success(&out);
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["clone", "cutover", "rollback", "pgbouncer", "role-password"] {
+            assert!(script.contains(word), "{shell}: {word} missing");
+        }
+        if shell == "bash" {
+            let file =
+                std::env::temp_dir().join(format!("hikkoshi-completion-{}", std::process::id()));
+            std::fs::write(&file, script.as_bytes()).unwrap();
+            let parsed = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&file)
+                .status()
+                .unwrap();
+            let _ = std::fs::remove_file(&file);
+            assert!(parsed.success(), "bash cannot parse its completion script");
+        }
+    }
+    let out = hikkoshi(&["man"]);
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(".ie"));
+    let dir = std::env::temp_dir().join(format!("hikkoshi-man-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_success(&hikkoshi(&["man", "--dir", dir.to_str().unwrap()]));
+    let cutover = std::fs::read_to_string(dir.join("hikkoshi-cutover.1")).unwrap();
+    assert!(cutover.contains("pgbouncer"), "{cutover}");
+    assert!(dir.join("hikkoshi-clone.1").exists() && dir.join("hikkoshi.1").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
