@@ -12,6 +12,7 @@ mod errors;
 mod faults;
 mod fence;
 mod follow;
+mod image;
 mod logins;
 mod monitor;
 mod regression;
