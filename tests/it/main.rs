@@ -13,6 +13,7 @@ mod errors;
 mod faults;
 mod fence;
 mod follow;
+mod image;
 mod logins;
 mod monitor;
 mod pgbouncer;
