@@ -163,6 +163,15 @@ enum Command {
         /// identity, logged tables, the fence) is reported without blocking.
         #[arg(long)]
         no_follow: bool,
+        /// PgBouncer admin console the cutover will pause (repeatable): checks it answers, has an entry for
+        /// the source's database, and pools by transaction.
+        #[arg(
+            long,
+            env = "HIKKOSHI_PGBOUNCER",
+            hide_env_values = true,
+            value_delimiter = '\n'
+        )]
+        pgbouncer: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -588,6 +597,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             exclude,
             pg_bin,
             no_follow,
+            pgbouncer,
             json,
         } => {
             let report = hikkoshi::check::run(&hikkoshi::check::CheckOptions {
@@ -597,6 +607,10 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 exclude,
                 pg_bin,
                 follow: !no_follow,
+                pgbouncer: pgbouncer
+                    .into_iter()
+                    .filter(|u| !u.trim().is_empty())
+                    .collect(),
             })
             .await?;
             print_report(&report, json);

@@ -90,6 +90,8 @@ pub struct CheckOptions {
     pub pg_bin: Option<PathBuf>,
     /// The command checked for is `clone --follow` (and a cutover), not a plain clone.
     pub follow: bool,
+    /// PgBouncer admin consoles the cutover will pause (`--pgbouncer`).
+    pub pgbouncer: Vec<String>,
 }
 
 /// Runs every check. Errors only when a server cannot be reached or the arguments are wrong.
@@ -123,8 +125,56 @@ pub async fn run(opts: &CheckOptions) -> Result<Report, Error> {
         &resolved,
     )
     .await?;
+    check_poolers(&mut report, &opts.pgbouncer, src_info.dbname()).await;
     report.findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     Ok(report)
+}
+
+/// `--pgbouncer`: each pooler answers and has an entry for the source's database; an entry that pools by
+/// session makes the cutover's PAUSE wait until its clients disconnect.
+async fn check_poolers(r: &mut Report, urls: &[String], dbname: &str) {
+    if urls.is_empty() {
+        return;
+    }
+    match crate::cutover::pgbouncer::connect(urls, dbname).await {
+        Ok((poolers, warnings)) => {
+            let names: Vec<String> = poolers
+                .iter()
+                .map(|p| format!("{} ({})", p.name(), p.databases.join(", ")))
+                .collect();
+            r.add(
+                Level::Ok,
+                "pgbouncer",
+                None,
+                format!("the cutover pauses {}", names.join("; ")),
+                None,
+            );
+            for w in warnings {
+                r.add(
+                    Level::Warning,
+                    "pgbouncer",
+                    None,
+                    w,
+                    Some(
+                        "set pool_mode = transaction for this database in pgbouncer.ini (the application \
+                         must then not rely on session state), or expect the switch to wait for its clients"
+                            .into(),
+                    ),
+                );
+            }
+        }
+        Err(e) => r.add(
+            Level::Blocker,
+            "pgbouncer",
+            None,
+            crate::error::chain(&e),
+            Some(
+                "give --pgbouncer the admin console (dbname=pgbouncer, a user in admin_users) of each pooler \
+                 in front of the source's database"
+                    .into(),
+            ),
+        ),
+    }
 }
 
 /// The schema step rehearsed on the target (see `schema`), where the target has none of the selected

@@ -207,6 +207,7 @@ pub async fn run(opts: &DemoOptions, stop: CancellationToken) -> Result<(), Erro
         exclude: vec![],
         pg_bin: Some(install.bin.clone()),
         follow: true,
+        pgbouncer: vec![],
     })
     .await?;
     print!("{report}");

@@ -190,3 +190,111 @@ async fn the_status_page_renders_a_running_migration_in_chromium() {
     follower.child.kill().unwrap();
     follower.child.wait().unwrap();
 }
+
+/// Every /proc/PID/cmdline on the machine that holds `needle` (hikkoshi's and its children's included).
+fn command_lines_holding(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if line.contains(needle) {
+                found.push(line);
+            }
+        }
+    }
+    found
+}
+
+/// Secrets given the way tasks get them (issue 24): connection strings in HIKKOSHI_SOURCE/HIKKOSHI_TARGET, a
+/// role's password in a variable named by `--role-password`, the pooler's admin URL in HIKKOSHI_PGBOUNCER.
+/// None of them appears in any process's command line (sampled while the schema step runs pg_dump and
+/// pg_restore, and during the stream and the cutover), in the JSON log, on the status page, in /api/status,
+/// /metrics, /health, or in `status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_logs_command_lines_the_status_page_or_metrics() {
+    const SECRET: &str = "Zq8w-unguessable-7Kp";
+    let Sides { pair, src, tgt } = Pair::new(15, 18).app().await;
+    for server in [&pair.s, &pair.t] {
+        connect(&server.socket_url("postgres"))
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE mover SUPERUSER LOGIN PASSWORD '{SECRET}';
+                 CREATE ROLE app_writer LOGIN PASSWORD '{SECRET}';"
+            ))
+            .await
+            .unwrap();
+    }
+    let url = |s: &hikkoshi::localserver::LocalServer| {
+        format!(
+            "host=127.0.0.1 port={} user=mover password={SECRET} dbname=app sslmode=disable",
+            s.port
+        )
+    };
+    let (source, target) = (url(&pair.s), url(&pair.t));
+    let port = free_port();
+    let port_s = port.to_string();
+    let env = [
+        ("HIKKOSHI_SOURCE", source.as_str()),
+        ("HIKKOSHI_TARGET", target.as_str()),
+        ("APP_PW", SECRET),
+    ];
+    let mut follower = Follower::spawn(
+        &[
+            "--log-format",
+            "json",
+            "clone",
+            "--follow",
+            "--listen",
+            &port_s,
+            "--role-password",
+            "app_writer=env:APP_PW",
+        ],
+        &env,
+    );
+    // sampled every few milliseconds until the stream runs: pg_dump and pg_restore come and go meanwhile
+    let mut seen = Vec::new();
+    for _ in 0..3000 {
+        seen.extend(command_lines_holding(SECRET));
+        if follower.log().contains("streaming") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workload(pair.source_url(), 0, 5).await;
+    crate::common::live::wait_in_sync(&src, &tgt, &mut follower).await;
+    seen.extend(command_lines_holding(SECRET));
+    for path in ["/", "/api/status", "/metrics", "/health"] {
+        let (_, body) = get(port, path).unwrap_or_default();
+        assert!(!body.is_empty(), "{path} answered nothing");
+        assert!(!body.contains(SECRET), "{path} shows the secret");
+    }
+    let status = hikkoshi_env(&["status", "--json"], &env);
+    assert_success(&status);
+    assert!(!text(&status).contains(SECRET), "{}", text(&status));
+    // the cutover, with the pooler's admin URL as a secret too (no pooler answers there: refused early)
+    let cut = hikkoshi_env(
+        &["cutover", "--json"],
+        &[
+            env[0],
+            env[1],
+            (
+                "HIKKOSHI_PGBOUNCER",
+                &format!("postgresql://admin:{SECRET}@127.0.0.1:1/pgbouncer?connect_timeout=2"),
+            ),
+        ],
+    );
+    assert_eq!(cut.status.code(), Some(1), "{}", text(&cut));
+    assert!(text(&cut).contains("PgBouncer"), "{}", text(&cut));
+    assert!(!text(&cut).contains(SECRET), "{}", text(&cut));
+    let (status, log) = follower.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.lines().count() > 5
+            && log
+                .lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "one JSON object a line:\n{log}"
+    );
+    assert!(!log.contains(SECRET), "the log shows the secret");
+    assert!(seen.is_empty(), "command lines with the secret: {seen:?}");
+}

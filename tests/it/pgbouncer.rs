@@ -126,6 +126,15 @@ async fn through_pgbouncer_the_application_sees_no_error_during_cutover_and_roll
     let (status, log) = f.stop();
     assert!(status.success(), "{log}");
     let bouncer = Bouncer::start(&pair.s);
+    let check = pair.hikkoshi(&["check", "--pgbouncer", &bouncer.admin_url()]);
+    assert!(
+        text(&check).contains(&format!(
+            "the cutover pauses PgBouncer 127.0.0.1:{} (app)",
+            bouncer.port
+        )),
+        "{}",
+        text(&check)
+    );
     let app = App::start(&bouncer.app_url(), 4).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
