@@ -14,7 +14,12 @@
 # the pause (fence_arm_seconds) and raised in it (fence_seconds). The end reports the median pause of each
 # and their ratio (issue 23's target: within 2x).
 #
-# usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--tables 0] [--keep]
+# --pgbouncer puts Debian's PgBouncer (transaction pooling) between the load generator and the source: the
+# cutover gets --pgbouncer and the shipped repoint hook (deploy/pgbouncer/repoint.sh) instead of the switch
+# file's hook; reported besides: the load generator's errors (0 is the point) and the pooler's pause.
+#
+# usage: bench/cutover.sh [--scale 10] [--rate 1000] [--runs 3] [--verify quick|full|none] [--tables 0]
+#                         [--pgbouncer] [--keep]
 # Results: bench/results/cutover-<stamp>.json. Needs `cargo build --release --bins --examples`.
 set -euo pipefail
 REPO_DIR=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +27,7 @@ BENCH_NAME=cutover
 # shellcheck source=bench/lib.sh
 source "$REPO_DIR/bench/lib.sh"
 
-SCALE=10 RATE=1000 RUNS=3 VERIFY=quick KEEP=0 CLIENTS=8 TABLES=0
+SCALE=10 RATE=1000 RUNS=3 VERIFY=quick KEEP=0 CLIENTS=8 TABLES=0 PGBOUNCER=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --scale) SCALE=$2; shift 2 ;;
@@ -30,8 +35,9 @@ while [[ $# -gt 0 ]]; do
         --runs) RUNS=$2; shift 2 ;;
         --verify) VERIFY=$2; shift 2 ;;
         --tables) TABLES=$2; shift 2 ;;
+        --pgbouncer) PGBOUNCER=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -68,6 +74,38 @@ for extra in $VARIANTS; do
     switch=$WORK/switch-$n stopfile=$WORK/stop-$n
     echo "$SRC_PORT" >"$switch"
     rm -f "$stopfile"
+    hook="echo \$HIKKOSHI_NEW_PRIMARY_PORT > $switch"
+    pooler=()
+    if ((PGBOUNCER)); then
+        # the load generator connects to the pooler only; the cutover repoints the pooler, not the switch file
+        pb=$WORK/pgbouncer-$n pb_port=$(pick_port)
+        mkdir -p "$pb"
+        printf '[databases]\n%s = host=127.0.0.1 port=%s dbname=%s\n' "$db" "$SRC_PORT" "$db" >"$pb/databases.ini"
+        echo '"postgres" ""' >"$pb/userlist.txt"
+        cat >"$pb/pgbouncer.ini" <<EOF
+[databases]
+%include $pb/databases.ini
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $pb_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $pb/userlist.txt
+admin_users = postgres
+pool_mode = transaction
+max_client_conn = 200
+default_pool_size = $((CLIENTS + 2))
+logfile = $pb/pgbouncer.log
+pidfile = $pb/pgbouncer.pid
+EOF
+        [[ $(id -u) == 0 ]] && chown -R postgres: "$pb"
+        as_pg pgbouncer -d "$pb/pgbouncer.ini" || die "pgbouncer did not start (apt-get install pgbouncer)"
+        for _ in $(seq 50); do port_free "$pb_port" || break; sleep 0.1; done
+        echo "$pb_port" >"$switch"
+        hook="$REPO_DIR/deploy/pgbouncer/repoint.sh $pb/databases.ini $db"
+        pooler=(--pgbouncer "host=127.0.0.1 port=$pb_port user=postgres dbname=pgbouncer")
+    fi
     "$HIKKOSHI_BIN" clone --follow --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --jobs 2 \
         >"$LOGS/follow-$n.out" 2>"$LOGS/follow-$n.err" &
     BG_PIDS+=($!)
@@ -82,12 +120,15 @@ for extra in $VARIANTS; do
     sleep 10
     log "run $run ($extra extra tables): cutover under $RATE TPS"
     "$HIKKOSHI_BIN" cutover --source "$(src_conn "$db")" --target "$(dst_conn "$db")" --verify "$VERIFY" \
-        --hook "echo \$HIKKOSHI_NEW_PRIMARY_PORT > $switch" --json >"$WORK/cutover-$n.json" \
+        --hook "$hook" "${pooler[@]}" --json >"$WORK/cutover-$n.json" \
         2>"$LOGS/cutover-$n.err" || { cat "$LOGS/cutover-$n.err" >&2; die "cutover failed"; }
     sleep 5
     touch "$stopfile"
     wait "$load" || true
     wait "$follower" || true
+    if ((PGBOUNCER)); then
+        kill "$(cat "$pb/pgbouncer.pid")" 2>/dev/null || true
+    fi
     pause=$(grep -o '"write_pause_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
     gap=$(grep -o '"longest_gap_seconds": [0-9.]*' "$WORK/load-$n.json" | awk '{print $2}')
     before=$(grep -o '"verify_before_fence_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
@@ -95,12 +136,14 @@ for extra in $VARIANTS; do
     fence=$(grep -o '"fence_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
     armed=$(grep -o '"fence_arm_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
     fenced=$(grep -o '"tables_fenced": [0-9]*' "$WORK/cutover-$n.json" | awk '{print $2}')
+    errors=$(grep -o '"errors": [0-9]*' "$WORK/load-$n.json" | awk '{print $2}')
+    pooled=$(grep -o '"pooler_pause_seconds": [0-9.]*' "$WORK/cutover-$n.json" | awk '{print $2}')
     # the source's rows must all be on the target (the target has the load's later rows too)
     s=$(src_psql "$db" -At -c "SELECT count(*) FROM pgbench_history")
     last=$(src_psql "$db" -At -c "SELECT max(mtime) FROM pgbench_history")
     t=$(dst_psql "$db" -At -c "SELECT count(*) FROM pgbench_history WHERE mtime <= '$last'")
     [[ $s == "$t" ]] || die "run $run: the source has $s history rows up to $last, the target $t"
-    log "run $run ($extra extra tables): hikkoshi pause ${pause}s, load generator's longest gap ${gap}s (verify: ${before}s before the fence, $compared changed rows compared in the pause; fence on $fenced tables: armed in ${armed}s before the pause, raised in ${fence}s); history rows source $s, target $t"
+    log "run $run ($extra extra tables): hikkoshi pause ${pause}s, load generator's longest gap ${gap}s and $errors error(s)${pooled:+, pooler paused ${pooled}s} (verify: ${before}s before the fence, $compared changed rows compared in the pause; fence on $fenced tables: armed in ${armed}s before the pause, raised in ${fence}s); history rows source $s, target $t"
     ((n > 1)) && echo "," >>"$out"
     printf '{"run": %d, "scale": %d, "rate": %d, "verify": "%s", "extra_tables": %d, "hikkoshi_pause_seconds": %s, "load_longest_gap_seconds": %s, "cutover": %s, "load": %s}\n' \
         "$run" "$SCALE" "$RATE" "$VERIFY" "$extra" "$pause" "$gap" "$(cat "$WORK/cutover-$n.json")" "$(cat "$WORK/load-$n.json")" >>"$out"
@@ -112,12 +155,15 @@ log "results: $out"
 python3 - "$out" <<'PY'
 import json, statistics, sys
 runs = json.load(open(sys.argv[1]))
-by = {}
+by, gaps, errors = {}, {}, {}
 for r in runs:
     by.setdefault(r["extra_tables"], []).append(r["hikkoshi_pause_seconds"])
+    gaps.setdefault(r["extra_tables"], []).append(r["load_longest_gap_seconds"])
+    errors[r["extra_tables"]] = errors.get(r["extra_tables"], 0) + r["load"]["errors"]
 med = {k: statistics.median(v) for k, v in sorted(by.items())}
 for k, v in med.items():
-    print(f"pause with {k} extra tables: median {v:.3f}s over {len(by[k])} run(s): {by[k]}")
+    print(f"pause with {k} extra tables: median {v:.3f}s over {len(by[k])} run(s): {by[k]}; "
+          f"the application's longest wait: median {statistics.median(gaps[k]):.3f}s, {errors[k]} error(s)")
 if len(med) == 2:
     (a, pa), (b, pb) = med.items()
     print(f"ratio ({b} extra tables / {a}): {pb / pa:.2f}")

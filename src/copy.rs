@@ -142,8 +142,8 @@ async fn claim(target: &Client) -> Result<Option<Claimed>, Error> {
     }))
 }
 
-/// How a chunk failed: the target refused its binary rows for a reason no retry fixes (a type whose binary
-/// form differs between the servers: the same chunk then goes as text), or anything else.
+/// How a chunk failed: the target could not read its binary rows (a type whose binary form differs between
+/// the servers: the same chunk then goes as text), or anything else.
 enum Refusal {
     Binary(tokio_postgres::Error),
     Other(Error),
@@ -230,15 +230,22 @@ async fn copy_chunk(
     let copy_err = |side: Side| {
         let no = chunk.no;
         move |source: tokio_postgres::Error| {
-            if !crate::error::is_definite(&source) {
+            // the target cannot read a value's binary form: another version of its type, an array or record
+            // of another element type, a value cut short ("insufficient data left in message")
+            let binary_refused = binary
+                && side == Side::Target
+                && source
+                    .code()
+                    .is_some_and(|c| matches!(c.code(), "22P03" | "42804" | "08P01"));
+            if binary_refused {
+                Refusal::Binary(source)
+            } else if !crate::error::is_definite(&source) {
                 Refusal::Other(Error::Copy {
                     table: table.name.clone(),
                     chunk: no,
                     side,
                     source,
                 })
-            } else if binary && side == Side::Target {
-                Refusal::Binary(source)
             } else {
                 Refusal::Other(refused(table, no, side, source))
             }

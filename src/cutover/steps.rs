@@ -458,7 +458,11 @@ impl<'a> Switch<'a> {
         let paused_at = if self.poolers.is_empty() {
             None
         } else {
-            let at = pgbouncer::pause(&mut self.poolers, self.opts.timeout).await?;
+            // (a PAUSE that fails resumes what it paused; the armed fence and the recorded step are undone)
+            let at = match pgbouncer::pause(&mut self.poolers, self.opts.timeout).await {
+                Ok(at) => at,
+                Err(e) => return Err(self.undo(e).await),
+            };
             tracing::info!(
                 "{}: {} pooler(s) paused",
                 self.report.step,
@@ -807,17 +811,26 @@ impl<'a> Switch<'a> {
             reverse::drop(&self.ctl, old, plan).await;
         }
         proof::drop_publication(&self.new.client, &self.proof_publication).await;
-        failed.extend(self.hooks_back().await);
+        let hooks_failed = self.hooks_back().await;
         let back = match self.way {
             Way::Cutover => Step::Aborted,
             Way::Rollback => Step::Switched,
         };
-        let why = crate::error::chain(&e);
+        let mut why = crate::error::chain(&e);
+        if !hooks_failed.is_empty() {
+            why = format!(
+                "{why}; and a hook that had run failed to point back at the {old_side}, so check what it \
+                 switches: {}",
+                hooks_failed.join("; ")
+            );
+        }
         let _ = state::cutover::set_step(&self.ctl, back, &format!("undone: {why}")).await;
         self.follower_stop.cancel();
-        if failed.is_empty() {
+        if failed.is_empty() && hooks_failed.is_empty() {
             tracing::warn!("undone: the {old_side} is writable again");
             e
+        } else if failed.is_empty() {
+            Error::Blocked(why)
         } else {
             Error::Blocked(format!(
                 "{why}; and lifting the write fence failed too ({}): the {old_side} still refuses writes. \
