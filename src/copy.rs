@@ -174,6 +174,9 @@ async fn text_from_now_on(
         .lock()
         .unwrap()
         .insert(chunk.table.clone());
+    if let Some(p) = ctx.progress.table(&chunk.table) {
+        p.active.fetch_sub(1, Ordering::Relaxed);
+    }
     crate::state::copy::copy_as_text(target, &chunk.table, chunk.no)
         .await
         .map_err(Error::sql(

@@ -801,6 +801,9 @@ impl<'a> Switch<'a> {
     /// Before the point of no return: lifts the fence, removes a reverse stream set up by this run, records
     /// the step, and returns the error to report (with the undo's own failure, if any, added).
     async fn undo(&mut self, e: Error) -> Error {
+        // the hooks point back while the old primary still refuses writes: the application reaches it only
+        // once it is writable again
+        let hooks_failed = self.hooks_back().await;
         let (old, old_side) = self.old.at();
         let mut failed = Vec::new();
         match fence::lift(old, old_side, fence::subscriptions::AtLift::Resume).await {
@@ -811,7 +814,6 @@ impl<'a> Switch<'a> {
             reverse::drop(&self.ctl, old, plan).await;
         }
         proof::drop_publication(&self.new.client, &self.proof_publication).await;
-        let hooks_failed = self.hooks_back().await;
         let back = match self.way {
             Way::Cutover => Step::Aborted,
             Way::Rollback => Step::Switched,
