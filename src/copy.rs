@@ -91,14 +91,16 @@ pub async fn run(ctx: Arc<CopyContext>, jobs: usize) -> Result<(), Error> {
 async fn worker(ctx: &CopyContext, n: usize) -> Result<(), Error> {
     let source = session::connect(&ctx.source, Side::Source).await?;
     source
-        .batch_execute(&format!(
-            "SET application_name = 'hikkoshi copy {n}';
-             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-             SET TRANSACTION SNAPSHOT '{}';",
-            ctx.snapshot.replace('\'', "''")
-        ))
+        .batch_execute(&format!("SET application_name = 'hikkoshi copy {n}'"))
         .await
-        .map_err(Error::sql(Side::Source, "importing the exported snapshot"))?;
+        .map_err(Error::sql(Side::Source, "preparing a copy session"))?;
+    session::begin_in_snapshot(
+        &source,
+        Side::Source,
+        &ctx.snapshot,
+        "importing the exported snapshot",
+    )
+    .await?;
     let mut target = session::connect(&ctx.target, Side::Target).await?;
     // A chunk and its record are lost together on a target crash, so the commit need not wait for the disk.
     target

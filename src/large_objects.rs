@@ -159,12 +159,7 @@ pub async fn sync(
         compared: a.len().max(b.len()),
         ..Default::default()
     };
-    for oid in &p.remove {
-        new.execute("SELECT lo_unlink($1::int8::oid)", &[oid])
-            .await
-            .map_err(Error::sql(new_side, format!("removing large object {oid}")))?;
-        done.removed += 1;
-    }
+    done.removed = remove(new, new_side, &p.remove).await?;
     for oid in &p.copy {
         let object = &a[oid];
         copy_one((old, old_side), (new, new_side), *oid, b.contains_key(oid)).await?;
@@ -199,16 +194,7 @@ pub async fn copy_in_snapshot(
         copied: p.copy.len(),
         ..Default::default()
     };
-    for oid in &p.remove {
-        target
-            .execute("SELECT lo_unlink($1::int8::oid)", &[oid])
-            .await
-            .map_err(Error::sql(
-                Side::Target,
-                format!("removing large object {oid}"),
-            ))?;
-        done.removed += 1;
-    }
+    done.removed = remove(&target, Side::Target, &p.remove).await?;
     let workers = jobs.max(1).min(p.copy.len());
     let queue = Arc::new(std::sync::Mutex::new(p.copy));
     let mut set = tokio::task::JoinSet::new();
@@ -248,14 +234,24 @@ pub async fn copy_in_snapshot(
 /// A source session whose transaction reads the exported snapshot.
 async fn in_snapshot(src_info: &ConnInfo, snapshot: &str) -> Result<Client, Error> {
     let source = session::connect(src_info, Side::Source).await?;
-    source
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            crate::ident::quote_literal(snapshot)
-        ))
-        .await
-        .map_err(Error::sql(Side::Source, "importing the copy's snapshot"))?;
+    session::begin_in_snapshot(
+        &source,
+        Side::Source,
+        snapshot,
+        "importing the copy's snapshot",
+    )
+    .await?;
     Ok(source)
+}
+
+/// Removes from the new side the objects the old side does not have; returns how many.
+async fn remove(new: &Client, new_side: Side, oids: &[i64]) -> Result<usize, Error> {
+    for oid in oids {
+        new.execute("SELECT lo_unlink($1::int8::oid)", &[oid])
+            .await
+            .map_err(Error::sql(new_side, format!("removing large object {oid}")))?;
+    }
+    Ok(oids.len())
 }
 
 /// Copies one object's contents, chunk by chunk, replacing the new side's (in one transaction there).

@@ -78,14 +78,15 @@ impl SwitchArgs {
             verify: self.verify.into(),
             jobs: self.jobs.max(1),
             allow_nologin_roles: self.allow_nologin_roles,
-            pgbouncer: self
-                .pgbouncer
-                .into_iter()
-                .filter(|u| !u.trim().is_empty())
-                .collect(),
+            pgbouncer: pooler_urls(self.pgbouncer),
             stop,
         }
     }
+}
+
+/// `--pgbouncer` URLs without the blank lines HIKKOSHI_PGBOUNCER may hold.
+fn pooler_urls(given: Vec<String>) -> Vec<String> {
+    given.into_iter().filter(|u| !u.trim().is_empty()).collect()
 }
 
 /// The `--hook`s given, or else the lines of HIKKOSHI_HOOKS (a task's environment, or a secret).
@@ -607,10 +608,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 exclude,
                 pg_bin,
                 follow: !no_follow,
-                pgbouncer: pgbouncer
-                    .into_iter()
-                    .filter(|u| !u.trim().is_empty())
-                    .collect(),
+                pgbouncer: pooler_urls(pgbouncer),
             })
             .await?;
             print_report(&report, json);

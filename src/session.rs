@@ -35,6 +35,23 @@ pub async fn connect(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     Ok(client)
 }
 
+/// Starts a read-only REPEATABLE READ transaction on `client` that reads an exported snapshot (the copy's
+/// workers, the clone's large objects, the proof's hashing sessions).
+pub async fn begin_in_snapshot(
+    client: &Client,
+    side: Side,
+    snapshot: &str,
+    what: &str,
+) -> Result<(), Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::ident::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(Error::sql(side, what))
+}
+
 /// A session without hikkoshi's settings: for servers that take no SET, such as a PgBouncer admin console.
 pub async fn open(info: &ConnInfo, side: Side) -> Result<Client, Error> {
     let config = info.to_driver_config("hikkoshi");

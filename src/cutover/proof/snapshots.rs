@@ -52,12 +52,8 @@ pub(super) async fn import(
     let mut out = Vec::new();
     for _ in 0..jobs.max(1) {
         let c = verify::open(info, side).await?;
-        c.batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        ))
-        .await
-        .map_err(Error::sql(side, "importing the proof's snapshot"))?;
+        crate::session::begin_in_snapshot(&c, side, snapshot, "importing the proof's snapshot")
+            .await?;
         out.push(c);
     }
     Ok(out)
