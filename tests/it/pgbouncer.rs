@@ -259,19 +259,12 @@ async fn a_failure_after_the_pause_resumes_pgbouncer_towards_the_old_primary() {
 async fn check_names_a_pooler_that_pools_by_session_or_lacks_the_database() {
     let Sides { pair, .. } = Pair::new(15, 18).app().await.with_writer(TICKETS).await;
     let bouncer = Bouncer::start(&pair.s);
-    std::fs::write(
-        bouncer.include_file(),
-        format!(
-            "[databases]\napp = host=127.0.0.1 port={} dbname=app pool_mode=session\n",
+    bouncer
+        .set_entries(&format!(
+            "app = host=127.0.0.1 port={} dbname=app pool_mode=session",
             pair.s.port
-        ),
-    )
-    .unwrap();
-    connect(&bouncer.admin_url())
-        .await
-        .simple_query("RELOAD")
-        .await
-        .unwrap();
+        ))
+        .await;
     let out = pair.hikkoshi(&["check", "--pgbouncer", &bouncer.admin_url()]);
     assert!(
         text(&out).contains("pools by session") && text(&out).contains("pool_mode = transaction"),
@@ -279,19 +272,12 @@ async fn check_names_a_pooler_that_pools_by_session_or_lacks_the_database() {
         text(&out)
     );
     // an entry for another database only: the cutover could not pause the application's
-    std::fs::write(
-        bouncer.include_file(),
-        format!(
-            "[databases]\nother = host=127.0.0.1 port={} dbname=postgres\n",
+    bouncer
+        .set_entries(&format!(
+            "other = host=127.0.0.1 port={} dbname=postgres",
             pair.s.port
-        ),
-    )
-    .unwrap();
-    connect(&bouncer.admin_url())
-        .await
-        .simple_query("RELOAD")
-        .await
-        .unwrap();
+        ))
+        .await;
     let out = pair.hikkoshi(&["check", "--pgbouncer", &bouncer.admin_url()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(

@@ -12,15 +12,7 @@ use tokio_postgres::Client;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore() {
-    let f = fixture();
-    let s = regression_server(Copy::For18);
-    let t = server(18);
-    restore_globals(&t, &f);
-    // the reference: what a user gets with PostgreSQL 18's own tools
-    create_database(&t, "reference");
-    dump_into(&s, &t, "reference");
-    // hikkoshi's copy, into an empty database of the same server (the roles are already there)
-    create_database(&t, "cloned");
+    let (s, t) = reference_and_empty_clone();
     let out = hikkoshi(&clone_args(
         &s.url("regression"),
         &t.url("cloned"),
@@ -29,8 +21,27 @@ async fn the_regression_database_cloned_15_to_18_matches_pg_dump_and_pg_restore(
     ));
     assert_success(&out);
 
-    assert_like_the_reference(&t, "cloned").await;
+    assert_like_the_reference_and_verified(&s, &t).await;
+}
 
+/// The regression database's source server, and an 18 target with its roles, the reference database
+/// (what a user gets with PostgreSQL 18's own tools: `pg_dump | pg_restore`) and an empty database
+/// `cloned` for hikkoshi's copy.
+fn reference_and_empty_clone() -> (LocalServer, LocalServer) {
+    let f = fixture();
+    let s = regression_server(Copy::For18);
+    let t = server(18);
+    restore_globals(&t, &f);
+    create_database(&t, "reference");
+    dump_into(&s, &t, "reference");
+    create_database(&t, "cloned");
+    (s, t)
+}
+
+/// Database `cloned` is like the reference (`assert_like_the_reference`) and `verify` says it equals the
+/// source.
+async fn assert_like_the_reference_and_verified(s: &LocalServer, t: &LocalServer) {
+    assert_like_the_reference(t, "cloned").await;
     let verify = hikkoshi(&[
         "verify",
         "--source",
@@ -95,13 +106,7 @@ async fn assert_like_the_reference(t: &LocalServer, cloned_db: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_regression_database_clone_killed_in_post_data_resumes_to_what_pg_restore_gives() {
     use std::os::unix::process::CommandExt;
-    let f = fixture();
-    let s = regression_server(Copy::For18);
-    let t = server(18);
-    restore_globals(&t, &f);
-    create_database(&t, "reference");
-    dump_into(&s, &t, "reference");
-    create_database(&t, "cloned");
+    let (s, t) = reference_and_empty_clone();
     let (source, target) = (s.url("regression"), t.url("cloned"));
     let args = clone_args(&source, &target, "2", "16MB");
     let mut child = Command::new(env!("CARGO_BIN_EXE_hikkoshi"))
@@ -154,15 +159,7 @@ async fn the_regression_database_clone_killed_in_post_data_resumes_to_what_pg_re
         "{}",
         text(&out)
     );
-    assert_like_the_reference(&t, "cloned").await;
-    let verify = hikkoshi(&[
-        "verify",
-        "--source",
-        &s.url("regression"),
-        "--target",
-        &t.url("cloned"),
-    ]);
-    assert_eq!(verify.status.code(), Some(0), "{}", text(&verify));
+    assert_like_the_reference_and_verified(&s, &t).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -107,6 +107,16 @@ impl Bouncer {
         self.dir.join("databases.ini")
     }
 
+    /// Rewrites the include file with `entries` (lines of `[databases]`) and RELOADs the pooler.
+    pub async fn set_entries(&self, entries: &str) {
+        std::fs::write(self.include_file(), format!("[databases]\n{entries}\n")).unwrap();
+        super::connect(&self.admin_url())
+            .await
+            .simple_query("RELOAD")
+            .await
+            .unwrap();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
     }
